@@ -1,0 +1,57 @@
+"""MetaGPT coefficients from squared task-vector norms, and their log table."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, Hashable, Mapping, Tuple
+
+LOG = logging.getLogger("mergekit_metagpt")
+
+
+@dataclass(frozen=True)
+class Coefficients:
+    """λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖² for each model, in input order."""
+
+    squared_norms: Tuple[Tuple[Hashable, float], ...]
+
+    @classmethod
+    def from_norms(cls, squared_norms: Mapping[Hashable, float]) -> "Coefficients":
+        return cls(tuple((key, float(value)) for key, value in squared_norms.items()))
+
+    @property
+    def total(self) -> float:
+        return sum(value for _, value in self.squared_norms)
+
+    @property
+    def all_zero(self) -> bool:
+        return self.total == 0.0
+
+    @property
+    def lambdas(self) -> Dict[Hashable, float]:
+        total = self.total
+        if total == 0.0:
+            return {key: 0.0 for key, _ in self.squared_norms}
+        return {key: value / total for key, value in self.squared_norms}
+
+    def table(self) -> str:
+        """A plain-text table of model, ‖δ‖² and λ."""
+        rows = [(str(key), f"{value:.6e}", f"{lam:.6f}") for (key, value), lam in zip(
+            self.squared_norms, self.lambdas.values()
+        )]
+        header = ("model", "||delta||^2", "lambda")
+        widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
+        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+        lines += [fmt.format(*row) for row in rows]
+        return "\n".join(lines)
+
+    def log(self, context: str = "") -> None:
+        where = f" ({context})" if context else ""
+        LOG.info("MetaGPT coefficients%s:\n%s", where, self.table())
+        if self.all_zero:
+            LOG.warning(
+                "MetaGPT: every task vector is zero (all models equal the base); "
+                "the output is the base model"
+            )
+

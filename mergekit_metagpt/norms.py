@@ -1,0 +1,77 @@
+"""Squared task-vector norms, accumulated in float32 per tensor and float64 overall."""
+
+from __future__ import annotations
+
+from typing import Dict, Hashable, List, Sequence
+
+import torch
+
+from mergekit_metagpt.errors import MetaGPTError
+
+
+def squared_delta(tensor: torch.Tensor, base32: torch.Tensor) -> torch.Tensor:
+    """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync)."""
+    delta = tensor.to(torch.float32) - base32
+    flat = delta.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+class NormAccumulator:
+    """Per-tensor squared norms of several models' task vectors against one base.
+
+    Values stay on the compute device until `finish`, so a CUDA pre-pass never
+    waits on the host between tensors.
+    """
+
+    def __init__(self, models: Sequence[Hashable]):
+        self.models = list(models)
+        self.tensor_names: List[str] = []
+        self._values: Dict[Hashable, List[torch.Tensor]] = {m: [] for m in self.models}
+        self._names: Dict[Hashable, List[str]] = {m: [] for m in self.models}
+
+    def add(self, model: Hashable, tensor_name: str, value: torch.Tensor) -> None:
+        self._values[model].append(value)
+        self._names[model].append(tensor_name)
+
+    def finish(self) -> Dict[Hashable, Dict[str, float]]:
+        """Per model, {tensor name: squared norm}; raises on NaN or Inf."""
+        result = {}
+        for model in self.models:
+            names = self._names[model]
+            if names:
+                values = torch.stack(self._values[model]).to("cpu", torch.float64)
+                bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
+                if bad:
+                    raise MetaGPTError(
+                        f"MetaGPT: non-finite values (NaN or Inf) in tensor "
+                        f"{names[bad[0]]!r} of model {model} or of the base model"
+                        + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
+                    )
+                result[model] = dict(zip(names, values.tolist()))
+            else:
+                result[model] = {}
+        return result
+
+
+def in_memory_norms(groups) -> Dict[Hashable, Dict[str, float]]:
+    """Squared norms over every group passed to one in-memory merge call."""
+    models: List[Hashable] = []
+    for group in groups:
+        for entry in group.non_base:
+            if entry.id not in models:
+                models.append(entry.id)
+    accumulator = NormAccumulator(models)
+    for index, group in enumerate(groups):
+        base = group.base
+        if base is None:
+            continue
+        name = group.metadata.name or f"group {index}"
+        base32 = base.tensor.detach().to(torch.float32)
+        for entry in group.non_base:
+            accumulator.add(entry.id, name, squared_delta(entry.tensor.detach(), base32))
+        del base32
+    return accumulator.finish()
+
+
+def total(per_tensor: Dict[str, float]) -> float:
+    return float(sum(per_tensor.values()))

@@ -1,0 +1,40 @@
+"""A tqdm progress bar for the pre-pass: tensors done and GB read."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import tqdm
+
+
+def progress_enabled() -> bool:
+    """Off with mergekit's ``--quiet`` or ``MERGEKIT_METAGPT_PROGRESS=0``."""
+    if os.environ.get("MERGEKIT_METAGPT_PROGRESS", "").strip() in ("0", "false", "no"):
+        return False
+    return "--quiet" not in sys.argv
+
+
+class _Bar:
+    def __init__(self, total: int, desc: str):
+        self._gb = 0.0
+        self._bar = tqdm.tqdm(
+            total=total, desc=desc, unit="tensor", disable=not progress_enabled()
+        )
+
+    def update(self, tensors: int, nbytes: int = 0) -> None:
+        self._gb += nbytes / 1e9
+        if tensors:
+            self._bar.set_postfix_str(f"{self._gb:.2f} GB read", refresh=False)
+        self._bar.update(tensors)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._bar.close()
+        return False
+
+
+def progress_bar(total: int, desc: str) -> _Bar:
+    return _Bar(total, desc)

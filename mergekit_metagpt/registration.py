@@ -1,0 +1,29 @@
+"""Idempotent registration of the MetaGPT methods in mergekit's registry."""
+
+from __future__ import annotations
+
+import threading
+
+_LOCK = threading.Lock()
+_METHODS = None
+
+
+def methods():
+    """The method objects this plugin provides, built once."""
+    global _METHODS
+    if _METHODS is None:
+        from mergekit_metagpt.method import MetaGPTMerge
+
+        _METHODS = (MetaGPTMerge(),)
+    return _METHODS
+
+
+def register_all() -> None:
+    """Register every method whose name mergekit does not know yet (safe to repeat)."""
+    from mergekit.merge_methods import registry
+
+    with _LOCK:
+        known = {method.spec.name for method in registry.registered_methods()}
+        for method in methods():
+            if method.spec.name not in known:
+                registry.register(method)

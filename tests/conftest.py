@@ -1,0 +1,45 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from checkpoints import perturbed, random_state_dict, save_checkpoint  # noqa: E402
+
+SCALES = (0.01, 0.03, 0.1)
+
+
+@pytest.fixture(autouse=True)
+def _quiet_progress(monkeypatch):
+    monkeypatch.setenv("MERGEKIT_METAGPT_PROGRESS", "0")
+
+
+def _family(root, dtype, scales=SCALES, seed=0):
+    base = random_state_dict(seed, dtype=dtype)
+    paths = {"base": save_checkpoint(os.path.join(root, "base"), base)}
+    sds = {"base": base}
+    for i, scale in enumerate(scales):
+        name = f"model{i}"
+        sds[name] = perturbed(base, scale, seed=100 + i)
+        paths[name] = save_checkpoint(os.path.join(root, name), sds[name])
+    return paths, sds
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory):
+    """float32 base + three fine-tunes with noise scales 0.01, 0.03, 0.1, sharded."""
+    return _family(str(tmp_path_factory.mktemp("fp32")), torch.float32)
+
+
+@pytest.fixture(scope="session")
+def llama_family_bf16(tmp_path_factory):
+    return _family(str(tmp_path_factory.mktemp("bf16")), torch.bfloat16)
+
+
+@pytest.fixture
+def merge_options():
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=True)

@@ -1,0 +1,109 @@
+"""Graph merges (run_merge / mergekit-yaml) against an independent closed form."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from checkpoints import closed_form, load_checkpoint, save_checkpoint, shard_count
+from merging import recipe, run_recipe
+
+MODELS = ("model0", "model1", "model2")
+
+
+def assert_matches(merged, reference, atol):
+    assert set(merged) == set(reference)
+    for name, ref in reference.items():
+        got = merged[name].double()
+        err = (got - ref).abs().max().item()
+        assert err < atol, f"{name}: max error {err}"
+
+
+def test_fixture_is_sharded_and_lambdas_differ(llama_family):
+    paths, sds = llama_family
+    assert shard_count(paths["base"]) >= 3
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    # distinct noise scales must give clearly distinct coefficients
+    assert lams[0] < 0.02 and lams[2] > 0.85
+
+
+def test_float32_merge_matches_closed_form(llama_family, merge_options, tmp_path, caplog):
+    paths, sds = llama_family
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    merged = run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
+    lams, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    assert_matches(merged, reference, atol=1e-5)
+    # one INFO table with model, ||delta||^2 and lambda
+    tables = [r.getMessage() for r in caplog.records if "MetaGPT coefficients" in r.getMessage()]
+    assert len(tables) == 1
+    for model, lam in zip(MODELS, lams):
+        line = next(l for l in tables[0].splitlines() if paths[model] in l)
+        assert abs(float(line.split()[-1]) - lam) < 1e-6
+
+
+def test_bfloat16_merge_matches_closed_form(llama_family_bf16, merge_options, tmp_path):
+    paths, sds = llama_family_bf16
+    merged = run_recipe(recipe(paths, MODELS, dtype="bfloat16"), str(tmp_path / "out"), merge_options)
+    _, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    for name, ref in reference.items():
+        assert merged[name].dtype == torch.bfloat16
+        expected = ref.to(torch.bfloat16)
+        # computed in float32 and rounded once: at most one bf16 ulp from the reference
+        diff = (merged[name].float() - expected.float()).abs()
+        ulp = expected.float().abs().clamp(min=1e-6) * 2 ** -7
+        assert bool((diff <= ulp).all()), name
+
+
+def test_lambda_scales_the_merged_task_vector(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    merged = run_recipe(
+        recipe(paths, MODELS, parameters={"lambda": 0.5}), str(tmp_path / "out"), merge_options
+    )
+    _, reference = closed_form(sds["base"], [sds[m] for m in MODELS], scale=0.5)
+    assert_matches(merged, reference, atol=1e-5)
+
+
+def test_single_model_gives_that_model(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    merged = run_recipe(recipe(paths, ["model1"]), str(tmp_path / "out"), merge_options)
+    assert_matches(merged, {k: v.double() for k, v in sds["model1"].items()}, atol=1e-6)
+
+
+def test_model_identical_to_base_gets_lambda_zero(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    twin = save_checkpoint(str(tmp_path / "twin"), sds["base"])
+    merged = run_recipe(
+        recipe({**paths, "twin": twin}, ["twin", "model0", "model2"]), str(tmp_path / "out"), merge_options
+    )
+    lams, reference = closed_form(sds["base"], [sds["base"], sds["model0"], sds["model2"]])
+    assert lams[0] == 0.0
+    assert_matches(merged, reference, atol=1e-5)
+
+
+def test_merged_model_loads_and_runs_in_transformers(llama_family, merge_options, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert logits.shape == (1, 4, 64)
+    assert torch.isfinite(logits).all()
+
+
+def test_pytorch_bin_checkpoints(llama_family, merge_options, tmp_path):
+    """Non-safetensors checkpoints go through mergekit's .bin loader too."""
+    paths, sds = llama_family
+    bin_paths = {}
+    for name in ("base", "model0", "model2"):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save(sds[name], folder / "pytorch_model.bin")
+        with open(os.path.join(paths[name], "config.json")) as src:
+            (folder / "config.json").write_text(src.read())
+        bin_paths[name] = str(folder)
+    merged = run_recipe(recipe(bin_paths, ["model0", "model2"]), str(tmp_path / "out"), merge_options)
+    _, reference = closed_form(sds["base"], [sds["model0"], sds["model2"]])
+    assert_matches(merged, reference, atol=1e-5)
