@@ -21,6 +21,11 @@ from mergekit.merge_methods.base import (
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import in_memory_norms, total
+from mergekit_metagpt.parameters import (
+    NonNegativeFloat,
+    check_parameter_names,
+    planned_config,
+)
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -45,7 +50,7 @@ class MetaGPTMerge(GroupMergeMethod):
             parameters=(
                 ParameterSpec(
                     "lambda",
-                    float,
+                    NonNegativeFloat,
                     ParameterScope.SHARED,
                     default=1.0,
                     description="Overall scale on the merged task vector",
@@ -75,6 +80,9 @@ class MetaGPTMerge(GroupMergeMethod):
                 f"{' for ' + group_name if group_name else ''}"
             )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
+        check_parameter_names(
+            planned_config(), self.spec.name, (p.name for p in self.spec.parameters)
+        )
 
     def _execute(
         self,
@@ -85,8 +93,6 @@ class MetaGPTMerge(GroupMergeMethod):
         input_dtypes: Sequence[Optional[torch.dtype]],
         out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, ...]:
-        for params in parameters:
-            _check_lambda(params["lambda"])
         if _IN_MEMORY.get():
             norms = in_memory_norms(groups)
             coefficients = Coefficients.from_norms({m: total(v) for m, v in norms.items()})
@@ -126,13 +132,6 @@ class MetaGPTMerge(GroupMergeMethod):
                 merged.add_(entry.tensor.to(compute) - base_c, alpha=weight)
         merged.add_(base_c)
         return merged.to(base.dtype)
-
-
-def _check_lambda(value: float) -> None:
-    if not value >= 0.0 or value == float("inf"):
-        raise MetaGPTError(
-            f"MetaGPT: parameter lambda must be a finite number >= 0, got {value!r}"
-        )
 
 
 _LOGGED = set()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import torch
 
@@ -16,6 +16,16 @@ def squared_delta(tensor: torch.Tensor, base32: torch.Tensor) -> torch.Tensor:
     return torch.dot(flat, flat)
 
 
+# Key under which the base's own squared norm is accumulated: it is finite exactly
+# when the base tensor holds no NaN or Inf, so a bad base is named as such.
+BASE = ("__metagpt_base__",)
+
+
+def base_check(base32: torch.Tensor) -> torch.Tensor:
+    flat = base32.reshape(-1)
+    return torch.dot(flat, flat)
+
+
 class NormAccumulator:
     """Per-tensor squared norms of several models' task vectors against one base.
 
@@ -23,8 +33,9 @@ class NormAccumulator:
     waits on the host between tensors.
     """
 
-    def __init__(self, models: Sequence[Hashable]):
+    def __init__(self, models: Sequence[Hashable], labels: Optional[Dict[Hashable, str]] = None):
         self.models = list(models)
+        self.labels = labels or {}
         self.tensor_names: List[str] = []
         self._values: Dict[Hashable, List[torch.Tensor]] = {m: [] for m in self.models}
         self._names: Dict[Hashable, List[str]] = {m: [] for m in self.models}
@@ -36,15 +47,17 @@ class NormAccumulator:
     def finish(self) -> Dict[Hashable, Dict[str, float]]:
         """Per model, {tensor name: squared norm}; raises on NaN or Inf."""
         result = {}
-        for model in self.models:
+        order = sorted(self.models, key=lambda m: m != BASE)  # blame the base first
+        for model in order:
             names = self._names[model]
             if names:
                 values = torch.stack(self._values[model]).to("cpu", torch.float64)
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:
+                    who = self.labels.get(model, f"model {model}")
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values (NaN or Inf) in tensor "
-                        f"{names[bad[0]]!r} of model {model} or of the base model"
+                        f"{names[bad[0]]!r} of {who}"
                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
                     )
                 result[model] = dict(zip(names, values.tolist()))
@@ -55,22 +68,25 @@ class NormAccumulator:
 
 def in_memory_norms(groups) -> Dict[Hashable, Dict[str, float]]:
     """Squared norms over every group passed to one in-memory merge call."""
-    models: List[Hashable] = []
+    models: List[Hashable] = [BASE]
     for group in groups:
         for entry in group.non_base:
             if entry.id not in models:
                 models.append(entry.id)
-    accumulator = NormAccumulator(models)
+    accumulator = NormAccumulator(models, {BASE: "the base model"})
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
             continue
         name = group.metadata.name or f"group {index}"
         base32 = base.tensor.detach().to(torch.float32)
+        accumulator.add(BASE, name, base_check(base32))
         for entry in group.non_base:
             accumulator.add(entry.id, name, squared_delta(entry.tensor.detach(), base32))
         del base32
-    return accumulator.finish()
+    norms = accumulator.finish()
+    del norms[BASE]
+    return norms
 
 
 def total(per_tensor: Dict[str, float]) -> float:

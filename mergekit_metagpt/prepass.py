@@ -19,7 +19,7 @@ import torch
 
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.fingerprint import stat_signature
-from mergekit_metagpt.norms import NormAccumulator, squared_delta
+from mergekit_metagpt.norms import BASE, NormAccumulator, base_check, squared_delta
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -117,7 +117,7 @@ def _stream_norms(
         m: LazyTensorLoader(cache.get(m).index, cache.lazy_unpickle) for m in models
     }
     weights = _weight_infos(base)
-    accumulator = NormAccumulator(models)
+    accumulator = NormAccumulator([BASE, *models], {BASE: f"the base model {base}"})
     excluded: List[str] = []
     absent: Dict[Hashable, List[str]] = {m: [] for m in models}
     names = [name for shard in base_loader.index.shards for name in shard.contained_keys]
@@ -136,6 +136,7 @@ def _stream_norms(
             if not base_tensor.is_floating_point():
                 continue
             base32 = base_tensor.to(torch.float32)
+            accumulator.add(BASE, name, base_check(base32))
             weight = weights.get(name)
             for model in models:
                 loader = loaders[model]
@@ -182,4 +183,6 @@ def _stream_norms(
                 "left out of its norm: %s", len(names_absent), model,
                 ", ".join(names_absent),
             )
-    return accumulator.finish()
+    norms = accumulator.finish()
+    del norms[BASE]
+    return norms

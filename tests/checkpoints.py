@@ -106,3 +106,15 @@ def write_recipe(path: str, base: str, models, method: str = "metagpt", extra: s
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n" + extra)
     return path
+
+
+def save_raw(path: str, state_dict: Dict[str, torch.Tensor], like: str) -> str:
+    """One safetensors file with exactly these tensors, and the config of `like`."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    shutil.copy(os.path.join(like, "config.json"), os.path.join(path, "config.json"))
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, os.path.join(path, "model.safetensors"))
+    return path
