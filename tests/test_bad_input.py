@@ -62,7 +62,7 @@ CASES = {
     "no base_model": (lambda p: {**recipe(p, ["good", "wider"]), "base_model": None}, "needs a base_model"),
     "base is the only model": (lambda p: recipe(p, ["base"]), "at least one model besides the base"),
     "tensor shapes differ": (lambda p: recipe(p, ["good", "wider"]),
-                             r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+'.*/wider"),
+                             r"shape mismatch for tensor 'model\.layers\.0\.mlp\.[\w.]+'.*/wider"),
     "NaN in a model": (lambda p: recipe(p, ["good", "nan"]),
                        r"NaN or Inf.*'model\.layers\.1\.self_attn\.k_proj\.weight' of model .*/nan$"),
     "Inf in the base": (lambda p: recipe({**p, "base": p["inf_base"]}, ["good"]),
