@@ -31,6 +31,7 @@ class PrepassStats:
 
     def __init__(self):
         self.runs = 0
+        self.cache_hits = 0
         self.tensors_read = 0
         self.bytes_read = 0
 
@@ -58,10 +59,36 @@ def checkpoint_norms(
     with _LOCK:
         missing = [m for m in models if keys[m] not in _MEMO]
         if missing:
-            computed = _stream_norms(base, missing, device)
-            for model in missing:
-                _MEMO[keys[model]] = computed[model]
+            for model, norms in _norms_from_disk_or_stream(base, missing, device).items():
+                _MEMO[keys[model]] = norms
         return {m: _MEMO[keys[m]] for m in models}
+
+
+def _norms_from_disk_or_stream(base, models, device) -> Dict[Hashable, PerTensorNorms]:
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_metagpt import norm_cache
+    from mergekit_metagpt.fingerprint import content_fingerprint
+
+    if not norm_cache.enabled():
+        return _stream_norms(base, models, device)
+    cache = LoaderCache()
+    base_fp = content_fingerprint(cache.get(base).index)
+    fps = {m: content_fingerprint(cache.get(m).index) for m in models}
+    result = {}
+    for model in models:
+        cached = norm_cache.load(base_fp, fps[model])
+        if cached is not None:
+            STATS.cache_hits += 1
+            result[model] = cached
+            LOG.info("MetaGPT: norms of %s from the norm cache", model)
+    todo = [m for m in models if m not in result]
+    if todo:
+        computed = _stream_norms(base, todo, device)
+        for model in todo:
+            norm_cache.store(base_fp, fps[model], computed[model], labels=(base, model))
+        result.update(computed)
+    return result
 
 
 def _weight_infos(base) -> Dict[str, object]:

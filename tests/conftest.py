@@ -12,8 +12,10 @@ SCALES = (0.01, 0.03, 0.1)
 
 
 @pytest.fixture(autouse=True)
-def _quiet_progress(monkeypatch):
+def _isolated_environment(monkeypatch, tmp_path):
+    """No progress bars, and a norm cache of the test's own (never the user's)."""
     monkeypatch.setenv("MERGEKIT_METAGPT_PROGRESS", "0")
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "norm-cache"))
 
 
 def _family(root, dtype, scales=SCALES, seed=0):
