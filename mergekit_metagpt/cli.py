@@ -10,22 +10,28 @@ from typing import List, Optional
 from mergekit_metagpt.errors import MetaGPTError
 
 
-def _coefficients(args) -> int:
+def _compute(recipe_path: str, cuda: bool):
     import torch
     from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
+    import mergekit_metagpt  # noqa: F401  (registers the methods)
     from mergekit_metagpt.coefficients import Coefficients
     from mergekit_metagpt.norms import total
     from mergekit_metagpt.prepass import checkpoint_norms
-    from mergekit_metagpt.recipe import base_and_models, load_recipe
+    from mergekit_metagpt.recipe import base_and_models, check_bakeable, load_recipe
 
-    config = load_recipe(args.recipe)
-    base, models = base_and_models(config, args.recipe)
+    config = load_recipe(recipe_path)
+    base, models = base_and_models(config, recipe_path)
+    check_bakeable(config, recipe_path)
     LoaderCache().setup(MergeOptions())
-    device = torch.device("cuda" if args.cuda else "cpu")
+    device = torch.device("cuda" if cuda else "cpu")
     norms = checkpoint_norms(base, models, device)
-    coefficients = Coefficients.from_norms({m: total(norms[m]) for m in models})
+    return config, base, Coefficients.from_norms({m: total(norms[m]) for m in models})
+
+
+def _coefficients(args) -> int:
+    _config, base, coefficients = _compute(args.recipe, args.cuda)
     if args.json:
         print(json.dumps({
             "base_model": str(base),
@@ -36,6 +42,17 @@ def _coefficients(args) -> int:
         }, indent=2))
     else:
         print(coefficients.table())
+    return 0
+
+
+def _bake(args) -> int:
+    from mergekit_metagpt.recipe import baked_recipe
+
+    config, base, coefficients = _compute(args.recipe, args.cuda)
+    text = baked_recipe(args.recipe, coefficients)
+    with open(args.output, "w", encoding="utf-8") as f:
+        f.write(text)
+    print(f"wrote {args.output}")
     return 0
 
 
@@ -57,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     coeff.add_argument("--json", action="store_true", help="print JSON instead of a table")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
     coeff.set_defaults(run=_coefficients)
+    bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
+    bake.add_argument("recipe")
+    bake.add_argument("output")
+    bake.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    bake.set_defaults(run=_bake)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")
     demo.add_argument("directory")
     demo.add_argument("--size", default="tiny", choices=["tiny", "10m", "100m", "1b"])
@@ -70,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return args.run(args)
     except (MetaGPTError, OSError, RuntimeError) as error:
-        print(f"mergekit-metagpt: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # always one line
+        print(f"mergekit-metagpt: error: {message}", file=sys.stderr)
         return 1
 
 

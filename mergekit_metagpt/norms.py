@@ -2,16 +2,47 @@
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_metagpt.errors import MetaGPTError
 
 
-def squared_delta(tensor: torch.Tensor, base32: torch.Tensor) -> torch.Tensor:
+@dataclass(frozen=True)
+class Sparsifier:
+    """mergekit's own sparsification of a task vector, for λ from sparsified vectors.
+
+    ``densities`` (sorted (model, density) pairs) is what identifies it in memo keys.
+    """
+
+    method: object
+    rescale: bool
+    densities: Tuple[Tuple[str, float], ...]
+    by_model: Dict[Hashable, float] = field(compare=False, hash=False, repr=False)
+
+    def __call__(self, model: Hashable, delta: torch.Tensor) -> torch.Tensor:
+        from mergekit.sparsify import RescaleNorm, sparsify
+
+        return sparsify(
+            delta,
+            density=self.by_model[model],
+            method=self.method,
+            rescale_norm=RescaleNorm.l1 if self.rescale else None,
+        )
+
+
+def squared_delta(
+    tensor: torch.Tensor,
+    base32: torch.Tensor,
+    sparsifier: Optional[Sparsifier] = None,
+    model: Hashable = None,
+) -> torch.Tensor:
     """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync)."""
     delta = tensor.to(torch.float32) - base32
+    if sparsifier is not None:
+        delta = sparsifier(model, delta)
     flat = delta.reshape(-1)
     return torch.dot(flat, flat)
 
@@ -66,7 +97,7 @@ class NormAccumulator:
         return result
 
 
-def in_memory_norms(groups) -> Dict[Hashable, Dict[str, float]]:
+def in_memory_norms(groups, sparsifier: Optional[Sparsifier] = None) -> Dict[Hashable, Dict[str, float]]:
     """Squared norms over every group passed to one in-memory merge call."""
     models: List[Hashable] = [BASE]
     for group in groups:
@@ -82,7 +113,9 @@ def in_memory_norms(groups) -> Dict[Hashable, Dict[str, float]]:
         base32 = base.tensor.detach().to(torch.float32)
         accumulator.add(BASE, name, base_check(base32))
         for entry in group.non_base:
-            accumulator.add(entry.id, name, squared_delta(entry.tensor.detach(), base32))
+            accumulator.add(
+                entry.id, name, squared_delta(entry.tensor.detach(), base32, sparsifier, entry.id)
+            )
         del base32
     norms = accumulator.finish()
     del norms[BASE]

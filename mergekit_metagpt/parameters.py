@@ -36,6 +36,22 @@ def _non_negative_number(value: Any) -> float:
 NonNegativeFloat = Annotated[float, BeforeValidator(_non_negative_number)]
 
 
+def _density(value: Any) -> float:
+    try:
+        number = float(value)
+        ok = not isinstance(value, bool) and 0.0 < number <= 1.0
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise PydanticCustomError(
+            "metagpt_density", "MetaGPT: parameter density must be a number in (0, 1]"
+        )
+    return number
+
+
+Density = Annotated[float, BeforeValidator(_density)]
+
+
 def planned_config(max_depth: int = 12):
     """The MergeConfiguration of the MergePlanner calling us, if there is one."""
     frame = sys._getframe(1)

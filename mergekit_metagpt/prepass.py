@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.fingerprint import stat_signature
-from mergekit_metagpt.norms import BASE, NormAccumulator, base_check, squared_delta
+from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, base_check, squared_delta
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -34,11 +35,12 @@ class PrepassStats:
         self.cache_hits = 0
         self.tensors_read = 0
         self.bytes_read = 0
+        self.seconds = 0.0
 
 
 STATS = PrepassStats()
 _LOCK = threading.Lock()
-_MEMO: Dict[Tuple[tuple, tuple], PerTensorNorms] = {}
+_MEMO: Dict[Tuple[tuple, tuple, object], PerTensorNorms] = {}
 
 
 def clear_memo() -> None:
@@ -47,18 +49,26 @@ def clear_memo() -> None:
 
 
 def checkpoint_norms(
-    base, models: Sequence[Hashable], device: torch.device
+    base, models: Sequence[Hashable], device: torch.device, sparsifier: Optional[Sparsifier] = None
 ) -> Dict[Hashable, PerTensorNorms]:
-    """Per-tensor squared norms ‖θ_t − θ₀‖² for each model, from the checkpoints."""
+    """Per-tensor squared norms ‖θ_t − θ₀‖² for each model, from the checkpoints.
+
+    With a sparsifier, the norms are those of the sparsified task vectors (not cached
+    on disk: DARE's masks are random).
+    """
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()
     base_index = cache.get(base).index
     base_sig = stat_signature(base_index)
-    keys = {m: (base_sig, stat_signature(cache.get(m).index)) for m in models}
+    variant = sparsifier.densities if sparsifier is not None else None
+    keys = {m: (base_sig, stat_signature(cache.get(m).index), variant) for m in models}
     with _LOCK:
         missing = [m for m in models if keys[m] not in _MEMO]
-        if missing:
+        if missing and sparsifier is not None:
+            for model, norms in _stream_norms(base, missing, device, sparsifier).items():
+                _MEMO[keys[model]] = norms
+        elif missing:
             for model, norms in _norms_from_disk_or_stream(base, missing, device).items():
                 _MEMO[keys[model]] = norms
         return {m: _MEMO[keys[m]] for m in models}
@@ -129,7 +139,7 @@ def _only_vocab_differs(weight, a: torch.Size, b: torch.Size) -> bool:
 
 
 def _stream_norms(
-    base, models: Sequence[Hashable], device: torch.device
+    base, models: Sequence[Hashable], device: torch.device, sparsifier: Optional[Sparsifier] = None
 ) -> Dict[Hashable, PerTensorNorms]:
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
     from mergekit.io.tasks import LoaderCache
@@ -149,6 +159,7 @@ def _stream_norms(
     absent: Dict[Hashable, List[str]] = {m: [] for m in models}
     names = [name for shard in base_loader.index.shards for name in shard.contained_keys]
     dev = str(device)
+    started = time.perf_counter()
     STATS.runs += 1
     LOG.info(
         "MetaGPT pre-pass: reading %d tensors of %s and %d model(s) on %s",
@@ -195,7 +206,7 @@ def _stream_norms(
                         f"{tuple(tensor.shape)}, base model {base} has "
                         f"{tuple(base_tensor.shape)}"
                     )
-                accumulator.add(model, name, squared_delta(tensor, base32))
+                accumulator.add(model, name, squared_delta(tensor, base32, sparsifier, model))
                 del tensor
             del base_tensor, base32
     if excluded:
@@ -212,4 +223,5 @@ def _stream_norms(
             )
     norms = accumulator.finish()
     del norms[BASE]
+    STATS.seconds += time.perf_counter() - started
     return norms

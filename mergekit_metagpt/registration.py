@@ -12,9 +12,9 @@ def methods():
     """The method objects this plugin provides, built once."""
     global _METHODS
     if _METHODS is None:
-        from mergekit_metagpt.method import MetaGPTMerge
+        from mergekit_metagpt.method import VARIANTS, MetaGPTMerge
 
-        _METHODS = (MetaGPTMerge(),)
+        _METHODS = tuple(MetaGPTMerge(name) for name in VARIANTS)
     return _METHODS
 
 
