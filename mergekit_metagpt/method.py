@@ -25,6 +25,7 @@ from mergekit.merge_methods.base import (
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
+from mergekit_metagpt.scratch import thread_scratch
 from mergekit_metagpt.parameters import (
     Density,
     NonNegativeFloat,
@@ -193,14 +194,17 @@ class MetaGPTMerge(GroupMergeMethod):
             return self._merge_with_delegate(group, lambdas, scale, parameters)
         base = group.base.tensor
         compute = torch.promote_types(base.dtype, torch.float32)
-        base_c = base.to(compute)
-        merged = torch.zeros_like(base_c)
+        scratch = thread_scratch()
+        base_c = scratch.get("merge_base", base, compute).copy_(base)
+        merged = scratch.get("merge_sum", base, compute).zero_()
+        delta = scratch.get("merge_delta", base, compute)
         for entry in group.non_base:
             weight = lambdas[entry.id] * scale
             if weight != 0.0:
-                merged.add_(entry.tensor.to(compute) - base_c, alpha=weight)
+                merged.add_(delta.copy_(entry.tensor).sub_(base_c), alpha=weight)
         merged.add_(base_c)
-        return merged.to(base.dtype)
+        # a new tensor in the input dtype: never hand out the scratch buffer itself
+        return merged.to(base.dtype, copy=True)
 
     def _merge_with_delegate(self, group, lambdas, scale, parameters) -> torch.Tensor:
         delegate = self.delegate()

@@ -8,6 +8,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.scratch import Scratch
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,13 @@ def squared_delta(
     base32: torch.Tensor,
     sparsifier: Optional[Sparsifier] = None,
     model: Hashable = None,
+    scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
     """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync)."""
-    delta = tensor.to(torch.float32) - base32
+    if scratch is not None:
+        delta = scratch.get("delta", base32).copy_(tensor).sub_(base32)
+    else:
+        delta = tensor.to(torch.float32) - base32
     if sparsifier is not None:
         delta = sparsifier(model, delta)
     flat = delta.reshape(-1)

@@ -20,6 +20,7 @@ import torch
 
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.fingerprint import stat_signature
+from mergekit_metagpt.scratch import Scratch
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, base_check, squared_delta
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -154,6 +155,10 @@ def _stream_norms(
         m: LazyTensorLoader(cache.get(m).index, cache.lazy_unpickle) for m in models
     }
     weights = _weight_infos(base)
+    scratch = Scratch()
+    # safetensors shards are memory-mapped: pages touched stay resident (and count in
+    # RSS) while a shard is open, so on CPU each shard is closed after every tensor.
+    release_shards = torch.device(device).type == "cpu"
     accumulator = NormAccumulator([BASE, *models], {BASE: f"the base model {base}"})
     excluded: List[str] = []
     absent: Dict[Hashable, List[str]] = {m: [] for m in models}
@@ -173,7 +178,7 @@ def _stream_norms(
             STATS.bytes_read += base_tensor.nbytes
             if not base_tensor.is_floating_point():
                 continue
-            base32 = base_tensor.to(torch.float32)
+            base32 = scratch.get("base", base_tensor).copy_(base_tensor)
             accumulator.add(BASE, name, base_check(base32))
             weight = weights.get(name)
             for model in models:
@@ -206,9 +211,14 @@ def _stream_norms(
                         f"{tuple(tensor.shape)}, base model {base} has "
                         f"{tuple(base_tensor.shape)}"
                     )
-                accumulator.add(model, name, squared_delta(tensor, base32, sparsifier, model))
+                accumulator.add(
+                    model, name, squared_delta(tensor, base32, sparsifier, model, scratch)
+                )
                 del tensor
             del base_tensor, base32
+            if release_shards:
+                for loader in (base_loader, *loaders.values()):
+                    loader.flush()
     if excluded:
         LOG.warning(
             "MetaGPT: %d tensor(s) differ in vocabulary size from the base and are "
