@@ -25,7 +25,7 @@ from mergekit.merge_methods.base import (
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
-from mergekit_metagpt.scratch import thread_scratch
+from mergekit_metagpt.scratch import chunks, thread_scratch
 from mergekit_metagpt.parameters import (
     Density,
     NonNegativeFloat,
@@ -194,17 +194,21 @@ class MetaGPTMerge(GroupMergeMethod):
             return self._merge_with_delegate(group, lambdas, scale, parameters)
         base = group.base.tensor
         compute = torch.promote_types(base.dtype, torch.float32)
+        weights = [(e.tensor.reshape(-1), lambdas[e.id] * scale) for e in group.non_base]
+        weights = [(x, w) for x, w in weights if w != 0.0]
         scratch = thread_scratch()
-        base_c = scratch.get("merge_base", base, compute).copy_(base)
-        merged = scratch.get("merge_sum", base, compute).zero_()
-        delta = scratch.get("merge_delta", base, compute)
-        for entry in group.non_base:
-            weight = lambdas[entry.id] * scale
-            if weight != 0.0:
-                merged.add_(delta.copy_(entry.tensor).sub_(base_c), alpha=weight)
-        merged.add_(base_c)
-        # a new tensor in the input dtype: never hand out the scratch buffer itself
-        return merged.to(base.dtype, copy=True)
+        out = torch.empty_like(base)
+        flat_base, flat_out = base.reshape(-1), out.view(-1)
+        # θ₀ + Σ w_t (θ_t − θ₀) in float32, one chunk at a time into the output tensor
+        for start, end in chunks(flat_base.numel()):
+            n = end - start
+            base_c = scratch.flat("merge_base", n, base.device, compute).copy_(flat_base[start:end])
+            merged = scratch.flat("merge_sum", n, base.device, compute).zero_()
+            delta = scratch.flat("merge_delta", n, base.device, compute)
+            for x, weight in weights:
+                merged.add_(delta.copy_(x[start:end]).sub_(base_c), alpha=weight)
+            flat_out[start:end].copy_(merged.add_(base_c))
+        return out
 
     def _merge_with_delegate(self, group, lambdas, scale, parameters) -> torch.Tensor:
         delegate = self.delegate()
@@ -229,7 +233,7 @@ def _log_once(method: str, base, coefficients: Coefficients) -> None:
     from mergekit_metagpt.record import running_merge, write_record
 
     running = running_merge()
-    key = (method, base, coefficients, running[2] if running else None)
+    key = (method, base, coefficients, running.key if running else None)
     with _LOGGED_LOCK:
         if key in _LOGGED:
             return

@@ -8,7 +8,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.scratch import Scratch
+from mergekit_metagpt.scratch import Scratch, chunks
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,33 @@ class Sparsifier:
 
 def squared_delta(
     tensor: torch.Tensor,
-    base32: torch.Tensor,
+    base: torch.Tensor,
     sparsifier: Optional[Sparsifier] = None,
     model: Hashable = None,
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync)."""
-    if scratch is not None:
-        delta = scratch.get("delta", base32).copy_(tensor).sub_(base32)
-    else:
-        delta = tensor.to(torch.float32) - base32
-    if sparsifier is not None:
-        delta = sparsifier(model, delta)
-    flat = delta.reshape(-1)
-    return torch.dot(flat, flat)
+    """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync).
+
+    Summed pairwise (torch's reduction), not with a float32 dot: over tens of millions
+    of elements a dot's running sum loses about 1e-4 relative, the pairwise sum 1e-8.
+
+    With a scratch, the difference is formed chunk by chunk in a reused buffer, so the
+    float32 work memory is a chunk, not a tensor. Sparsification needs whole tensors.
+    """
+    if scratch is None or sparsifier is not None:
+        delta = tensor.to(torch.float32) - base.to(torch.float32)
+        if sparsifier is not None:
+            delta = sparsifier(model, delta)
+        return delta.square_().sum()
+    x, b = tensor.reshape(-1), base.reshape(-1)
+    result = None
+    for start, end in chunks(x.numel()):
+        b32 = scratch.flat("base", end - start, x.device).copy_(b[start:end])
+        delta = scratch.flat("delta", end - start, x.device).copy_(x[start:end]).sub_(b32)
+        # a pairwise float32 sum: 1e-8 relative where a float32 dot is off by 1e-4
+        part = delta.square_().sum()
+        result = part if result is None else result.add_(part)
+    return result if result is not None else torch.zeros((), device=x.device)
 
 
 # Key under which the base's own squared norm is accumulated: it is finite exactly
@@ -57,9 +70,17 @@ def squared_delta(
 BASE = ("__metagpt_base__",)
 
 
-def base_check(base32: torch.Tensor) -> torch.Tensor:
-    flat = base32.reshape(-1)
-    return torch.dot(flat, flat)
+def base_check(base: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
+    """‖base‖², finite exactly when the base tensor holds no NaN or Inf."""
+    flat = base.reshape(-1)
+    if scratch is None:
+        return flat.to(torch.float32).square().sum()
+    result = None
+    for start, end in chunks(flat.numel()):
+        part32 = scratch.flat("base_check", end - start, flat.device).copy_(flat[start:end])
+        part = part32.square_().sum()
+        result = part if result is None else result.add_(part)
+    return result if result is not None else torch.zeros((), device=flat.device)
 
 
 class NormAccumulator:
@@ -110,18 +131,20 @@ def in_memory_norms(groups, sparsifier: Optional[Sparsifier] = None) -> Dict[Has
             if entry.id not in models:
                 models.append(entry.id)
     accumulator = NormAccumulator(models, {BASE: "the base model"})
+    scratch = Scratch()
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
             continue
         name = group.metadata.name or f"group {index}"
-        base32 = base.tensor.detach().to(torch.float32)
-        accumulator.add(BASE, name, base_check(base32))
+        base_tensor = base.tensor.detach()
+        accumulator.add(BASE, name, base_check(base_tensor, scratch))
         for entry in group.non_base:
             accumulator.add(
-                entry.id, name, squared_delta(entry.tensor.detach(), base32, sparsifier, entry.id)
+                entry.id,
+                name,
+                squared_delta(entry.tensor.detach(), base_tensor, sparsifier, entry.id, scratch),
             )
-        del base32
     norms = accumulator.finish()
     del norms[BASE]
     return norms

@@ -178,8 +178,7 @@ def _stream_norms(
             STATS.bytes_read += base_tensor.nbytes
             if not base_tensor.is_floating_point():
                 continue
-            base32 = scratch.get("base", base_tensor).copy_(base_tensor)
-            accumulator.add(BASE, name, base_check(base32))
+            accumulator.add(BASE, name, base_check(base_tensor, scratch))
             weight = weights.get(name)
             for model in models:
                 loader = loaders[model]
@@ -212,10 +211,10 @@ def _stream_norms(
                         f"{tuple(base_tensor.shape)}"
                     )
                 accumulator.add(
-                    model, name, squared_delta(tensor, base32, sparsifier, model, scratch)
+                    model, name, squared_delta(tensor, base_tensor, sparsifier, model, scratch)
                 )
                 del tensor
-            del base_tensor, base32
+            del base_tensor
             if release_shards:
                 for loader in (base_loader, *loaders.values()):
                     loader.flush()

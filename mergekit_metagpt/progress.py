@@ -9,8 +9,14 @@ import tqdm
 
 
 def progress_enabled() -> bool:
-    """Off with mergekit's ``--quiet`` or ``MERGEKIT_METAGPT_PROGRESS=0``."""
-    if os.environ.get("MERGEKIT_METAGPT_PROGRESS", "").strip() in ("0", "false", "no"):
+    """Off with mergekit's quiet option (``--quiet``, ``MergeOptions(quiet=True)``)
+    or ``MERGEKIT_METAGPT_PROGRESS=0``."""
+    if os.environ.get("MERGEKIT_METAGPT_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    from mergekit_metagpt.record import running_merge
+
+    running = running_merge()
+    if running is not None and getattr(running.options, "quiet", False):
         return False
     return "--quiet" not in sys.argv
 
@@ -24,8 +30,7 @@ class _Bar:
 
     def update(self, tensors: int, nbytes: int = 0) -> None:
         self._gb += nbytes / 1e9
-        if tensors:
-            self._bar.set_postfix_str(f"{self._gb:.2f} GB read", refresh=False)
+        self._bar.set_postfix_str(f"{self._gb:.2f} GB read", refresh=False)
         self._bar.update(tensors)
 
     def __enter__(self):

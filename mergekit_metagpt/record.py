@@ -8,14 +8,21 @@ import os
 import sys
 import tempfile
 import threading
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional
 
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
 
 
-def running_merge() -> Optional[Tuple[str, object, tuple]]:
-    """(out_path, merge_config, run key) of the ``run_merge`` call in progress, if any.
+class RunningMerge(NamedTuple):
+    out_path: str
+    config: object
+    options: object
+    key: tuple
+
+
+def running_merge() -> Optional[RunningMerge]:
+    """The ``run_merge`` call in progress (out_path, config, options), if any.
 
     mergekit does not hand the output path to merge methods; ``run_merge`` sits on the
     main thread's stack while the executor runs (on every executor, the multi-GPU one
@@ -29,7 +36,10 @@ def running_merge() -> Optional[Tuple[str, object, tuple]]:
             if isinstance(out_path, str):
                 config = frame.f_locals.get("merge_config")
                 executor = frame.f_locals.get("exec")
-                return out_path, config, (out_path, id(config), id(executor))
+                return RunningMerge(
+                    out_path, config, frame.f_locals.get("options"),
+                    (out_path, id(config), id(executor)),
+                )
         frame = frame.f_back
     return None
 
@@ -55,7 +65,7 @@ def record_payload(method: str, base, coefficients, dtype: Optional[str] = None)
 def write_record(method: str, base, coefficients, running) -> Optional[str]:
     if running is None:
         return None
-    out_path, config, _key = running
+    out_path, config = running.out_path, running.config
     payload = record_payload(method, base, coefficients, getattr(config, "dtype", None))
     path = os.path.join(out_path, RECORD_NAME)
     try:

@@ -15,6 +15,16 @@ import torch
 
 _LOCAL = threading.local()
 
+# Elements per chunk: float32 work memory stays at a few chunks of 16 MiB, however
+# large the tensor (a 7B model's embedding is 131M elements).
+CHUNK = 4 * 1024 * 1024
+
+
+def chunks(numel: int, size: int = CHUNK):
+    """(start, end) ranges covering a flattened tensor."""
+    for start in range(0, numel, size):
+        yield start, min(start + size, numel)
+
 
 class Scratch:
     def __init__(self):
@@ -22,14 +32,16 @@ class Scratch:
 
     def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """An uninitialised buffer of `like`'s shape on its device, reused per slot."""
-        key = (slot, like.device, dtype)
+        return self.flat(slot, like.numel(), like.device, dtype).view(like.shape)
+
+    def flat(self, slot: str, numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (slot, device, dtype)
         buffer = self._buffers.get(key)
-        numel = like.numel()
         if buffer is None or buffer.numel() < numel:
             self._buffers.pop(key, None)
-            buffer = torch.empty(numel, dtype=dtype, device=like.device)
+            buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
-        return buffer[:numel].view(like.shape)
+        return buffer[:numel]
 
     def clear(self) -> None:
         self._buffers.clear()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from checkpoints import closed_form, perturbed, save_checkpoint
-from merging import recipe, run_recipe
+from merging import recipe, run_recipe, safetensors_in
 from mergekit_metagpt import norm_cache, prepass
 
 MODELS = ["model0", "model1", "model2"]
@@ -107,3 +107,24 @@ def test_interrupted_write_leaves_no_entry_and_no_temp_file(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         norm_cache.store("b" * 64, "m" * 64, {"t": 1.0})
     assert entries() == []
+
+
+def test_ctrl_c_during_the_prepass_leaves_no_entry(llama_family, merge_options, tmp_path, monkeypatch):
+    from mergekit_metagpt import norms
+
+    paths, _ = llama_family
+    fresh_process_state()
+    calls = {"n": 0}
+    real = norms.squared_delta
+
+    def interrupt_midway(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(prepass, "squared_delta", interrupt_midway)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
+    assert entries() == []
+    assert not safetensors_in(str(tmp_path / "out"))  # interrupted before any weights
