@@ -230,7 +230,7 @@ _LOGGED_LOCK = threading.Lock()
 
 def _log_once(method: str, base, coefficients: Coefficients) -> None:
     """Log the table and write the record once per merge run (not once per tensor)."""
-    from mergekit_metagpt.record import running_merge, write_record
+    from mergekit_metagpt.record import running_merge, schedule_card_update, write_record
 
     running = running_merge()
     key = (method, base, coefficients, running.key if running else None)
@@ -240,3 +240,5 @@ def _log_once(method: str, base, coefficients: Coefficients) -> None:
         _LOGGED.add(key)
     coefficients.log(f"{method}, base {base}")
     write_record(method, base, coefficients, running)
+    if running is not None:
+        schedule_card_update(running.out_path, PRETTY[method], coefficients)

@@ -84,3 +84,58 @@ def write_record(method: str, base, coefficients, running) -> Optional[str]:
         LOG.warning("MetaGPT: could not write %s: %s", path, error)
         return None
     return path
+
+
+# -- the λ table in the model card ------------------------------------------------
+# mergekit writes README.md (the model card) after the last merge task, so no code of
+# the method runs after it. The table is appended when the process exits (the
+# mergekit-yaml case), and only to a card that mergekit wrote for this merge: newer
+# than the pre-pass and naming the method.
+CARD_MARK = "## MetaGPT coefficients"
+_PENDING = {}
+_PENDING_LOCK = threading.Lock()
+
+
+def card_section(coefficients) -> str:
+    lambdas = coefficients.lambdas
+    lines = [
+        "",
+        CARD_MARK,
+        "",
+        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖², norms over every tensor "
+        "([MetaGPT](https://arxiv.org/abs/2406.11385)):",
+        "",
+        "| model | ‖δ‖² | λ |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {model} | {norm:.6e} | {lambdas[model]:.6f} |" for model, norm in coefficients.squared_norms]
+    return "\n".join(lines) + "\n"
+
+
+def schedule_card_update(out_path: str, pretty_name: str, coefficients) -> None:
+    import atexit
+    import time
+
+    with _PENDING_LOCK:
+        if not _PENDING:
+            atexit.register(update_cards)
+        _PENDING[out_path] = (pretty_name, coefficients, time.time())
+
+
+def update_cards() -> None:
+    with _PENDING_LOCK:
+        pending = dict(_PENDING)
+        _PENDING.clear()
+    for out_path, (pretty_name, coefficients, since) in pending.items():
+        card = os.path.join(out_path, "README.md")
+        try:
+            if not os.path.exists(card) or os.path.getmtime(card) < since:
+                continue
+            with open(card, encoding="utf-8") as f:
+                text = f.read()
+            if f"[{pretty_name}]" not in text or CARD_MARK in text:
+                continue
+            with open(card, "a", encoding="utf-8") as f:
+                f.write(card_section(coefficients))
+        except OSError as error:
+            LOG.warning("MetaGPT: could not add the coefficients to %s: %s", card, error)

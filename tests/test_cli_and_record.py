@@ -89,3 +89,22 @@ def test_output_holds_coefficients_record_and_card(llama_family, merge_options, 
         assert entry["model"] == paths[model] and abs(entry["lambda"] - lam) < 1e-7
     card = open(os.path.join(out, "README.md")).read()
     assert "[MetaGPT](https://arxiv.org/abs/2406.11385)" in card
+
+
+def test_model_card_gets_the_lambda_table_from_mergekit_yaml(llama_family, tmp_path):
+    paths, sds = llama_family
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "out")
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config, out,
+         "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    card = open(os.path.join(out, "README.md")).read()
+    assert "[MetaGPT](https://arxiv.org/abs/2406.11385)" in card
+    assert card.count("## MetaGPT coefficients") == 1
+    for model, lam in zip(MODELS, lams):
+        row = next(l for l in card.splitlines() if l.startswith(f"| {paths[model]} |"))
+        assert abs(float(row.split("|")[3]) - lam) < 1e-6

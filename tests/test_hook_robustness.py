@@ -54,11 +54,17 @@ def test_python_runs_when_mergekit_is_absent(tmp_path):
     assert result.stderr == ""
 
 
+def fake_mergekit(root, merge_methods_source: str) -> str:
+    """A stand-in mergekit package whose merge_methods runs the given source."""
+    package = root / "mergekit" / "merge_methods"
+    package.mkdir(parents=True)
+    (root / "mergekit" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text(merge_methods_source)
+    return str(root)
+
+
 def test_mergekit_failing_to_import_is_its_own_error(tmp_path):
-    fake = tmp_path / "mergekit" / "merge_methods"
-    fake.mkdir(parents=True)
-    (tmp_path / "mergekit" / "__init__.py").write_text("")
-    (fake / "__init__.py").write_text("raise RuntimeError('mergekit is broken')\n")
+    fake_mergekit(tmp_path, "raise RuntimeError('mergekit is broken')\n")
     result = run_python("""
         try:
             import mergekit.merge_methods
@@ -73,10 +79,7 @@ def test_mergekit_failing_to_import_is_its_own_error(tmp_path):
 
 def test_registration_failure_only_warns(tmp_path):
     # a mergekit whose merge_methods has no registry: registering fails, importing does not
-    fake = tmp_path / "mergekit" / "merge_methods"
-    fake.mkdir(parents=True)
-    (tmp_path / "mergekit" / "__init__.py").write_text("")
-    (fake / "__init__.py").write_text("VALUE = 42\n")
+    fake_mergekit(tmp_path, "VALUE = 42\n")
     result = run_python("""
         import mergekit.merge_methods as m
         print("value", m.VALUE)

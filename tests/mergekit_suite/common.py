@@ -68,16 +68,16 @@ def run_and_check_merge(
             validate(tmpdir)
 
 
-def make_picollama(path, vocab_size: int = 64):
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=16,
-        num_hidden_layers=2,
-    )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+PICO = dict(hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2)
+
+
+def _save_pico(config_cls, model_cls, path, vocab_size: int) -> str:
+    model_cls(config_cls(vocab_size=vocab_size, **PICO)).save_pretrained(path, safe_serialization=True)
     return str(path)
+
+
+def make_picollama(path, vocab_size: int = 64):
+    return _save_pico(LlamaConfig, LlamaForCausalLM, path, vocab_size)
 
 
 def make_gpt2size(path):
@@ -87,15 +87,7 @@ def make_gpt2size(path):
 
 
 def make_picogranite(path, vocab_size: int = 64):
-    config = GraniteConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=48,
-        num_attention_heads=16,
-        num_hidden_layers=2,
-    )
-    GraniteForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    return str(path)
+    return _save_pico(GraniteConfig, GraniteForCausalLM, path, vocab_size)
 
 
 def make_picoLlaVa(path):
@@ -103,9 +95,7 @@ def make_picoLlaVa(path):
         hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         image_size=32, patch_size=8, projection_dim=32,
     )
-    text = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_attention_heads=16, num_hidden_layers=2,
-    )
+    text = LlamaConfig(vocab_size=64, **PICO)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=1)
     LlavaForConditionalGeneration(config).save_pretrained(path, safe_serialization=True)
     return str(path)
