@@ -40,3 +40,15 @@ def write_yaml(data: dict, path: str) -> str:
 
 def safetensors_in(path: str):
     return [f for f in os.listdir(path) if f.endswith(".safetensors")] if os.path.isdir(path) else []
+
+
+def run_mergekit_yaml(config_path: str, out: str, *flags: str):
+    """Stock mergekit-yaml in a fresh process (start-up hook, no import of ours)."""
+    import subprocess
+    import sys
+
+    return subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config_path, out,
+         "--no-copy-tokenizer", "--quiet", *flags],
+        capture_output=True, text=True, timeout=600,
+    )

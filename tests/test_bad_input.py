@@ -10,18 +10,12 @@ import pytest
 import torch
 
 from checkpoints import load_checkpoint, perturbed, random_state_dict, save_checkpoint, save_raw
-from merging import recipe, safetensors_in, write_yaml
-
-MERGEKIT_YAML = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
-
+from merging import run_mergekit_yaml, recipe, safetensors_in, write_yaml
 
 def run_cli(config: dict, tmp_path):
     path = write_yaml(config, str(tmp_path / "recipe.yml"))
     out = str(tmp_path / "out")
-    result = subprocess.run(
-        [MERGEKIT_YAML, path, out, "--no-copy-tokenizer", "--quiet"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = run_mergekit_yaml(path, out)
     lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
     return result.returncode, (lines[-1] if lines else ""), out, result.stdout + result.stderr
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from checkpoints import closed_form, load_checkpoint
-from merging import recipe, run_recipe, write_yaml
+from merging import run_mergekit_yaml, recipe, run_recipe, write_yaml
 from mergekit.io.tasks import LoaderCache
 from mergekit_metagpt.cli import main
 
@@ -96,11 +96,7 @@ def test_model_card_gets_the_lambda_table_from_mergekit_yaml(llama_family, tmp_p
     lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
     config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
     out = str(tmp_path / "out")
-    result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config, out,
-         "--no-copy-tokenizer", "--quiet"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = run_mergekit_yaml(config, out)
     assert result.returncode == 0, result.stderr
     card = open(os.path.join(out, "README.md")).read()
     assert "[MetaGPT](https://arxiv.org/abs/2406.11385)" in card

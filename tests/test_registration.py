@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from checkpoints import closed_form, load_checkpoint
-from merging import recipe, write_yaml
+from merging import run_mergekit_yaml, recipe, write_yaml
 
 
 def run_python(code, *args, env=None):
@@ -60,11 +60,7 @@ def test_stock_mergekit_yaml_finds_metagpt(llama_family, tmp_path):
     models = ["model0", "model1", "model2"]
     config = write_yaml(recipe(paths, models), str(tmp_path / "recipe.yml"))
     out = str(tmp_path / "out")
-    result = subprocess.run(
-        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), config, out,
-         "--no-copy-tokenizer", "--quiet"],
-        capture_output=True, text=True, timeout=600,
-    )
+    result = run_mergekit_yaml(config, out)
     assert result.returncode == 0, result.stdout + result.stderr
     _, reference = closed_form(sds["base"], [sds[m] for m in models])
     merged = load_checkpoint(out)
