@@ -8,7 +8,7 @@ from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 import torch
 
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.scratch import Scratch, chunks
+from mergekit_metagpt.scratch import Scratch, chunks, thread_scratch
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,21 @@ def squared_delta(
             delta = sparsifier(model, delta)
         return delta.square_().sum()
     x, b = tensor.reshape(-1), base.reshape(-1)
-    result = None
-    for start, end in chunks(x.numel()):
+
+    def delta(start: int, end: int) -> torch.Tensor:
         b32 = scratch.flat("base", end - start, x.device).copy_(b[start:end])
-        delta = scratch.flat("delta", end - start, x.device).copy_(x[start:end]).sub_(b32)
+        return scratch.flat("delta", end - start, x.device).copy_(x[start:end]).sub_(b32)
+
+    return _chunked_sum_of_squares(x.numel(), x.device, delta)
+
+
+def _chunked_sum_of_squares(numel: int, device: torch.device, fill) -> torch.Tensor:
+    """Σ fill(chunk)² over chunks; `fill` returns a float32 scratch buffer we may square."""
+    result = torch.zeros((), device=device)
+    for start, end in chunks(numel):
         # a pairwise float32 sum: 1e-8 relative where a float32 dot is off by 1e-4
-        part = delta.square_().sum()
-        result = part if result is None else result.add_(part)
-    return result if result is not None else torch.zeros((), device=x.device)
+        result.add_(fill(start, end).square_().sum())
+    return result
 
 
 # Key under which the base's own squared norm is accumulated: it is finite exactly
@@ -75,12 +82,11 @@ def base_check(base: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.T
     flat = base.reshape(-1)
     if scratch is None:
         return flat.to(torch.float32).square().sum()
-    result = None
-    for start, end in chunks(flat.numel()):
-        part32 = scratch.flat("base_check", end - start, flat.device).copy_(flat[start:end])
-        part = part32.square_().sum()
-        result = part if result is None else result.add_(part)
-    return result if result is not None else torch.zeros((), device=flat.device)
+    return _chunked_sum_of_squares(
+        flat.numel(),
+        flat.device,
+        lambda start, end: scratch.flat("base_check", end - start, flat.device).copy_(flat[start:end]),
+    )
 
 
 class NormAccumulator:
@@ -93,7 +99,6 @@ class NormAccumulator:
     def __init__(self, models: Sequence[Hashable], labels: Optional[Dict[Hashable, str]] = None):
         self.models = list(models)
         self.labels = labels or {}
-        self.tensor_names: List[str] = []
         self._values: Dict[Hashable, List[torch.Tensor]] = {m: [] for m in self.models}
         self._names: Dict[Hashable, List[str]] = {m: [] for m in self.models}
 
@@ -131,7 +136,7 @@ def in_memory_norms(groups, sparsifier: Optional[Sparsifier] = None) -> Dict[Has
             if entry.id not in models:
                 models.append(entry.id)
     accumulator = NormAccumulator(models, {BASE: "the base model"})
-    scratch = Scratch()
+    scratch = thread_scratch()
     for index, group in enumerate(groups):
         base = group.base
         if base is None:

@@ -20,7 +20,7 @@ import torch
 
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.fingerprint import stat_signature
-from mergekit_metagpt.scratch import Scratch
+from mergekit_metagpt.scratch import thread_scratch
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, base_check, squared_delta
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -155,7 +155,7 @@ def _stream_norms(
         m: LazyTensorLoader(cache.get(m).index, cache.lazy_unpickle) for m in models
     }
     weights = _weight_infos(base)
-    scratch = Scratch()
+    scratch = thread_scratch()
     # safetensors shards are memory-mapped: pages touched stay resident (and count in
     # RSS) while a shard is open, so on CPU each shard is closed after every tensor.
     release_shards = torch.device(device).type == "cpu"

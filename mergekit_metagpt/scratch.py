@@ -1,9 +1,9 @@
-"""Reusable float32 work buffers.
+"""Reusable float32 work buffers, one chunk in size.
 
 A fresh multi-megabyte allocation per tensor costs page faults on every first touch
 (on CPU it was 6x slower than the arithmetic itself), so the pre-pass and the merge
-work in buffers that grow to the largest tensor seen and are then reused. Buffers are
-per thread (mergekit's multi-GPU executor merges from several threads) and per device.
+work chunk by chunk in buffers that are then reused: a few 16 MiB buffers per thread
+(mergekit's multi-GPU executor merges from several threads) and per device.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ class Scratch:
     def __init__(self):
         self._buffers: Dict[Tuple[str, torch.device, torch.dtype], torch.Tensor] = {}
 
-    def get(self, slot: str, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """An uninitialised buffer of `like`'s shape on its device, reused per slot."""
-        return self.flat(slot, like.numel(), like.device, dtype).view(like.shape)
-
     def flat(self, slot: str, numel: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """An uninitialised 1-d buffer of `numel` elements, reused per slot."""
         key = (slot, device, dtype)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < numel:
@@ -42,9 +39,6 @@ class Scratch:
             buffer = torch.empty(numel, dtype=dtype, device=device)
             self._buffers[key] = buffer
         return buffer[:numel]
-
-    def clear(self) -> None:
-        self._buffers.clear()
 
 
 def thread_scratch() -> Scratch:
