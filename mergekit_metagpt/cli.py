@@ -1,4 +1,4 @@
-"""The ``mergekit-metagpt`` command: coefficients of a recipe, and demo checkpoints."""
+"""The ``mergekit-metagpt`` command: coefficients of a recipe, bake, and demo checkpoints."""
 
 from __future__ import annotations
 
@@ -10,46 +10,50 @@ from typing import List, Optional
 from mergekit_metagpt.errors import MetaGPTError
 
 
-def _compute(recipe_path: str, cuda: bool):
+def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None):
+    """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass."""
     import torch
-    from mergekit.io.tasks import LoaderCache
     from mergekit.options import MergeOptions
 
     import mergekit_metagpt  # noqa: F401  (registers the methods)
-    from mergekit_metagpt.coefficients import Coefficients
-    from mergekit_metagpt.norms import total
-    from mergekit_metagpt.prepass import checkpoint_norms
-    from mergekit_metagpt.recipe import base_and_models, check_bakeable, load_recipe
+    from mergekit_metagpt.planning import plan_recipe
+    from mergekit_metagpt.prepass import run_norms
+    from mergekit_metagpt.recipe import check_metagpt, load_recipe
+    from mergekit_metagpt.registration import methods
 
     config = load_recipe(recipe_path)
-    base, models = base_and_models(config, recipe_path)
-    check_bakeable(config, recipe_path)
-    LoaderCache().setup(MergeOptions())
-    device = torch.device("cuda" if cuda else "cpu")
-    norms = checkpoint_norms(base, models, device)
-    return config, base, Coefficients.from_norms({m: total(norms[m]) for m in models})
+    check_metagpt(config, recipe_path)
+    if before_planning is not None:
+        before_planning(config)
+    run = plan_recipe(config, MergeOptions(quiet=True))
+    method = next(m for m in methods() if m.spec.name == run.method_name)
+    run_norms(run, torch.device("cuda" if cuda else "cpu"), method)
+    return run
 
 
 def _coefficients(args) -> int:
-    _config, base, coefficients = _compute(args.recipe, args.cuda)
+    from mergekit_metagpt.record import record_payload
+
+    run = _plan_and_norms(args.recipe, args.cuda)
     if args.json:
-        print(json.dumps({
-            "base_model": str(base),
-            "models": [
-                {"model": str(m), "squared_norm": n, "lambda": coefficients.lambdas[m]}
-                for m, n in coefficients.squared_norms
-            ],
-        }, indent=2))
-    else:
-        print(coefficients.table())
+        print(json.dumps(record_payload(run), indent=2))
+        return 0
+    sets = run.result.sets
+    for number, set_norms in enumerate(sets, 1):
+        if len(sets) > 1:
+            print(f"{'' if number == 1 else chr(10)}model set {number} of {len(sets)}: "
+                  f"base {set_norms.merge_set.base}, {len(set_norms.merge_set.tasks)} tensors")
+        print(set_norms.coefficients.table())
     return 0
 
 
 def _bake(args) -> int:
-    from mergekit_metagpt.recipe import baked_recipe
+    from mergekit_metagpt.recipe import baked_recipe, check_bakeable, check_bakeable_recipe
 
-    config, base, coefficients = _compute(args.recipe, args.cuda)
-    text = baked_recipe(args.recipe, coefficients)
+    run = _plan_and_norms(args.recipe, args.cuda, lambda c: check_bakeable_recipe(c, args.recipe))
+    check_bakeable(run, args.recipe)
+    (set_norms,) = run.result.sets
+    text = baked_recipe(args.recipe, run, set_norms.coefficients)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {args.output}")
@@ -69,9 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergekit-metagpt", description="MetaGPT tools for mergekit recipes"
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda")
+    coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda, per model set")
     coeff.add_argument("recipe")
-    coeff.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    coeff.add_argument("--json", action="store_true",
+                       help="print JSON (the shape of the merge's metagpt_coefficients.json)")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
     coeff.set_defaults(run=_coefficients)
     bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
@@ -91,9 +96,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (MetaGPTError, OSError, RuntimeError) as error:
-        message = " ".join(str(error).split())  # always one line
-        print(f"mergekit-metagpt: error: {message}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print("mergekit-metagpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # every error is one line; mergekit's and pydantic's too
+        from mergekit_metagpt.planning import _one_line
+
+        print(f"mergekit-metagpt: error: {_one_line(error)}", file=sys.stderr)
         return 1
 
 

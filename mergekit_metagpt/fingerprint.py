@@ -1,47 +1,69 @@
-"""Identify a checkpoint's current contents cheaply: files, sizes, mtimes, headers."""
+"""A key for a checkpoint's current contents, computed without reading whole files.
+
+For each shard file, in shard order:
+
+- a file in a Hugging Face hub cache (a ``blobs/<hash>`` file, usually reached through
+  a snapshot symlink) is named by the hash of its content: the key is that name,
+  exact, and the same wherever the cache is copied;
+- any other file: its name, size, ``st_mtime_ns``, ``st_ctime_ns``, inode and device,
+  its safetensors header, and its last 64 KiB. Rewriting a file in place changes its
+  ctime, which no user tool can set back (``touch``/``os.utime`` restore mtime only);
+  a copy has another inode. Both miss, and the norms are computed again.
+
+The in-process memo and the on-disk norm cache use this same key.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import struct
 from typing import Tuple
 
 SAMPLE_BYTES = 64 * 1024
+_BLOB = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 
 
 def checkpoint_files(index) -> Tuple[str, ...]:
     """The shard files of a mergekit ShardedTensorIndex, in shard order."""
-    return tuple(
-        os.path.join(index.base_path, shard.filename) for shard in index.shards
-    )
+    return tuple(os.path.join(index.base_path, shard.filename) for shard in index.shards)
 
 
-def stat_signature(index) -> Tuple[Tuple[str, int, int, int], ...]:
-    """(path, size, mtime_ns, inode) of every shard: changes when a file is rewritten."""
-    signature = []
-    for path in checkpoint_files(index):
-        st = os.stat(path)
-        signature.append((os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino))
-    return tuple(signature)
+def hub_blob_name(path: str):
+    """The content hash naming a Hugging Face cache blob, or None for other files."""
+    real = os.path.realpath(path)
+    name = os.path.basename(real)
+    if os.path.basename(os.path.dirname(real)) == "blobs" and _BLOB.match(name):
+        return name
+    return None
 
 
-def content_fingerprint(index) -> str:
-    """A hash of the stat signature, each safetensors header, and sampled data bytes.
-
-    Used as the on-disk cache key: a changed checkpoint cannot hit a stale entry
-    unless its sizes, mtimes, headers and sampled bytes all stay the same.
-    """
+def file_key(path: str) -> str:
+    blob = hub_blob_name(path)
+    if blob is not None:
+        return f"blob:{blob}"
     digest = hashlib.sha256()
-    for path, size, mtime_ns, _inode in stat_signature(index):
-        digest.update(f"{os.path.basename(path)}|{size}|{mtime_ns}\n".encode())
-        with open(path, "rb") as handle:
-            if path.endswith(".safetensors") and size >= 8:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                digest.update(handle.read(min(header_len, size - 8)))
-            else:
-                digest.update(handle.read(SAMPLE_BYTES))
-            if size > SAMPLE_BYTES:
-                handle.seek(max(0, size - SAMPLE_BYTES))
-                digest.update(handle.read(SAMPLE_BYTES))
+    st = os.stat(path)
+    digest.update(
+        f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
+        f"{st.st_ino}|{st.st_dev}\n".encode()
+    )
+    with open(path, "rb") as handle:
+        if path.endswith(".safetensors") and st.st_size >= 8:
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            digest.update(handle.read(min(header_len, st.st_size - 8)))
+        else:
+            digest.update(handle.read(SAMPLE_BYTES))
+        if st.st_size > SAMPLE_BYTES:
+            handle.seek(st.st_size - SAMPLE_BYTES)
+            digest.update(handle.read(SAMPLE_BYTES))
+    return f"file:{digest.hexdigest()}"
+
+
+def checkpoint_key(index) -> str:
+    """One hash over every shard's file key."""
+    digest = hashlib.sha256()
+    for path in checkpoint_files(index):
+        digest.update(file_key(path).encode() + b"\n")
     return digest.hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import threading
 from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
 
 from typing_extensions import Literal
@@ -26,12 +25,7 @@ from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
 from mergekit_metagpt.scratch import chunks, thread_scratch
-from mergekit_metagpt.parameters import (
-    Density,
-    NonNegativeFloat,
-    check_parameter_names,
-    planned_config,
-)
+from mergekit_metagpt.parameters import Density, NonNegativeFloat
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -93,7 +87,7 @@ class MetaGPTMerge(GroupMergeMethod):
             pretty_name=PRETTY[name],
             reference_url=PAPER_URL,
             parameters=tuple(parameters),
-            contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+            contract=InputContract(base=BasePolicy.REQUIRED),
         )
 
     def delegate(self):
@@ -101,7 +95,7 @@ class MetaGPTMerge(GroupMergeMethod):
 
         return registry.get(self.delegate_name)
 
-    def sparsifier(self, params: Dict[str, Any]) -> Optional["Sparsifier"]:
+    def sparsifier(self, params: Dict[str, Any]) -> Optional[Sparsifier]:
         """The transform whose output norms give λ when lambda_from is sparse."""
         if not self.delegate_name or params.get("lambda_from") != "sparse":
             return None
@@ -109,7 +103,6 @@ class MetaGPTMerge(GroupMergeMethod):
         return Sparsifier(
             method=delegate.sparsification_method,
             rescale=bool(params.get("rescale", delegate.default_rescale)),
-            densities=tuple(sorted((str(k), float(v)) for k, v in params["density"].items())),
             by_model=dict(params["density"].items()),
         )
 
@@ -122,21 +115,15 @@ class MetaGPTMerge(GroupMergeMethod):
             _IN_MEMORY.reset(token)
 
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        # A group of the base alone (a frankenmerge slice that keeps base layers) is
+        # passed through, as stock task_arithmetic does; a merge in which no group has
+        # another model is refused where the whole plan is known (merge_plan.MergeRun).
         if base_id is None:
             raise MetaGPTError(
                 f"MetaGPT needs a base_model (the pre-trained model the fine-tunes "
                 f"share){' for ' + group_name if group_name else ''}"
             )
-        non_base = [i for i in input_ids if i != base_id]
-        if base_id in input_ids and not non_base:
-            raise MetaGPTError(
-                f"MetaGPT needs at least one model besides the base model {base_id}"
-                f"{' for ' + group_name if group_name else ''}"
-            )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
-        check_parameter_names(
-            planned_config(), self.spec.name, (p.name for p in self.spec.parameters)
-        )
 
     def _execute(
         self,
@@ -147,57 +134,92 @@ class MetaGPTMerge(GroupMergeMethod):
         input_dtypes: Sequence[Optional[torch.dtype]],
         out_dtype: Optional[torch.dtype] = None,
     ) -> Tuple[torch.Tensor, ...]:
+        from mergekit.merge_methods.dtype import align_dtype
+
+        lambdas = self._lambdas_for(groups, parameters)
+        results = []
+        for group, params, lams, dtype in zip(groups, parameters, lambdas, input_dtypes):
+            group = align_dtype(group, dtype)
+            with torch.autocast(device_type=group.entries[0].tensor.device.type, enabled=False):
+                result = self.merge_with_lambdas(group, lams, params)
+            results.append(result.to(dtype=out_dtype) if out_dtype is not None else result)
+            del group, result
+        return tuple(results)
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        """One group on its own (mergekit's GroupMergeMethod API): λ from its tensors."""
+        (lambdas,) = self._in_memory_lambdas([group], [parameters])
+        return self.merge_with_lambdas(group, lambdas, parameters)
+
+    # -- where the λ come from ------------------------------------------------
+    def _lambdas_for(self, groups, parameters) -> List[Dict[Hashable, float]]:
+        if _IN_MEMORY.get():
+            return self._in_memory_lambdas(groups, parameters)
+        return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
+
+    def _in_memory_lambdas(self, groups, parameters) -> List[Dict[Hashable, float]]:
+        """In-memory calls hand over every tensor group at once: norms over those."""
+        if groups and not any(g.non_base for g in groups):
+            base = next((g.base.id for g in groups if g.base is not None), None)
+            raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
         granularity = parameters[0]["granularity"] if parameters else "global"
         if granularity == "per_tensor":
-            lambdas = [
-                self._lambdas(in_memory_norms([g], self.sparsifier(p))) for g, p in zip(groups, parameters)
+            return [
+                self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p))).lambdas
+                for g, p in zip(groups, parameters)
             ]
-        elif _IN_MEMORY.get():
-            norms = in_memory_norms(groups, self.sparsifier(parameters[0]) if parameters else None)
-            coefficients = self._coefficients(norms)
+        norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]))
+        coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)})
+        if len(groups) > 1:
             coefficients.log("in-memory merge")
-            lambdas = [coefficients.lambdas] * len(groups)
-        else:
-            lambdas = [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
-        parameters = [dict(p, _lambdas=lams) for p, lams in zip(parameters, lambdas)]
-        return super()._execute(
-            groups, parameters, options, input_dtypes=input_dtypes, out_dtype=out_dtype
-        )
+        return [coefficients.lambdas] * len(groups)
 
     @staticmethod
     def _coefficients(norms) -> Coefficients:
         return Coefficients.from_norms({m: total(v) for m, v in norms.items()})
 
-    def _lambdas(self, norms) -> Dict[Hashable, float]:
-        return self._coefficients(norms).lambdas
-
     def _graph_lambdas(self, group: TensorGroup, params: Dict[str, Any]) -> Dict[Hashable, float]:
-        from mergekit_metagpt.prepass import checkpoint_norms
+        from mergekit_metagpt import prepass
+        from mergekit_metagpt.integration import CURRENT_TASK, missing_for_graph_merges
+        from mergekit_metagpt.merge_plan import run_for_task
 
-        if group.base is None:
-            raise MetaGPTError(
-                f"MetaGPT: the base model has no tensor {group.metadata.name!r}"
+        task = CURRENT_TASK.get()
+        run = run_for_task(task)
+        if run is None:
+            missing = missing_for_graph_merges()
+            why = (
+                f"the plugin could not attach to {'; '.join(missing)}" if missing
+                else "this merge was not planned by a mergekit entry point the plugin knows"
             )
-        models = [entry.id for entry in group.non_base]
-        norms = checkpoint_norms(
-            group.base.id, models, group.base.tensor.device, self.sparsifier(params)
-        )
-        coefficients = self._coefficients({m: norms[m] for m in models})
-        _log_once(self.spec.name, group.base.id, coefficients)
-        return coefficients.lambdas
+            raise MetaGPTError(
+                f"MetaGPT: cannot find the merge plan of tensor {group.metadata.name!r} ({why}); "
+                f"its λ need the norms of every tensor of the merge"
+            )
+        if group.base is None:
+            raise MetaGPTError(f"MetaGPT: the base model has no tensor {group.metadata.name!r}")
+        norms = prepass.run_norms(run, group.base.tensor.device, self).of(run.set_of(task))
+        if params.get("granularity") == "per_tensor":
+            return norms.task_lambdas(run.index_in_set(task))
+        return norms.coefficients.lambdas
 
     # -- the merge of one tensor ---------------------------------------------
-    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        lambdas: Dict[Hashable, float] = parameters["_lambdas"]
+    def merge_with_lambdas(
+        self, group: TensorGroup, lambdas: Dict[Hashable, float], parameters: Dict[str, Any]
+    ) -> torch.Tensor:
+        """θ₀ + lambda · Σ_t λ_t (θ_t − θ₀) for one tensor (inputs are never modified)."""
+        base = group.base.tensor
+        if not group.non_base:  # a slice of the base alone: passed through
+            return base
         scale = float(parameters["lambda"])
         if self.delegate_name:
             return self._merge_with_delegate(group, lambdas, scale, parameters)
-        base = group.base.tensor
         compute = torch.promote_types(base.dtype, torch.float32)
         weights = [(e.tensor.reshape(-1), lambdas[e.id] * scale) for e in group.non_base]
         weights = [(x, w) for x, w in weights if w != 0.0]
         scratch = thread_scratch()
-        out = torch.empty_like(base)
+        # a fresh contiguous output, whatever the inputs' strides (reshape copies only
+        # a non-contiguous input, and only its flat view is read)
+        out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         flat_base, flat_out = base.reshape(-1), out.view(-1)
         # θ₀ + Σ w_t (θ_t − θ₀) in float32, one chunk at a time into the output tensor
         for start, end in chunks(flat_base.numel()):
@@ -224,21 +246,11 @@ class MetaGPTMerge(GroupMergeMethod):
         return delegate.merge_group(group, **kwargs)
 
 
-_LOGGED = set()
-_LOGGED_LOCK = threading.Lock()
-
-
-def _log_once(method: str, base, coefficients: Coefficients) -> None:
-    """Log the table and write the record once per merge run (not once per tensor)."""
-    from mergekit_metagpt.record import running_merge, schedule_card_update, write_record
-
-    running = running_merge()
-    key = (method, base, coefficients, running.key if running else None)
-    with _LOGGED_LOCK:
-        if key in _LOGGED:
-            return
-        _LOGGED.add(key)
-    coefficients.log(f"{method}, base {base}")
-    write_record(method, base, coefficients, running)
-    if running is not None:
-        schedule_card_update(running.out_path, PRETTY[method], coefficients)
+def _models_of(groups) -> List[Hashable]:
+    """The non-base input ids of in-memory groups, in first-seen order."""
+    models: List[Hashable] = []
+    for group in groups:
+        for entry in group.non_base:
+            if entry.id not in models:
+                models.append(entry.id)
+    return models

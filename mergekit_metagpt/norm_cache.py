@@ -1,11 +1,15 @@
-"""On-disk cache of per-tensor squared norms for (base checkpoint, model checkpoint) pairs.
+"""On-disk cache of squared norms for (base checkpoint, model checkpoint) pairs.
 
 Location: ``$MERGEKIT_METAGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mergekit-metagpt/norms``
-(``~/.cache/...``). ``MERGEKIT_METAGPT_CACHE=0`` turns it off. Entries are keyed by both
-checkpoints' content fingerprints (file names, sizes, mtimes, safetensors headers and
-sampled bytes), so a changed checkpoint cannot hit a stale entry. Writes go to a
+(``~/.cache/...``). ``MERGEKIT_METAGPT_CACHE=0`` turns it off (and the in-process memo
+with it). Entries are keyed by both checkpoints' keys (``fingerprint.checkpoint_key``),
+so a changed checkpoint cannot hit a stale entry. One entry holds, for each read of the
+merge plan (which tensor of the base against which tensor of the model, in which
+dtype), its squared norm and any note on it (rows counted of a resized vocabulary);
+entries grow as other recipes read other tensors of the same pair. Writes go to a
 temporary file that is renamed into place, so an interrupted merge never leaves a
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
+An entry of an older format is a miss.
 """
 
 from __future__ import annotations
@@ -15,10 +19,10 @@ import json
 import logging
 import os
 import tempfile
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 LOG = logging.getLogger("mergekit_metagpt")
-FORMAT = 1
+FORMAT = 2
 
 
 def enabled() -> bool:
@@ -38,7 +42,7 @@ def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
     return os.path.join(cache_dir(), f"{key}.json")
 
 
-def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Dict[str, float]]:
+def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Tuple[Dict[str, Optional[float]], Dict[str, str]]]:
     if not enabled():
         return None
     path = entry_path(base_fingerprint, model_fingerprint)
@@ -50,21 +54,34 @@ def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Dict[str, fl
     except (OSError, ValueError) as error:
         LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
         return None
-    norms = data.get("per_tensor") if isinstance(data, dict) else None
+    norms = data.get("norms") if isinstance(data, dict) else None
+    notes = data.get("notes", {}) if isinstance(data, dict) else None
     if (
         not isinstance(data, dict)
         or data.get("format") != FORMAT
         or data.get("base") != base_fingerprint
         or data.get("model") != model_fingerprint
         or not isinstance(norms, dict)
-        or not all(isinstance(v, (int, float)) for v in norms.values())
+        or not isinstance(notes, dict)
+        or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in norms.values())
+        or not all(isinstance(v, str) for v in notes.values())
     ):
         LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
         return None
-    return {str(k): float(v) for k, v in norms.items()}
+    return (
+        {str(k): (None if v is None else float(v)) for k, v in norms.items()},
+        {str(k): v for k, v in notes.items()},
+    )
 
 
-def store(base_fingerprint: str, model_fingerprint: str, per_tensor: Dict[str, float], labels=("", "")) -> None:
+def store(
+    base_fingerprint: str,
+    model_fingerprint: str,
+    norms: Dict[str, Optional[float]],
+    notes: Optional[Dict[str, str]] = None,
+    labels=("", ""),
+) -> None:
+    """Write the entry (callers pass everything known for the pair, old and new)."""
     if not enabled():
         return
     path = entry_path(base_fingerprint, model_fingerprint)
@@ -74,7 +91,8 @@ def store(base_fingerprint: str, model_fingerprint: str, per_tensor: Dict[str, f
         "model": model_fingerprint,
         "base_model": str(labels[0]),
         "model_name": str(labels[1]),
-        "per_tensor": per_tensor,
+        "norms": norms,
+        "notes": notes or {},
     }
     tmp = None
     try:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Mapping, Optional, Sequence
 
 import torch
 
@@ -13,15 +13,12 @@ from mergekit_metagpt.scratch import Scratch, chunks, thread_scratch
 
 @dataclass(frozen=True)
 class Sparsifier:
-    """mergekit's own sparsification of a task vector, for λ from sparsified vectors.
-
-    ``densities`` (sorted (model, density) pairs) is what identifies it in memo keys.
-    """
+    """mergekit's own sparsification of a task vector, for λ from sparsified vectors:
+    the delegate's method, its rescaling, and each model's density for one tensor."""
 
     method: object
     rescale: bool
-    densities: Tuple[Tuple[str, float], ...]
-    by_model: Dict[Hashable, float] = field(compare=False, hash=False, repr=False)
+    by_model: Mapping[Hashable, float]
 
     def __call__(self, model: Hashable, delta: torch.Tensor) -> torch.Tensor:
         from mergekit.sparsify import RescaleNorm, sparsify
@@ -100,55 +97,78 @@ class NormAccumulator:
         self.models = list(models)
         self.labels = labels or {}
         self._values: Dict[Hashable, List[torch.Tensor]] = {m: [] for m in self.models}
+        self._keys: Dict[Hashable, List[Hashable]] = {m: [] for m in self.models}
         self._names: Dict[Hashable, List[str]] = {m: [] for m in self.models}
 
-    def add(self, model: Hashable, tensor_name: str, value: torch.Tensor) -> None:
+    def add(self, model: Hashable, key: Hashable, value: torch.Tensor, name: Optional[str] = None) -> None:
+        """Record ‖δ‖² of one tensor; `name` (default: the key) is what errors print."""
+        if model not in self._values:
+            self.models.append(model)
+            self._values[model], self._keys[model], self._names[model] = [], [], []
         self._values[model].append(value)
-        self._names[model].append(tensor_name)
+        self._keys[model].append(key)
+        self._names[model].append(str(key) if name is None else name)
 
-    def finish(self) -> Dict[Hashable, Dict[str, float]]:
-        """Per model, {tensor name: squared norm}; raises on NaN or Inf."""
+    def finish(self) -> Dict[Hashable, Dict[Hashable, float]]:
+        """Per model, {key: squared norm}; raises on NaN or Inf."""
         result = {}
         order = sorted(self.models, key=lambda m: m != BASE)  # blame the base first
         for model in order:
-            names = self._names[model]
-            if names:
+            keys = self._keys[model]
+            if keys:
                 values = torch.stack(self._values[model]).to("cpu", torch.float64)
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:
                     who = self.labels.get(model, f"model {model}")
+                    names = self._names[model]
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values (NaN or Inf) in tensor "
                         f"{names[bad[0]]!r} of {who}"
                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
                     )
-                result[model] = dict(zip(names, values.tolist()))
+                result[model] = dict(zip(keys, values.tolist()))
             else:
                 result[model] = {}
         return result
 
 
-def in_memory_norms(groups, sparsifier: Optional[Sparsifier] = None) -> Dict[Hashable, Dict[str, float]]:
-    """Squared norms over every group passed to one in-memory merge call."""
-    models: List[Hashable] = [BASE]
-    for group in groups:
-        for entry in group.non_base:
-            if entry.id not in models:
-                models.append(entry.id)
-    accumulator = NormAccumulator(models, {BASE: "the base model"})
+def storage_view(tensor: torch.Tensor) -> tuple:
+    """Identifies the memory a tensor reads: equal for tensors that share it (tied weights)."""
+    return (
+        tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+        tuple(tensor.stride()), tensor.dtype, tensor.device,
+    )
+
+
+def in_memory_norms(groups, sparsifier_of=None) -> Dict[Hashable, Dict[str, float]]:
+    """Squared norms over every group passed to one in-memory merge call.
+
+    A tensor pair (model's, base's) that shares its memory with a pair already counted
+    (tied ``lm_head`` / ``embed_tokens`` of ``nn.Module`` inputs) is the same task
+    vector and counts once. `sparsifier_of(group_index)` gives the sparsifier, if any.
+    """
+    accumulator = NormAccumulator([BASE], {BASE: "the base model"})
     scratch = thread_scratch()
+    seen = set()
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
             continue
         name = group.metadata.name or f"group {index}"
         base_tensor = base.tensor.detach()
-        accumulator.add(BASE, name, base_check(base_tensor, scratch))
+        base_view = storage_view(base_tensor)
+        if (BASE, base_view) not in seen:
+            seen.add((BASE, base_view))
+            accumulator.add(BASE, name, base_check(base_tensor, scratch))
+        sparsifier = sparsifier_of(index) if sparsifier_of else None
         for entry in group.non_base:
+            tensor = entry.tensor.detach()
+            pair = (entry.id, storage_view(tensor), base_view)
+            if pair in seen:
+                continue
+            seen.add(pair)
             accumulator.add(
-                entry.id,
-                name,
-                squared_delta(entry.tensor.detach(), base_tensor, sparsifier, entry.id, scratch),
+                entry.id, name, squared_delta(tensor, base_tensor, sparsifier, entry.id, scratch)
             )
     norms = accumulator.finish()
     del norms[BASE]

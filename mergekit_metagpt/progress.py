@@ -3,29 +3,23 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import tqdm
 
 
-def progress_enabled() -> bool:
-    """Off with mergekit's quiet option (``--quiet``, ``MergeOptions(quiet=True)``)
-    or ``MERGEKIT_METAGPT_PROGRESS=0``."""
+def progress_enabled(quiet: bool = False) -> bool:
+    """Off with mergekit's quiet option as the merge sees it (``--quiet``,
+    ``MergeOptions(quiet=True)``, handed in as `quiet`) or ``MERGEKIT_METAGPT_PROGRESS=0``."""
     if os.environ.get("MERGEKIT_METAGPT_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
         return False
-    from mergekit_metagpt.record import running_merge
-
-    running = running_merge()
-    if running is not None and getattr(running.options, "quiet", False):
-        return False
-    return "--quiet" not in sys.argv
+    return not quiet
 
 
 class _Bar:
-    def __init__(self, total: int, desc: str):
+    def __init__(self, total: int, desc: str, quiet: bool = False):
         self._gb = 0.0
         self._bar = tqdm.tqdm(
-            total=total, desc=desc, unit="tensor", disable=not progress_enabled()
+            total=total, desc=desc, unit="tensor", disable=not progress_enabled(quiet)
         )
 
     def update(self, tensors: int, nbytes: int = 0) -> None:
@@ -41,5 +35,5 @@ class _Bar:
         return False
 
 
-def progress_bar(total: int, desc: str) -> _Bar:
-    return _Bar(total, desc)
+def progress_bar(total: int, desc: str, quiet: bool = False) -> _Bar:
+    return _Bar(total, desc, quiet)

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import List, Tuple
-
 import yaml
 
 from mergekit_metagpt.errors import MetaGPTError
@@ -33,36 +31,44 @@ def load_recipe(path: str):
         raise MetaGPTError(f"recipe {path} is not a valid mergekit recipe: {' '.join(first[:3])}") from None
 
 
-def base_and_models(config, path: str = "recipe") -> Tuple[object, List[object]]:
-    if not str(config.merge_method).startswith("metagpt"):
-        raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method")
-    if config.base_model is None:
-        raise MetaGPTError(f"{path}: MetaGPT needs a base_model")
-    if not config.models:
-        raise MetaGPTError(f"{path}: only recipes with a top-level `models:` list are supported here")
-    models = [m.model for m in config.models if m.model != config.base_model]
-    if not models:
-        raise MetaGPTError(f"{path}: MetaGPT needs at least one model besides the base model")
-    return config.base_model, models
-
-
 STOCK = {"metagpt": "task_arithmetic", "metagpt_ties": "ties", "metagpt_dare": "dare_linear"}
 OURS_ONLY = ("granularity", "lambda_from")
 
 
-def check_bakeable(config, path: str = "recipe") -> None:
-    """Global, dense λ are one number per model: anything else cannot be baked."""
-    params = config.parameters or {}
-    if params.get("granularity", "global") != "global":
-        raise MetaGPTError(f"{path}: granularity {params['granularity']!r} gives a λ per tensor; "
-                           "only granularity: global has one coefficient per model")
-    if params.get("lambda_from", "dense") != "dense":
-        raise MetaGPTError(f"{path}: lambda_from: sparse depends on the sparsification masks; "
-                           "coefficients and bake support lambda_from: dense")
+def check_metagpt(config, path: str = "recipe") -> None:
+    if not str(config.merge_method).startswith("metagpt"):
+        raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method")
+    slice_bases = [s.base_model for s in (config.slices or [])]
+    if config.base_model is None and not (slice_bases and all(slice_bases)):
+        raise MetaGPTError(f"{path}: MetaGPT needs a base_model")
 
 
-def baked_recipe(path: str, coefficients) -> str:
+def check_bakeable_recipe(config, path: str = "recipe") -> None:
+    """Before planning (mergekit's planner rewrites the config): a `models:` recipe."""
+    if not config.models or config.slices or config.modules:
+        raise MetaGPTError(
+            f"{path}: bake writes one weight per model, from a `models:` recipe; a slices: or "
+            f"modules: recipe merges each model set with its own λ (see `coefficients`), "
+            f"which bake does not write"
+        )
+
+
+def check_bakeable(run, path: str = "recipe") -> None:
+    """One dense, global λ per model: anything else cannot be baked."""
+    for merge_set in run.sets.values():
+        params = [dict(t.parameters.items()) for t in merge_set.tasks]
+        if any(p.get("granularity", "global") != "global" for p in params):
+            raise MetaGPTError(f"{path}: granularity per_tensor gives a λ per tensor; "
+                               "only granularity: global has one coefficient per model")
+        if any(p.get("lambda_from", "dense") != "dense" for p in params):
+            raise MetaGPTError(f"{path}: lambda_from: sparse depends on the sparsification masks; "
+                               "bake supports lambda_from: dense")
+
+
+def baked_recipe(path: str, run, coefficients) -> str:
     """The recipe at `path` as a stock mergekit recipe with the λ filled in as weights."""
+    from mergekit.common import ModelReference
+
     from mergekit_metagpt import __version__
 
     with open(path, encoding="utf-8") as f:
@@ -72,19 +78,19 @@ def baked_recipe(path: str, coefficients) -> str:
     params = {k: v for k, v in (data.get("parameters") or {}).items() if k not in OURS_ONLY}
     params["normalize"] = False
     data["parameters"] = params
-    lambdas = {str(model): lam for model, lam in coefficients.lambdas.items()}
-    base = str(data.get("base_model"))
+    lambdas = coefficients.lambdas
+    base = ModelReference.model_validate(data.get("base_model"))
     for entry in data["models"]:
-        name = str(entry["model"])
-        if name == base:
+        model = ModelReference.model_validate(entry["model"])  # every form mergekit accepts
+        if model == base:
             continue
-        entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[name]}
+        entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
     header = [
         f"# Baked by mergekit-metagpt {__version__} from {os.path.basename(path)} ({method}).",
         "# The weights are MetaGPT coefficients, lambda_t = ||theta_t - theta_0||^2 / sum_k ||theta_k - theta_0||^2",
-        "# (Zhou et al., 2024, arXiv 2406.11385), computed over every tensor of each checkpoint:",
+        "# (Zhou et al., 2024, arXiv 2406.11385), computed over every tensor the merge reads:",
     ]
-    header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[str(model)]:.6f}"
+    header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[model]:.6f}"
                for model, norm in coefficients.squared_norms]
     header.append("# It runs on stock mergekit, without the plugin. Re-bake if any checkpoint changes.")
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)

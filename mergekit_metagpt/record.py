@@ -1,141 +1,173 @@
-"""The merge's own record: ``metagpt_coefficients.json`` in the output directory."""
+"""The merge's record (``metagpt_coefficients.json``) and the λ tables in the model card.
+
+One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
+
+    {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ..., "dtype": ...,
+     "norms": "...", "merges": [ one entry per merge set (per set of models merged) ]}
+
+Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
+``lambda`` (the overall scale), ``lambda_from`` and ``density`` (variants), and
+``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
+``{min, median, max}`` for ``granularity: per_tensor``). A merge writes the file once,
+when its pre-pass ends, replacing the record of any earlier run in that folder.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import os
-import sys
+import statistics
 import tempfile
-import threading
-from typing import NamedTuple, Optional
+from typing import Any, Dict, List, Optional
 
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
+RECORD_FORMAT = 2
+PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
 
-class RunningMerge(NamedTuple):
-    out_path: str
-    config: object
-    options: object
-    key: tuple
+def _uniform(values: List[Any]):
+    """One value if all agree, else the sorted distinct values."""
+    distinct = sorted(set(values), key=repr)
+    return distinct[0] if len(distinct) == 1 else distinct
 
 
-def running_merge() -> Optional[RunningMerge]:
-    """The ``run_merge`` call in progress (out_path, config, options), if any.
-
-    mergekit does not hand the output path to merge methods; ``run_merge`` sits on the
-    main thread's stack while the executor runs (on every executor, the multi-GPU one
-    included), so its arguments are read from there.
-    """
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    while frame is not None:
-        code = frame.f_code
-        if code.co_name == "run_merge" and frame.f_globals.get("__name__") == "mergekit.merge":
-            out_path = frame.f_locals.get("out_path")
-            if isinstance(out_path, str):
-                config = frame.f_locals.get("merge_config")
-                executor = frame.f_locals.get("exec")
-                return RunningMerge(
-                    out_path, config, frame.f_locals.get("options"),
-                    (out_path, id(config), id(executor)),
-                )
-        frame = frame.f_back
-    return None
+def _param(task, name, default=None):
+    return dict(task.parameters.items()).get(name, default)
 
 
-def record_payload(method: str, base, coefficients, dtype: Optional[str] = None) -> dict:
+def set_entry(set_norms) -> Dict[str, Any]:
+    merge_set = set_norms.merge_set
+    tasks = merge_set.tasks
+    coefficients = set_norms.coefficients
+    granularity = _uniform([_param(t, "granularity", "global") for t in tasks])
+    entry: Dict[str, Any] = {
+        "base_model": str(merge_set.base),
+        "tensors": len(tasks),
+        "granularity": granularity,
+        "lambda": _uniform([float(_param(t, "lambda", 1.0)) for t in tasks]),
+    }
+    if any("lambda_from" in dict(t.parameters.items()) for t in tasks):
+        entry["lambda_from"] = _uniform([_param(t, "lambda_from", "dense") for t in tasks])
+        entry["density"] = {
+            str(m): _uniform([
+                float(dict(t.input_parameters[m].items()).get("density", 1.0))
+                for t in tasks if m in t.input_parameters
+            ])
+            for m in merge_set.models
+        }
+    models = []
+    lambdas = coefficients.lambdas
+    for model, norm in coefficients.squared_norms:
+        row = {"model": str(model), "squared_norm": norm, "lambda": lambdas[model]}
+        if granularity == "per_tensor":
+            per_tensor = [set_norms.task_lambdas(i)[model] for i in range(len(tasks))]
+            row["lambda_per_tensor"] = {
+                "min": min(per_tensor), "median": statistics.median(per_tensor), "max": max(per_tensor),
+            }
+        models.append(row)
+    entry["models"] = models
+    return entry
+
+
+def record_payload(run) -> Dict[str, Any]:
     from mergekit_metagpt import __version__
 
-    lambdas = coefficients.lambdas
+    config = run.config
+    dtype = getattr(config, "dtype", None)
+    if dtype is None and run.sets:
+        first = next(iter(run.sets.values())).tasks[0]
+        dtype = getattr(first, "dtype", None) or getattr(first.gather_tensors, "dtype", None)
+    sparse = any(s.sparse for s in run.result.sets)
     return {
-        "merge_method": method,
-        "paper": "https://arxiv.org/abs/2406.11385",
-        "base_model": str(base),
-        "models": [
-            {"model": str(model), "squared_norm": norm, "lambda": lambdas[model]}
-            for model, norm in coefficients.squared_norms
-        ],
-        "dtype": dtype,
-        "norms_accumulated_in": "float32 per tensor, float64 overall",
+        "format": RECORD_FORMAT,
+        "merge_method": run.method_name,
+        "paper": PAPER_URL,
         "plugin_version": __version__,
+        "dtype": dtype,
+        "norms": (
+            "of the sparsified task vectors (lambda_from: sparse)" if sparse
+            else "of the dense task vectors"
+        ) + ", over the tensors each merge set reads; float32 per tensor, float64 overall",
+        "merges": [set_entry(s) for s in run.result.sets],
     }
 
 
-def write_record(method: str, base, coefficients, running) -> Optional[str]:
-    if running is None:
+def write_record(run) -> Optional[str]:
+    """Write (replace) the record in the run's output folder, if it has one."""
+    if not run.out_path or run.result is None:
         return None
-    out_path, config = running.out_path, running.config
-    payload = record_payload(method, base, coefficients, getattr(config, "dtype", None))
-    path = os.path.join(out_path, RECORD_NAME)
+    path = os.path.join(run.out_path, RECORD_NAME)
+    tmp = None
     try:
-        os.makedirs(out_path, exist_ok=True)
-        existing = []
-        if os.path.exists(path):  # several slices with other bases: keep each
-            with open(path, encoding="utf-8") as f:
-                previous = json.load(f)
-            existing = previous if isinstance(previous, list) else [previous]
-        data = payload if not existing else existing + [payload]
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=out_path)
+        os.makedirs(run.out_path, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run.out_path)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2)
+            json.dump(record_payload(run), f, indent=2)
         os.replace(tmp, path)
-    except (OSError, ValueError) as error:
+        tmp = None
+    except OSError as error:
         LOG.warning("MetaGPT: could not write %s: %s", path, error)
         return None
+    finally:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
     return path
 
 
-# -- the λ table in the model card ------------------------------------------------
-# mergekit writes README.md (the model card) after the last merge task, so no code of
-# the method runs after it. The table is appended when the process exits (the
-# mergekit-yaml case), and only to a card that mergekit wrote for this merge: newer
-# than the pre-pass and naming the method.
+# -- the λ tables in the model card -------------------------------------------------
 CARD_MARK = "## MetaGPT coefficients"
-_PENDING = {}
-_PENDING_LOCK = threading.Lock()
 
 
-def card_section(coefficients) -> str:
-    lambdas = coefficients.lambdas
+def card_section(run) -> str:
+    payload = record_payload(run)
+    sparse = "sparsified" in payload["norms"]
     lines = [
         "",
         CARD_MARK,
         "",
-        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖², norms over every tensor "
-        "([MetaGPT](https://arxiv.org/abs/2406.11385)):",
-        "",
-        "| model | ‖δ‖² | λ |",
-        "|---|---|---|",
+        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖², norms over every tensor that each set of "
+        "models merges ([MetaGPT](https://arxiv.org/abs/2406.11385))"
+        + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
+        + ":",
     ]
-    lines += [f"| {model} | {norm:.6e} | {lambdas[model]:.6f} |" for model, norm in coefficients.squared_norms]
+    merges = payload["merges"]
+    for number, entry in enumerate(merges, 1):
+        per_tensor = entry["granularity"] == "per_tensor"
+        lines.append("")
+        if len(merges) > 1:
+            lines += [f"### Model set {number} of {len(merges)}: base {entry['base_model']}, "
+                      f"{entry['tensors']} tensors", ""]
+        if per_tensor:
+            lines += ["| model | ‖δ‖² | λ (whole set) | λ per tensor: min / median / max |", "|---|---|---|---|"]
+        else:
+            lines += ["| model | ‖δ‖² | λ |", "|---|---|---|"]
+        for row in entry["models"]:
+            cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
+            if per_tensor:
+                spread = row["lambda_per_tensor"]
+                cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def schedule_card_update(out_path: str, pretty_name: str, coefficients) -> None:
-    import atexit
-    import time
-
-    with _PENDING_LOCK:
-        if not _PENDING:
-            atexit.register(update_cards)
-        _PENDING[out_path] = (pretty_name, coefficients, time.time())
-
-
-def update_cards() -> None:
-    with _PENDING_LOCK:
-        pending = dict(_PENDING)
-        _PENDING.clear()
-    for out_path, (pretty_name, coefficients, since) in pending.items():
-        card = os.path.join(out_path, "README.md")
-        try:
-            if not os.path.exists(card) or os.path.getmtime(card) < since:
-                continue
-            with open(card, encoding="utf-8") as f:
-                text = f.read()
-            if f"[{pretty_name}]" not in text or CARD_MARK in text:
-                continue
-            with open(card, "a", encoding="utf-8") as f:
-                f.write(card_section(coefficients))
-        except OSError as error:
-            LOG.warning("MetaGPT: could not add the coefficients to %s: %s", card, error)
+def add_card_sections(context) -> None:
+    """After run_merge: append each run's tables to the card mergekit just wrote."""
+    card = os.path.join(context.out_path, "README.md")
+    runs = [r for r in context.runs if r.result is not None]
+    if not runs or not getattr(context.options, "write_model_card", True) or not os.path.exists(card):
+        return
+    try:
+        with open(card, encoding="utf-8") as f:
+            text = f.read()
+        if CARD_MARK in text:
+            return
+        with open(card, "a", encoding="utf-8") as f:
+            for run in runs:
+                f.write(card_section(run))
+    except OSError as error:
+        LOG.warning("MetaGPT: could not add the coefficients to %s: %s", card, error)

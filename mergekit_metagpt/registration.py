@@ -19,7 +19,8 @@ def methods():
 
 
 def register_all() -> None:
-    """Register every method whose name mergekit does not know yet (safe to repeat)."""
+    """Register every method whose name mergekit does not know yet (safe to repeat),
+    and attach the plugin's wrappers to the mergekit modules already imported."""
     from mergekit.merge_methods import registry
 
     with _LOCK:
@@ -27,3 +28,16 @@ def register_all() -> None:
         for method in methods():
             if method.spec.name not in known:
                 registry.register(method)
+    from mergekit_metagpt import integration
+
+    integration.attach_loaded()
+
+
+def on_module_loaded(name: str) -> None:
+    """Called by the start-up hook when a watched mergekit module has been imported."""
+    if name == "mergekit.merge_methods":
+        register_all()
+    else:
+        from mergekit_metagpt import integration
+
+        integration.attach(name)

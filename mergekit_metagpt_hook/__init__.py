@@ -1,9 +1,13 @@
 """Start-up hook for mergekit-metagpt, run from a ``.pth`` line at interpreter start.
 
-It imports only ``sys`` and ``warnings`` (never torch, never mergekit). It installs a
-finder on ``sys.meta_path`` that waits for ``mergekit.merge_methods`` to be imported
-and then registers the MetaGPT merge methods, so stock ``mergekit-yaml`` finds
-``merge_method: metagpt`` without any extra import.
+It imports only ``sys`` (never torch, never mergekit). It installs a finder on
+``sys.meta_path`` that waits for a few mergekit modules to finish importing:
+
+- ``mergekit.merge_methods``: register the MetaGPT merge methods, so stock
+  ``mergekit-yaml`` finds ``merge_method: metagpt`` without any extra import;
+- ``mergekit.merge``, ``mergekit.graph``, ``mergekit.merge_methods.task_adapter``:
+  install the plugin's thin wrappers (see ``mergekit_metagpt.integration``), which
+  tell the method which merge plan and output folder a tensor belongs to.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.
@@ -12,16 +16,22 @@ hook (two installs), or a failing registration only ever produces a warning.
 import sys
 
 TARGET = "mergekit.merge_methods"
+WATCHED = (
+    "mergekit.merge_methods",
+    "mergekit.merge",
+    "mergekit.graph",
+    "mergekit.merge_methods.task_adapter",
+)
 _MARK = "_mergekit_metagpt_hook_installed"
 
 
-class _RegisterAfterImport:
-    """A meta-path finder that only acts on ``mergekit.merge_methods``."""
+class _AfterImport:
+    """A meta-path finder that only acts on the WATCHED module names."""
 
     is_mergekit_metagpt_hook = True
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != TARGET:
+        if fullname not in WATCHED:
             return None
         spec = None
         for finder in sys.meta_path:
@@ -43,7 +53,7 @@ class _RegisterAfterImport:
 
         def exec_module(module):
             original(module)
-            _register()
+            _loaded(fullname)
 
         try:
             loader.exec_module = exec_module
@@ -52,19 +62,28 @@ class _RegisterAfterImport:
         return spec
 
 
-def _register():
-    try:
-        from mergekit_metagpt.registration import register_all
+# Kept for code that looks the finder up by its old name.
+_RegisterAfterImport = _AfterImport
 
-        register_all()
+
+def _loaded(name):
+    try:
+        from mergekit_metagpt.registration import on_module_loaded
+
+        on_module_loaded(name)
     except Exception as error:  # never break the import of mergekit itself
         import warnings
 
+        what = "register the metagpt merge methods" if name == TARGET else f"attach to {name}"
         warnings.warn(
-            f"mergekit-metagpt: could not register the metagpt merge methods: {error!r}",
+            f"mergekit-metagpt: could not {what}: {error!r}",
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+def _register():
+    _loaded(TARGET)
 
 
 def install():
@@ -72,7 +91,6 @@ def install():
     if getattr(sys, _MARK, False):
         return
     setattr(sys, _MARK, True)
+    sys.meta_path.insert(0, _AfterImport())
     if TARGET in sys.modules:
         _register()
-        return
-    sys.meta_path.insert(0, _RegisterAfterImport())

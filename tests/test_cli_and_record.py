@@ -27,7 +27,8 @@ def test_coefficients_table_and_json(llama_family, tmp_path, capsys):
         assert f"{lam:.6f}" in next(l for l in table.splitlines() if paths[model] in l)
     assert main(["coefficients", config, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    got = {m["model"]: m["lambda"] for m in data["models"]}
+    (merge,) = data["merges"]
+    got = {m["model"]: m["lambda"] for m in merge["models"]}
     for model, lam in zip(MODELS, lams):
         assert abs(got[paths[model]] - lam) < 1e-7
 
@@ -59,8 +60,8 @@ def test_bake_gives_a_stock_recipe_with_the_same_merge(method, stock, params, ll
     ("merge_method: [unclosed", "not valid YAML"),
     ("merge_method: metagpt\nmodels:\n  - model: x\n", "needs a base_model"),
     ("merge_method: linear\nbase_model: b\nmodels:\n  - model: x\n", "not a metagpt method"),
-    ("merge_method: metagpt\nbase_model: b\nparameters: {granularity: per_tensor}\nmodels:\n  - model: x\n",
-     "granularity"),
+    ("merge_method: metagpt\nbase_model: ./no-such-base\nmodels:\n  - model: ./no-such-model\n",
+     "model ./no-such-base: no such folder"),
 ])
 def test_cli_errors_are_one_line(content, message, tmp_path):
     path = str(tmp_path / "r.yml")
@@ -85,7 +86,8 @@ def test_output_holds_coefficients_record_and_card(llama_family, merge_options, 
         record = json.load(f)
     assert record["merge_method"] == "metagpt" and record["dtype"] == "float32"
     assert record["plugin_version"]
-    for entry, model, lam in zip(record["models"], MODELS, lams):
+    (merge,) = record["merges"]
+    for entry, model, lam in zip(merge["models"], MODELS, lams):
         assert entry["model"] == paths[model] and abs(entry["lambda"] - lam) < 1e-7
     card = open(os.path.join(out, "README.md")).read()
     assert "[MetaGPT](https://arxiv.org/abs/2406.11385)" in card

@@ -1,0 +1,207 @@
+"""Three thin wrappers around mergekit entry points, installed by the start-up hook.
+
+MetaGPT's λ are global: a merge method that sees one tensor at a time must know the
+whole merge plan. mergekit hands a method neither the plan nor the output folder, so
+the plugin wraps, without changing what they do:
+
+- ``mergekit.graph.TaskUniverse.__init__``: every graph merge (``mergekit-yaml``,
+  ``run_merge``, ``mergekit-multi``, ``mergekit-pytorch``, ``--multi-gpu``) builds one
+  task universe from its plan, in the thread that starts the merge. The wrapper
+  records the plan's MetaGPT tasks (``merge_plan.register_universe``).
+- ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
+  context variable naming the task being executed, in whichever thread runs it, so
+  the method can find its plan.
+- ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read,
+  makes the output folder and options known to the plan (record, progress bar), and
+  adds the λ tables to the model card mergekit has just written.
+
+Where mergekit has changed shape (a class or attribute missing), the wrapper is not
+installed and a warning says so; a MetaGPT graph merge then stops with a clear error
+instead of guessing its λ. Nothing here reads mergekit's call stack.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+LOG = logging.getLogger("mergekit_metagpt")
+
+#: The ExecuteMergeMethodTask whose execute() is running in this thread.
+CURRENT_TASK: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar(
+    "mergekit_metagpt_current_task", default=None
+)
+
+
+@dataclass
+class RunContext:
+    """A ``run_merge`` call in progress: what the plan cannot tell."""
+
+    out_path: str
+    config: object
+    options: object
+    runs: List[object] = field(default_factory=list)  # merge_plan.MergeRun objects
+
+
+#: The run_merge call in progress in this thread (None outside run_merge).
+RUN_CONTEXT: contextvars.ContextVar[Optional[RunContext]] = contextvars.ContextVar(
+    "mergekit_metagpt_run_context", default=None
+)
+
+_LOCK = threading.Lock()
+_ATTACHED: Dict[str, bool] = {}
+#: Why a wrapper could not be installed, by module name (empty when all is well).
+PROBLEMS: Dict[str, str] = {}
+
+
+def _is_ours(method_name) -> bool:
+    from mergekit_metagpt.method import VARIANTS
+
+    return isinstance(method_name, str) and method_name in VARIANTS
+
+
+# -- the wrappers ------------------------------------------------------------------
+def _attach_graph(module) -> None:
+    universe = module.TaskUniverse
+    original = universe.__init__
+    if getattr(original, "_mergekit_metagpt_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        from mergekit_metagpt import merge_plan
+
+        merge_plan.register_universe(self, RUN_CONTEXT.get())
+
+    __init__._mergekit_metagpt_wrapper = True
+    universe.__init__ = __init__
+
+
+def _attach_task_adapter(module) -> None:
+    task_cls = module.ExecuteMergeMethodTask
+    original = task_cls.execute
+    if getattr(original, "_mergekit_metagpt_wrapper", False):
+        return
+
+    @functools.wraps(original)
+    def execute(self, *args, **kwargs):
+        if not _is_ours(getattr(self, "method_name", None)):
+            return original(self, *args, **kwargs)
+        token = CURRENT_TASK.set(self)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            CURRENT_TASK.reset(token)
+
+    execute._mergekit_metagpt_wrapper = True
+    task_cls.execute = execute
+
+
+def _attach_merge(module) -> None:
+    original = module.run_merge
+    if getattr(original, "_mergekit_metagpt_wrapper", False):
+        return
+    signature = inspect.signature(original)
+    for name in ("merge_config", "out_path", "options"):
+        if name not in signature.parameters:
+            raise AttributeError(f"run_merge has no parameter {name!r}")
+
+    @functools.wraps(original)
+    def run_merge(*args, **kwargs):
+        bound = signature.bind_partial(*args, **kwargs)
+        config = bound.arguments.get("merge_config")
+        if not _is_ours(getattr(config, "merge_method", None)):
+            return original(*args, **kwargs)
+        from mergekit_metagpt.recipe_checks import check_config
+        from mergekit_metagpt.record import add_card_sections
+
+        check_config(config)
+        context = RunContext(
+            out_path=bound.arguments.get("out_path"),
+            config=config,
+            options=bound.arguments.get("options"),
+        )
+        token = RUN_CONTEXT.set(context)
+        try:
+            result = original(*args, **kwargs)
+        finally:
+            RUN_CONTEXT.reset(token)
+        add_card_sections(context)
+        return result
+
+    run_merge._mergekit_metagpt_wrapper = True
+    module.run_merge = run_merge
+
+
+_ATTACHERS = {
+    "mergekit.graph": _attach_graph,
+    "mergekit.merge_methods.task_adapter": _attach_task_adapter,
+    "mergekit.merge": _attach_merge,
+}
+#: Without these two, a graph merge cannot know its plan (the method refuses to guess).
+REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
+
+
+def attach(name: str, final: bool = True) -> None:
+    """Install the wrapper for module `name` if it is imported (idempotent).
+
+    `final` is true when the module has finished importing; a missing attribute then
+    means mergekit changed shape, which is reported once as a warning.
+    """
+    attacher = _ATTACHERS.get(name)
+    module = sys.modules.get(name)
+    if attacher is None or module is None:
+        return
+    with _LOCK:
+        if _ATTACHED.get(name):
+            return
+        try:
+            attacher(module)
+        except AttributeError as error:
+            if not final:
+                return  # still being imported: the start-up hook attaches it later
+            PROBLEMS[name] = f"{type(error).__name__}: {error}"
+            warnings.warn(
+                f"mergekit-metagpt: cannot attach to {name} ({error}); this mergekit "
+                f"version differs from the one the plugin supports (0.1.x). Graph merges "
+                f"with metagpt will refuse to run rather than guess their coefficients.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return
+        _ATTACHED[name] = True
+        PROBLEMS.pop(name, None)
+
+
+def attach_loaded() -> None:
+    """Attach to every watched module already imported, and make sure the start-up
+    hook's finder is installed for the others (e.g. under ``python -S``)."""
+    try:
+        import mergekit_metagpt_hook
+
+        mergekit_metagpt_hook.install()
+    except Exception:  # pragma: no cover - the hook module ships with the package
+        pass
+    for name in _ATTACHERS:
+        attach(name, final=False)
+
+
+def attached(name: str) -> bool:
+    return bool(_ATTACHED.get(name))
+
+
+def missing_for_graph_merges() -> List[str]:
+    """Wrappers a graph merge needs that are not installed, with the reason."""
+    out = []
+    for name in REQUIRED_FOR_GRAPH_MERGES:
+        if not attached(name):
+            out.append(f"{name} ({PROBLEMS.get(name, 'not attached')})")
+    return out

@@ -1,0 +1,143 @@
+"""The MetaGPT part of a mergekit merge plan: which tensors each set of models merges.
+
+mergekit's planner makes one ``ExecuteMergeMethodTask`` per output tensor. Its input
+task (``GatherTensors``, ``PermutedVocabulary``, ``TensorDictWrapper`` …) already
+resolves slices, layer offsets, aliases, tied names and dtypes. A *merge set* is the
+set of models merged together (a base and its fine-tunes; one per distinct slice
+model set); its λ come from exactly the output tensors that set produces, read
+through those input tasks. A ``MergeRun`` is one merge: its sets, the norms once
+computed, and where its record goes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, Hashable, List, Optional, Tuple
+
+from mergekit_metagpt.errors import MetaGPTError
+
+LOG = logging.getLogger("mergekit_metagpt")
+
+
+@dataclass
+class MergeSet:
+    """One base and the models merged with it, and the tasks (output tensors) they make."""
+
+    base: Hashable
+    models: Tuple[Hashable, ...]
+    tasks: List[object] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"base {self.base}, models {', '.join(str(m) for m in self.models)}"
+
+
+class MergeRun:
+    """The MetaGPT tasks of one merge plan, grouped into merge sets."""
+
+    def __init__(self, method_name: str, tasks, context=None, out_path: Optional[str] = None):
+        self.method_name = method_name
+        self.context = context
+        self.out_path = getattr(context, "out_path", None) or out_path
+        self.sets: Dict[tuple, MergeSet] = {}
+        self._set_of: Dict[int, MergeSet] = {}
+        self._index_of: Dict[int, int] = {}
+        for task in tasks:
+            merge_set = self.sets.setdefault(set_key(task), MergeSet(task.base_model, _non_base(task)))
+            self._set_of[id(task)] = merge_set
+            self._index_of[id(task)] = len(merge_set.tasks)
+            merge_set.tasks.append(task)
+        self.lock = threading.Lock()
+        self.result = None  # prepass.RunNorms, once computed
+
+    @property
+    def options(self):
+        return getattr(self.context, "options", None)
+
+    @property
+    def config(self):
+        return getattr(self.context, "config", None)
+
+    def set_of(self, task) -> MergeSet:
+        return self._set_of[id(task)]
+
+    def index_in_set(self, task) -> int:
+        return self._index_of[id(task)]
+
+    def check(self) -> None:
+        """Refuse a plan in which no set merges any model besides its base."""
+        if self.sets and not any(s.models for s in self.sets.values()):
+            bases = sorted({str(s.base) for s in self.sets.values()})
+            raise MetaGPTError(
+                f"MetaGPT needs at least one model besides the base model {', '.join(bases)}"
+            )
+
+
+def _non_base(task) -> Tuple[Hashable, ...]:
+    return tuple(m for m in task.model_order if m != task.base_model)
+
+
+def set_key(task) -> tuple:
+    return (task.method_name, task.base_model, frozenset(_non_base(task)))
+
+
+# -- which run a task belongs to ------------------------------------------------------
+# Keyed by the task object's identity: two concurrent merges may hold equal tasks.
+# Entries go when the task object is collected (the merge is over).
+_REGISTRY: Dict[int, Tuple[weakref.ref, MergeRun]] = {}
+_REGISTRY_LOCK = threading.Lock()
+
+
+def _forget(task_id: int, ref: weakref.ref) -> None:
+    with _REGISTRY_LOCK:
+        entry = _REGISTRY.get(task_id)
+        if entry is not None and entry[0] is ref:
+            del _REGISTRY[task_id]
+
+
+def ours(tasks) -> List[object]:
+    """The MetaGPT ExecuteMergeMethodTask objects among `tasks`."""
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    from mergekit_metagpt.method import VARIANTS
+
+    return [
+        t for t in tasks
+        if isinstance(t, ExecuteMergeMethodTask) and getattr(t, "method_name", None) in VARIANTS
+    ]
+
+
+def register_universe(universe, context=None) -> Optional[MergeRun]:
+    """Record the MetaGPT tasks of a task universe (one graph merge) as one MergeRun."""
+    tasks = getattr(universe, "tasks", None) or []
+    mine = ours(tasks)
+    if not mine:
+        return None
+    out_path = None
+    if context is None:  # e.g. mergekit-pytorch: the writer task knows the folder
+        from mergekit.io.tasks import TensorWriterTask
+
+        out_path = next((t.out_path for t in tasks if isinstance(t, TensorWriterTask)), None)
+    run = MergeRun(mine[0].method_name, mine, context, out_path)
+    run.check()
+    if context is not None:
+        context.runs.append(run)
+    with _REGISTRY_LOCK:
+        for task in mine:
+            task_id = id(task)
+            ref = weakref.ref(task, lambda r, i=task_id: _forget(i, r))
+            _REGISTRY[task_id] = (ref, run)
+    return run
+
+
+def run_for_task(task) -> Optional[MergeRun]:
+    if task is None:
+        return None
+    with _REGISTRY_LOCK:
+        entry = _REGISTRY.get(id(task))
+    if entry is None or entry[0]() is not task:
+        return None
+    return entry[1]

@@ -1,0 +1,71 @@
+"""Plan a recipe with mergekit's own planner, without merging (for the CLI).
+
+The same steps as a ``mergekit-yaml`` run up to the executor: the plugin's recipe
+checks, mergekit's architecture lookup, loader set-up and ``MergePlanner``, which
+resolves and validates every parameter. The MetaGPT tasks of the plan make the
+``MergeRun`` whose norms ``coefficients`` and ``bake`` report.
+"""
+
+from __future__ import annotations
+
+from mergekit_metagpt.errors import MetaGPTError
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return f"{type(error).__name__}: {text}" if not isinstance(error, MetaGPTError) else text
+
+
+def _check_models_load(config, options) -> None:
+    """Each referenced model's config loads, or one line naming that model."""
+    import os
+
+    for model in config.referenced_models():
+        path = model.model.path
+        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+        if looks_local and not os.path.exists(os.path.expanduser(path)):
+            raise MetaGPTError(f"model {model}: no such folder")
+        try:
+            model.config(trust_remote_code=options.trust_remote_code)
+        except Exception as error:  # hub errors, bad configs: name the model
+            hint = "" if os.path.exists(path) or os.environ.get("HF_HUB_OFFLINE") else (
+                " (set HF_HUB_OFFLINE=1 to fail at once without network)"
+            )
+            raise MetaGPTError(f"cannot load model {model}: {_one_line(error)}{hint}") from None
+
+
+def plan_recipe(config, options):
+    """The MergeRun of a MetaGPT recipe (a validated MergeConfiguration)."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.plan import MergePlanner
+
+    import mergekit_metagpt  # noqa: F401  (registers the methods)
+    from mergekit_metagpt import merge_plan
+    from mergekit_metagpt.integration import RunContext
+    from mergekit_metagpt.recipe_checks import check_config
+
+    check_config(config)
+    _check_models_load(config, options)
+    try:
+        from mergekit.merge import _model_out_config
+    except ImportError as error:  # pragma: no cover - mergekit changed shape
+        raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options=options)
+    for model in config.referenced_models():
+        try:
+            LoaderCache().get(model)
+        except Exception as error:
+            raise MetaGPTError(f"cannot load model {model}: {_one_line(error)}") from None
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    # plan_to_disk only builds tasks (nothing is written until they execute);
+    # mergekit 0.1.5's plan_in_memory cannot wrap its own merge tasks.
+    tasks = [getattr(t, "tensor_task", None) for t in planner.plan_to_disk(out_path="unused")]
+    mine = merge_plan.ours(tasks)
+    run = merge_plan.MergeRun(
+        config.merge_method, mine, RunContext(out_path=None, config=config, options=options)
+    )
+    run.check()
+    return run
