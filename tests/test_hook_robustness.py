@@ -7,7 +7,6 @@ import sys
 import sysconfig
 import textwrap
 
-import pytest
 
 import mergekit_metagpt_hook
 
@@ -31,27 +30,84 @@ def test_pth_file_is_installed_and_active():
     assert result.stdout.strip() == "True", result.stderr
 
 
+def hook_only_site(root):
+    """A site directory holding only this plugin's start-up hook and its .pth line."""
+    site_dir = root / "hook-site"
+    site_dir.mkdir()
+    source = os.path.dirname(mergekit_metagpt_hook.__file__)
+    shutil.copytree(source, site_dir / "mergekit_metagpt_hook",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(os.path.join(source, "mergekit_metagpt.pth"), site_dir / "mergekit_metagpt.pth")
+    return str(site_dir)
+
+
+def run_isolated(code, site_dir, *extra_paths):
+    """``python -I -S``: no site-packages (so no mergekit, no torch, no mergekit_metagpt),
+    no PYTHONPATH, no current directory; then only `extra_paths` and `site_dir` (whose
+    .pth line starts the hook, as at interpreter start)."""
+    prelude = f"""
+        import site, sys
+        sys.path[:0] = {list(extra_paths)!r}
+        site.addsitedir({site_dir!r})
+        assert getattr(sys, "_mergekit_metagpt_hook_installed", False), "hook not installed"
+        hooks = [f for f in sys.meta_path if getattr(f, "is_mergekit_metagpt_hook", False)]
+        assert len(hooks) == 1, hooks
+        started = sorted(m for m in sys.modules if m.split(".")[0] in ("mergekit", "torch", "mergekit_metagpt"))
+        assert not started, started
+    """
+    return run_python(textwrap.dedent(prelude) + textwrap.dedent(code), "-I", "-S")
+
+
 def test_python_runs_when_mergekit_is_absent(tmp_path):
-    # sitecustomize runs after the .pth lines: hide mergekit from every import
-    (tmp_path / "sitecustomize.py").write_text(textwrap.dedent("""
-        import sys
-        class Hide:
-            def find_spec(self, name, path=None, target=None):
-                if name == "mergekit" or name.startswith("mergekit."):
-                    raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-        sys.meta_path.insert(0, Hide())
-    """))
-    result = run_python("""
-        import json, sys
-        try:
-            import mergekit.merge_methods
-        except ModuleNotFoundError as error:
-            print("absent:", error.name)
-        print("ok", "torch" in sys.modules)
-    """, pythonpath=[str(tmp_path)])
+    # The hook really starts in an interpreter that has no mergekit at all (nor torch,
+    # nor the plugin's own package): the .pth line runs, then every watched import
+    # fails with mergekit's own ModuleNotFoundError, and Python keeps going, silently.
+    result = run_isolated("""
+        for name in ("mergekit.merge_methods", "mergekit.merge", "mergekit.graph",
+                     "mergekit.merge_methods.task_adapter", "mergekit"):
+            try:
+                __import__(name)
+            except ModuleNotFoundError as error:
+                print("absent:", name, error.name)
+        print("ok", "torch" in sys.modules, "mergekit_metagpt" in sys.modules)
+    """, hook_only_site(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "absent: mergekit" in result.stdout and "ok False" in result.stdout
     assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[:-1] == [
+        f"absent: {name} mergekit" for name in (
+            "mergekit.merge_methods", "mergekit.merge", "mergekit.graph",
+            "mergekit.merge_methods.task_adapter", "mergekit")
+    ]
+    assert lines[-1] == "ok False False"
+
+
+def test_python_runs_when_mergekit_lacks_the_watched_modules(tmp_path):
+    # A ``mergekit`` that imports but has none of the watched submodules (another
+    # package of that name, a stripped install): the hook's finder is asked for each
+    # watched name, finds nothing, and the import fails as it would without the hook.
+    fake = tmp_path / "fake"
+    (fake / "mergekit").mkdir(parents=True)
+    (fake / "mergekit" / "__init__.py").write_text("")
+    result = run_isolated("""
+        import mergekit
+        for name in ("mergekit.merge_methods", "mergekit.merge", "mergekit.graph",
+                     "mergekit.merge_methods.task_adapter"):
+            try:
+                __import__(name)
+            except ModuleNotFoundError as error:
+                print("absent:", name, error.name)
+        print("ok", "torch" in sys.modules, "mergekit_metagpt" in sys.modules)
+    """, hook_only_site(tmp_path), str(fake))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert result.stdout.splitlines() == [
+        "absent: mergekit.merge_methods mergekit.merge_methods",
+        "absent: mergekit.merge mergekit.merge",
+        "absent: mergekit.graph mergekit.graph",
+        "absent: mergekit.merge_methods.task_adapter mergekit.merge_methods",
+        "ok False False",
+    ]
 
 
 def fake_mergekit(root, merge_methods_source: str) -> str:

@@ -1,0 +1,261 @@
+"""The plugin's wrappers around mergekit (``mergekit_metagpt.integration``).
+
+- mergekit "changed shape": the wrapper is not installed, importing only warns, and a
+  MetaGPT graph merge refuses to run with an error naming the missing wrapper;
+- the wrappers are installed once, however often the plugin is imported or installed;
+- ``python -S`` (no start-up hook) plus ``import mergekit_metagpt`` still attaches them.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from checkpoints import closed_form, load_checkpoint
+from merging import recipe
+
+import mergekit
+
+MERGEKIT_DIR = os.path.dirname(mergekit.__file__)
+TESTS_DIR = os.path.dirname(__file__)
+MODELS = ["model0", "model1", "model2"]
+
+# The three wrapped functions (module: attribute path). wrap_depths() (source run in the
+# subprocesses) counts the plugin's wrappers stacked on each: 1 means wrapped once.
+WRAPPED = {
+    "mergekit.graph": "TaskUniverse.__init__",
+    "mergekit.merge_methods.task_adapter": "ExecuteMergeMethodTask.execute",
+    "mergekit.merge": "run_merge",
+}
+WRAP_DEPTHS = """
+import importlib
+
+def wrap_depths():
+    out = {}
+    for module_name, path in WRAPPED.items():
+        obj = importlib.import_module(module_name)
+        for part in path.split("."):
+            obj = getattr(obj, part)
+        depth = 0
+        while getattr(obj, "_mergekit_metagpt_wrapper", False):
+            depth += 1
+            obj = obj.__wrapped__
+        out[module_name] = depth
+    return out
+"""
+
+
+def run_python(code, *flags, pythonpath=None, timeout=300):
+    env = dict(os.environ)
+    env["MERGEKIT_METAGPT_PROGRESS"] = "0"
+    paths = [TESTS_DIR] + list(pythonpath or [])
+    if os.environ.get("PYTHONPATH"):
+        paths.append(os.environ["PYTHONPATH"])
+    if "-S" in flags:  # no site: hand over the whole sys.path
+        paths += [p for p in sys.path if p]
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    prelude = f"WRAPPED = {WRAPPED!r}\n" + WRAP_DEPTHS
+    return subprocess.run(
+        [sys.executable, *flags, "-c", prelude + textwrap.dedent(code)],
+        capture_output=True, text=True, env=env, timeout=timeout,
+    )
+
+
+def merge_code(paths, out):
+    """Source that runs a stock run_merge of a MetaGPT recipe into `out`."""
+    config = recipe(paths, MODELS)
+    return f"""
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+        run_merge(
+            MergeConfiguration.model_validate({config!r}), {out!r},
+            options=MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=True),
+        )
+    """
+
+
+def assert_merged(out, sds):
+    _, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    merged = load_checkpoint(out)
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
+
+
+# -- mergekit changed shape ---------------------------------------------------------
+def reshaped_mergekit(root) -> str:
+    """A ``mergekit`` that is the installed one, except that ``mergekit.graph`` calls its
+    ``TaskUniverse`` by another name (a stand-in for a future mergekit's refactoring)."""
+    package = root / "mergekit"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(textwrap.dedent(f"""
+        # this folder first (its graph.py wins), then the installed mergekit's modules
+        __path__.append({MERGEKIT_DIR!r})
+        exec(compile(open({os.path.join(MERGEKIT_DIR, "__init__.py")!r}).read(), __file__, "exec"))
+    """))
+    for name in ("graph.py", "multigpu_executor.py"):  # the modules that use the name
+        (package / name).write_text(textwrap.dedent(f"""
+            _source = open({os.path.join(MERGEKIT_DIR, name)!r}).read()
+            exec(compile(_source.replace("TaskUniverse", "TaskCollection"), __file__, "exec"))
+        """))
+    return str(root)
+
+
+def test_changed_mergekit_only_warns_and_graph_merge_refuses_to_guess(llama_family, tmp_path):
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    fake = reshaped_mergekit(tmp_path / "fake")
+    result = run_python(f"""
+        import sys
+        import mergekit.graph
+        assert mergekit.graph.__file__.startswith({fake!r}), mergekit.graph.__file__
+        assert not hasattr(mergekit.graph, "TaskUniverse")
+        print("imported", file=sys.stderr, flush=True)
+        from mergekit_metagpt import integration
+        from mergekit_metagpt.errors import MetaGPTError
+        try:
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 12)}
+        except MetaGPTError as error:
+            print("refused:", error)
+        else:
+            print("merged")
+        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
+    """, pythonpath=[fake])
+    assert result.returncode == 0, result.stderr
+    warnings_before_merge = result.stderr.split("imported")[0]
+    assert "RuntimeWarning: mergekit-metagpt: cannot attach to mergekit.graph" in warnings_before_merge
+    assert "TaskUniverse" in warnings_before_merge
+    assert "Traceback" not in result.stderr
+    refused, attached = result.stdout.splitlines()
+    assert refused.startswith("refused: MetaGPT: cannot find the merge plan of tensor"), refused
+    assert "could not attach to mergekit.graph (AttributeError: mergekit.graph has no " \
+           "attribute 'TaskUniverse')" in refused
+    assert attached == "attached ['mergekit.merge', 'mergekit.merge_methods.task_adapter']"
+    assert not os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+
+
+def test_graph_merge_without_the_execute_wrapper_names_it(llama_family, tmp_path, monkeypatch):
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    from mergekit_metagpt import integration
+    from mergekit_metagpt.errors import MetaGPTError
+
+    name = "mergekit.merge_methods.task_adapter"
+    wrapper = ExecuteMergeMethodTask.execute
+    assert wrapper._mergekit_metagpt_wrapper
+    monkeypatch.setattr(ExecuteMergeMethodTask, "execute", wrapper.__wrapped__)
+    monkeypatch.delitem(integration._ATTACHED, name)
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    namespace = {}
+    with pytest.raises(MetaGPTError, match=r"could not attach to mergekit\.merge_methods\.task_adapter \(not attached\)"):
+        exec(textwrap.dedent(merge_code(paths, out)), namespace)
+
+
+def test_merge_task_outside_any_planned_merge_is_refused():
+    # an ExecuteMergeMethodTask that no TaskUniverse registered (all wrappers in place)
+    import mergekit_metagpt  # noqa: F401
+    import torch
+    from mergekit.architecture import WeightInfo
+    from mergekit.common import ImmutableMap, ModelReference
+    from mergekit.io.tasks import GatherTensors
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    from mergekit_metagpt import integration
+    from mergekit_metagpt.errors import MetaGPTError
+
+    assert integration.missing_for_graph_merges() == []
+    base, other = (ModelReference.model_validate(n) for n in ("base", "other"))
+    weight = WeightInfo(name="w")
+    task = ExecuteMergeMethodTask(
+        method_name="metagpt",
+        gather_tensors=GatherTensors(weight_info=ImmutableMap({base: weight, other: weight})),
+        model_order=(base, other),
+        base_model=base,
+        output_weight=weight,
+        parameters=ImmutableMap({"lambda": 1.0, "granularity": "global"}),
+        input_parameters=ImmutableMap({base: ImmutableMap({}), other: ImmutableMap({})}),
+    )
+    with pytest.raises(MetaGPTError, match="not planned by a mergekit entry point the plugin knows"):
+        task.execute(tensors={base: torch.zeros(3), other: torch.ones(3)})
+
+
+# -- each function wrapped once -------------------------------------------------------
+def test_wrappers_are_installed_once_however_often_the_plugin_loads(llama_family, tmp_path):
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    hook_dir = os.path.dirname(__import__("mergekit_metagpt_hook").__file__)
+    result = run_python(f"""
+        import importlib, importlib.util, sys, warnings
+        warnings.simplefilter("error", RuntimeWarning)   # the plugin's warnings
+
+        # a second copy of the hook, under another module name, installed as well
+        spec = importlib.util.spec_from_file_location("second_hook", {hook_dir + "/__init__.py"!r})
+        second = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(second)
+        del sys._mergekit_metagpt_hook_installed
+        second.install()
+        hooks = [f for f in sys.meta_path if getattr(f, "is_mergekit_metagpt_hook", False)]
+        assert "mergekit" not in sys.modules
+        import mergekit.merge                      # both hooks see the watched imports
+        print("two hooks", len(hooks), wrap_depths())
+
+        # importing the plugin again, and again after a reload of each of its modules
+        import mergekit_metagpt
+        mergekit_metagpt.register_all()
+        for name in ("mergekit_metagpt.integration", "mergekit_metagpt.registration", "mergekit_metagpt"):
+            importlib.reload(sys.modules[name])
+        print("reloaded", wrap_depths())
+
+        # the plugin's modules imported afresh (new module objects)
+        for name in [n for n in sys.modules if n.startswith("mergekit_metagpt") and n != "mergekit_metagpt_hook"]:
+            del sys.modules[name]
+        import mergekit_metagpt
+        print("reimported", wrap_depths())
+
+        # and one merge: one plan registered, one card section
+        from mergekit_metagpt import merge_plan, record
+        calls = {{"plan": 0, "card": 0}}
+        def counting(module, attr, key):
+            original = getattr(module, attr)
+            def counted(*args, **kwargs):
+                calls[key] += 1
+                return original(*args, **kwargs)
+            setattr(module, attr, counted)
+        counting(merge_plan, "register_universe", "plan")
+        counting(record, "add_card_sections", "card")
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
+        print("calls", calls["plan"], calls["card"])
+    """)
+    assert result.returncode == 0, result.stderr
+    once = {name: 1 for name in WRAPPED}
+    lines = result.stdout.splitlines()
+    assert lines == [
+        f"two hooks 2 {once}", f"reloaded {once}", f"reimported {once}", "calls 1 1",
+    ], result.stderr
+    assert_merged(out, sds)
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert card.count("## MetaGPT coefficients") == 1
+
+
+# -- python -S ----------------------------------------------------------------------
+def test_python_dash_S_then_import_attaches_and_run_merge_works(llama_family, tmp_path):
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    once = {name: 1 for name in WRAPPED}
+    result = run_python(f"""
+        import sys
+        assert not hasattr(sys, "_mergekit_metagpt_hook_installed"), "the .pth line ran under -S"
+        import mergekit_metagpt
+        from mergekit_metagpt import integration
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
+        print(wrap_depths() == {once!r}, integration.missing_for_graph_merges(), integration.PROBLEMS)
+    """, "-S")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["True [] {}"], result.stdout + result.stderr
+    assert_merged(out, sds)
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert card.count("## MetaGPT coefficients") == 1  # written by the run_merge wrapper
+    assert os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
