@@ -9,19 +9,15 @@ import torch
 import mergekit_metagpt  # noqa: F401
 from checkpoints import closed_form, perturbed, random_state_dict, save_checkpoint
 from merging import recipe, run_recipe
-from mergekit.common import ModelReference
 from mergekit_metagpt import prepass
 from mergekit_metagpt.errors import MetaGPTError
 
 MODELS = ("model0", "model1", "model2")
 
 
-def refs(paths, names):
-    return [ModelReference.parse(paths[n]) for n in names]
-
-
-def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_path):
+def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_path, monkeypatch):
     paths, sds = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # no memo: a second pre-pass would read again
     prepass.clear_memo()
     runs, read = prepass.STATS.runs, prepass.STATS.tensors_read
     run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
@@ -55,18 +51,82 @@ def test_rewritten_checkpoints_get_fresh_norms(tmp_path, merge_options):
         assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
 
 
-def test_concurrent_callers_share_one_prepass(llama_family):
+def _planned(paths, models):
+    """A recipe planned by mergekit's own planner and made one task universe (as the
+    executor does), so that its MetaGPT tasks know their MergeRun."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.graph import TaskUniverse
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt import merge_plan
+    from mergekit_metagpt.planning import plan_recipe
+
+    config = MergeConfiguration.model_validate(recipe(paths, models))
+    tasks = [t for s in plan_recipe(config, MergeOptions(quiet=True)).sets.values() for t in s.tasks]
+    universe = TaskUniverse(tasks)
+    mine = merge_plan.ours(universe.tasks)
+    run = merge_plan.run_for_task(mine[0])
+    assert run is not None and all(merge_plan.run_for_task(t) is run for t in mine)
+    return run, mine
+
+
+def _inputs(task):
+    gather = task.gather_tensors
+    return gather.execute(**{key: leaf.execute() for key, leaf in gather.arguments().items()})
+
+
+def test_concurrent_tasks_of_one_merge_share_one_prepass(llama_family, monkeypatch):
+    """Eight threads execute eight tensors of one plan at once (as mergekit's multi-GPU
+    executor may): one pre-pass, whose λ every tensor uses, matching the closed form."""
     paths, sds = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # no memo: a second pre-pass would read again
     prepass.clear_memo()
+    run, tasks = _planned(paths, MODELS)
+    chosen = tasks[:8]
+    inputs = [_inputs(t) for t in chosen]  # read before the barrier: only the merges race
+    runs, read = prepass.STATS.runs, prepass.STATS.tensors_read
+    results, errors = {}, []
+    barrier = threading.Barrier(len(chosen))
+
+    def worker(index):
+        try:
+            barrier.wait()
+            results[index] = chosen[index].execute(tensors=inputs[index])
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(chosen))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors, errors
+    assert len(results) == len(chosen)
+    assert prepass.STATS.runs == runs + 1
+    assert prepass.STATS.tensors_read - read == 4 * len(sds["base"])
+    (set_norms,) = run.result.sets
+    lams, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    got = set_norms.coefficients.lambdas
+    for model, lam in zip(MODELS, lams):
+        assert abs(got[next(k for k in got if str(k) == paths[model])] - lam) < 1e-6
+    for index, task in enumerate(chosen):
+        name = task.output_weight.name
+        assert (results[index].double() - reference[name]).abs().max().item() < 1e-5, name
+
+
+def test_concurrent_callers_of_run_norms_get_one_result(llama_family, monkeypatch):
+    paths, sds = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    prepass.clear_memo()
+    run, _ = _planned(paths, MODELS)
     runs = prepass.STATS.runs
-    base, models = refs(paths, ["base"])[0], refs(paths, MODELS)
     results, errors = [], []
     barrier = threading.Barrier(8)
 
     def worker():
         try:
             barrier.wait()
-            results.append(prepass.checkpoint_norms(base, models, torch.device("cpu")))
+            results.append(prepass.run_norms(run, torch.device("cpu")))
         except Exception as error:  # pragma: no cover - reported below
             errors.append(error)
 
@@ -77,35 +137,58 @@ def test_concurrent_callers_share_one_prepass(llama_family):
         t.join(timeout=120)
     assert not errors and len(results) == 8
     assert prepass.STATS.runs == runs + 1
-    assert all(r == results[0] for r in results)
+    assert all(r is results[0] for r in results)
+    (set_norms,) = results[0].sets
+    norms = dict(set_norms.coefficients.squared_norms)
     expected = sum(float((sds["model2"][k].double() - sds["base"][k].double()).pow(2).sum()) for k in sds["base"])
-    got = sum(results[0][models[2]].values())
+    got = next(v for k, v in norms.items() if str(k) == paths["model2"])
     assert abs(got - expected) / expected < 1e-5
 
 
-def test_resized_vocabulary_is_excluded_with_one_warning(tmp_path, caplog):
+def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(tmp_path, merge_options, caplog):
+    """A model with 72 token rows against a base with 64: its embeddings and lm_head count
+    their leading 64 rows, and one warning per merge names both tensors."""
+    import json
+    import os
+
+    from mergekit_metagpt.synthetic import write_tokenizer
+
     base = random_state_dict(2)
-    resized = random_state_dict(2, vocab_size=72)
-    for name in base:
-        if resized[name].shape == base[name].shape:
-            resized[name] = base[name] + 0.01
-    b = save_checkpoint(str(tmp_path / "base"), base)
-    r = save_checkpoint(str(tmp_path / "resized"), resized, vocab_size=72)
+    resized = {k: v + 0.01 for k, v in base.items()}
+    extra = random_state_dict(5, vocab_size=72)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        resized[name] = torch.cat([resized[name], extra[name][64:]])
+    other = perturbed(base, 0.02, 7)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base),
+        "resized": save_checkpoint(str(tmp_path / "resized"), resized, vocab_size=72),
+        "other": save_checkpoint(str(tmp_path / "other"), other),
+    }
+    for name, vocab in (("base", 64), ("resized", 72), ("other", 64)):
+        write_tokenizer(paths[name], vocab)
     caplog.set_level(logging.INFO, logger="mergekit_metagpt")
-    base_ref, model_ref = ModelReference.parse(b), ModelReference.parse(r)
-    norms = prepass.checkpoint_norms(base_ref, [model_ref], torch.device("cpu"))[model_ref]
-    warnings = [rec.getMessage() for rec in caplog.records if rec.levelno == logging.WARNING]
-    assert len(warnings) == 1
-    assert "model.embed_tokens.weight" in warnings[0] and "lm_head.weight" in warnings[0]
-    assert "model.embed_tokens.weight" not in norms and "lm_head.weight" not in norms
-    expected = sum(0.01 ** 2 * base[k].numel() for k in base if k in norms)
-    assert abs(sum(norms.values()) - expected) / expected < 1e-3
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, ["resized", "other"], tokenizer_source="base"), out, merge_options)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "mergekit_metagpt"]
+    assert len(warnings) == 1, warnings
+    assert "model.embed_tokens.weight (" in warnings[0] and "lm_head.weight (" in warnings[0]
+    assert "72 rows, base 64): the leading 64 rows counted" in warnings[0]
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        (entry,) = json.load(f)["merges"]
+    norms = {row["model"]: row["squared_norm"] for row in entry["models"]}
+    expected = 0.01 ** 2 * sum(t.numel() for t in base.values())  # every base element, +0.01
+    assert abs(norms[paths["resized"]] - expected) / expected < 1e-3
+    other_norm = sum(float((other[k].double() - base[k].double()).pow(2).sum()) for k in base)
+    assert abs(norms[paths["other"]] - other_norm) / other_norm < 1e-5
 
 
-def test_other_shape_mismatch_is_an_error_naming_model_and_tensor(tmp_path):
+def test_other_shape_mismatch_is_an_error_naming_model_and_tensor(tmp_path, merge_options):
     base = random_state_dict(3)
     wider = random_state_dict(3, intermediate_size=56)
-    b = save_checkpoint(str(tmp_path / "base"), base)
-    w = save_checkpoint(str(tmp_path / "wider"), wider, intermediate_size=56)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base),
+        "wider": save_checkpoint(str(tmp_path / "wider"), wider, intermediate_size=56),
+    }
     with pytest.raises(MetaGPTError, match=r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'.*wider"):
-        prepass.checkpoint_norms(ModelReference.parse(b), [ModelReference.parse(w)], torch.device("cpu"))
+        run_recipe(recipe(paths, ["wider"]), str(tmp_path / "out"), merge_options)

@@ -1,0 +1,598 @@
+"""λ from exactly what the merge plan reads, from every entry point (issue 9).
+
+Each test builds tiny LLaMA checkpoints (a base plus noise of its own scale per
+model and per tensor group), merges them through a stock mergekit entry point, and
+compares the λ and the merged weights with a closed form computed here, in float64,
+from the state dicts: the norms of a merge set are summed over the tensors that set
+writes to the output model, read the way mergekit reads them (slices and their layer
+offsets, the first slice's set for the embeddings and the last slice's for the final
+norm and lm_head, a tied base's lm_head read from its embed_tokens, the rows a
+resized vocabulary shares with the base).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import pytest
+import torch
+import yaml
+
+import mergekit_metagpt  # noqa: F401
+from checkpoints import load_checkpoint, random_state_dict, save_checkpoint
+from merging import run_mergekit_yaml, write_yaml
+
+EMBED, NORM, HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+RECORD = "metagpt_coefficients.json"
+BIN = os.path.dirname(sys.executable)
+
+StateDict = Dict[str, torch.Tensor]
+
+
+# -- fixtures: a base and fine-tune-like variants ------------------------------------
+def layer_of(name: str) -> Optional[int]:
+    match = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(match.group(1)) if match else None
+
+
+def noisy(base: StateDict, scale: Callable[[str], float], seed: int) -> StateDict:
+    """base + N(0, scale(name)²) noise per tensor (scale 0: the tensor is the base's)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, tensor in base.items():
+        noise = torch.randn(tensor.shape, generator=gen, dtype=torch.float32)
+        s = scale(name)
+        out[name] = tensor.clone() if s == 0 else (tensor.float() + noise * s).to(tensor.dtype)
+    return out
+
+
+def by_part(embed=0.0, layers: Sequence[float] = (0.0, 0.0), norm=0.0, head=0.0):
+    """A noise scale per part of the model: embeddings, each layer, final norm, lm_head."""
+
+    def scale(name: str) -> float:
+        if name == EMBED:
+            return embed
+        if name == NORM:
+            return norm
+        if name == HEAD:
+            return head
+        return layers[layer_of(name)]
+
+    return scale
+
+
+def uniform(s: float):
+    return lambda name: s
+
+
+def layer_names(sd: StateDict, index: int) -> List[str]:
+    return [n for n in sd if layer_of(n) == index]
+
+
+def moved(name: str, to: int) -> str:
+    return re.sub(r"^model\.layers\.\d+\.", f"model.layers.{to}.", name)
+
+
+# -- the closed form -------------------------------------------------------------------
+Read = Tuple[str, str]  # (output tensor name, input tensor name)
+
+
+def sq(x: torch.Tensor, b: torch.Tensor) -> float:
+    return float((x.double() - b.double()).pow(2).sum())
+
+
+def closed_lambdas(base: StateDict, models: Dict[str, StateDict], reads: Iterable[Read],
+                   base_name: Callable[[str], str] = lambda n: n,
+                   rows: Optional[int] = None) -> Dict[str, float]:
+    """λ of one merge set over the reads it makes (repeated reads count again).
+
+    `base_name(input name)`: the base's tensor that a read compares with (a tied
+    base's lm_head is its embed_tokens); `rows`: vocabulary rows both have.
+    """
+    norms = {m: 0.0 for m in models}
+    for _, name in reads:
+        b = base[base_name(name)]
+        for m, sd in models.items():
+            x = sd[name]
+            if x.shape != b.shape:
+                assert rows is not None and x.shape[1:] == b.shape[1:], name
+                x, b_ = x[:rows], b[:rows]
+            else:
+                b_ = b
+            norms[m] += sq(x, b_)
+    total = sum(norms.values())
+    return {m: (v / total if total else 0.0) for m, v in norms.items()}
+
+
+def closed_merge(base: StateDict, models: Dict[str, StateDict], lams: Dict[str, float],
+                 reads: Iterable[Read], scale: float = 1.0) -> Dict[str, torch.Tensor]:
+    out = {}
+    for out_name, name in reads:
+        acc = base[name].double().clone()
+        for m, sd in models.items():
+            acc += scale * lams[m] * (sd[name].double() - base[name].double())
+        out[out_name] = acc
+    return out
+
+
+def assert_close(merged: StateDict, reference: Dict[str, torch.Tensor], atol=1e-5):
+    for name, ref in reference.items():
+        err = (merged[name].double() - ref).abs().max().item()
+        assert err < atol, f"{name}: max error {err}"
+
+
+def assert_lambdas(got: Dict[str, float], want: Dict[str, float], tol=1e-6):
+    assert set(got) == set(want), (got, want)
+    for m in want:
+        assert abs(got[m] - want[m]) < tol, (m, got, want)
+
+
+# -- running merges ---------------------------------------------------------------------
+def record_sets(out: str, names: Dict[str, str]) -> List[Dict[str, float]]:
+    """Each merge set of the record as {model name: λ} (names: path -> name)."""
+    with open(os.path.join(out, RECORD)) as f:
+        record = json.load(f)
+    return [{names[row["model"]]: row["lambda"] for row in entry["models"]} for entry in record["merges"]]
+
+
+def mergekit_yaml(config: dict, tmp_path, name: str, *flags: str) -> str:
+    """Stock mergekit-yaml in a fresh process; the output folder."""
+    path = write_yaml(config, str(tmp_path / f"{name}.yml"))
+    out = str(tmp_path / name)
+    result = run_mergekit_yaml(path, out, *flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def source(path: str, start: int, end: int) -> dict:
+    return {"model": path, "layer_range": [start, end]}
+
+
+def slice_recipe(base: str, slices: List[List[dict]], method="metagpt", **extra) -> dict:
+    out = {
+        "merge_method": method,
+        "base_model": base,
+        "dtype": "float32",
+        "slices": [{"sources": s} for s in slices],
+    }
+    out.update(extra)
+    return out
+
+
+# =====================================================================================
+# 1. slices
+# =====================================================================================
+@pytest.fixture(scope="module")
+def slice_family(tmp_path_factory):
+    return make_slice_family(tmp_path_factory.mktemp("slices"))
+
+
+def make_slice_family(root):
+    """base; a: noise everywhere; b: most noise in layer 1; c: most in the embeddings;
+    d: equal to the base except layer 1."""
+    base = random_state_dict(11)
+    sds = {
+        "base": base,
+        "a": noisy(base, uniform(0.02), 1),
+        "b": noisy(base, by_part(embed=0.01, layers=(0.01, 0.08), norm=0.01, head=0.01), 2),
+        "c": noisy(base, by_part(embed=0.1, layers=(0.02, 0.01), norm=0.02, head=0.005), 3),
+        "d": noisy(base, by_part(layers=(0.0, 0.1)), 4),
+    }
+    paths = {name: save_checkpoint(str(root / name), sd) for name, sd in sds.items()}
+    return paths, sds
+
+
+def _names(paths):
+    return {p: n for n, p in paths.items()}
+
+
+def test_slice_subset_counts_only_the_kept_layers(slice_family, tmp_path):
+    """One slice keeping layer 0 of base, a, b and d: λ from embed_tokens, layer 0,
+    norm and lm_head, never from layer 1, which the output does not hold (d, which
+    changed only layer 1, gets λ = 0)."""
+    paths, sds = slice_family
+    models = ["a", "b", "d"]
+    config = slice_recipe(paths["base"], [[source(paths[m], 0, 1) for m in ["base", *models]]])
+    out = mergekit_yaml(config, tmp_path, "out")
+    reads = [(EMBED, EMBED)] + [(n, n) for n in layer_names(sds["base"], 0)] + [(NORM, NORM), (HEAD, HEAD)]
+    group = {m: sds[m] for m in models}
+    lams = closed_lambdas(sds["base"], group, reads)
+    assert lams["d"] == 0.0
+    merged = load_checkpoint(out)
+    assert set(merged) == {o for o, _ in reads}
+    assert_close(merged, closed_merge(sds["base"], group, lams, reads))
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+
+
+def test_frankenmerge_overlap_counts_a_layer_merged_twice_twice(slice_family, tmp_path):
+    """Slices [0, 2) and [1, 2) over one model set: the output has layers 0, 1, 1 of
+    the inputs, and layer 1's task vectors count twice (norms in output coordinates)."""
+    paths, sds = slice_family
+    models = ["a", "b"]
+    config = slice_recipe(paths["base"], [
+        [source(paths[m], 0, 2) for m in ["base", *models]],
+        [source(paths[m], 1, 2) for m in ["base", *models]],
+    ])
+    out = mergekit_yaml(config, tmp_path, "out")
+    base = sds["base"]
+    reads = (
+        [(EMBED, EMBED)]
+        + [(n, n) for n in layer_names(base, 0)]
+        + [(n, n) for n in layer_names(base, 1)]
+        + [(moved(n, 2), n) for n in layer_names(base, 1)]
+        + [(NORM, NORM), (HEAD, HEAD)]
+    )
+    group = {m: sds[m] for m in models}
+    lams = closed_lambdas(base, group, reads)
+    once = closed_lambdas(base, group, [(n, n) for n in base])
+    assert abs(lams["b"] - once["b"]) > 0.02  # the fixture tells the two apart
+    merged = load_checkpoint(out)
+    assert set(merged) == {o for o, _ in reads}
+    assert_close(merged, closed_merge(base, group, lams, reads))
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+
+
+def test_each_slice_model_set_gets_its_own_lambdas(slice_family, tmp_path):
+    """Slice 1: base, a, b, layer 0; slice 2: base, b, c, layer 1. Set {a, b} merges
+    embed_tokens and layer 0, set {b, c} layer 1, norm and lm_head; each set's λ come
+    from its own tensors, and each output tensor is merged with its set's λ."""
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths[m], 0, 1) for m in ["base", "a", "b"]],
+        [source(paths[m], 1, 2) for m in ["base", "b", "c"]],
+    ])
+    out = mergekit_yaml(config, tmp_path, "out")
+    base = sds["base"]
+    first = [(EMBED, EMBED)] + [(n, n) for n in layer_names(base, 0)]
+    second = [(moved(n, 1), n) for n in layer_names(base, 1)] + [(NORM, NORM), (HEAD, HEAD)]
+    set1, set2 = {m: sds[m] for m in "ab"}, {m: sds[m] for m in "bc"}
+    lams1, lams2 = closed_lambdas(base, set1, first), closed_lambdas(base, set2, second)
+    merged = load_checkpoint(out)
+    assert set(merged) == {o for o, _ in first + second}
+    # layer by layer, each with its own set's λ
+    assert_close(merged, closed_merge(base, set1, lams1, first))
+    assert_close(merged, closed_merge(base, set2, lams2, second))
+    got = record_sets(out, _names(paths))
+    assert len(got) == 2
+    assert_lambdas(next(g for g in got if "a" in g), lams1)
+    assert_lambdas(next(g for g in got if "c" in g), lams2)
+
+
+# =====================================================================================
+# 2. a slice of the base alone
+# =====================================================================================
+def test_slice_with_only_the_base_is_passed_through(slice_family, tmp_path):
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths[m], 0, 1) for m in ["base", "a", "b"]],
+        [source(paths["base"], 1, 2)],
+    ])
+    out = mergekit_yaml(config, tmp_path, "out")
+    base = sds["base"]
+    merged_reads = [(EMBED, EMBED)] + [(n, n) for n in layer_names(base, 0)]
+    group = {m: sds[m] for m in "ab"}
+    lams = closed_lambdas(base, group, merged_reads)
+    merged = load_checkpoint(out)
+    assert_close(merged, closed_merge(base, group, lams, merged_reads))
+    # layer 1, norm and lm_head (the last slice's set: the base alone) are the base's
+    for name in layer_names(base, 1) + [NORM, HEAD]:
+        assert torch.equal(merged[name], base[name]), name
+    (got,) = [g for g in record_sets(out, _names(paths)) if g]
+    assert_lambdas(got, lams)
+
+
+@pytest.mark.parametrize("form", ["models", "slices"])
+def test_a_recipe_of_the_base_alone_is_refused(form, slice_family, tmp_path):
+    paths, _ = slice_family
+    if form == "models":
+        config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+                  "models": [{"model": paths["base"]}]}
+    else:
+        config = slice_recipe(paths["base"], [[source(paths["base"], 0, 1)], [source(paths["base"], 1, 2)]])
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    result = run_mergekit_yaml(path, str(tmp_path / "out"))
+    assert result.returncode != 0
+    assert "at least one model besides the base" in result.stderr
+
+
+# =====================================================================================
+# 3. a resized vocabulary
+# =====================================================================================
+VOCAB, RESIZED = 64, 68
+
+
+@pytest.fixture(scope="module")
+def vocab_family(tmp_path_factory):
+    return make_vocab_family(tmp_path_factory.mktemp("vocab"))
+
+
+def make_vocab_family(root):
+    """base, a and b with 64 tokens; r with 68 (4 added rows), most noise in its embeddings."""
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    base = random_state_dict(21)
+    sds = {
+        "base": base,
+        "a": noisy(base, uniform(0.02), 1),
+        "b": noisy(base, by_part(embed=0.005, layers=(0.05, 0.05), norm=0.01, head=0.005), 2),
+    }
+    r = noisy(base, by_part(embed=0.1, layers=(0.01, 0.01), norm=0.01, head=0.08), 3)
+    gen = torch.Generator().manual_seed(33)
+    for name in (EMBED, HEAD):
+        extra = torch.randn((RESIZED - VOCAB, r[name].shape[1]), generator=gen) * 0.05
+        r[name] = torch.cat([r[name], extra]).contiguous()
+    sds["r"] = r
+    paths = {}
+    for name, sd in sds.items():
+        vocab = RESIZED if name == "r" else VOCAB
+        paths[name] = save_checkpoint(str(root / name), sd, vocab_size=vocab)
+        write_tokenizer(paths[name], vocab)
+    return paths, sds
+
+
+def _vocab_recipe(paths, tokenizer_source):
+    return {
+        "merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+        "tokenizer_source": tokenizer_source,
+        "models": [{"model": paths[m]} for m in ("a", "r", "b")],
+    }
+
+
+@pytest.mark.parametrize("tokenizer_source", ["union", "base"])
+def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
+    tokenizer_source, vocab_family, tmp_path
+):
+    paths, sds = vocab_family
+    from mergekit_metagpt import norm_cache
+
+    base = sds["base"]
+    group = {m: sds[m] for m in ("a", "r", "b")}
+    reads = [(n, n) for n in base]
+    lams = closed_lambdas(base, group, reads, rows=VOCAB)
+    config = write_yaml(_vocab_recipe(paths, tokenizer_source), str(tmp_path / "r.yml"))
+    stderrs = []
+    for run in ("first", "second"):  # each in a fresh process, one norm cache
+        out = str(tmp_path / run)
+        result = run_mergekit_yaml(config, out, "-v")
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderrs.append(result.stderr)
+        merged = load_checkpoint(out)
+        reference = closed_merge(base, group, lams, [(n, n) for n in base if n not in (EMBED, HEAD)])
+        assert_close(merged, reference)
+        for name in (EMBED, HEAD):  # the base's rows, merged with the same λ
+            expected = base[name].double() + sum(
+                lams[m] * (sd[name][:VOCAB].double() - base[name].double()) for m, sd in group.items()
+            )
+            assert (merged[name][:VOCAB].double() - expected).abs().max().item() < 1e-5, name
+        (got,) = record_sets(out, _names(paths))
+        assert_lambdas(got, lams)
+        if run == "first":
+            assert os.listdir(norm_cache.cache_dir())
+    assert "from the norm cache" not in stderrs[0]
+    assert stderrs[1].count("from the norm cache") == 3  # the second run read no tensor
+    for stderr in stderrs:
+        warning = next(l for l in stderr.splitlines() if "vocabulary tensor(s) differ" in l)
+        for name in (EMBED, HEAD):
+            assert f"{name} ({paths['r']}: {RESIZED} rows, base {VOCAB}): the leading {VOCAB} rows counted" in warning
+
+
+# =====================================================================================
+# 4. tied embeddings
+# =====================================================================================
+def tied_state_dict(sd: StateDict) -> StateDict:
+    """sd with lm_head the very tensor embed_tokens is (as a tied model holds it)."""
+    out = {k: v for k, v in sd.items() if k != HEAD}
+    out[HEAD] = out[EMBED]
+    return out
+
+
+def fitted_lambdas(merged: StateDict, base: StateDict, models: Dict[str, StateDict], names) -> Dict[str, float]:
+    """The λ that explain merged − base = Σ λ_m (θ_m − θ₀) (least squares, float64)."""
+    columns = [torch.cat([(models[m][n].double() - base[n].double()).reshape(-1) for n in names]) for m in models]
+    target = torch.cat([(merged[n].double() - base[n].double()).reshape(-1) for n in names])
+    solution = torch.linalg.lstsq(torch.stack(columns, 1), target[:, None]).solution[:, 0]
+    return dict(zip(models, solution.tolist()))
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory):
+    return make_tied_family(tmp_path_factory.mktemp("tied"))
+
+
+def make_tied_family(root):
+    """A tied base and two tied fine-tunes; a has most of its noise in the embeddings."""
+    base = tied_state_dict(random_state_dict(31, tie_word_embeddings=True))
+    sds = {
+        "base": base,
+        "a": tied_state_dict(noisy(base, by_part(embed=0.1, layers=(0.01, 0.01), norm=0.01), 1)),
+        "b": tied_state_dict(noisy(base, uniform(0.03), 2)),
+    }
+    paths = {}
+    for name, sd in sds.items():
+        paths[name] = save_checkpoint(str(root / name), {k: v for k, v in sd.items() if k != HEAD},
+                                      tie_word_embeddings=True)
+        assert HEAD not in load_checkpoint(paths[name])
+    return paths, sds
+
+
+def test_tied_modules_in_memory_count_the_shared_tensor_once(tied_family, tmp_path, capsys):
+    """merge_state_dicts with nn.Module inputs whose lm_head is embed_tokens: the same λ
+    as the closed form counting that tensor once, and as the CLI on the same checkpoints."""
+    from transformers import LlamaForCausalLM
+
+    from checkpoints import llama_config
+    from mergekit.merge_methods import merge_state_dicts
+    from mergekit_metagpt.cli import main
+
+    paths, sds = tied_family
+    modules = {}
+    for name, sd in sds.items():
+        module = LlamaForCausalLM(llama_config(tie_word_embeddings=True))
+        module.load_state_dict({k: v for k, v in sd.items() if k != HEAD}, strict=False)
+        assert module.lm_head.weight.data_ptr() == module.model.embed_tokens.weight.data_ptr()
+        modules[name] = module
+    with torch.no_grad():
+        merged = merge_state_dicts(modules, "metagpt", base="base")
+    base = sds["base"]
+    group = {m: sds[m] for m in "ab"}
+    unique = [(n, n) for n in base if n != HEAD]
+    lams = closed_lambdas(base, group, unique)
+    twice = closed_lambdas(base, group, unique + [(HEAD, HEAD)])
+    assert abs(lams["a"] - twice["a"]) > 0.05  # the fixture tells the two apart
+    assert_lambdas(fitted_lambdas(merged, base, group, [n for n, _ in unique]), lams, tol=1e-5)
+    assert_close(merged, closed_merge(base, group, lams, unique + [(HEAD, EMBED)]))
+
+    config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+                         "models": [{"model": paths[m]} for m in "ab"]}, str(tmp_path / "r.yml"))
+    capsys.readouterr()
+    assert main(["coefficients", config, "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["merges"]
+    names = _names(paths)
+    assert_lambdas({names[row["model"]]: row["lambda"] for row in entry["models"]}, lams)
+
+
+def test_tied_base_lm_head_is_read_from_its_embeddings(tied_family, tmp_path):
+    """Base saved tied (no lm_head in its files), fine-tunes with their own lm_head: the
+    merge reads the base's lm_head from embed_tokens (mergekit's tied_names), and the
+    λ count θ_lm_head − θ₀_embed_tokens."""
+    paths, sds = tied_family
+    root = tmp_path / "untied"
+    base = sds["base"]
+    untied = {}
+    for name, scales in {"a": by_part(embed=0.01, layers=(0.01, 0.01), norm=0.01, head=0.1),
+                         "b": uniform(0.03)}.items():
+        sd = noisy(base, scales, 40 + len(untied))
+        sd[HEAD] = sd[HEAD].clone()
+        untied[name] = sd
+        paths = {**paths, name: save_checkpoint(str(root / name), sd)}
+        assert HEAD in load_checkpoint(paths[name])
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "models": [{"model": paths[m]} for m in "ab"]}
+    out = mergekit_yaml(config, tmp_path, "out")
+    reads = [(n, n) for n in base]
+    lams = closed_lambdas(base, untied, reads, base_name=lambda n: EMBED if n == HEAD else n)
+    without_head = closed_lambdas(base, untied, [(n, n) for n in base if n != HEAD])
+    assert abs(lams["a"] - without_head["a"]) > 0.05  # the fixture tells the two apart
+    merged = load_checkpoint(out)
+    tied_base = {**base, HEAD: base[EMBED]}
+    assert_close(merged, closed_merge(tied_base, untied, lams, reads))
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+
+
+# =====================================================================================
+# 5. mergekit-pytorch: raw safetensors files
+# =====================================================================================
+@pytest.fixture(scope="module")
+def raw_family(tmp_path_factory):
+    return make_raw_family(tmp_path_factory.mktemp("raw"))
+
+
+def make_raw_family(root):
+    from safetensors.torch import save_file
+
+    base = random_state_dict(51)
+    sds = {
+        "base": base,
+        "a": noisy(base, uniform(0.01), 1),
+        "b": noisy(base, uniform(0.03), 2),
+        "c": noisy(base, by_part(embed=0.1, layers=(0.02, 0.01), norm=0.02, head=0.01), 3),
+    }
+    paths = {}
+    for name, sd in sds.items():
+        paths[name] = str(root / f"{name}.safetensors")
+        save_file({k: v.contiguous() for k, v in sd.items()}, paths[name])
+    return paths, sds
+
+
+def mergekit_pytorch(config: dict, tmp_path, name: str, *flags: str, env=None):
+    path = write_yaml(config, str(tmp_path / f"{name}.yml"))
+    out = str(tmp_path / name)
+    result = subprocess.run(
+        [os.path.join(BIN, "mergekit-pytorch"), path, out, "--quiet", *flags],
+        capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _raw_recipe(paths, method, parameters=None, models=None):
+    config = {"merge_method": method, "base_model": paths["base"], "dtype": "float32",
+              "models": models or [{"model": paths[m]} for m in "abc"]}
+    if parameters:
+        config["parameters"] = parameters
+    return config
+
+
+def test_mergekit_pytorch_metagpt_matches_closed_form_and_writes_the_record(raw_family, tmp_path):
+    paths, sds = raw_family
+    out = mergekit_pytorch(_raw_recipe(paths, "metagpt", {"lambda": 0.7}), tmp_path, "out")
+    base = sds["base"]
+    group = {m: sds[m] for m in "abc"}
+    reads = [(n, n) for n in base]
+    lams = closed_lambdas(base, group, reads)
+    assert_close(load_checkpoint(out), closed_merge(base, group, lams, reads, scale=0.7))
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+
+
+@pytest.mark.parametrize("ours, stock", [("metagpt_ties", "ties"), ("metagpt_dare", "dare_linear")])
+def test_mergekit_pytorch_variants_equal_stock_with_lambda_weights(ours, stock, raw_family, tmp_path):
+    paths, sds = raw_family
+    env = {"PYTHONHASHSEED": "0"}  # mergekit-pytorch plans from a set of names: one order
+    out = mergekit_pytorch(_raw_recipe(paths, ours, {"density": 0.6}), tmp_path, "ours",
+                           "--random-seed", "7", env=env)
+    base = sds["base"]
+    lams = closed_lambdas(base, {m: sds[m] for m in "abc"}, [(n, n) for n in base])
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    stock_models = [{"model": paths[m], "parameters": {"weight": lams[m], "density": 0.6}} for m in "abc"]
+    theirs = mergekit_pytorch(_raw_recipe(paths, stock, {"normalize": False}, stock_models), tmp_path,
+                              "stock", "--random-seed", "7", env=env)
+    mine, reference = load_checkpoint(out), load_checkpoint(theirs)
+    assert set(mine) == set(base)
+    for name in base:
+        assert torch.allclose(mine[name], reference[name], atol=2e-6, rtol=0), name
+
+
+# =====================================================================================
+# 6. mergekit-multi
+# =====================================================================================
+def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
+    """An intermediate MetaGPT merge feeding a final one, each with its own λ."""
+    paths, sds = slice_family
+    docs = [
+        {"name": "step1", "merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+         "models": [{"model": paths["a"]}, {"model": paths["b"]}]},
+        {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+         "models": [{"model": "step1"}, {"model": paths["c"]}]},
+    ]
+    config = str(tmp_path / "multi.yml")
+    with open(config, "w") as f:
+        yaml.safe_dump_all(docs, f)
+    inter, out = str(tmp_path / "inter"), str(tmp_path / "out")
+    result = subprocess.run(
+        [os.path.join(BIN, "mergekit-multi"), config, "--intermediate-dir", inter, "--out-path", out,
+         "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = sds["base"]
+    reads = [(n, n) for n in base]
+    first = {m: sds[m] for m in "ab"}
+    lams1 = closed_lambdas(base, first, reads)
+    step1 = load_checkpoint(os.path.join(inter, "step1"))
+    assert_close(step1, closed_merge(base, first, lams1, reads))
+    second = {"step1": step1, "c": sds["c"]}
+    lams2 = closed_lambdas(base, second, reads)
+    assert_close(load_checkpoint(out), closed_merge(base, second, lams2, reads))
+    names = {**_names(paths), os.path.join(inter, "step1"): "step1"}
+    (got,) = record_sets(out, names)
+    assert_lambdas(got, lams2)
