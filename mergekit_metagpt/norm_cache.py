@@ -18,8 +18,9 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Dict, Optional, Tuple
+
+from mergekit_metagpt.atomic_json import write_json
 
 LOG = logging.getLogger("mergekit_metagpt")
 FORMAT = 2
@@ -94,21 +95,7 @@ def store(
         "norms": norms,
         "notes": notes or {},
     }
-    tmp = None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=os.path.dirname(path))
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
+        write_json(path, payload, fsync=True)
     except OSError as error:
         LOG.warning("MetaGPT: could not write the norm cache at %s (%s); continuing without it", path, error)
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass

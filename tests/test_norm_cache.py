@@ -128,3 +128,108 @@ def test_ctrl_c_during_the_prepass_leaves_no_entry(llama_family, merge_options, 
         run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
     assert entries() == []
     assert not safetensors_in(str(tmp_path / "out"))  # interrupted before any weights
+
+
+# -- the key changes whenever the content can have changed (issue: never stale) --------
+def _middle_tensor_offset(path):
+    """(name, absolute byte offset) of a tensor stored at least 64 KiB from both ends."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start = 8 + header_len + info["data_offsets"][0]
+        end = 8 + header_len + info["data_offsets"][1]
+        if start > 70_000 and size - end > 70_000 and info["dtype"] == "F32":
+            return name, start
+    raise AssertionError("no tensor in the middle of the file")
+
+
+def test_rewritten_in_place_with_mtime_restored_misses(tmp_path, merge_options):
+    """Same size, same header, same last 64 KiB, same mtime: only the middle changed."""
+    from checkpoints import random_state_dict
+
+    base = random_state_dict(11, intermediate_size=384)
+    model = perturbed(base, 0.01, 1)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base, shard_size=None, intermediate_size=384),
+        "m": save_checkpoint(str(tmp_path / "m"), model, shard_size=None, intermediate_size=384),
+    }
+    fresh_process_state()
+    run_recipe(recipe(paths, ["m"]), str(tmp_path / "a"), merge_options)
+    file = os.path.join(paths["m"], "model.safetensors")
+    assert os.path.getsize(file) > 200_000
+    name, offset = _middle_tensor_offset(file)
+    before = os.stat(file)
+    n = model[name].numel()
+    changed = (base[name].float() + 0.5).contiguous()  # a much larger task vector there
+    with open(file, "r+b") as f:
+        f.seek(offset)
+        f.write(changed.numpy().tobytes())
+    os.utime(file, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert os.stat(file).st_mtime_ns == before.st_mtime_ns and os.path.getsize(file) == before.st_size
+    model[name] = changed.view(model[name].shape)
+
+    fresh_process_state()
+    runs = prepass.STATS.runs
+    merged = run_recipe(recipe(paths, ["m"]), str(tmp_path / "b"), merge_options)
+    assert prepass.STATS.runs == runs + 1, "the old entry was used"
+    assert n > 0
+    for key, tensor in model.items():  # one model: λ = 1, the merge is the model itself
+        assert torch.allclose(merged[key], tensor, atol=1e-6), key
+
+
+def test_hub_cache_blobs_are_keyed_by_their_content_hash(tmp_path):
+    """A Hugging Face cache blob is named by the hash of its content: exact, survives copies."""
+    from mergekit_metagpt.fingerprint import file_key
+
+    digest = "ab" * 32
+    for root in ("hub1", "hub2"):  # the same blob in two copies of a cache
+        blobs = tmp_path / root / "blobs"
+        blobs.mkdir(parents=True)
+        (blobs / digest).write_bytes(b"same content")
+        snapshot = tmp_path / root / "snapshots" / "rev"
+        snapshot.mkdir(parents=True)
+        os.symlink(blobs / digest, snapshot / "model.safetensors")
+    a = file_key(str(tmp_path / "hub1" / "snapshots" / "rev" / "model.safetensors"))
+    b = file_key(str(tmp_path / "hub2" / "snapshots" / "rev" / "model.safetensors"))
+    assert a == b == f"blob:{digest}"
+    plain = tmp_path / "plain.safetensors"
+    plain.write_bytes(b"\x00" * 8)
+    assert file_key(str(plain)).startswith("file:")
+
+
+def _ties_trimmed_norm(delta: torch.Tensor, density: float) -> float:
+    """Independent TIES trimming: keep the k = max(1, int(density * n)) largest |δ|."""
+    flat = delta.double().reshape(-1)
+    k = max(1, int(density * flat.numel()))
+    kept = flat.abs().topk(k).values
+    return float((kept ** 2).sum())
+
+
+def test_sparse_norms_are_not_reused_across_variants(llama_family, merge_options, tmp_path):
+    """metagpt_ties after metagpt_dare in one process (same densities): TIES's own λ."""
+    from mergekit.io.tasks import LoaderCache
+
+    paths, sds = llama_family
+    models = ["model0", "model2"]
+    params = {"density": 0.4, "lambda_from": "sparse"}
+    fresh_process_state()
+    run_recipe(recipe(paths, models, method="metagpt_dare", parameters=params), str(tmp_path / "dare"), merge_options)
+    LoaderCache().flush_all()
+    run_recipe(recipe(paths, models, method="metagpt_ties", parameters=params), str(tmp_path / "ties"), merge_options)
+    with open(os.path.join(str(tmp_path / "ties"), "metagpt_coefficients.json")) as f:
+        (merge,) = json.load(f)["merges"]
+    expected = {
+        paths[m]: sum(
+            _ties_trimmed_norm(sds[m][k].double() - sds["base"][k].double(), 0.4)
+            for k in sds["base"] if sds["base"][k].is_floating_point()
+        )
+        for m in models
+    }
+    for row in merge["models"]:
+        assert abs(row["squared_norm"] - expected[row["model"]]) / expected[row["model"]] < 1e-5, row
