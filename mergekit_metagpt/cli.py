@@ -3,11 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import List, Optional
 
-from mergekit_metagpt.errors import MetaGPTError
+
+@contextlib.contextmanager
+def _transformers_errors_only():
+    """transformers' warnings off while planning (e.g. mergekit's out config sets the
+    deprecated ``torch_dtype``): the CLI's output is its table, or one error line."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - mergekit depends on transformers
+        yield
+        return
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
 
 
 def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None):
@@ -25,25 +41,62 @@ def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None):
     check_metagpt(config, recipe_path)
     if before_planning is not None:
         before_planning(config)
-    run = plan_recipe(config, MergeOptions(quiet=True))
+    with _transformers_errors_only():
+        run = plan_recipe(config, MergeOptions(quiet=True))
     method = next(m for m in methods() if m.spec.name == run.method_name)
     run_norms(run, torch.device("cuda" if cuda else "cpu"), method)
     return run
+
+
+def _table(entry) -> str:
+    """One model set's plain-text table, from its record entry (the JSON's numbers)."""
+    from mergekit_metagpt.coefficients import text_table
+
+    per_tensor = entry["granularity"] == "per_tensor"
+    header = ["model", "||delta||^2", "lambda"]
+    if per_tensor:
+        header.append("lambda per tensor: min / median / max")
+    rows = []
+    for row in entry["models"]:
+        cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
+        if per_tensor:
+            spread = row["lambda_per_tensor"]
+            cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
+        rows.append(cells)
+    return text_table(header, rows)
+
+
+def coefficients_text(payload) -> str:
+    """``coefficients`` without --json: the record's numbers as tables, per model set."""
+    merges = payload["merges"]
+    blocks = []
+    for number, entry in enumerate(merges, 1):
+        lines = []
+        if len(merges) > 1:
+            lines.append(f"model set {number} of {len(merges)}: base {entry['base_model']}, "
+                         f"{entry['tensors']} tensors")
+        lines.append(_table(entry))
+        blocks.append("\n".join(lines))
+    notes = []
+    if any(e["granularity"] == "per_tensor" for e in merges):
+        notes.append("granularity: per_tensor: each tensor is merged with the lambda of its own norms; "
+                     "'lambda' is over the whole model set")
+    if "sparsified" in payload["norms"]:
+        notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
+                     + ("; DARE's masks are random, so these lambda are one draw"
+                        if payload["merge_method"] == "metagpt_dare" else ""))
+    return "\n\n".join(blocks) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
 def _coefficients(args) -> int:
     from mergekit_metagpt.record import record_payload
 
     run = _plan_and_norms(args.recipe, args.cuda)
+    payload = record_payload(run)
     if args.json:
-        print(json.dumps(record_payload(run), indent=2))
-        return 0
-    sets = run.result.sets
-    for number, set_norms in enumerate(sets, 1):
-        if len(sets) > 1:
-            print(f"{'' if number == 1 else chr(10)}model set {number} of {len(sets)}: "
-                  f"base {set_norms.merge_set.base}, {len(set_norms.merge_set.tasks)} tensors")
-        print(set_norms.coefficients.table())
+        print(json.dumps(payload, indent=2))
+    else:
+        print(coefficients_text(payload))
     return 0
 
 
@@ -99,6 +152,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print("mergekit-metagpt: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # e.g. `mergekit-metagpt coefficients r.yml --json | head`
+        import os
+
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 1
     except Exception as error:  # every error is one line; mergekit's and pydantic's too
         from mergekit_metagpt.planning import _one_line
 

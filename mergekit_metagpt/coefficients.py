@@ -36,15 +36,10 @@ class Coefficients:
 
     def table(self) -> str:
         """A plain-text table of model, ‖δ‖² and λ."""
-        rows = [(str(key), f"{value:.6e}", f"{lam:.6f}") for (key, value), lam in zip(
+        rows = [[str(key), f"{value:.6e}", f"{lam:.6f}"] for (key, value), lam in zip(
             self.squared_norms, self.lambdas.values()
         )]
-        header = ("model", "||delta||^2", "lambda")
-        widths = [max(len(r[i]) for r in rows + [header]) for i in range(3)]
-        fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-        lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-        lines += [fmt.format(*row) for row in rows]
-        return "\n".join(lines)
+        return text_table(["model", "||delta||^2", "lambda"], rows)
 
     def log(self, context: str = "") -> None:
         where = f" ({context})" if context else ""
@@ -55,3 +50,12 @@ class Coefficients:
                 "the output is the base model"
             )
 
+
+
+def text_table(header, rows) -> str:
+    """Left-aligned plain-text columns under a dashed rule."""
+    widths = [max(len(r[i]) for r in list(rows) + [header]) for i in range(len(header))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
+    lines += [fmt.format(*row) for row in rows]
+    return "\n".join(line.rstrip() for line in lines)

@@ -68,10 +68,35 @@ def _is_ours(method_name) -> bool:
 
 
 # -- the wrappers ------------------------------------------------------------------
+def _need(owner, attribute: str, where: str):
+    """``owner.attribute``, or an AttributeError that names what mergekit lacks (not
+    Python's "partially initialized module" message: the hook runs while the import of
+    `owner` is still being finished)."""
+    value = getattr(owner, attribute, None)
+    if value is None:
+        raise AttributeError(f"{where} has no attribute {attribute!r}")
+    return value
+
+
+def _unwrapped(function):
+    """The function to wrap, or None when this module's wrapper is already in place.
+
+    A wrapper from another copy of this module (the plugin's modules imported afresh,
+    e.g. after their removal from ``sys.modules``) is replaced rather than wrapped
+    again: the wrappers must share their context variables with the modules the
+    method imports now. A reload keeps the module's globals, so its wrapper stays.
+    """
+    if not getattr(function, "_mergekit_metagpt_wrapper", False):
+        return function
+    if getattr(function, "__globals__", None) is globals():
+        return None
+    return function.__wrapped__
+
+
 def _attach_graph(module) -> None:
-    universe = module.TaskUniverse
-    original = universe.__init__
-    if getattr(original, "_mergekit_metagpt_wrapper", False):
+    universe = _need(module, "TaskUniverse", module.__name__)
+    original = _unwrapped(_need(universe, "__init__", "TaskUniverse"))
+    if original is None:
         return
 
     @functools.wraps(original)
@@ -86,9 +111,9 @@ def _attach_graph(module) -> None:
 
 
 def _attach_task_adapter(module) -> None:
-    task_cls = module.ExecuteMergeMethodTask
-    original = task_cls.execute
-    if getattr(original, "_mergekit_metagpt_wrapper", False):
+    task_cls = _need(module, "ExecuteMergeMethodTask", module.__name__)
+    original = _unwrapped(_need(task_cls, "execute", "ExecuteMergeMethodTask"))
+    if original is None:
         return
 
     @functools.wraps(original)
@@ -106,8 +131,8 @@ def _attach_task_adapter(module) -> None:
 
 
 def _attach_merge(module) -> None:
-    original = module.run_merge
-    if getattr(original, "_mergekit_metagpt_wrapper", False):
+    original = _unwrapped(_need(module, "run_merge", module.__name__))
+    if original is None:
         return
     signature = inspect.signature(original)
     for name in ("merge_config", "out_path", "options"):
@@ -118,12 +143,16 @@ def _attach_merge(module) -> None:
     def run_merge(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs)
         config = bound.arguments.get("merge_config")
+        from mergekit_metagpt.record import remove_stale_record
+
         if not _is_ours(getattr(config, "merge_method", None)):
+            remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
         from mergekit_metagpt.recipe_checks import check_config
         from mergekit_metagpt.record import add_card_sections
 
         check_config(config)
+        remove_stale_record(bound.arguments.get("out_path"))
         context = RunContext(
             out_path=bound.arguments.get("out_path"),
             config=config,

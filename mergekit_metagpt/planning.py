@@ -12,15 +12,59 @@ from mergekit_metagpt.errors import MetaGPTError
 
 
 def _one_line(error: BaseException) -> str:
+    if isinstance(error, MetaGPTError):
+        return " ".join(str(error).split())
+    try:
+        from pydantic import ValidationError
+    except ImportError:  # pragma: no cover - mergekit depends on pydantic
+        ValidationError = ()
+    if isinstance(error, ValidationError):
+        # e.g. a parameter mergekit resolves while planning: "lambda must be ... (got -1)"
+        parts = []
+        for item in error.errors():
+            where = ".".join(str(part) for part in item.get("loc", ()))
+            shown = repr(item["input"]) if "input" in item else ""
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            got = f" (got {shown})" if shown else ""
+            parts.append(f"{where + ': ' if where else ''}{item.get('msg', '')}{got}")
+        return " ".join("; ".join(parts).split()) or type(error).__name__
     text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}" if not isinstance(error, MetaGPTError) else text
+    return f"{type(error).__name__}: {text}"
+
+
+def models_in_order(config) -> list:
+    """The recipe's models, base first, then in the order the recipe names them
+    (mergekit's ``referenced_models()`` is a set: its order changes between runs)."""
+    ordered = []
+
+    def add(model) -> None:
+        if model is not None and model not in ordered:
+            ordered.append(model)
+
+    add(config.base_model)
+    for entry in config.models or []:
+        add(entry.model)
+    for piece in config.slices or []:
+        add(piece.base_model)
+        for source in piece.sources:
+            add(source.model)
+    for module in (config.modules or {}).values():
+        for entry in module.models or []:
+            add(entry.model)
+        for piece in module.slices or []:
+            add(piece.base_model)
+            for source in piece.sources:
+                add(source.model)
+    for model in config.referenced_models():
+        add(model)
+    return ordered
 
 
 def _check_models_load(config, options) -> None:
     """Each referenced model's config loads, or one line naming that model."""
     import os
 
-    for model in config.referenced_models():
+    for model in models_in_order(config):
         path = model.model.path
         looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
         if looks_local and not os.path.exists(os.path.expanduser(path)):
@@ -53,7 +97,7 @@ def plan_recipe(config, options):
         raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
     arch_info = get_architecture_info(config, options)
     LoaderCache().setup(options=options)
-    for model in config.referenced_models():
+    for model in models_in_order(config):
         try:
             LoaderCache().get(model)
         except Exception as error:

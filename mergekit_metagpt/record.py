@@ -14,12 +14,12 @@ when its pre-pass ends, replacing the record of any earlier run in that folder.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
-import tempfile
 from typing import Any, Dict, List, Optional
+
+from mergekit_metagpt.atomic_json import write_json
 
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
@@ -94,28 +94,32 @@ def record_payload(run) -> Dict[str, Any]:
     }
 
 
+def remove_stale_record(out_path) -> None:
+    """Before a merge into `out_path`: remove an earlier run's record, so that the folder
+    never holds λ that the model in it was not merged with (the merge writes its own)."""
+    if not isinstance(out_path, (str, os.PathLike)):
+        return
+    path = os.path.join(out_path, RECORD_NAME)
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        LOG.warning("MetaGPT: could not remove the earlier record %s: %s", path, error)
+        return
+    LOG.info("MetaGPT: removed the earlier run's %s", path)
+
+
 def write_record(run) -> Optional[str]:
     """Write (replace) the record in the run's output folder, if it has one."""
     if not run.out_path or run.result is None:
         return None
     path = os.path.join(run.out_path, RECORD_NAME)
-    tmp = None
     try:
-        os.makedirs(run.out_path, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=run.out_path)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(record_payload(run), f, indent=2)
-        os.replace(tmp, path)
-        tmp = None
+        write_json(path, record_payload(run), indent=2)
     except OSError as error:
         LOG.warning("MetaGPT: could not write %s: %s", path, error)
         return None
-    finally:
-        if tmp is not None:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
     return path
 
 

@@ -13,9 +13,15 @@ SCALES = (0.01, 0.03, 0.1)
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path):
-    """No progress bars, and a norm cache of the test's own (never the user's)."""
+    """No progress bars, a norm cache of the test's own (never the user's), and an
+    empty in-process memo before and after: no test leans on norms another computed."""
+    from mergekit_metagpt import prepass
+
     monkeypatch.setenv("MERGEKIT_METAGPT_PROGRESS", "0")
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "norm-cache"))
+    prepass.clear_memo()
+    yield
+    prepass.clear_memo()
 
 
 def _family(root, dtype, scales=SCALES, seed=0):

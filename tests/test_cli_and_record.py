@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from checkpoints import closed_form, load_checkpoint
+from checkpoints import closed_form
 from merging import run_mergekit_yaml, recipe, run_recipe, write_yaml
 from mergekit.io.tasks import LoaderCache
 from mergekit_metagpt.cli import main

@@ -16,37 +16,55 @@ MODELS = ["model0", "model1", "model2"]
 
 
 @pytest.mark.parametrize("read_to_gpu, low_cpu_memory", [(False, False), (True, False), (True, True)])
-def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, llama_family_bf16, tmp_path):
+def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, llama_family_bf16, tmp_path, monkeypatch):
     from mergekit.options import MergeOptions
 
+    # no norm cache, no memo: the GPU merge must run its own pre-pass, on the GPU
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    prepass.clear_memo()
     paths, _ = llama_family_bf16
     config = recipe(paths, MODELS, dtype="bfloat16")
+    runs = prepass.STATS.runs
     cpu = run_recipe(config, str(tmp_path / "cpu"), MergeOptions(copy_tokenizer=False, quiet=True))
-    prepass.clear_memo()
+    assert prepass.STATS.runs == runs + 1 and prepass.STATS.devices[-1] == "cpu"
     LoaderCache().flush_all()
     torch.cuda.reset_peak_memory_stats()
     gpu = run_recipe(config, str(tmp_path / "gpu"), MergeOptions(
         copy_tokenizer=False, quiet=True, device="cuda", read_to_gpu=read_to_gpu, low_cpu_memory=low_cpu_memory,
     ))
+    assert prepass.STATS.runs == runs + 2, "the GPU merge did not run its own pre-pass"
+    assert prepass.STATS.devices[-1].startswith("cuda"), prepass.STATS.devices[-2:]
     for name in cpu:
         assert torch.allclose(cpu[name].float(), gpu[name].float(), atol=1e-2, rtol=1e-2), name
 
 
-def test_prepass_on_gpu_uses_a_few_tensors_of_memory(llama_family):
-    from mergekit.common import ModelReference
+def planned_norms(paths, device):
+    """The pre-pass of a planned recipe (as `mergekit-metagpt coefficients` runs it)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
 
+    from mergekit_metagpt.planning import plan_recipe
+
+    config = MergeConfiguration.model_validate(recipe(paths, MODELS))
+    run = plan_recipe(config, MergeOptions(quiet=True))
+    (set_norms,) = prepass.compute(run, torch.device(device)).sets
+    return {str(model): norm for model, norm in set_norms.coefficients.squared_norms}
+
+
+def test_prepass_on_gpu_uses_a_few_tensors_of_memory(llama_family, monkeypatch):
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
     paths, sds = llama_family
     prepass.clear_memo()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     start = torch.cuda.memory_allocated()
-    base = ModelReference.parse(paths["base"])
-    models = [ModelReference.parse(paths[m]) for m in MODELS]
-    norms = prepass.checkpoint_norms(base, models, torch.device("cuda"))
+    runs = prepass.STATS.runs
+    norms = planned_norms(paths, "cuda")
+    assert prepass.STATS.runs == runs + 1 and prepass.STATS.devices[-1].startswith("cuda")
     peak = torch.cuda.max_memory_allocated() - start
     largest = max(t.numel() * 4 for t in sds["base"].values())
     model_bytes = sum(t.numel() * t.element_size() for t in sds["base"].values())
     assert peak <= 8 * largest + (1 << 20), (peak, largest)
     assert peak < 4 * model_bytes
     expected = sum(float((sds["model2"][k].double() - sds["base"][k].double()).pow(2).sum()) for k in sds["base"])
-    assert abs(sum(norms[models[2]].values()) - expected) / expected < 1e-5
+    assert abs(norms[paths["model2"]] - expected) / expected < 1e-5

@@ -25,14 +25,43 @@ def test_example_is_a_valid_recipe(path):
     assert config.merge_method.startswith("metagpt") and config.base_model is not None
 
 
-@pytest.mark.parametrize("name", ["metagpt-tiny.yml", "metagpt-tiny-ties.yml"])
-def test_tiny_example_runs_on_demo_models(name, tmp_path, monkeypatch, merge_options):
+TINY = ["metagpt-tiny.yml", "metagpt-tiny-ties.yml", "metagpt-tiny-dare.yml"]
+
+
+def test_each_method_has_a_tiny_example():
+    names = {os.path.basename(p) for p in EXAMPLES}
+    assert set(TINY) <= names
+    tiny = {yaml.safe_load(open(p))["merge_method"] for p in EXAMPLES if os.path.basename(p) in TINY}
+    assert tiny == {"metagpt", "metagpt_ties", "metagpt_dare"}
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_example_runs_on_demo_models(name, tmp_path, monkeypatch, merge_options, capsys):
+    import json
+
     from mergekit.merge import run_merge
 
+    from mergekit_metagpt import prepass
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
     assert main(["demo-models", "./tiny-models"]) == 0
     path = next(p for p in EXAMPLES if os.path.basename(p) == name)
-    config = MergeConfiguration.model_validate(yaml.safe_load(open(path)))
+    recipe = yaml.safe_load(open(path))
+    config = MergeConfiguration.model_validate(recipe)
+    runs = prepass.STATS.runs
     run_merge(config, "./merged", options=merge_options)
+    assert prepass.STATS.runs == runs + 1
     merged = load_checkpoint("./merged")
-    assert "lm_head.weight" in merged and os.path.exists("./merged/metagpt_coefficients.json")
+    assert "lm_head.weight" in merged
+    with open("./merged/metagpt_coefficients.json") as f:
+        record = json.load(f)
+    (entry,) = record["merges"]
+    assert record["merge_method"] == recipe["merge_method"]
+    assert [m["model"] for m in entry["models"]] == [m["model"] for m in recipe["models"]]
+    assert abs(sum(m["lambda"] for m in entry["models"]) - 1.0) < 1e-9
+    # the CLI reads the same example the same way
+    capsys.readouterr()
+    assert main(["coefficients", path, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert [m["lambda"] for m in printed["merges"][0]["models"]] == [m["lambda"] for m in entry["models"]]

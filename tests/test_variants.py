@@ -52,22 +52,132 @@ def test_dare_is_reproducible_with_a_seed(llama_family, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_lambda_from_sparse_uses_sparsified_norms():
+def _trimmed_norms(base, models, densities):
+    """Independent ‖TIES-trimmed δ‖²: per tensor, the k = max(1, int(density·numel))
+    entries of largest |δ| (no rescale for ties), in float64."""
+    out = {}
+    for name, sd in models.items():
+        total = 0.0
+        for key in base:
+            delta = (sd[key].double() - base[key].double()).reshape(-1)
+            k = max(1, int(densities[name] * delta.numel()))
+            total += float(delta.abs().topk(k).values.pow(2).sum())
+        out[name] = total
+    return out
+
+
+def _dense_norms(base, models):
+    return {n: sum(float((sd[k].double() - base[k].double()).pow(2).sum()) for k in base) for n, sd in models.items()}
+
+
+def _normalized(norms):
+    total = sum(norms.values())
+    return {k: v / total for k, v in norms.items()}
+
+
+def test_lambda_from_sparse_uses_sparsified_norms_ties_in_memory():
     from mergekit.merge_methods import merge_state_dicts
 
     from checkpoints import perturbed, random_state_dict
 
     base = random_state_dict(5)
-    sds = {"base": base, "a": perturbed(base, 0.01, 1), "b": perturbed(base, 0.05, 2)}
-    dense = merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": 1.0})
-    same = merge_state_dicts(sds, "metagpt_ties", base="base",
-                             parameters={"density": 1.0, "lambda_from": "sparse"})
+    models = {"a": perturbed(base, 0.02, 1), "b": perturbed(base, 0.03, 2)}
+    sds = {"base": base, **models}
     # density 1 keeps everything: sparse and dense λ agree
+    dense = merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": 1.0})
+    same = merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": 1.0, "lambda_from": "sparse"})
     assert all(torch.allclose(dense[k], same[k], atol=1e-6) for k in dense)
-    # with trimming, the λ come from the trimmed vectors: a per-density pre-pass, another result
-    d1 = merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": 0.3})
-    s1 = merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": 0.3, "lambda_from": "sparse"})
-    assert any(not torch.allclose(d1[k], s1[k]) for k in d1)
+    densities = {"a": 0.05, "b": 0.9}
+    lams = _normalized(_trimmed_norms(base, models, densities))
+    dense_lams = _normalized(_dense_norms(base, models))
+    assert abs(lams["a"] - dense_lams["a"]) > 0.1  # the two readings really differ here
+    ours = merge_state_dicts(sds, "metagpt_ties", base="base",
+                             parameters={"density": densities, "lambda_from": "sparse"})
+    for weights, should_match in ((lams, True), (dense_lams, False)):
+        stock = merge_state_dicts(sds, "ties", base="base", parameters={
+            "density": densities, "weight": weights, "normalize": False})
+        close = all(torch.allclose(ours[k], stock[k], atol=1e-6, rtol=0) for k in ours)
+        assert close is should_match, weights
+
+
+def test_lambda_from_sparse_uses_sparsified_norms_ties_merge(llama_family, tmp_path):
+    """A graph merge: λ (record) and output match stock ties with λ from the trimmed vectors."""
+    import json
+
+    from mergekit.options import MergeOptions
+
+    paths, sds = llama_family
+    options = MergeOptions(copy_tokenizer=False, quiet=True)
+    densities = {"model0": 0.3, "model2": 0.7}
+    lams = _normalized(_trimmed_norms(sds["base"], {m: sds[m] for m in densities}, densities))
+    config = recipe(paths, list(densities), method="metagpt_ties", parameters={"lambda_from": "sparse"})
+    config["models"] = [{"model": paths[m], "parameters": {"density": d}} for m, d in densities.items()]
+    mine = run_recipe(config, str(tmp_path / "ours"), options)
+    record = json.load(open(tmp_path / "ours" / "metagpt_coefficients.json"))
+    for row, model in zip(record["merges"][0]["models"], densities):
+        assert abs(row["lambda"] - lams[model]) < 1e-6, (model, row, lams)
+    LoaderCache().flush_all()
+    stock = recipe(paths, list(densities), method="ties", parameters={"normalize": False})
+    stock["models"] = [{"model": paths[m], "parameters": {"density": d, "weight": lams[m]}} for m, d in densities.items()]
+    theirs = run_recipe(stock, str(tmp_path / "stock"), options)
+    for name in mine:
+        assert torch.allclose(mine[name], theirs[name], atol=2e-6, rtol=0), name
+
+
+def _dare_expected(norms, densities):
+    """E‖DARE(δ)‖² ≈ ‖δ‖²/p (keep each entry with probability p, l1 rescale ≈ 1/p)."""
+    return _normalized({m: norms[m] / densities[m] for m in norms})
+
+
+def test_lambda_from_sparse_uses_sparsified_norms_dare_merge(llama_family, tmp_path):
+    import json
+
+    from mergekit.options import MergeOptions
+
+    paths, sds = llama_family
+    densities = {"model0": 0.3, "model1": 0.8}
+    norms = _dense_norms(sds["base"], {m: sds[m] for m in densities})
+    expected = _dare_expected(norms, densities)
+    dense = _normalized(norms)
+    no_rescale = _normalized({m: norms[m] * densities[m] for m in norms})
+    config = recipe(paths, list(densities), method="metagpt_dare", parameters={"lambda_from": "sparse"})
+    config["models"] = [{"model": paths[m], "parameters": {"density": d}} for m, d in densities.items()]
+    run_recipe(config, str(tmp_path / "out"), MergeOptions(copy_tokenizer=False, quiet=True, random_seed=3))
+    record = json.load(open(tmp_path / "out" / "metagpt_coefficients.json"))
+    got = {m: row["lambda"] for m, row in zip(densities, record["merges"][0]["models"])}
+    # ~20k entries per model: the sampling error of λ is well under 0.01
+    assert abs(got["model0"] - expected["model0"]) < 0.02, (got, expected)
+    for wrong in (dense, no_rescale):  # far from the dense λ and from unrescaled masks
+        assert abs(got["model0"] - wrong["model0"]) > 0.08, (got, wrong)
+
+
+def test_lambda_from_sparse_uses_sparsified_norms_dare_in_memory(monkeypatch):
+    """In memory, on larger tensors: λ within a tight statistical bound of ‖δ‖²/p."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergekit_metagpt.method import MetaGPTMerge
+
+    seen = []
+    original = MetaGPTMerge.merge_with_lambdas
+
+    def spy(self, group, lambdas, parameters):
+        seen.append(dict(lambdas))
+        return original(self, group, lambdas, parameters)
+
+    monkeypatch.setattr(MetaGPTMerge, "merge_with_lambdas", spy)
+    gen = torch.Generator().manual_seed(0)
+    base = {f"w{i}": torch.randn(256, 512, generator=gen) for i in range(3)}
+    models = {
+        "a": {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+        "b": {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in base.items()},
+    }
+    densities = {"a": 0.3, "b": 0.8}
+    torch.manual_seed(0)
+    merge_state_dicts({"base": base, **models}, "metagpt_dare", base="base",
+                      parameters={"density": densities, "lambda_from": "sparse"})
+    expected = _dare_expected(_dense_norms(base, models), densities)
+    assert seen and all(s == seen[0] for s in seen)
+    assert abs(seen[0]["a"] - expected["a"]) < 0.005, (seen[0], expected)
 
 
 def test_per_tensor_granularity_uses_each_tensors_own_norms():

@@ -1,0 +1,264 @@
+"""mergekit-metagpt coefficients / bake check a recipe as mergekit-yaml does.
+
+Every refusal is one line on stderr, ``mergekit-metagpt: error: ...``, exit status 1,
+and ``bake`` then writes nothing. The command-line cases run the installed console
+script in fresh processes (started together, to keep the suite quick).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from merging import recipe, run_recipe, safetensors_in, write_yaml
+from mergekit.io.tasks import LoaderCache
+from mergekit_metagpt import prepass
+from mergekit_metagpt.cli import main
+
+MODELS = ["model0", "model1", "model2"]
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
+
+
+def _with_model_params(paths, params, models=("model0", "model1")):
+    config = recipe(paths, list(models))
+    config["models"][0]["parameters"] = params
+    return config
+
+
+def _bad_recipes(paths):
+    """name: (recipe, what the one error line must contain)."""
+    return {
+        "negative_lambda": (recipe(paths, MODELS, parameters={"lambda": -1}),
+                            ["parameter lambda must be a finite number >= 0", "-1"]),
+        "lambda_not_a_number": (recipe(paths, MODELS, parameters={"lambda": "big"}),
+                                ["parameter lambda must be a finite number >= 0", "big"]),
+        "misspelt_parameter": (recipe(paths, MODELS, parameters={"lamda": 0.5}),
+                               ["Unknown parameter", "lamda", "it takes: granularity, lambda"]),
+        "per_model_lambda": (_with_model_params(paths, {"lambda": 0.5}),
+                             ["lambda", "given for a single model", "top-level"]),
+        "per_model_weight": (_with_model_params(paths, {"weight": 0.5}),
+                             ["weight", "MetaGPT computes each model's weight", "mergekit-metagpt bake"]),
+        "missing_model_folder": (
+            {**recipe(paths, ["model0"]), "models": [{"model": paths["model0"]},
+                                                     {"model": paths["base"] + "-no-such-model"}]},
+            [f"model {paths['base']}-no-such-model: no such folder"]),
+    }
+
+
+def _slices(paths):
+    def source(name, layers):
+        return {"model": paths[name], "layer_range": layers}
+
+    return {
+        "merge_method": "metagpt",
+        "base_model": paths["base"],
+        "dtype": "float32",
+        "slices": [
+            {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
+            {"sources": [source("base", [1, 2]), source("model1", [1, 2]), source("model2", [1, 2])]},
+        ],
+    }
+
+
+BAD = ["negative_lambda", "lambda_not_a_number", "misspelt_parameter", "per_model_lambda",
+       "per_model_weight", "missing_model_folder"]
+
+
+
+@pytest.fixture(scope="module")
+def cli_runs(llama_family, tmp_path_factory):
+    """Fresh console-script processes, two at a time: {(case, command): (rc, stdout, stderr, wrote)}."""
+    paths, _ = llama_family
+    root = tmp_path_factory.mktemp("cli")
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(root / "cache"), MERGEKIT_METAGPT_PROGRESS="0")
+    cases = _bad_recipes(paths)
+    jobs = {}
+    # a parameter mergekit itself resolves while planning (transformers has spoken by then)
+    path = write_yaml(cases["negative_lambda"][0], str(root / "negative_lambda.yml"))
+    for command in ("coefficients", "bake"):
+        out = str(root / f"negative_lambda-{command}-baked.yml")
+        jobs[("negative_lambda", command)] = (
+            [SCRIPT, command, path] + ([out] if command == "bake" else []), out, env)
+    slices = write_yaml(_slices(paths), str(root / "slices.yml"))
+    out = str(root / "slices-baked.yml")
+    jobs[("bake_slices", "bake")] = ([SCRIPT, "bake", slices, out], out, env)
+    # a hub id with HF_HUB_OFFLINE=1 (read when huggingface_hub is imported): time main()
+    # itself, after the imports
+    hub = write_yaml({**recipe(paths, ["model0"]),
+                      "models": [{"model": paths["model0"]}, {"model": "metagpt-test-org/no-such-model"}]},
+                     str(root / "hub.yml"))
+    timed = ("import sys, time\nimport mergekit.merge, mergekit.plan, mergekit.options, mergekit.architecture\n"
+             "from mergekit_metagpt.cli import main\nt = time.perf_counter()\n"
+             "rc = main(sys.argv[1:])\nprint(f'ELAPSED {time.perf_counter() - t:.3f}')\nsys.exit(rc)\n")
+    jobs[("hub_offline", "coefficients")] = (
+        [sys.executable, "-c", timed, "coefficients", hub], None, dict(env, HF_HUB_OFFLINE="1"))
+    # mergekit-yaml itself, with a per-model lambda (the start-up hook's run_merge check)
+    per_model = write_yaml(cases["per_model_lambda"][0], str(root / "per_model_lambda.yml"))
+    merged = str(root / "per-model-lambda-merged")
+    jobs[("per_model_lambda", "mergekit-yaml")] = (
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"), per_model, merged,
+         "--no-copy-tokenizer", "--quiet"], merged, env)
+    results = {}
+    keys = list(jobs)
+    for start in range(0, len(keys), 2):
+        batch = {
+            key: subprocess.Popen(jobs[key][0], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=jobs[key][2])
+            for key in keys[start:start + 2]
+        }
+        for key, process in batch.items():
+            stdout, stderr = process.communicate(timeout=600)
+            out = jobs[key][1]
+            results[key] = (process.returncode, stdout, stderr, bool(out) and os.path.exists(out))
+    return results
+
+
+def _one_error_line(rc, stderr):
+    assert rc == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("mergekit-metagpt: error: "), stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["coefficients", "bake"])
+@pytest.mark.parametrize("case", BAD)
+def test_bad_recipe_is_refused_in_one_line(case, command, llama_family, tmp_path, capfd):
+    config, expected = _bad_recipes(llama_family[0])[case]
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    out = str(tmp_path / "baked.yml")
+    capfd.readouterr()
+    runs = prepass.STATS.runs
+    rc = main([command, path] + ([out] if command == "bake" else []))
+    captured = capfd.readouterr()
+    line = _one_error_line(rc, captured.err)
+    for text in expected:
+        assert text in line, (text, line)
+    assert not os.path.exists(out)  # bake wrote nothing
+    assert prepass.STATS.runs == runs  # refused before any tensor was read
+
+
+@pytest.mark.parametrize("command", ["coefficients", "bake"])
+def test_console_script_refuses_a_bad_lambda_in_one_line(command, cli_runs):
+    rc, _stdout, stderr, wrote = cli_runs[("negative_lambda", command)]
+    line = _one_error_line(rc, stderr)
+    assert "parameter lambda must be a finite number >= 0 (got -1)" in line, line
+    assert not wrote
+
+
+def test_bake_refuses_slices_and_says_why(cli_runs):
+    rc, _stdout, stderr, wrote = cli_runs[("bake_slices", "bake")]
+    line = _one_error_line(rc, stderr)
+    assert "slices:" in line and "its own λ" in line and "coefficients" in line, line
+    assert not wrote
+
+
+def test_hub_model_offline_fails_at_once_naming_the_model(cli_runs):
+    rc, stdout, stderr, _ = cli_runs[("hub_offline", "coefficients")]
+    line = _one_error_line(rc, stderr)
+    assert "cannot load model metagpt-test-org/no-such-model" in line, line
+    elapsed = float(next(l for l in stdout.splitlines() if l.startswith("ELAPSED")).split()[1])
+    assert elapsed < 10.0, elapsed  # no download retries (about 0.1 s unloaded)
+
+
+def test_mergekit_yaml_refuses_a_per_model_lambda(cli_runs):
+    rc, _stdout, stderr, wrote = cli_runs[("per_model_lambda", "mergekit-yaml")]
+    assert rc != 0 and "given for a single model" in stderr, stderr
+    assert not wrote  # refused before the output folder was made
+
+
+# -- in-process ---------------------------------------------------------------------------
+def test_merge_refuses_what_the_cli_refuses(llama_family, merge_options, tmp_path):
+    """run_merge (mergekit-yaml's path) runs the same check_config: per-model lambda and
+    weight are refused before anything is read or written."""
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = llama_family
+    for params, text in (({"lambda": 0.5}, "given for a single model"), ({"weight": 0.5}, "mergekit-metagpt bake")):
+        out = str(tmp_path / f"out-{next(iter(params))}")
+        runs = prepass.STATS.runs
+        with pytest.raises(MetaGPTError, match=text):
+            run_recipe(_with_model_params(paths, params), out, merge_options)
+        assert prepass.STATS.runs == runs and not safetensors_in(out)
+        assert not os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+
+
+def test_bake_accepts_mergekits_dict_form_of_a_model(llama_family, merge_options, tmp_path, capsys):
+    paths, sds = llama_family
+    config = recipe(paths, MODELS)
+    config["models"] = [{"model": {"model": {"path": paths[m]}}} for m in MODELS]
+    source = write_yaml(config, str(tmp_path / "r.yml"))
+    baked_path = str(tmp_path / "baked.yml")
+    assert main(["bake", source, baked_path]) == 0
+    baked = yaml.safe_load(open(baked_path))
+    assert baked["merge_method"] == "task_arithmetic" and baked["parameters"]["normalize"] is False
+    weights = [m["parameters"]["weight"] for m in baked["models"]]
+    assert [m["model"] for m in baked["models"]] == [m["model"] for m in config["models"]]  # the form is kept
+    base = sds["base"]
+    norms = [sum(float((sds[m][k].double() - base[k].double()).pow(2).sum()) for k in base) for m in MODELS]
+    for weight, norm in zip(weights, norms):
+        assert abs(weight - norm / sum(norms)) < 1e-7
+    # and the baked recipe merges like the original on stock mergekit
+    import torch
+
+    a = run_recipe(config, str(tmp_path / "a"), merge_options)
+    LoaderCache().flush_all()
+    b = run_recipe(baked, str(tmp_path / "b"), merge_options)
+    assert all(torch.allclose(a[k], b[k], atol=2e-6, rtol=0) for k in a)
+
+
+def test_coefficients_reports_each_model_set_of_a_slices_recipe(llama_family, tmp_path, capsys):
+    paths, sds = llama_family
+    path = write_yaml(_slices(paths), str(tmp_path / "slices.yml"))
+    names = list(sds["base"])
+    first = [k for k in names if k.startswith("model.layers.0.") or k == "model.embed_tokens.weight"]
+    second = [k for k in names if k not in first]
+    expected = []
+    for models, tensors in ((["model0", "model1"], first), (["model1", "model2"], second)):
+        norms = [sum(float((sds[m][k].double() - sds["base"][k].double()).pow(2).sum()) for k in tensors)
+                 for m in models]
+        expected.append((models, tensors, [n / sum(norms) for n in norms]))
+    assert main(["coefficients", path]) == 0
+    text = capsys.readouterr().out
+    blocks = text.split("model set ")[1:]
+    assert len(blocks) == 2 and blocks[0].startswith("1 of 2") and blocks[1].startswith("2 of 2"), text
+    for block, (models, tensors, lams) in zip(blocks, expected):
+        assert f"{len(tensors)} tensors" in block.splitlines()[0]
+        for model, lam in zip(models, lams):
+            row = next(l for l in block.splitlines() if l.startswith(paths[model]))
+            assert f"{lam:.6f}" in row, (row, lam)
+    assert main(["coefficients", path, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["merges"]) == 2
+    for entry, (models, tensors, lams) in zip(data["merges"], expected):
+        assert entry["tensors"] == len(tensors)
+        assert [m["model"] for m in entry["models"]] == [paths[m] for m in models]
+        for row, lam in zip(entry["models"], lams):
+            assert abs(row["lambda"] - lam) < 1e-6
+
+
+def test_coefficients_text_says_what_the_merge_uses(llama_family, tmp_path, capsys):
+    """per_tensor: each model's λ spread besides the whole-set λ; sparse: says so. The
+    numbers are the --json ones."""
+    paths, _ = llama_family
+    config = recipe(paths, MODELS, method="metagpt_ties",
+                    parameters={"granularity": "per_tensor", "lambda_from": "sparse", "density": 0.5})
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    assert main(["coefficients", path]) == 0
+    text = capsys.readouterr().out
+    assert main(["coefficients", path, "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["merges"]
+    assert "lambda per tensor: min / median / max" in text.splitlines()[0]
+    for row in entry["models"]:
+        line = next(l for l in text.splitlines() if l.startswith(row["model"]))
+        spread = row["lambda_per_tensor"]
+        assert f"{row['lambda']:.6f}" in line
+        assert f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}" in line
+    assert "granularity: per_tensor" in text and "sparsified task vectors" in text
+    # a plain recipe has neither note
+    assert main(["coefficients", write_yaml(recipe(paths, MODELS), str(tmp_path / "plain.yml"))]) == 0
+    plain = capsys.readouterr().out
+    assert "per_tensor" not in plain and "sparsified" not in plain and "per tensor" not in plain

@@ -1,0 +1,315 @@
+"""The merge's record (metagpt_coefficients.json) and the λ tables in the model card.
+
+Every test starts cold: its own norm cache folder (conftest) and an empty in-process
+memo, so nothing here leans on norms an earlier test computed.
+"""
+
+import json
+import os
+import statistics
+import threading
+
+import pytest
+
+from checkpoints import closed_form
+from merging import recipe, run_recipe, write_yaml
+from mergekit_metagpt import prepass
+from mergekit_metagpt.cli import main
+
+MODELS = ["model0", "model1", "model2"]
+RECORD = "metagpt_coefficients.json"
+CARD_MARK = "## MetaGPT coefficients"
+
+
+def read_record(out):
+    with open(os.path.join(out, RECORD)) as f:
+        return json.load(f)
+
+
+def read_card(out):
+    with open(os.path.join(out, "README.md")) as f:
+        return f.read()
+
+
+def squared_norms(sds, models, names=None):
+    """‖θ_t − θ₀‖² in float64 over `names` (default: every tensor)."""
+    base = sds["base"]
+    names = list(base) if names is None else names
+    return [
+        sum(float((sds[m][k].double() - base[k].double()).pow(2).sum()) for k in names)
+        for m in models
+    ]
+
+
+def lambdas_of(norms):
+    total = sum(norms)
+    return [n / total for n in norms]
+
+
+def card_rows(card, model):
+    """(‖δ‖², λ) of each card table row for `model`, in card order."""
+    rows = []
+    for line in card.splitlines():
+        if line.startswith(f"| {model} |"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            rows.append((float(cells[1]), float(cells[2])))
+    return rows
+
+
+# -- one record per run ----------------------------------------------------------------
+def test_rerun_into_the_same_folder_leaves_one_record_of_the_last_run(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert len(read_record(out)["merges"][0]["models"]) == 3
+    # the second run merges two models with another scale into the same folder
+    run_recipe(recipe(paths, ["model0", "model1"], parameters={"lambda": 0.5}), out, merge_options)
+    record = read_record(out)
+    assert isinstance(record, dict) and record["format"] == 2
+    (merge,) = record["merges"]
+    assert merge["lambda"] == 0.5
+    expected = lambdas_of(squared_norms(sds, ["model0", "model1"]))
+    assert [m["model"] for m in merge["models"]] == [paths["model0"], paths["model1"]]
+    for row, lam in zip(merge["models"], expected):
+        assert abs(row["lambda"] - lam) < 1e-7
+    card = read_card(out)
+    assert card.count(CARD_MARK) == 1
+    assert not card_rows(card, paths["model2"])  # the first run's table is gone
+
+
+def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, merge_options, tmp_path):
+    """A folder never holds λ that its model was not merged with: a later merge of
+    another method into it (or one that stops before its pre-pass) leaves no record."""
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert os.path.exists(os.path.join(out, RECORD))
+    run_recipe(recipe(paths, ["model0", "model1"], method="task_arithmetic",
+                      parameters={"weight": 0.5}), out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+    assert CARD_MARK not in read_card(out)
+
+
+# -- slices: one entry per model set -----------------------------------------------------
+def slices_recipe(paths):
+    """Layer 0 merges model0 + model1, layer 1 merges model1 + model2 (same base)."""
+    def source(name, layers):
+        return {"model": paths[name], "layer_range": layers}
+
+    return {
+        "merge_method": "metagpt",
+        "base_model": paths["base"],
+        "dtype": "float32",
+        "slices": [
+            {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
+            {"sources": [source("base", [1, 2]), source("model1", [1, 2]), source("model2", [1, 2])]},
+        ],
+    }
+
+
+def slice_sets(sds):
+    """Independently: which tensors each model set merges (mergekit takes the
+    embeddings from the first slice's models and the final norm and lm_head from the
+    last slice's), and the closed-form λ of each set."""
+    names = list(sds["base"])
+    first = [k for k in names if k.startswith("model.layers.0.") or k == "model.embed_tokens.weight"]
+    second = [k for k in names if k not in first]
+    assert any(k.startswith("model.layers.1.") for k in second) and "lm_head.weight" in second
+    return [
+        (["model0", "model1"], first, lambdas_of(squared_norms(sds, ["model0", "model1"], first)),
+         squared_norms(sds, ["model0", "model1"], first)),
+        (["model1", "model2"], second, lambdas_of(squared_norms(sds, ["model1", "model2"], second)),
+         squared_norms(sds, ["model1", "model2"], second)),
+    ]
+
+
+def test_slices_record_and_card_have_one_entry_per_model_set(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(slices_recipe(paths), out, merge_options)
+    record = read_record(out)
+    assert len(record["merges"]) == 2
+    card = read_card(out)
+    assert card.count(CARD_MARK) == 1
+    assert "Model set 1 of 2" in card and "Model set 2 of 2" in card
+    for entry, (models, names, lams, norms) in zip(record["merges"], slice_sets(sds)):
+        assert entry["base_model"] == paths["base"] and entry["tensors"] == len(names)
+        assert [m["model"] for m in entry["models"]] == [paths[m] for m in models]
+        for row, lam, norm in zip(entry["models"], lams, norms):
+            assert abs(row["lambda"] - lam) < 1e-6 and abs(row["squared_norm"] - norm) / norm < 1e-5
+    # model1 is in both sets, with each set's own norm and λ, in set order
+    (_, _, lams1, norms1), (_, _, lams2, norms2) = slice_sets(sds)
+    rows = card_rows(card, paths["model1"])
+    assert len(rows) == 2
+    assert abs(rows[0][1] - lams1[1]) < 2e-6 and abs(rows[1][1] - lams2[0]) < 2e-6
+    assert abs(rows[0][0] - norms1[1]) / norms1[1] < 1e-5 and abs(rows[1][0] - norms2[0]) / norms2[0] < 1e-5
+    assert len(card_rows(card, paths["model0"])) == 1 and len(card_rows(card, paths["model2"])) == 1
+
+
+# -- threads -----------------------------------------------------------------------------
+def _in_thread(target, *args):
+    errors = []
+
+    def body():
+        try:
+            target(*args)
+        except BaseException as error:  # noqa: BLE001 - reported to the test
+            errors.append(error)
+
+    thread = threading.Thread(target=body)
+    return thread, errors
+
+
+def test_run_merge_from_a_worker_thread_writes_record_and_card(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    out = str(tmp_path / "out")
+    thread, errors = _in_thread(run_recipe, recipe(paths, MODELS), out, merge_options)
+    thread.start()
+    thread.join(timeout=300)
+    assert not thread.is_alive() and not errors, errors
+    (merge,) = read_record(out)["merges"]
+    for row, model, lam in zip(merge["models"], MODELS, lams):
+        assert row["model"] == paths[model] and abs(row["lambda"] - lam) < 1e-7
+    card = read_card(out)
+    for model, lam in zip(MODELS, lams):
+        (row,) = card_rows(card, paths[model])
+        assert abs(row[1] - lam) < 2e-6
+
+
+def test_two_concurrent_merges_each_write_their_own_record(llama_family, merge_options, tmp_path, monkeypatch):
+    paths, sds = llama_family
+    # both merges wait for each other inside their pre-pass: they really overlap
+    barrier = threading.Barrier(2, timeout=120)
+    original = prepass.compute
+
+    def compute(*args, **kwargs):
+        barrier.wait()
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prepass, "compute", compute)
+    jobs = {"a": ["model0", "model1"], "b": ["model1", "model2"]}
+    threads = {}
+    for name, models in jobs.items():
+        threads[name] = _in_thread(run_recipe, recipe(paths, models), str(tmp_path / name), merge_options)
+    for thread, _ in threads.values():
+        thread.start()
+    for name, (thread, errors) in threads.items():
+        thread.join(timeout=300)
+        assert not thread.is_alive() and not errors, (name, errors)
+    for name, models in jobs.items():
+        out = str(tmp_path / name)
+        (merge,) = read_record(out)["merges"]
+        assert [m["model"] for m in merge["models"]] == [paths[m] for m in models], name
+        for row, lam in zip(merge["models"], lambdas_of(squared_norms(sds, models))):
+            assert abs(row["lambda"] - lam) < 1e-7, name
+        card = read_card(out)
+        assert card.count(CARD_MARK) == 1
+        for model in models:
+            assert len(card_rows(card, paths[model])) == 1, (name, model)
+
+
+# -- per_tensor --------------------------------------------------------------------------
+def test_per_tensor_record_gives_each_models_lambda_spread(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS, parameters={"granularity": "per_tensor"}), out, merge_options)
+    (merge,) = read_record(out)["merges"]
+    assert merge["granularity"] == "per_tensor"
+    names = list(sds["base"])
+    # independent closed form: per tensor, λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖² of that tensor alone
+    per_tensor = {m: [] for m in MODELS}
+    for name in names:
+        norms = squared_norms(sds, MODELS, [name])
+        for model, lam in zip(MODELS, lambdas_of(norms)):
+            per_tensor[model].append(lam)
+    assert merge["tensors"] == len(names)
+    card = read_card(out)
+    assert "λ per tensor: min / median / max" in card
+    for row, model in zip(merge["models"], MODELS):
+        spread = row["lambda_per_tensor"]
+        values = per_tensor[model]
+        expected = {"min": min(values), "median": statistics.median(values), "max": max(values)}
+        for key in ("min", "median", "max"):
+            assert abs(spread[key] - expected[key]) < 1e-6, (model, key, spread, expected)
+        assert spread["min"] < spread["max"]  # the tensors really differ
+        card_line = next(l for l in card.splitlines() if l.startswith(f"| {paths[model]} |"))
+        assert f"{expected['median']:.6f}" in card_line
+
+
+# -- lambda_from: sparse -----------------------------------------------------------------
+def trimmed_norms(sds, models, densities):
+    """‖TIES-trimmed δ‖²: per tensor the k = max(1, int(density·numel)) largest |δ|, no rescale."""
+    base = sds["base"]
+    out = []
+    for model in models:
+        total = 0.0
+        for name in base:
+            delta = (sds[model][name].double() - base[name].double()).reshape(-1)
+            k = max(1, int(densities[model] * delta.numel()))
+            total += float(delta.abs().topk(k).values.pow(2).sum())
+        out.append(total)
+    return out
+
+
+def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llama_family, merge_options, tmp_path):
+    paths, sds = llama_family
+    models = ["model0", "model1"]
+    densities = {"model0": 0.3, "model1": 0.7}
+    config = recipe(paths, models, method="metagpt_ties", parameters={"lambda_from": "sparse"})
+    config["models"] = [{"model": paths[m], "parameters": {"density": densities[m]}} for m in models]
+    out = str(tmp_path / "out")
+    run_recipe(config, out, merge_options)
+    record = read_record(out)
+    assert "sparsified" in record["norms"]
+    (merge,) = record["merges"]
+    assert merge["lambda_from"] == "sparse"
+    assert merge["density"] == {paths[m]: densities[m] for m in models}
+    expected = trimmed_norms(sds, models, densities)
+    for row, norm, lam in zip(merge["models"], expected, lambdas_of(expected)):
+        assert abs(row["squared_norm"] - norm) / norm < 1e-5 and abs(row["lambda"] - lam) < 1e-6
+    card = read_card(out)
+    assert "the norms are of the sparsified task vectors" in card
+    # and a dense run of the same recipe says nothing of the kind
+    dense = str(tmp_path / "dense")
+    config["parameters"] = {"lambda_from": "dense"}
+    run_recipe(config, dense, merge_options)
+    assert "sparsified" not in read_record(dense)["norms"]
+    assert "sparsified" not in read_card(dense)
+
+
+# -- the record and `coefficients --json` are one shape ----------------------------------
+FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges"}
+ENTRY_FIELDS = {"base_model", "tensors", "granularity", "lambda", "lambda_from", "density", "models"}
+
+
+def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_options, tmp_path, capsys):
+    from mergekit_metagpt import __version__
+
+    paths, sds = llama_family
+    config = recipe(paths, MODELS, method="metagpt_ties", parameters={"lambda": 0.7})
+    config["models"] = [{"model": paths[m], "parameters": {"density": d}} for m, d in zip(MODELS, (0.4, 0.5, 0.6))]
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    assert main(["coefficients", path, "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    prepass.clear_memo()
+    out = str(tmp_path / "out")
+    run_recipe(config, out, merge_options)
+    record = read_record(out)
+    assert set(record) == set(printed) == FIELDS
+    for data in (record, printed):
+        assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32"
+        assert data["plugin_version"] == __version__ and data["format"] == 2
+        (entry,) = data["merges"]
+        assert set(entry) == ENTRY_FIELDS
+        assert entry["base_model"] == paths["base"] and entry["lambda"] == 0.7
+        assert entry["granularity"] == "global" and entry["lambda_from"] == "dense"
+        assert entry["density"] == {paths[m]: d for m, d in zip(MODELS, (0.4, 0.5, 0.6))}
+        lams = lambdas_of(squared_norms(sds, MODELS))
+        for row, model, lam in zip(entry["models"], MODELS, lams):
+            assert set(row) == {"model", "squared_norm", "lambda"}
+            assert row["model"] == paths[model] and abs(row["lambda"] - lam) < 1e-7
+    # the same numbers, not just the same fields
+    for a, b in zip(record["merges"][0]["models"], printed["merges"][0]["models"]):
+        assert a["model"] == b["model"] and a["squared_norm"] == pytest.approx(b["squared_norm"], rel=1e-9)
+    assert {k: v for k, v in record.items() if k != "merges"} == {k: v for k, v in printed.items() if k != "merges"}
