@@ -3,8 +3,6 @@ and writes no weights."""
 
 import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch

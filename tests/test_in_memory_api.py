@@ -29,6 +29,26 @@ def test_merge_state_dicts_matches_closed_form_with_global_norms():
     assert any(abs(per_tensor[k] / tot - lam) > 1e-4 for k, lam in zip("abc", lams))
 
 
+@pytest.mark.parametrize("method", ["metagpt", "metagpt_ties", "metagpt_dare"])
+def test_strided_inputs_are_merged_and_never_modified(method):
+    """Transposed (non-contiguous) inputs, as in mergekit's own regression test: the
+    merge equals the merge of contiguous copies, and no input changes."""
+    sds = _models()
+    strided = {k: {n: t.t().contiguous().t() if t.dim() == 2 else t for n, t in sd.items()} for k, sd in sds.items()}
+    assert any(not t.is_contiguous() for t in strided["a"].values())
+    before = {k: {n: t.clone() for n, t in sd.items()} for k, sd in strided.items()}
+    params = {} if method == "metagpt" else {"density": 1.0}
+    torch.manual_seed(0)
+    merged = merge_state_dicts(strided, method, base="base", parameters=params)
+    torch.manual_seed(0)
+    reference = merge_state_dicts(sds, method, base="base", parameters=params)
+    for name, ref in reference.items():
+        assert merged[name].shape == ref.shape
+        assert torch.allclose(merged[name], ref, atol=1e-6), name
+    for k, sd in strided.items():
+        assert all(torch.equal(sd[n], before[k][n]) for n in sd), k
+
+
 def test_repeated_calls_with_same_ids_get_their_own_norms():
     first, second = _models(0), _models(0)
     second["a"] = perturbed(second["base"], 0.5, 9)  # same id, other weights

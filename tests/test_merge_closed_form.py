@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from checkpoints import closed_form, load_checkpoint, save_checkpoint, shard_count
+from checkpoints import closed_form, save_checkpoint, shard_count
 from merging import recipe, run_recipe
 
 MODELS = ("model0", "model1", "model2")
@@ -93,8 +93,11 @@ def test_merged_model_loads_and_runs_in_transformers(llama_family, merge_options
     assert torch.isfinite(logits).all()
 
 
-def test_pytorch_bin_checkpoints(llama_family, merge_options, tmp_path):
-    """Non-safetensors checkpoints go through mergekit's .bin loader too."""
+@pytest.mark.parametrize("lazy_unpickle", [False, True])
+def test_pytorch_bin_checkpoints(lazy_unpickle, llama_family, merge_options, tmp_path):
+    """Non-safetensors checkpoints go through mergekit's .bin loader too, with the
+    loader settings the merge uses (here --lazy-unpickle), in the pre-pass as in the merge."""
+    merge_options = merge_options.model_copy(update={"lazy_unpickle": lazy_unpickle})
     paths, sds = llama_family
     bin_paths = {}
     for name in ("base", "model0", "model2"):

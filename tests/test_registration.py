@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 
 from checkpoints import closed_form, load_checkpoint
 from merging import run_mergekit_yaml, recipe, write_yaml
