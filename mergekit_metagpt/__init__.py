@@ -6,6 +6,8 @@ as ``mergekit.merge_methods`` is imported, so ``mergekit-yaml`` needs no import.
 """
 
 __version__ = "0.1.0"
+#: The paper (Zhou et al., 2024), linked from the method spec, the record and the card.
+PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
 from mergekit_metagpt.registration import register_all
 

@@ -16,8 +16,9 @@ the plugin wraps, without changing what they do:
   adds the λ tables to the model card mergekit has just written.
 
 Where mergekit has changed shape (a class or attribute missing), the wrapper is not
-installed and a warning says so; a MetaGPT graph merge then stops with a clear error
-instead of guessing its λ. Nothing here reads mergekit's call stack.
+installed; a warning says so when the hook sees the module load, and in any case a
+MetaGPT graph merge then stops with an error naming the missing wrapper instead of
+guessing its λ. Nothing here reads mergekit's call stack.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ task (``GatherTensors``, ``PermutedVocabulary``, ``TensorDictWrapper`` …) alre
 resolves slices, layer offsets, aliases, tied names and dtypes. A *merge set* is the
 set of models merged together (a base and its fine-tunes; one per distinct slice
 model set); its λ come from exactly the output tensors that set produces, read
-through those input tasks. A ``MergeRun`` is one merge: its sets, the norms once
+through those input tasks' leaf loads (vocabulary rows: see ``prepass``). A ``MergeRun`` is one merge: its sets, the norms once
 computed, and where its record goes.
 """
 
@@ -52,6 +52,7 @@ class MergeRun:
             merge_set.tasks.append(task)
         self.lock = threading.Lock()
         self.result = None  # prepass.RunNorms, once computed
+        self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
 
     @property
     def options(self):
@@ -85,9 +86,11 @@ def set_key(task) -> tuple:
 
 
 # -- which run a task belongs to ------------------------------------------------------
-# Keyed by the task object's identity: two concurrent merges may hold equal tasks.
-# Entries go when the task object is collected (the merge is over).
-_REGISTRY: Dict[int, Tuple[weakref.ref, MergeRun]] = {}
+# Keyed by the task object's identity: two concurrent merges may hold equal tasks. The
+# registry holds the task and the run weakly: the run lives as long as the task universe
+# (the executor's) it is attached to, or its caller (the CLI) holds it, and goes with
+# them; an entry goes when its task object is collected.
+_REGISTRY: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
 _REGISTRY_LOCK = threading.Lock()
 
 
@@ -125,12 +128,24 @@ def register_universe(universe, context=None) -> Optional[MergeRun]:
     run.check()
     if context is not None:
         context.runs.append(run)
-    with _REGISTRY_LOCK:
-        for task in mine:
-            task_id = id(task)
-            ref = weakref.ref(task, lambda r, i=task_id: _forget(i, r))
-            _REGISTRY[task_id] = (ref, run)
+    universe._mergekit_metagpt_run = run  # the universe keeps the run alive
+    register(run)
     return run
+
+
+def register(run: MergeRun) -> None:
+    """Make `run` findable from its tasks, for as long as something else holds it."""
+    run_ref = weakref.ref(run)
+    with _REGISTRY_LOCK:
+        # entries of finished runs whose tasks mergekit still holds (its planner's
+        # lru_cache keeps the last plans): their run is gone, so is the entry
+        for task_id in [i for i, (_, r) in _REGISTRY.items() if r() is None]:
+            del _REGISTRY[task_id]
+        for merge_set in run.sets.values():
+            for task in merge_set.tasks:
+                task_id = id(task)
+                ref = weakref.ref(task, lambda r, i=task_id: _forget(i, r))
+                _REGISTRY[task_id] = (ref, run_ref)
 
 
 def run_for_task(task) -> Optional[MergeRun]:
@@ -140,4 +155,4 @@ def run_for_task(task) -> Optional[MergeRun]:
         entry = _REGISTRY.get(id(task))
     if entry is None or entry[0]() is not task:
         return None
-    return entry[1]
+    return entry[1]()

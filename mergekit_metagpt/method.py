@@ -22,6 +22,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_metagpt.coefficients import Coefficients
+from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
 from mergekit_metagpt.scratch import chunks, thread_scratch
@@ -29,7 +30,6 @@ from mergekit_metagpt.parameters import Density, NonNegativeFloat
 
 LOG = logging.getLogger("mergekit_metagpt")
 
-PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
 # Set while an in-memory call (merge_state_dicts, merge_tensors, direct __call__)
 # executes: that call hands the method every tensor group at once, so the global

@@ -11,6 +11,7 @@ and model both have (see ``prepass``).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Dict, Hashable, Optional
@@ -27,7 +28,7 @@ class TensorRead:
     model: Hashable  # the TensorEntry.id the method sees (a ModelReference)
     leaf: object  # mergekit's leaf load task
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         """What is read, independent of which checkpoint: the leaf's settings."""
         fields = self.leaf.model_dump(mode="json", exclude={"model", "device", "per_gpu"})

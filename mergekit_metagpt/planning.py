@@ -42,16 +42,10 @@ def models_in_order(config) -> list:
             ordered.append(model)
 
     add(config.base_model)
-    for entry in config.models or []:
-        add(entry.model)
-    for piece in config.slices or []:
-        add(piece.base_model)
-        for source in piece.sources:
-            add(source.model)
-    for module in (config.modules or {}).values():
-        for entry in module.models or []:
+    for part in [config, *(config.modules or {}).values()]:  # the recipe, then its modules
+        for entry in part.models or []:
             add(entry.model)
-        for piece in module.slices or []:
+        for piece in part.slices or []:
             add(piece.base_model)
             for source in piece.sources:
                 add(source.model)

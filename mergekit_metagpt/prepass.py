@@ -7,18 +7,20 @@ model of that set, ‖θ_t − θ₀‖² of the two tensors the task reads, rea
 plan's own leaf load tasks (so slices, aliases, tied names, dtypes and the device
 are mergekit's). One tensor of the base and one of a model are in memory at a time
 (a whole tensor only for ``lambda_from: sparse``). Reads go in the base's shard
-order; on CPU, safetensors shards are closed after each tensor so that mapped pages
-do not pile up in RSS (``.bin`` shards stay loaded: unpickling them costs).
+order; on CPU, the safetensors shards a task read are closed after it, so that mapped
+pages do not pile up in RSS (``.bin`` shards stay loaded: unpickling them costs).
 
 Vocabulary tensors whose shapes differ only along mergekit's ``vocabulary_axis``
-count their leading ``min(rows)`` rows, which base and model both have, with a
-warning on every run. Dense norms are memoized in process and cached on disk per
+count their leading ``min(rows)`` rows, which base and model both have (with
+``--unsafe-truncate-embeddings``, the smallest of the whole task, as the merge keeps),
+with a warning on every run. Dense norms are memoized in process and cached on disk per
 (base, model) checkpoint pair and per read; ``lambda_from: sparse`` norms are
 computed afresh in each merge (DARE's masks are random).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -94,8 +96,9 @@ class SetNorms:
     notes: List[str] = field(default_factory=list)
     sparse: bool = False
 
-    @property
+    @functools.cached_property
     def coefficients(self) -> Coefficients:
+        """Computed once: every tensor of a merge asks for them."""
         return Coefficients.from_norms(
             {m: float(sum(v for v in self.per_task[m] if v is not None)) for m in self.merge_set.models}
         )
@@ -114,35 +117,31 @@ class RunNorms:
         return next(s for s in self.sets if s.merge_set is merge_set)
 
 
-def _is_sparse(task) -> bool:
-    return dict(task.parameters.items()).get("lambda_from") == "sparse"
-
-
 def _sparsifier(task, method) -> Optional[Sparsifier]:
-    if not _is_sparse(task) or method is None or not method.delegate_name:
+    """The method's sparsifier for this task's parameters (None: dense norms)."""
+    if method is None:
         return None
     params = dict(task.parameters.items())
-    delegate = method.delegate()
-    densities = {
+    params["density"] = {
         model: dict(task.input_parameters[model].items()).get("density", 1.0)
         for model in task.model_order if model != task.base_model
     }
-    return Sparsifier(
-        method=delegate.sparsification_method,
-        rescale=bool(params.get("rescale", delegate.default_rescale)),
-        by_model=densities,
-    )
+    return method.sparsifier(params)
 
 
-def _vocab_rows(read: TensorRead, base_read: TensorRead, axis, tensor, base_tensor):
-    """(tensor, base tensor) narrowed to the rows both have, and a note; or raise."""
-    if tensor.shape == base_tensor.shape:
+def _vocab_rows(read: TensorRead, base_read: TensorRead, axis, tensor, base_tensor, rows=None):
+    """(tensor, base tensor) narrowed to the rows counted, and a note; or raise.
+
+    The rows counted are the leading ``min(rows)`` of base and model, or `rows` where
+    the merge keeps fewer (``--unsafe-truncate-embeddings`` keeps the group's smallest).
+    """
+    if tensor.shape == base_tensor.shape and (rows is None or axis is None or rows == tensor.shape[axis]):
         return tensor, base_tensor, None
     same_rank = tensor.dim() == base_tensor.dim()
     if axis is not None and same_rank and axis < tensor.dim() and all(
         a == b for i, (a, b) in enumerate(zip(tensor.shape, base_tensor.shape)) if i != axis
     ):
-        rows = min(tensor.shape[axis], base_tensor.shape[axis])
+        rows = min(tensor.shape[axis], base_tensor.shape[axis], rows or tensor.shape[axis])
         note = (
             f"{read.name} ({read.model}: {tensor.shape[axis]} rows, base "
             f"{base_tensor.shape[axis]}): the leading {rows} rows counted"
@@ -154,11 +153,53 @@ def _vocab_rows(read: TensorRead, base_read: TensorRead, axis, tensor, base_tens
     )
 
 
+@dataclass
+class _Planned:
+    """One planned task as the pre-pass sees it: its reads, and per model the key of
+    what is read (None where the task reads no base or no such model)."""
+
+    task: object
+    reads: Dict[Hashable, TensorRead]
+    sparsifier: Optional[Sparsifier]
+    keys: Dict[Hashable, Optional[str]]
+    truncated: bool  # --unsafe-truncate-embeddings: the group's smallest vocabulary counts
+
+    @property
+    def base_read(self) -> Optional[TensorRead]:
+        return self.reads.get(self.task.base_model)
+
+
+def _plan(task, reads, method, checkpoint_of) -> _Planned:
+    axis = task.output_weight.vocabulary_axis
+    truncated = axis is not None and type(task.gather_tensors).__name__ == "TruncatedVocabulary"
+    base = reads.get(task.base_model)
+    keys: Dict[Hashable, Optional[str]] = {}
+    group = ""
+    if truncated:  # the rows counted depend on every model of the task
+        group = "|truncated to the smallest of " + ",".join(
+            sorted(checkpoint_of(m) or str(m) for m in reads)
+        )
+    for model in task.model_order:
+        if model == task.base_model:
+            continue
+        read = reads.get(model)
+        keys[model] = None if base is None or read is None else f"{base.key}|{read.key}|{axis}{group}"
+    return _Planned(task, reads, _sparsifier(task, method), keys, truncated)
+
+
 def run_norms(run, device: torch.device, method=None) -> RunNorms:
-    """The run's norms, computed by the first caller (others wait), then reused."""
+    """The run's norms, computed by the first caller (others wait), then reused. A
+    pre-pass that failed is not retried: every later caller (e.g. the other threads of
+    ``--multi-gpu``) gets the same error at once."""
     with run.lock:
+        if run.error is not None:
+            raise run.error
         if run.result is None:
-            run.result = compute(run, torch.device(device), method)
+            try:
+                run.result = compute(run, torch.device(device), method)
+            except BaseException as error:
+                run.error = error
+                raise
             _announce(run)
         return run.result
 
@@ -180,108 +221,151 @@ def _announce(run) -> None:
 
 def compute(run, device: torch.device, method=None) -> RunNorms:
     """Norms of every merge set of `run` (see the module docstring)."""
+    from mergekit_metagpt import norm_cache
     from mergekit_metagpt.fingerprint import checkpoint_key
 
-    reads: Dict[int, Dict[Hashable, TensorRead]] = {}
+    caching = norm_cache.enabled()
     ckpt_keys: Dict[Hashable, str] = {}
+
+    def checkpoint_of(model) -> str:
+        """The checkpoint's fingerprint ("" without the cache: nothing is keyed on it)."""
+        return ckpt_keys.get(model, "")
+
+    planned: List[_Planned] = []
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
-            reads[id(task)] = task_reads(task)
-            for model, read in reads[id(task)].items():
-                if model not in ckpt_keys:
-                    ckpt_keys[model] = checkpoint_key(read.loader.index)
+            reads = task_reads(task)
+            if caching:
+                for model, read in reads.items():
+                    if model not in ckpt_keys:
+                        ckpt_keys[model] = checkpoint_key(read.loader.index)
+            planned.append(_plan(task, reads, method, checkpoint_of))
 
     # What each (task, model) needs, and what the memo or the cache already holds.
     known: Dict[Tuple[Hashable, Hashable], Tuple[dict, dict]] = {}
-    wanted: Dict[Tuple[Hashable, Hashable], set] = {}
-    todo: Dict[int, Tuple[object, List[Hashable]]] = {}
-    sparse_any = False
+    todo: List[Tuple[_Planned, List[Hashable]]] = []
+    wanted, pending = set(), set()  # (base, model) pairs read by some task / still to read
+    for item in planned:
+        task, models = item.task, []
+        for model, key in item.keys.items():
+            pair = (task.base_model, model)
+            if pair not in known:
+                known[pair] = _known(checkpoint_of(pair[0]), checkpoint_of(model))
+            if key is None:
+                continue
+            wanted.add(pair)
+            if item.sparsifier is not None or key not in known[pair][0]:
+                models.append(model)
+                pending.add(pair)
+        if models:
+            todo.append((item, models))
 
-    def read_key(task, model) -> Optional[str]:
-        task_reads_ = reads[id(task)]
-        if task.base_model not in task_reads_ or model not in task_reads_:
-            return None
-        axis = task.output_weight.vocabulary_axis
-        return f"{task_reads_[task.base_model].key}|{task_reads_[model].key}|{axis}"
+    for pair in wanted - pending:
+        STATS.cache_hits += 1
+        LOG.info("MetaGPT: norms of %s from the norm cache", pair[1])
 
-    for merge_set in run.sets.values():
-        for task in merge_set.tasks:
-            sparse = _is_sparse(task) and method is not None and method.delegate_name is not None
-            sparse_any |= sparse
-            for model in merge_set.models:
-                pair = (task.base_model, model)
-                if pair not in known:
-                    known[pair] = _known(ckpt_keys.get(task.base_model, ""), ckpt_keys.get(model, ""))
-                key = read_key(task, model)
-                if key is None:
-                    continue
-                wanted.setdefault(pair, set()).add(key)
-                if sparse or key not in known[pair][0]:
-                    todo.setdefault(id(task), (task, []))[1].append(model)
-
-    for pair, keys in wanted.items():
-        if keys <= set(known[pair][0]) and not any(
-            model == pair[1] for _, models in todo.values() for model in models
-        ):
-            STATS.cache_hits += 1
-            LOG.info("MetaGPT: norms of %s from the norm cache", pair[1])
-
-    fresh: Dict[Tuple[Hashable, Hashable], Dict[str, float]] = {}
-    fresh_notes: Dict[Tuple[Hashable, Hashable], Dict[str, str]] = {}
-    sparse_values: Dict[Tuple[int, Hashable], float] = {}
+    found = _Found()
     if todo:
-        _stream(run, device, method, reads, todo, read_key, fresh, fresh_notes, sparse_values)
-        for pair, values in fresh.items():
+        _stream(run, device, todo, found)
+        for pair, values in found.dense.items():
             norms, notes = known[pair]
             norms.update(values)
-            notes.update(fresh_notes.get(pair, {}))
-            _remember(ckpt_keys[pair[0]], ckpt_keys[pair[1]], norms, notes, labels=pair)
+            notes.update(found.dense_notes.get(pair, {}))
+            _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, notes, labels=pair)
 
     sets = []
+    index = {id(item.task): item for item in planned}
     for merge_set in run.sets.values():
         per_task = {m: [] for m in merge_set.models}
         notes: List[str] = []
+        sparse = False
         for task in merge_set.tasks:
-            sparse = _is_sparse(task) and method is not None and method.delegate_name is not None
+            item = index[id(task)]
+            sparse |= item.sparsifier is not None
             for model in merge_set.models:
-                key = read_key(task, model)
+                key = item.keys.get(model)
                 if key is None:
                     per_task[model].append(None)
                     continue
                 norms, task_notes = known[(task.base_model, model)]
-                value = sparse_values.get((id(task), model)) if sparse else norms.get(key)
-                per_task[model].append(value)
-                if key in task_notes:
-                    notes.append(task_notes[key])
-        sets.append(SetNorms(merge_set, per_task, notes, sparse=sparse_any))
+                if item.sparsifier is not None:
+                    per_task[model].append(found.sparse.get((id(task), model)))
+                    note = found.sparse_notes.get((id(task), model))
+                else:
+                    per_task[model].append(norms.get(key))
+                    note = task_notes.get(key)
+                if note:
+                    notes.append(note)
+        sets.append(SetNorms(merge_set, per_task, notes, sparse=sparse))
     return RunNorms(sets)
 
 
-def _stream(run, device, method, reads, todo, read_key, fresh, fresh_notes, sparse_values) -> None:
+@dataclass
+class _Found:
+    """What a pre-pass computed: dense norms and notes per (base, model) pair and read
+    key; sparse ones per (task, model)."""
+
+    dense: Dict[Tuple[Hashable, Hashable], Dict[str, Optional[float]]] = field(default_factory=dict)
+    dense_notes: Dict[Tuple[Hashable, Hashable], Dict[str, str]] = field(default_factory=dict)
+    sparse: Dict[Tuple[int, Hashable], float] = field(default_factory=dict)
+    sparse_notes: Dict[Tuple[int, Hashable], str] = field(default_factory=dict)
+
+
+def _group_rows(item: _Planned) -> Optional[int]:
+    """For a truncated vocabulary: the smallest row count of the task's inputs (each
+    read once more, one at a time; only the vocabulary tensors, only with
+    ``--unsafe-truncate-embeddings``)."""
+    if not item.truncated:
+        return None
+    axis = item.task.output_weight.vocabulary_axis
+    rows = []
+    for read in item.reads.values():
+        tensor = read.load()
+        if tensor is not None and tensor.dim() > axis:
+            rows.append(tensor.shape[axis])
+        del tensor
+    return min(rows) if rows else None
+
+
+def _release(item: _Planned) -> None:
+    """Close the safetensors shards a task mapped (mergekit's own flush, under the
+    loader's lock), so that mapped pages do not pile up in RSS on CPU."""
+    for read in item.reads.values():
+        loader = read.loader
+        if loader.index.is_safetensors:
+            loader.flush()
+
+
+def _stream(run, device, todo, found: _Found) -> None:
     from mergekit_metagpt.progress import progress_bar
 
     scratch = thread_scratch()
     release = device.type == "cpu"
     accumulator = NormAccumulator([BASE], {})
     base_checked = set()
-    order = sorted(
-        todo.values(), key=lambda item: reads[id(item[0])][item[0].base_model].order()
-        if item[0].base_model in reads[id(item[0])] else ("", "")
-    )
+    todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
     quiet = bool(getattr(run.options, "quiet", False))
     started = time.perf_counter()
     STATS.runs += 1
     STATS.devices.append(str(device))
-    models = {m for _, ms in order for m in ms}
+    models = {m for _, ms in todo for m in ms}
     LOG.info(
         "MetaGPT pre-pass: reading %d planned tensors of the base and %d model(s) on %s",
-        len(order), len(models), device,
+        len(todo), len(models), device,
     )
-    done = set()  # dense (pair, read key) already computed: a layer read twice counts twice, read once
-    with progress_bar(total=len(order), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
-        for task, task_models in order:
-            task_reads_ = reads[id(task)]
-            base_read = task_reads_[task.base_model]
+    done = set()  # dense (pair, read key) computed: a layer merged twice counts twice, is read once
+    with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
+        for item, task_models in todo:
+            task, sparsifier = item.task, item.sparsifier
+            task_models = [
+                m for m in task_models
+                if sparsifier is not None or ((task.base_model, m), item.keys[m]) not in done
+            ]
+            if not task_models:
+                bar.update(1)
+                continue
+            base_read = item.base_read
+            rows = _group_rows(item)
             base_tensor = base_read.load()
             if base_tensor is None:
                 raise MetaGPTError(
@@ -293,59 +377,63 @@ def _stream(run, device, method, reads, todo, read_key, fresh, fresh_notes, spar
             STATS.tensors_read += 1
             STATS.bytes_read += base_tensor.nbytes
             bar.update(1, nbytes=base_tensor.nbytes)
-            if not base_tensor.is_floating_point():
+            if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
                 for model in task_models:
-                    key = read_key(task, model)
-                    fresh.setdefault((task.base_model, model), {})[key] = None
-                continue
-            check_key = (task.base_model, base_read.key)
-            if check_key not in base_checked:
-                base_checked.add(check_key)
-                accumulator.add(BASE, check_key, base_check(base_tensor, scratch), name=base_read.name)
-                accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
-            sparsifier = _sparsifier(task, method)
-            for model in task_models:
-                key = read_key(task, model)
-                pair = (task.base_model, model)
-                if sparsifier is None and (pair, key) in done:
-                    continue
-                read = task_reads_[model]
-                tensor = read.load()
-                if tensor is None:  # an optional tensor this model lacks
-                    fresh.setdefault(pair, {})[key] = None
-                    continue
-                tensor = tensor.to(device)
-                STATS.tensors_read += 1
-                STATS.bytes_read += tensor.nbytes
-                bar.update(0, nbytes=tensor.nbytes)
-                if not tensor.is_floating_point():
-                    raise MetaGPTError(
-                        f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
-                        f"but floating point in the base model {task.base_model}"
-                    )
-                x, b, note = _vocab_rows(read, base_read, task.output_weight.vocabulary_axis, tensor, base_tensor)
-                value = squared_delta(x, b, sparsifier, model, scratch)
-                slot = (id(task), model) if sparsifier is not None else (pair, key)
-                accumulator.add(model, slot, value, name=read.name)
-                accumulator.labels.setdefault(model, f"model {model}")
-                if sparsifier is None:
-                    done.add((pair, key))
-                    if note:
-                        fresh_notes.setdefault(pair, {})[key] = note
-                del tensor, x, b
+                    found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
+                    done.add(((task.base_model, model), item.keys[model]))
+            else:
+                check_key = (task.base_model, base_read.key)
+                if check_key not in base_checked:
+                    base_checked.add(check_key)
+                    accumulator.add(BASE, check_key, base_check(base_tensor, scratch), name=base_read.name)
+                    accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
+                for model in task_models:
+                    _one_model(item, model, base_read, base_tensor, rows, device, scratch,
+                               accumulator, found, done, bar)
             del base_tensor
             if release:
-                for read in task_reads_.values():
-                    loader = read.loader
-                    if loader.index.is_safetensors:
-                        loader.flush()
+                _release(item)
     values = accumulator.finish()
     values.pop(BASE, None)
     for model, by_slot in values.items():
         for slot, value in by_slot.items():
             if isinstance(slot[0], int):  # sparse: (task id, model)
-                sparse_values[slot] = value
+                found.sparse[slot] = value
             else:
                 pair, key = slot
-                fresh.setdefault(pair, {})[key] = value
+                found.dense.setdefault(pair, {})[key] = value
     STATS.seconds += time.perf_counter() - started
+
+
+def _one_model(item, model, base_read, base_tensor, rows, device, scratch, accumulator, found, done, bar):
+    """‖θ_t − θ₀‖² of one model's read of one task, into the accumulator."""
+    task, sparsifier, key = item.task, item.sparsifier, item.keys[model]
+    pair = (task.base_model, model)
+    read = item.reads[model]
+    tensor = read.load()
+    if tensor is None:  # an optional tensor this model lacks
+        found.dense.setdefault(pair, {})[key] = None
+        done.add((pair, key))
+        return
+    tensor = tensor.to(device)
+    STATS.tensors_read += 1
+    STATS.bytes_read += tensor.nbytes
+    bar.update(0, nbytes=tensor.nbytes)
+    if not tensor.is_floating_point():
+        raise MetaGPTError(
+            f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
+            f"but floating point in the base model {task.base_model}"
+        )
+    axis = task.output_weight.vocabulary_axis
+    x, b, note = _vocab_rows(read, base_read, axis, tensor, base_tensor, rows)
+    value = squared_delta(x, b, sparsifier, model, scratch)
+    slot = (id(task), model) if sparsifier is not None else (pair, key)
+    accumulator.add(model, slot, value, name=read.name)
+    accumulator.labels.setdefault(model, f"model {model}")
+    if sparsifier is not None:
+        if note:
+            found.sparse_notes[(id(task), model)] = note
+    else:
+        done.add((pair, key))
+        if note:
+            found.dense_notes.setdefault(pair, {})[key] = note

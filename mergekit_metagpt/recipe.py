@@ -36,7 +36,7 @@ OURS_ONLY = ("granularity", "lambda_from")
 
 
 def check_metagpt(config, path: str = "recipe") -> None:
-    if not str(config.merge_method).startswith("metagpt"):
+    if config.merge_method not in STOCK:
         raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method")
     slice_bases = [s.base_model for s in (config.slices or [])]
     if config.base_model is None and not (slice_bases and all(slice_bases)):

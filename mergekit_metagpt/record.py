@@ -20,11 +20,11 @@ import statistics
 from typing import Any, Dict, List, Optional
 
 from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt import PAPER_URL
 
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
 RECORD_FORMAT = 2
-PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
 
 def _uniform(values: List[Any]):
@@ -59,10 +59,11 @@ def set_entry(set_norms) -> Dict[str, Any]:
         }
     models = []
     lambdas = coefficients.lambdas
+    by_task = [set_norms.task_lambdas(i) for i in range(len(tasks))] if granularity == "per_tensor" else []
     for model, norm in coefficients.squared_norms:
         row = {"model": str(model), "squared_norm": norm, "lambda": lambdas[model]}
-        if granularity == "per_tensor":
-            per_tensor = [set_norms.task_lambdas(i)[model] for i in range(len(tasks))]
+        if by_task:
+            per_tensor = [lams[model] for lams in by_task]
             row["lambda_per_tensor"] = {
                 "min": min(per_tensor), "median": statistics.median(per_tensor), "max": max(per_tensor),
             }
@@ -135,7 +136,7 @@ def card_section(run) -> str:
         CARD_MARK,
         "",
         "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖², norms over every tensor that each set of "
-        "models merges ([MetaGPT](https://arxiv.org/abs/2406.11385))"
+        f"models merges ([MetaGPT]({PAPER_URL}))"
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",
     ]

@@ -32,6 +32,22 @@ def recipe(paths: dict, models, method="metagpt", dtype="float32", parameters=No
     return out
 
 
+def slices_recipe(paths):
+    """Layer 0 merges model0 + model1, layer 1 merges model1 + model2 (same base)."""
+    def source(name, layers):
+        return {"model": paths[name], "layer_range": layers}
+
+    return {
+        "merge_method": "metagpt",
+        "base_model": paths["base"],
+        "dtype": "float32",
+        "slices": [
+            {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
+            {"sources": [source("base", [1, 2]), source("model1", [1, 2]), source("model2", [1, 2])]},
+        ],
+    }
+
+
 def write_yaml(data: dict, path: str) -> str:
     with open(path, "w") as f:
         yaml.safe_dump(data, f)

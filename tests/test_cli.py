@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from merging import recipe, run_recipe, safetensors_in, write_yaml
+from merging import recipe, run_recipe, safetensors_in, slices_recipe, write_yaml
 from mergekit.io.tasks import LoaderCache
 from mergekit_metagpt import prepass
 from mergekit_metagpt.cli import main
@@ -48,21 +48,6 @@ def _bad_recipes(paths):
     }
 
 
-def _slices(paths):
-    def source(name, layers):
-        return {"model": paths[name], "layer_range": layers}
-
-    return {
-        "merge_method": "metagpt",
-        "base_model": paths["base"],
-        "dtype": "float32",
-        "slices": [
-            {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
-            {"sources": [source("base", [1, 2]), source("model1", [1, 2]), source("model2", [1, 2])]},
-        ],
-    }
-
-
 BAD = ["negative_lambda", "lambda_not_a_number", "misspelt_parameter", "per_model_lambda",
        "per_model_weight", "missing_model_folder"]
 
@@ -82,7 +67,7 @@ def cli_runs(llama_family, tmp_path_factory):
         out = str(root / f"negative_lambda-{command}-baked.yml")
         jobs[("negative_lambda", command)] = (
             [SCRIPT, command, path] + ([out] if command == "bake" else []), out, env)
-    slices = write_yaml(_slices(paths), str(root / "slices.yml"))
+    slices = write_yaml(slices_recipe(paths), str(root / "slices.yml"))
     out = str(root / "slices-baked.yml")
     jobs[("bake_slices", "bake")] = ([SCRIPT, "bake", slices, out], out, env)
     # a hub id with HF_HUB_OFFLINE=1 (read when huggingface_hub is imported): time main()
@@ -212,7 +197,7 @@ def test_bake_accepts_mergekits_dict_form_of_a_model(llama_family, merge_options
 
 def test_coefficients_reports_each_model_set_of_a_slices_recipe(llama_family, tmp_path, capsys):
     paths, sds = llama_family
-    path = write_yaml(_slices(paths), str(tmp_path / "slices.yml"))
+    path = write_yaml(slices_recipe(paths), str(tmp_path / "slices.yml"))
     names = list(sds["base"])
     first = [k for k in names if k.startswith("model.layers.0.") or k == "model.embed_tokens.weight"]
     second = [k for k in names if k not in first]

@@ -259,3 +259,36 @@ def test_python_dash_S_then_import_attaches_and_run_merge_works(llama_family, tm
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert card.count("## MetaGPT coefficients") == 1  # written by the run_merge wrapper
     assert os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+
+
+def test_a_finished_merge_leaves_nothing_behind(llama_family, tmp_path, monkeypatch):
+    """After run_merge returns, its MergeRun (tasks, config, norms) can be collected: a
+    notebook or mergekit-multi running many merges does not keep every one of them."""
+    import gc
+    import weakref
+
+    from mergekit.options import MergeOptions
+
+    from merging import recipe, run_recipe
+    from mergekit_metagpt import merge_plan
+
+    paths, _ = llama_family
+    runs, tasks = [], []
+
+    def register(run):
+        runs.append(weakref.ref(run))
+        tasks.append(sum(len(s.tasks) for s in run.sets.values()))
+        original(run)
+
+    original = merge_plan.register
+    monkeypatch.setattr(merge_plan, "register", register)
+    for number in range(2):
+        run_recipe(recipe(paths, ["model0", "model1"]), str(tmp_path / f"out{number}"),
+                   MergeOptions(copy_tokenizer=False, quiet=True))
+        gc.collect()
+        assert runs[number]() is None
+        with merge_plan._REGISTRY_LOCK:  # mergekit's planner cache may keep the tasks
+            assert all(run_ref() is None for _, run_ref in merge_plan._REGISTRY.values())
+    # the second merge found every earlier run gone and dropped their entries
+    with merge_plan._REGISTRY_LOCK:
+        assert len(merge_plan._REGISTRY) <= tasks[1]

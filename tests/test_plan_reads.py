@@ -239,6 +239,24 @@ def test_frankenmerge_overlap_counts_a_layer_merged_twice_twice(slice_family, tm
     assert_lambdas(got, lams)
 
 
+def test_a_layer_merged_twice_is_read_once(slice_family, tmp_path, monkeypatch):
+    """The pre-pass counts layer 1 twice but reads it (base and models) once."""
+    from mergekit.options import MergeOptions
+
+    from merging import run_recipe
+    from mergekit_metagpt import prepass
+
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths[m], 0, 2) for m in ["base", "a", "b"]],
+        [source(paths[m], 1, 2) for m in ["base", "a", "b"]],
+    ])
+    read = prepass.STATS.tensors_read
+    run_recipe(config, str(tmp_path / "out"), MergeOptions(copy_tokenizer=False, quiet=True))
+    assert prepass.STATS.tensors_read - read == 3 * len(sds["base"])
+
+
 def test_each_slice_model_set_gets_its_own_lambdas(slice_family, tmp_path):
     """Slice 1: base, a, b, layer 0; slice 2: base, b, c, layer 1. Set {a, b} merges
     embed_tokens and layer 0, set {b, c} layer 1, norm and lm_head; each set's λ come
@@ -381,6 +399,38 @@ def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
         warning = next(l for l in stderr.splitlines() if "vocabulary tensor(s) differ" in l)
         for name in (EMBED, HEAD):
             assert f"{name} ({paths['r']}: {RESIZED} rows, base {VOCAB}): the leading {VOCAB} rows counted" in warning
+
+
+def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path):
+    """--unsafe-truncate-embeddings keeps the smallest vocabulary of the whole group
+    (base 68 rows, a 64, b 66: 64 rows for everyone); b's norm counts those 64 rows,
+    not the 66 it shares with the base."""
+    gen = torch.Generator().manual_seed(7)
+    base = random_state_dict(41)
+    for name in (EMBED, HEAD):  # the base has 4 rows more than the others' first 64
+        base[name] = torch.cat([base[name], torch.randn((4, base[name].shape[1]), generator=gen)]).contiguous()
+    sds = {"base": base}
+    for model, rows, scale, tail in (("a", 64, 0.03, 0.0), ("b", 66, 0.01, 2.0)):
+        sd = noisy(base, uniform(scale), ord(model))
+        for name in (EMBED, HEAD):  # rows beyond 64 differ a lot: they must not count
+            sd[name] = sd[name][:rows].clone()
+            sd[name][64:] += tail
+        sds[model] = sd
+    paths = {n: save_checkpoint(str(tmp_path / n), sd, vocab_size=sd[EMBED].shape[0]) for n, sd in sds.items()}
+    group = {m: sds[m] for m in ("a", "b")}
+    lams = closed_lambdas(base, group, [(n, n) for n in base], rows=64)
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "models": [{"model": paths[m]} for m in ("a", "b")]}
+    out = mergekit_yaml(config, tmp_path, "out", "--unsafe-truncate-embeddings")
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    merged = load_checkpoint(out)
+    for name in (EMBED, HEAD):
+        assert merged[name].shape[0] == 64
+        expected = base[name][:64].double() + sum(
+            lams[m] * (sd[name][:64].double() - base[name][:64].double()) for m, sd in group.items()
+        )
+        assert (merged[name].double() - expected).abs().max().item() < 1e-5, name
 
 
 # =====================================================================================

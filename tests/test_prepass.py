@@ -145,9 +145,46 @@ def test_concurrent_callers_of_run_norms_get_one_result(llama_family, monkeypatc
     assert abs(got - expected) / expected < 1e-5
 
 
-def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(tmp_path, merge_options, caplog):
+def test_a_failed_prepass_is_not_run_again_by_other_callers(llama_family, monkeypatch):
+    """Under --multi-gpu every worker thread waits on the run: after the first caller's
+    pre-pass fails, the others get its error at once instead of reading the model again."""
+    paths, _ = llama_family
+    run, _ = _planned(paths, MODELS)
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise MetaGPTError("MetaGPT: non-finite values (NaN or Inf) in tensor 'x' of model m")
+
+    monkeypatch.setattr(prepass, "compute", failing)
+    for _ in range(3):
+        with pytest.raises(MetaGPTError, match="non-finite"):
+            prepass.run_norms(run, torch.device("cpu"))
+    assert len(calls) == 1
+
+
+def test_coefficients_are_computed_once_per_merge_set(llama_family, merge_options, tmp_path, monkeypatch):
+    """Every output tensor asks for its λ: they are summed once per merge set, not once
+    per tensor (which made a merge quadratic in its number of tensors)."""
+    from mergekit_metagpt.coefficients import Coefficients
+
+    paths, sds = llama_family
+    calls = []
+    original = Coefficients.from_norms.__func__
+    monkeypatch.setattr(Coefficients, "from_norms", classmethod(lambda cls, n: calls.append(1) or original(cls, n)))
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
+    assert len(sds["base"]) > 10
+    assert len(calls) <= 2, len(calls)
+
+
+@pytest.mark.parametrize("method, parameters", [
+    ("metagpt", None),
+    ("metagpt_ties", {"lambda_from": "sparse"}),  # density 1: the sparse norms are the dense ones
+])
+def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(method, parameters, tmp_path, merge_options, caplog):
     """A model with 72 token rows against a base with 64: its embeddings and lm_head count
-    their leading 64 rows, and one warning per merge names both tensors."""
+    their leading 64 rows, and one warning per merge names both tensors (also when the
+    norms are of the sparsified vectors)."""
     import json
     import os
 
@@ -168,7 +205,8 @@ def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(tmp_path, me
         write_tokenizer(paths[name], vocab)
     caplog.set_level(logging.INFO, logger="mergekit_metagpt")
     out = str(tmp_path / "out")
-    run_recipe(recipe(paths, ["resized", "other"], tokenizer_source="base"), out, merge_options)
+    run_recipe(recipe(paths, ["resized", "other"], method=method, parameters=parameters,
+                      tokenizer_source="base"), out, merge_options)
     warnings = [r.getMessage() for r in caplog.records
                 if r.levelno == logging.WARNING and r.name == "mergekit_metagpt"]
     assert len(warnings) == 1, warnings

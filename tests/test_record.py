@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from checkpoints import closed_form
-from merging import recipe, run_recipe, write_yaml
+from merging import recipe, run_recipe, slices_recipe, write_yaml
 from mergekit_metagpt import prepass
 from mergekit_metagpt.cli import main
 
@@ -91,20 +91,6 @@ def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, 
 
 
 # -- slices: one entry per model set -----------------------------------------------------
-def slices_recipe(paths):
-    """Layer 0 merges model0 + model1, layer 1 merges model1 + model2 (same base)."""
-    def source(name, layers):
-        return {"model": paths[name], "layer_range": layers}
-
-    return {
-        "merge_method": "metagpt",
-        "base_model": paths["base"],
-        "dtype": "float32",
-        "slices": [
-            {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
-            {"sources": [source("base", [1, 2]), source("model1", [1, 2]), source("model2", [1, 2])]},
-        ],
-    }
 
 
 def slice_sets(sds):
