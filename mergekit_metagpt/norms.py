@@ -51,13 +51,23 @@ def squared_delta(
         if sparsifier is not None:
             delta = sparsifier(model, delta)
         return delta.square_().sum()
-    x, b = tensor.reshape(-1), base.reshape(-1)
+    return squared_deltas([tensor], base, scratch)[0]
 
-    def delta(start: int, end: int) -> torch.Tensor:
-        b32 = scratch.flat("base", end - start, x.device).copy_(b[start:end])
-        return scratch.flat("delta", end - start, x.device).copy_(x[start:end]).sub_(b32)
 
-    return _chunked_sum_of_squares(x.numel(), x.device, delta)
+def squared_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch) -> List[torch.Tensor]:
+    """‖x − base‖² for each x of base's shape, in one chunked pass over the base: each
+    chunk of the base is turned into float32 once for all of them (on CPU, that
+    conversion is the costliest step). 0-d float32 tensors on the base's device."""
+    b = base.reshape(-1)
+    xs = [t.reshape(-1) for t in tensors]
+    results = [torch.zeros((), device=b.device) for _ in xs]
+    for start, end in chunks(b.numel()):
+        b32 = scratch.flat("base", end - start, b.device).copy_(b[start:end])
+        delta = scratch.flat("delta", end - start, b.device)
+        for x, result in zip(xs, results):
+            # a pairwise float32 sum: 1e-8 relative where a float32 dot is off by 1e-4
+            result.add_(delta.copy_(x[start:end]).sub_(b32).square_().sum())
+    return results
 
 
 def _chunked_sum_of_squares(numel: int, device: torch.device, fill) -> torch.Tensor:
@@ -109,8 +119,9 @@ class NormAccumulator:
         self._keys[model].append(key)
         self._names[model].append(str(key) if name is None else name)
 
-    def finish(self) -> Dict[Hashable, Dict[Hashable, float]]:
-        """Per model, {key: squared norm}; raises on NaN or Inf."""
+    def finish(self, blame=None) -> Dict[Hashable, Dict[Hashable, float]]:
+        """Per model, {key: squared norm}; raises on NaN or Inf. `blame(model, key)`
+        may name who holds the bad values instead (e.g. "the base model …")."""
         result = {}
         order = sorted(self.models, key=lambda m: m != BASE)  # blame the base first
         for model in order:
@@ -119,7 +130,9 @@ class NormAccumulator:
                 values = torch.stack(self._values[model]).to("cpu", torch.float64)
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:
-                    who = self.labels.get(model, f"model {model}")
+                    who = (blame(model, keys[bad[0]]) if blame else None) or self.labels.get(
+                        model, f"model {model}"
+                    )
                     names = self._names[model]
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values (NaN or Inf) in tensor "

@@ -31,7 +31,7 @@ import torch
 
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, base_check, squared_delta
+from mergekit_metagpt.norms import NormAccumulator, Sparsifier, squared_delta, squared_deltas
 from mergekit_metagpt.plan_inputs import TensorRead, task_reads
 from mergekit_metagpt.scratch import thread_scratch
 
@@ -341,8 +341,8 @@ def _stream(run, device, todo, found: _Found) -> None:
 
     scratch = thread_scratch()
     release = device.type == "cpu"
-    accumulator = NormAccumulator([BASE], {})
-    base_checked = set()
+    accumulator = NormAccumulator([], {})
+    base_of_slot: Dict[Hashable, TensorRead] = {}  # to name the base when it holds NaN/Inf
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
     quiet = bool(getattr(run.options, "quiet", False))
     started = time.perf_counter()
@@ -366,35 +366,34 @@ def _stream(run, device, todo, found: _Found) -> None:
                 continue
             base_read = item.base_read
             rows = _group_rows(item)
-            base_tensor = base_read.load()
+            base_tensor = _load(base_read, device, bar, 1)
             if base_tensor is None:
                 raise MetaGPTError(
                     f"MetaGPT: the base model {task.base_model} has no tensor "
                     f"{base_read.name!r}, which model(s) "
                     f"{', '.join(str(m) for m in task_models)} have"
                 )
-            base_tensor = base_tensor.to(device)
-            STATS.tensors_read += 1
-            STATS.bytes_read += base_tensor.nbytes
-            bar.update(1, nbytes=base_tensor.nbytes)
             if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
                 for model in task_models:
                     found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
                     done.add(((task.base_model, model), item.keys[model]))
             else:
-                check_key = (task.base_model, base_read.key)
-                if check_key not in base_checked:
-                    base_checked.add(check_key)
-                    accumulator.add(BASE, check_key, base_check(base_tensor, scratch), name=base_read.name)
-                    accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
-                for model in task_models:
-                    _one_model(item, model, base_read, base_tensor, rows, device, scratch,
-                               accumulator, found, done, bar)
+                _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator,
+                            base_of_slot, found, done, bar)
             del base_tensor
             if release:
                 _release(item)
-    values = accumulator.finish()
-    values.pop(BASE, None)
+
+    def blame(model, slot) -> Optional[str]:
+        """A NaN or Inf in the base spoils every model's norm: re-read the base's
+        tensor (only on this error path) to say so."""
+        base_read = base_of_slot[(model, slot)]
+        tensor = base_read.load()
+        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return f"the base model {base_read.model}"
+        return None
+
+    values = accumulator.finish(blame)
     for model, by_slot in values.items():
         for slot, value in by_slot.items():
             if isinstance(slot[0], int):  # sparse: (task id, model)
@@ -405,35 +404,55 @@ def _stream(run, device, todo, found: _Found) -> None:
     STATS.seconds += time.perf_counter() - started
 
 
-def _one_model(item, model, base_read, base_tensor, rows, device, scratch, accumulator, found, done, bar):
-    """‖θ_t − θ₀‖² of one model's read of one task, into the accumulator."""
-    task, sparsifier, key = item.task, item.sparsifier, item.keys[model]
-    pair = (task.base_model, model)
-    read = item.reads[model]
+def _load(read: TensorRead, device, bar, step: int) -> Optional[torch.Tensor]:
     tensor = read.load()
-    if tensor is None:  # an optional tensor this model lacks
-        found.dense.setdefault(pair, {})[key] = None
-        done.add((pair, key))
-        return
+    if tensor is None:
+        return None
     tensor = tensor.to(device)
     STATS.tensors_read += 1
     STATS.bytes_read += tensor.nbytes
-    bar.update(0, nbytes=tensor.nbytes)
-    if not tensor.is_floating_point():
-        raise MetaGPTError(
-            f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
-            f"but floating point in the base model {task.base_model}"
-        )
+    bar.update(step, nbytes=tensor.nbytes)
+    return tensor
+
+
+def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator,
+                base_of_slot, found, done, bar) -> None:
+    """‖θ_t − θ₀‖² of each model's read of one task, into the accumulator. The task's
+    model tensors are held together (as the merge of this tensor holds them), so that
+    the base is converted to float32 once for all of them."""
+    task, sparsifier = item.task, item.sparsifier
+    base_read = item.base_read
     axis = task.output_weight.vocabulary_axis
-    x, b, note = _vocab_rows(read, base_read, axis, tensor, base_tensor, rows)
-    value = squared_delta(x, b, sparsifier, model, scratch)
-    slot = (id(task), model) if sparsifier is not None else (pair, key)
-    accumulator.add(model, slot, value, name=read.name)
-    accumulator.labels.setdefault(model, f"model {model}")
-    if sparsifier is not None:
-        if note:
-            found.sparse_notes[(id(task), model)] = note
-    else:
+    together = []  # (model, slot, name, tensor): same shape as the base, dense
+    for model in task_models:
+        key, read = item.keys[model], item.reads[model]
+        pair = (task.base_model, model)
+        tensor = _load(read, device, bar, 0)
+        if tensor is None:  # an optional tensor this model lacks
+            found.dense.setdefault(pair, {})[key] = None
+            done.add((pair, key))
+            continue
+        if not tensor.is_floating_point():
+            raise MetaGPTError(
+                f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
+                f"but floating point in the base model {task.base_model}"
+            )
+        x, b, note = _vocab_rows(read, base_read, axis, tensor, base_tensor, rows)
+        slot = (id(task), model) if sparsifier is not None else (pair, key)
+        base_of_slot[(model, slot)] = base_read
+        accumulator.labels.setdefault(model, f"model {model}")
+        if sparsifier is not None:
+            accumulator.add(model, slot, squared_delta(x, b, sparsifier, model, scratch), name=read.name)
+            if note:
+                found.sparse_notes[slot] = note
+            continue
         done.add((pair, key))
         if note:
             found.dense_notes.setdefault(pair, {})[key] = note
+            accumulator.add(model, slot, squared_delta(x, b, None, model, scratch), name=read.name)
+        else:
+            together.append((model, slot, read.name, tensor))
+        del x, b
+    values = squared_deltas([t for *_, t in together], base_tensor, scratch) if together else []
+    for (model, slot, name, _), value in zip(together, values):
+        accumulator.add(model, slot, value, name=name)

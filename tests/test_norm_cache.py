@@ -115,15 +115,15 @@ def test_ctrl_c_during_the_prepass_leaves_no_entry(llama_family, merge_options, 
     paths, _ = llama_family
     fresh_process_state()
     calls = {"n": 0}
-    real = norms.squared_delta
+    real = norms.squared_deltas
 
-    def interrupt_midway(*args, **kwargs):
+    def interrupt_midway(*args, **kwargs):  # the norms of one task's models
         calls["n"] += 1
         if calls["n"] == 10:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepass, "squared_delta", interrupt_midway)
+    monkeypatch.setattr(prepass, "squared_deltas", interrupt_midway)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
     assert entries() == []
