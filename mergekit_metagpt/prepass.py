@@ -5,8 +5,9 @@ For a graph merge (``mergekit-yaml``, ``run_merge``, ``mergekit-multi``,
 the whole ``MergeRun``: for every planned output tensor of every merge set, and each
 model of that set, ‖θ_t − θ₀‖² of the two tensors the task reads, read through the
 plan's own leaf load tasks (so slices, aliases, tied names, dtypes and the device
-are mergekit's). One tensor of the base and one of a model are in memory at a time
-(a whole tensor only for ``lambda_from: sparse``). Reads go in the base's shard
+are mergekit's). One task's tensors (the base's and each model's, as the merge of
+that tensor holds them) are in memory at a time, and float32 work is done in reused
+chunks (a whole float32 tensor only for ``lambda_from: sparse``). Reads go in the base's shard
 order; on CPU, the safetensors shards a task read are closed after it, so that mapped
 pages do not pile up in RSS (``.bin`` shards stay loaded: unpickling them costs).
 
