@@ -7,7 +7,8 @@ Phases (seconds, measured here by timing wrappers around mergekit functions; the
 benchmark's own instrumentation, not the plugin's):
   startup   process start to run_merge (Python, torch, mergekit imports, recipe)
   planning  MergePlanner.plan_to_disk
-  prepass   MetaGPT's norm pre-pass (0 for other methods)
+  prepass   MetaGPT's prepass.run_norms: planning the reads, the norm cache, reading
+            and summing, the record (0 for other methods)
   write     TensorWriter.save_tensor + finalize (serialising the output shards)
   merge     the rest of run_merge (reading inputs, merging, config and card)
   exit      run_merge's return to the process's end
@@ -26,7 +27,7 @@ import sys
 import time
 
 STARTED = time.perf_counter()
-PHASES = {"planning": 0.0, "write": 0.0}
+PHASES = {"planning": 0.0, "prepass": 0.0, "write": 0.0}
 MARKS = {}
 
 
@@ -63,7 +64,7 @@ def main():
         prepass = sys.modules.get("mergekit_metagpt.prepass")
         data["prepass"] = vars(prepass.STATS) if prepass is not None else {}
         if "merge_start" in MARKS and "merge_end" in MARKS:
-            pre = data["prepass"].get("seconds", 0.0)
+            pre = PHASES["prepass"]
             inside = MARKS["merge_end"] - MARKS["merge_start"]
             data["phases"] = {
                 "startup": MARKS["merge_start"] - STARTED,
@@ -95,9 +96,15 @@ def main():
             MARKS["merge_end"] = time.perf_counter()
 
     run_yaml.run_merge = marked
-    evict_list = os.environ.get("BENCH_EVICT_AFTER_PREPASS")
-    if evict_list:
+    with open(args[0]) as f:  # the recipe: only a metagpt run imports the plugin here
+        metagpt = "metagpt" in f.read()
+    if metagpt:
         from mergekit_metagpt import prepass
+
+        timed(prepass, "run_norms", "prepass")
+    evict_list = os.environ.get("BENCH_EVICT_AFTER_PREPASS")
+    if evict_list and metagpt:
+        from mergekit.io.tasks import LoaderCache
 
         compute = prepass.compute
 
@@ -106,6 +113,7 @@ def main():
             try:
                 return compute(*a, **k)
             finally:
+                LoaderCache().flush_all()  # mapped or unpickled shards would stay in memory
                 with open(evict_list) as f:
                     for path in f.read().split("\n"):
                         if path:

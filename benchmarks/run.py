@@ -113,6 +113,8 @@ def io_floor_s(paths: list, work: str) -> float:
         while left > 0:
             left -= f.write(memoryview(buffer)[: min(len(buffer), left)])
     elapsed = time.perf_counter() - started
+    with open(target, "rb") as f:  # written back now, not during the next measured run
+        os.fsync(f.fileno())
     os.remove(target)
     return elapsed
 

@@ -54,15 +54,24 @@ def squared_delta(
     return squared_deltas([tensor], base, scratch)[0]
 
 
-def squared_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch) -> List[torch.Tensor]:
+def squared_deltas(
+    tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch, check_base: bool = False
+) -> List[torch.Tensor]:
     """‖x − base‖² for each x of base's shape, in one chunked pass over the base: each
     chunk of the base is turned into float32 once for all of them (on CPU, that
-    conversion is the costliest step). 0-d float32 tensors on the base's device."""
+    conversion is the costliest step). 0-d float32 tensors on the base's device.
+
+    With `check_base`, one more value comes last: the sum of the base's elements, finite
+    exactly when the base holds no NaN or Inf (short of float32 overflow), at the cost
+    of one reduction over chunks already converted.
+    """
     b = base.reshape(-1)
     xs = [t.reshape(-1) for t in tensors]
-    results = [torch.zeros((), device=b.device) for _ in xs]
+    results = [torch.zeros((), device=b.device) for _ in range(len(xs) + check_base)]
     for start, end in chunks(b.numel()):
         b32 = scratch.flat("base", end - start, b.device).copy_(b[start:end])
+        if check_base:
+            results[-1].add_(b32.sum())
         delta = scratch.flat("delta", end - start, b.device)
         for x, result in zip(xs, results):
             # a pairwise float32 sum: 1e-8 relative where a float32 dot is off by 1e-4
@@ -119,9 +128,8 @@ class NormAccumulator:
         self._keys[model].append(key)
         self._names[model].append(str(key) if name is None else name)
 
-    def finish(self, blame=None) -> Dict[Hashable, Dict[Hashable, float]]:
-        """Per model, {key: squared norm}; raises on NaN or Inf. `blame(model, key)`
-        may name who holds the bad values instead (e.g. "the base model …")."""
+    def finish(self) -> Dict[Hashable, Dict[Hashable, float]]:
+        """Per model, {key: squared norm}; raises on NaN or Inf (the base's first)."""
         result = {}
         order = sorted(self.models, key=lambda m: m != BASE)  # blame the base first
         for model in order:
@@ -130,9 +138,7 @@ class NormAccumulator:
                 values = torch.stack(self._values[model]).to("cpu", torch.float64)
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:
-                    who = (blame(model, keys[bad[0]]) if blame else None) or self.labels.get(
-                        model, f"model {model}"
-                    )
+                    who = self.labels.get(model, f"model {model}")
                     names = self._names[model]
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values (NaN or Inf) in tensor "

@@ -32,7 +32,7 @@ import torch
 
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.norms import NormAccumulator, Sparsifier, squared_delta, squared_deltas
+from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, squared_deltas
 from mergekit_metagpt.plan_inputs import TensorRead, task_reads
 from mergekit_metagpt.scratch import thread_scratch
 
@@ -337,13 +337,17 @@ def _release(item: _Planned) -> None:
             loader.flush()
 
 
+#: Model tensors of one task held together (the base converted once for all of them);
+#: past this many bytes they are summed and dropped before the next model is read.
+TOGETHER_BYTES = 512 * 2**20
+
+
 def _stream(run, device, todo, found: _Found) -> None:
     from mergekit_metagpt.progress import progress_bar
 
     scratch = thread_scratch()
     release = device.type == "cpu"
-    accumulator = NormAccumulator([], {})
-    base_of_slot: Dict[Hashable, TensorRead] = {}  # to name the base when it holds NaN/Inf
+    accumulator = NormAccumulator([BASE], {})
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
     quiet = bool(getattr(run.options, "quiet", False))
     started = time.perf_counter()
@@ -379,22 +383,14 @@ def _stream(run, device, todo, found: _Found) -> None:
                     found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
                     done.add(((task.base_model, model), item.keys[model]))
             else:
+                accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
                 _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator,
-                            base_of_slot, found, done, bar)
+                            found, done, bar)
             del base_tensor
             if release:
                 _release(item)
-
-    def blame(model, slot) -> Optional[str]:
-        """A NaN or Inf in the base spoils every model's norm: re-read the base's
-        tensor (only on this error path) to say so."""
-        base_read = base_of_slot[(model, slot)]
-        tensor = base_read.load()
-        if tensor is not None and tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            return f"the base model {base_read.model}"
-        return None
-
-    values = accumulator.finish(blame)
+    values = accumulator.finish()
+    values.pop(BASE, None)
     for model, by_slot in values.items():
         for slot, value in by_slot.items():
             if isinstance(slot[0], int):  # sparse: (task id, model)
@@ -416,15 +412,27 @@ def _load(read: TensorRead, device, bar, step: int) -> Optional[torch.Tensor]:
     return tensor
 
 
-def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator,
-                base_of_slot, found, done, bar) -> None:
-    """‖θ_t − θ₀‖² of each model's read of one task, into the accumulator. The task's
-    model tensors are held together (as the merge of this tensor holds them), so that
-    the base is converted to float32 once for all of them."""
+def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator, found, done, bar) -> None:
+    """‖θ_t − θ₀‖² of each model's read of one task, into the accumulator, and the
+    base's own NaN/Inf check. Model tensors of the base's shape are held together (up
+    to TOGETHER_BYTES), so that the base is converted to float32 once for all of them."""
     task, sparsifier = item.task, item.sparsifier
     base_read = item.base_read
     axis = task.output_weight.vocabulary_axis
     together = []  # (model, slot, name, tensor): same shape as the base, dense
+    held = 0
+    base_checked = False
+
+    def sum_together() -> None:
+        nonlocal together, held, base_checked
+        values = squared_deltas([t for *_, t in together], base_tensor, scratch, check_base=not base_checked)
+        if not base_checked:
+            accumulator.add(BASE, (id(task), base_read.key), values.pop(), name=base_read.name)
+            base_checked = True
+        for (model, slot, name, _), value in zip(together, values):
+            accumulator.add(model, slot, value, name=name)
+        together, held = [], 0
+
     for model in task_models:
         key, read = item.keys[model], item.reads[model]
         pair = (task.base_model, model)
@@ -440,20 +448,20 @@ def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulat
             )
         x, b, note = _vocab_rows(read, base_read, axis, tensor, base_tensor, rows)
         slot = (id(task), model) if sparsifier is not None else (pair, key)
-        base_of_slot[(model, slot)] = base_read
         accumulator.labels.setdefault(model, f"model {model}")
-        if sparsifier is not None:
+        if sparsifier is None:
+            done.add((pair, key))
+        if sparsifier is not None or note:
             accumulator.add(model, slot, squared_delta(x, b, sparsifier, model, scratch), name=read.name)
-            if note:
+            if note and sparsifier is not None:
                 found.sparse_notes[slot] = note
-            continue
-        done.add((pair, key))
-        if note:
-            found.dense_notes.setdefault(pair, {})[key] = note
-            accumulator.add(model, slot, squared_delta(x, b, None, model, scratch), name=read.name)
+            elif note:
+                found.dense_notes.setdefault(pair, {})[key] = note
         else:
             together.append((model, slot, read.name, tensor))
-        del x, b
-    values = squared_deltas([t for *_, t in together], base_tensor, scratch) if together else []
-    for (model, slot, name, _), value in zip(together, values):
-        accumulator.add(model, slot, value, name=name)
+            held += tensor.nbytes
+            if held > TOGETHER_BYTES:
+                sum_together()
+        del tensor, x, b
+    if together or not base_checked:  # every base tensor read is checked, whole
+        sum_together()

@@ -26,6 +26,26 @@ def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_pa
     assert prepass.STATS.tensors_read - read == 4 * len(sds["base"])
 
 
+@pytest.mark.parametrize("together_bytes", [0, 1 << 40])
+def test_models_summed_one_by_one_or_together_give_the_closed_form(together_bytes, llama_family, merge_options, tmp_path, monkeypatch):
+    """The pre-pass holds a task's model tensors together up to TOGETHER_BYTES: either
+    way (each model alone, or all at once) the λ are the closed form's."""
+    import json
+    import os
+
+    paths, sds = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    monkeypatch.setattr(prepass, "TOGETHER_BYTES", together_bytes)
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        (entry,) = json.load(f)["merges"]
+    assert [row["model"] for row in entry["models"]] == [paths[m] for m in MODELS]
+    for row, lam in zip(entry["models"], lams):
+        assert abs(row["lambda"] - lam) < 1e-6
+
+
 def test_rewritten_checkpoints_get_fresh_norms(tmp_path, merge_options):
     base = random_state_dict(1)
     paths = {"base": save_checkpoint(str(tmp_path / "base"), base)}
@@ -219,6 +239,28 @@ def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(method, para
     assert abs(norms[paths["resized"]] - expected) / expected < 1e-3
     other_norm = sum(float((other[k].double() - base[k].double()).pow(2).sum()) for k in base)
     assert abs(norms[paths["other"]] - other_norm) / other_norm < 1e-5
+
+
+def test_nan_in_base_rows_no_model_shares_is_named_as_the_base(tmp_path, merge_options):
+    """The base has 72 token rows, the fine-tune 64; a NaN in a row only the base has
+    counts in no norm, but `tokenizer_source: base` keeps it in the output: refused,
+    naming the base and the tensor, before any weights are written."""
+    from merging import safetensors_in
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    base = random_state_dict(3, vocab_size=72)
+    base["model.embed_tokens.weight"][70, 5] = float("nan")
+    model = perturbed(random_state_dict(3), 0.01, 8)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base, vocab_size=72),
+        "model": save_checkpoint(str(tmp_path / "model"), model),
+    }
+    write_tokenizer(paths["base"], 72)
+    write_tokenizer(paths["model"], 64)
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=r"non-finite.*'model\.embed_tokens\.weight' of the base model"):
+        run_recipe(recipe(paths, ["model"], tokenizer_source="base"), out, merge_options)
+    assert not safetensors_in(out)
 
 
 def test_other_shape_mismatch_is_an_error_naming_model_and_tensor(tmp_path, merge_options):
