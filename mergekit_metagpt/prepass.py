@@ -5,11 +5,13 @@ For a graph merge (``mergekit-yaml``, ``run_merge``, ``mergekit-multi``,
 the whole ``MergeRun``: for every planned output tensor of every merge set, and each
 model of that set, ‖θ_t − θ₀‖² of the two tensors the task reads, read through the
 plan's own leaf load tasks (so slices, aliases, tied names, dtypes and the device
-are mergekit's). One task's tensors (the base's and each model's, as the merge of
-that tensor holds them) are in memory at a time, and float32 work is done in reused
-chunks (a whole float32 tensor only for ``lambda_from: sparse``). Reads go in the base's shard
-order; on CPU, the safetensors shards a task read are closed after it, so that mapped
-pages do not pile up in RSS (``.bin`` shards stay loaded: unpickling them costs).
+are mergekit's). One task's tensors (the base's and each model's, up to
+``TOGETHER_BYTES`` of them, as the merge of that tensor holds them) are in memory at a
+time; float32 work is done in reused chunks, each base chunk converted once for all
+models and checked for NaN/Inf in the same pass (a whole float32 tensor only for
+``lambda_from: sparse``). Reads go in the base's shard order; on CPU, the
+safetensors shards a task read are closed after it, so that mapped pages do not pile
+up in RSS (``.bin`` shards stay loaded: unpickling them costs).
 
 Vocabulary tensors whose shapes differ only along mergekit's ``vocabulary_axis``
 count their leading ``min(rows)`` rows, which base and model both have (with
