@@ -26,7 +26,23 @@ def _transformers_errors_only():
         hf_logging.set_verbosity(previous)
 
 
-def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None):
+#: mergekit-yaml options that change what a merge reads (and so its λ), passed through.
+PLANNING_FLAGS = {
+    "trust_remote_code": "trust remote code in model configs (as mergekit-yaml's option)",
+    "lazy_unpickle": "mergekit's lazy unpickler for .bin checkpoints",
+    "allow_crimes": "allow mixing architectures (as mergekit-yaml's option)",
+    "unsafe_truncate_embeddings": "truncate vocabularies to the smallest (as mergekit-yaml's "
+                                  "option; the norms then count those rows)",
+}
+
+
+def _options(args):
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(quiet=True, **{name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS})
+
+
+def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None, options=None):
     """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass."""
     import torch
     from mergekit.options import MergeOptions
@@ -42,7 +58,7 @@ def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None):
     if before_planning is not None:
         before_planning(config)
     with _transformers_errors_only():
-        run = plan_recipe(config, MergeOptions(quiet=True))
+        run = plan_recipe(config, options or MergeOptions(quiet=True))
     method = next(m for m in methods() if m.spec.name == run.method_name)
     run_norms(run, torch.device("cuda" if cuda else "cpu"), method)
     return run
@@ -91,7 +107,7 @@ def coefficients_text(payload) -> str:
 def _coefficients(args) -> int:
     from mergekit_metagpt.record import record_payload
 
-    run = _plan_and_norms(args.recipe, args.cuda)
+    run = _plan_and_norms(args.recipe, args.cuda, options=_options(args))
     payload = record_payload(run)
     if args.json:
         print(json.dumps(payload, indent=2))
@@ -103,7 +119,8 @@ def _coefficients(args) -> int:
 def _bake(args) -> int:
     from mergekit_metagpt.recipe import baked_recipe, check_bakeable, check_bakeable_recipe
 
-    run = _plan_and_norms(args.recipe, args.cuda, lambda c: check_bakeable_recipe(c, args.recipe))
+    run = _plan_and_norms(args.recipe, args.cuda, lambda c: check_bakeable_recipe(c, args.recipe),
+                          options=_options(args))
     check_bakeable(run, args.recipe)
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, run, set_norms.coefficients)
@@ -121,6 +138,11 @@ def _demo_models(args) -> int:
     return 0
 
 
+def _add_planning_flags(parser) -> None:
+    for name, help_text in PLANNING_FLAGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergekit-metagpt", description="MetaGPT tools for mergekit recipes"
@@ -131,11 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     coeff.add_argument("--json", action="store_true",
                        help="print JSON (the shape of the merge's metagpt_coefficients.json)")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    _add_planning_flags(coeff)
     coeff.set_defaults(run=_coefficients)
     bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
     bake.add_argument("recipe")
     bake.add_argument("output")
     bake.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    _add_planning_flags(bake)
     bake.set_defaults(run=_bake)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")
     demo.add_argument("directory")

@@ -401,7 +401,7 @@ def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
             assert f"{name} ({paths['r']}: {RESIZED} rows, base {VOCAB}): the leading {VOCAB} rows counted" in warning
 
 
-def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path):
+def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys):
     """--unsafe-truncate-embeddings keeps the smallest vocabulary of the whole group
     (base 68 rows, a 64, b 66: 64 rows for everyone); b's norm counts those 64 rows,
     not the 66 it shares with the base."""
@@ -424,6 +424,14 @@ def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_p
     out = mergekit_yaml(config, tmp_path, "out", "--unsafe-truncate-embeddings")
     (got,) = record_sets(out, _names(paths))
     assert_lambdas(got, lams)
+    # the CLI takes the same option, and without it reports what a merge without it reads
+    from mergekit_metagpt.cli import main
+
+    for flags, same in (["--unsafe-truncate-embeddings"], True), ([], False):
+        assert main(["coefficients", str(tmp_path / "out.yml"), "--json", *flags]) == 0
+        (entry,) = json.loads(capsys.readouterr().out)["merges"]
+        printed = {_names(paths)[row["model"]]: row["lambda"] for row in entry["models"]}
+        assert all((abs(printed[m] - lams[m]) < 1e-6) == same for m in lams), (flags, printed, lams)
     merged = load_checkpoint(out)
     for name in (EMBED, HEAD):
         assert merged[name].shape[0] == 64
