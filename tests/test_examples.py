@@ -65,3 +65,47 @@ def test_tiny_example_runs_on_demo_models(name, tmp_path, monkeypatch, merge_opt
     assert main(["coefficients", path, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [m["lambda"] for m in printed["merges"][0]["models"]] == [m["lambda"] for m in entry["models"]]
+
+
+def _readme_python_blocks():
+    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
+    with open(readme, encoding="utf-8") as f:
+        text = f.read()
+    blocks, inside, lines = [], False, []
+    for line in text.splitlines():
+        if line.strip() == "```python":
+            inside, lines = True, []
+        elif inside and line.strip() == "```":
+            inside = False
+            blocks.append("\n".join(lines))
+        elif inside:
+            lines.append(line)
+    return blocks
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's "From Python" code, run as written from a folder holding the demo
+    models, merges them to the closed form."""
+    import torch
+
+    from checkpoints import closed_form
+
+    (block,) = _readme_python_blocks()
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-models", "./tiny-models"]) == 0
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    models = namespace["models"]
+    _, reference = closed_form(models["base"], [models["math"], models["code"]])
+    merged = namespace["merged"]
+    assert set(merged) == set(reference)
+    def close(a, ref):  # bf16 output: within one bf16 rounding step
+        return torch.allclose(a.float(), ref.to(torch.bfloat16).float(), rtol=2**-7, atol=1e-6)
+
+    for name, ref in reference.items():
+        assert close(merged[name], ref), name
+    # the check tells MetaGPT's λ from a plain average of the two task vectors
+    base = models["base"]
+    average = {k: base[k].double() + 0.5 * sum(models[m][k].double() - base[k].double() for m in ("math", "code"))
+               for k in base}
+    assert not all(close(merged[k], average[k]) for k in average)
