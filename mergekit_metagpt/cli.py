@@ -42,10 +42,9 @@ def _options(args):
     return MergeOptions(quiet=True, **{name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS})
 
 
-def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None, options=None):
+def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None):
     """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass."""
     import torch
-    from mergekit.options import MergeOptions
 
     import mergekit_metagpt  # noqa: F401  (registers the methods)
     from mergekit_metagpt.planning import plan_recipe
@@ -58,7 +57,7 @@ def _plan_and_norms(recipe_path: str, cuda: bool, before_planning=None, options=
     if before_planning is not None:
         before_planning(config)
     with _transformers_errors_only():
-        run = plan_recipe(config, options or MergeOptions(quiet=True))
+        run = plan_recipe(config, options)
     method = next(m for m in methods() if m.spec.name == run.method_name)
     run_norms(run, torch.device("cuda" if cuda else "cpu"), method)
     return run
@@ -107,7 +106,7 @@ def coefficients_text(payload) -> str:
 def _coefficients(args) -> int:
     from mergekit_metagpt.record import record_payload
 
-    run = _plan_and_norms(args.recipe, args.cuda, options=_options(args))
+    run = _plan_and_norms(args.recipe, args.cuda, _options(args))
     payload = record_payload(run)
     if args.json:
         print(json.dumps(payload, indent=2))
@@ -119,8 +118,8 @@ def _coefficients(args) -> int:
 def _bake(args) -> int:
     from mergekit_metagpt.recipe import baked_recipe, check_bakeable, check_bakeable_recipe
 
-    run = _plan_and_norms(args.recipe, args.cuda, lambda c: check_bakeable_recipe(c, args.recipe),
-                          options=_options(args))
+    run = _plan_and_norms(args.recipe, args.cuda, _options(args),
+                          lambda c: check_bakeable_recipe(c, args.recipe))
     check_bakeable(run, args.recipe)
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, run, set_norms.coefficients)

@@ -5,8 +5,9 @@ task (``GatherTensors``, ``PermutedVocabulary``, ``TensorDictWrapper`` …) alre
 resolves slices, layer offsets, aliases, tied names and dtypes. A *merge set* is the
 set of models merged together (a base and its fine-tunes; one per distinct slice
 model set); its λ come from exactly the output tensors that set produces, read
-through those input tasks' leaf loads (vocabulary rows: see ``prepass``). A ``MergeRun`` is one merge: its sets, the norms once
-computed, and where its record goes.
+through those input tasks' leaf loads (vocabulary rows: see ``prepass``). A
+``MergeRun`` is one merge: its sets, the norms once computed, and where its record
+goes.
 """
 
 from __future__ import annotations
