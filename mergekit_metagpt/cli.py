@@ -1,4 +1,4 @@
-"""The ``mergekit-metagpt`` command: coefficients of a recipe, bake, and demo checkpoints."""
+"""The ``mergekit-metagpt`` command: coefficients of a recipe, bake, inspect, and demo checkpoints."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def _options(args):
     return MergeOptions(quiet=True, **{name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS})
 
 
-def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None):
+def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None):
     """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass."""
     import torch
 
@@ -59,7 +59,7 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None)
     with _transformers_errors_only():
         run = plan_recipe(config, options)
     method = next(m for m in methods() if m.spec.name == run.method_name)
-    run_norms(run, torch.device("cuda" if cuda else "cpu"), method)
+    run_norms(run, torch.device("cuda" if cuda else "cpu"), method, products=products)
     return run
 
 
@@ -129,6 +129,19 @@ def _bake(args) -> int:
     return 0
 
 
+def _inspect(args) -> int:
+    from mergekit_metagpt import inspect_report, plots
+
+    run = _plan_and_norms(args.recipe, args.cuda, _options(args), products="always")
+    drawn = not args.no_pictures and plots.available()
+    written = inspect_report.write(run, args.recipe, args.out_dir, pictures=drawn)
+    if args.json:
+        print(json.dumps(inspect_report.payload(run, args.recipe), indent=2))
+    else:
+        print(inspect_report.summary_text(run, written, drawn or args.no_pictures))
+    return 0
+
+
 def _demo_models(args) -> int:
     from mergekit_metagpt.synthetic import SIZES, write_family
 
@@ -160,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
     bake.add_argument("--cuda", action="store_true", help="compute on the GPU")
     _add_planning_flags(bake)
     bake.set_defaults(run=_bake)
+    inspect = sub.add_parser(
+        "inspect",
+        help="without merging: λ, cosine similarity of the task vectors, ||delta||^2 per layer; "
+             "writes a report, JSON and pictures to OUT_DIR",
+    )
+    inspect.add_argument("recipe")
+    inspect.add_argument("out_dir")
+    inspect.add_argument("--json", action="store_true", help="print the numbers as JSON (also written to OUT_DIR)")
+    inspect.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    inspect.add_argument("--no-pictures", action="store_true", help="report and JSON only")
+    _add_planning_flags(inspect)
+    inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")
     demo.add_argument("directory")
     demo.add_argument("--size", default="tiny", choices=["tiny", "10m", "100m", "1b"])

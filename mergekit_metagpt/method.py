@@ -222,7 +222,7 @@ class MetaGPTMerge(GroupMergeMethod):
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         flat_base, flat_out = base.reshape(-1), out.view(-1)
         # θ₀ + Σ w_t (θ_t − θ₀) in float32, one chunk at a time into the output tensor
-        for start, end in chunks(flat_base.numel()):
+        for start, end in chunks(flat_base.numel(), base.device):
             n = end - start
             base_c = scratch.flat("merge_base", n, base.device, compute).copy_(flat_base[start:end])
             merged = scratch.flat("merge_sum", n, base.device, compute).zero_()

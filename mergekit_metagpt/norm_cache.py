@@ -43,17 +43,24 @@ def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
     return os.path.join(cache_dir(), f"{key}.json")
 
 
-def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Tuple[Dict[str, Optional[float]], Dict[str, str]]]:
-    if not enabled():
-        return None
-    path = entry_path(base_fingerprint, model_fingerprint)
+def _read(path: str):
+    """The entry's JSON, or None if absent or unreadable (with a warning)."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
         LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
+        return None
+
+
+def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Tuple[Dict[str, Optional[float]], Dict[str, str]]]:
+    if not enabled():
+        return None
+    path = entry_path(base_fingerprint, model_fingerprint)
+    data = _read(path)
+    if data is None:
         return None
     norms = data.get("norms") if isinstance(data, dict) else None
     notes = data.get("notes", {}) if isinstance(data, dict) else None
@@ -94,6 +101,61 @@ def store(
         "model_name": str(labels[1]),
         "norms": norms,
         "notes": notes or {},
+    }
+    try:
+        write_json(path, payload, fsync=True)
+    except OSError as error:
+        LOG.warning("MetaGPT: could not write the norm cache at %s (%s); continuing without it", path, error)
+
+
+# -- inner products of pairs of task vectors (issue: see before you merge) -----------
+# A separate kind of entry, keyed by the base's and both models' checkpoints, so that
+# the norms' entries (and caches written before inner products existed) stay valid: a
+# run that finds norms but no products has simply no products cached (a miss).
+PRODUCTS_FORMAT = 1
+
+
+def products_path(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str) -> str:
+    key = hashlib.sha256(
+        f"products-v{PRODUCTS_FORMAT}|{base_fingerprint}|{a_fingerprint}|{b_fingerprint}".encode()
+    ).hexdigest()
+    return os.path.join(cache_dir(), f"{key}.json")
+
+
+def load_products(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str) -> Optional[Dict[str, Optional[float]]]:
+    """{pair read key: ⟨δ_a, δ_b⟩ or None}, or None on a miss (absent, corrupt, other format)."""
+    if not enabled():
+        return None
+    path = products_path(base_fingerprint, a_fingerprint, b_fingerprint)
+    data = _read(path)
+    if data is None:
+        return None
+    products = data.get("products") if isinstance(data, dict) else None
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != PRODUCTS_FORMAT
+        or data.get("checkpoints") != [base_fingerprint, a_fingerprint, b_fingerprint]
+        or not isinstance(products, dict)
+        or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in products.values())
+    ):
+        LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+        return None
+    return {str(k): (None if v is None else float(v)) for k, v in products.items()}
+
+
+def store_products(
+    base_fingerprint: str, a_fingerprint: str, b_fingerprint: str,
+    products: Dict[str, Optional[float]], labels=("", "", ""),
+) -> None:
+    """Write the entry (callers pass everything known for the triple, old and new)."""
+    if not enabled():
+        return
+    path = products_path(base_fingerprint, a_fingerprint, b_fingerprint)
+    payload = {
+        "format": PRODUCTS_FORMAT,
+        "checkpoints": [base_fingerprint, a_fingerprint, b_fingerprint],
+        "models": [str(label) for label in labels],
+        "products": products,
     }
     try:
         write_json(path, payload, fsync=True)

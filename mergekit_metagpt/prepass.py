@@ -5,11 +5,13 @@ For a graph merge (``mergekit-yaml``, ``run_merge``, ``mergekit-multi``,
 the whole ``MergeRun``: for every planned output tensor of every merge set, and each
 model of that set, ‖θ_t − θ₀‖² of the two tensors the task reads, read through the
 plan's own leaf load tasks (so slices, aliases, tied names, dtypes and the device
-are mergekit's). One task's tensors (the base's and each model's, up to
-``TOGETHER_BYTES`` of them, as the merge of that tensor holds them) are in memory at a
-time; float32 work is done in reused chunks, each base chunk converted once for all
-models and checked for NaN/Inf in the same pass (a whole float32 tensor only for
-``lambda_from: sparse``). Reads go in the base's shard order; on CPU, the
+are mergekit's). One task's tensors (the base's and each model's, as the merge of that
+tensor holds them) are in memory at a time; float32 work is done in reused chunks (a
+whole float32 tensor only for ``lambda_from: sparse``), each base chunk converted once
+for all models and checked for NaN/Inf in the same pass, which also takes the inner
+products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similarities of
+``similarity``). On CUDA, tensors loaded on the CPU go over through pinned buffers
+(``staging``). Reads go in the base's shard order; on CPU, the
 safetensors shards a task read are closed after it, so that mapped pages do not pile
 up in RSS (``.bin`` shards stay loaded: unpickling them costs).
 
@@ -17,8 +19,9 @@ Vocabulary tensors whose shapes differ only along mergekit's ``vocabulary_axis``
 count their leading ``min(rows)`` rows, which base and model both have (with
 ``--unsafe-truncate-embeddings``, the smallest of the whole task, as the merge keeps),
 with a warning on every run. Dense norms are memoized in process and cached on disk per
-(base, model) checkpoint pair and per read; ``lambda_from: sparse`` norms are
-computed afresh in each merge (DARE's masks are random).
+(base, model) checkpoint pair and per read, inner products per (base, model, model);
+``lambda_from: sparse`` norms are computed afresh in each merge (DARE's masks are
+random).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, squared_deltas
+from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import TensorRead, task_reads
 from mergekit_metagpt.scratch import thread_scratch
 
@@ -63,6 +66,7 @@ _MEMO_LOCK = threading.Lock()
 def clear_memo() -> None:
     with _MEMO_LOCK:
         _MEMO.clear()
+        _PRODUCTS_MEMO.clear()
 
 
 def _known(base_key: str, model_key: str):
@@ -89,6 +93,45 @@ def _remember(base_key, model_key, norms, notes, labels) -> None:
     norm_cache.store(base_key, model_key, norms, notes, labels=labels)
 
 
+_PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
+
+
+def _known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[float]]:
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return {}
+    triple = (base_key, a_key, b_key)
+    with _MEMO_LOCK:
+        hit = _PRODUCTS_MEMO.get(triple)
+    if hit is None:
+        hit = norm_cache.load_products(*triple) or {}
+        with _MEMO_LOCK:
+            _PRODUCTS_MEMO[triple] = hit
+    return dict(hit)
+
+
+def _remember_products(fingerprints, products, labels) -> None:
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return
+    with _MEMO_LOCK:
+        _PRODUCTS_MEMO[tuple(fingerprints)] = dict(products)
+    norm_cache.store_products(*fingerprints, products, labels=labels)
+
+
+class _Missing:
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+#: An inner product the pre-pass did not compute (the norms came from the cache of a
+#: run that did not compute it); ``None`` is one that does not count (e.g. a tensor
+#: one of the models lacks, or a task whose λ come from sparsified vectors).
+MISSING = _Missing()
+
+
 # -- results ------------------------------------------------------------------------
 @dataclass
 class SetNorms:
@@ -98,6 +141,9 @@ class SetNorms:
     per_task: Dict[Hashable, List[Optional[float]]]
     notes: List[str] = field(default_factory=list)
     sparse: bool = False
+    #: per pair of models (in the set's order), ⟨δ_a, δ_b⟩ per task: a float, None (not
+    #: counted) or MISSING (not computed)
+    per_pair: Dict[Tuple[Hashable, Hashable], list] = field(default_factory=dict)
 
     @functools.cached_property
     def coefficients(self) -> Coefficients:
@@ -105,6 +151,13 @@ class SetNorms:
         return Coefficients.from_norms(
             {m: float(sum(v for v in self.per_task[m] if v is not None)) for m in self.merge_set.models}
         )
+
+    @functools.cached_property
+    def stats(self):
+        """Cosine similarities, ‖δ‖² per layer, largest tensors (``similarity.SetStats``)."""
+        from mergekit_metagpt.similarity import set_stats
+
+        return set_stats(self)
 
     def task_lambdas(self, index: int) -> Dict[Hashable, float]:
         """λ from one task's own norms (granularity: per_tensor)."""
@@ -166,6 +219,7 @@ class _Planned:
     sparsifier: Optional[Sparsifier]
     keys: Dict[Hashable, Optional[str]]
     truncated: bool  # --unsafe-truncate-embeddings: the group's smallest vocabulary counts
+    pair_keys: Dict[Tuple[Hashable, Hashable], str] = field(default_factory=dict)  # dense tasks only
 
     @property
     def base_read(self) -> Optional[TensorRead]:
@@ -187,24 +241,50 @@ def _plan(task, reads, method, checkpoint_of) -> _Planned:
             continue
         read = reads.get(model)
         keys[model] = None if base is None or read is None else f"{base.key}|{read.key}|{axis}{group}"
-    return _Planned(task, reads, _sparsifier(task, method), keys, truncated)
+    sparsifier = _sparsifier(task, method)
+    pair_keys = {}
+    if sparsifier is None:  # inner products of the dense task vectors, for each pair of models
+        # each pair in one order whatever the recipe's (the cache's entry is per ordered triple)
+        counted = sorted((m for m, key in keys.items() if key is not None),
+                         key=lambda m: (checkpoint_of(m), keys[m], str(m)))
+        for i, a in enumerate(counted):
+            for b in counted[i + 1:]:
+                pair_keys[(a, b)] = f"{keys[a]}#{keys[b]}"
+    return _Planned(task, reads, sparsifier, keys, truncated, pair_keys)
 
 
-def run_norms(run, device: torch.device, method=None) -> RunNorms:
+def merge_products() -> str:
+    """What a merge computes of the inner products: "when read", or "never" with
+    ``MERGEKIT_METAGPT_COSINES=0`` (T(T−1)/2 products cost the pre-pass more as T grows)."""
+    import os
+
+    off = os.environ.get("MERGEKIT_METAGPT_COSINES", "1").strip().lower() in ("0", "false", "no", "off")
+    return "never" if off else "when read"
+
+
+def run_norms(run, device: torch.device, method=None, products: Optional[str] = None) -> RunNorms:
     """The run's norms, computed by the first caller (others wait), then reused. A
     pre-pass that failed is not retried: every later caller (e.g. the other threads of
-    ``--multi-gpu``) gets the same error at once."""
+    ``--multi-gpu``) gets the same error at once. `products`: see `compute`."""
     with run.lock:
         if run.error is not None:
             raise run.error
         if run.result is None:
             try:
-                run.result = compute(run, torch.device(device), method)
+                run.result = compute(run, torch.device(device), method, products or merge_products())
             except BaseException as error:
                 run.error = error
                 raise
             _announce(run)
         return run.result
+
+
+def _log_similarity(stats, which: str) -> None:
+    if len(stats.models) < 2:
+        return
+    LOG.info("MetaGPT task-vector cosine similarities%s:\n%s\n%s", which, stats.cosine_table(), stats.verdict())
+    if stats.far_pairs():
+        LOG.warning("MetaGPT%s: %s", which, stats.verdict())
 
 
 def _announce(run) -> None:
@@ -214,6 +294,7 @@ def _announce(run) -> None:
     for number, set_norms in enumerate(run.result.sets, 1):
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
+        _log_similarity(set_norms.stats, which)
         if set_norms.notes:
             LOG.warning(
                 "MetaGPT: %d vocabulary tensor(s) differ in size from the base; their "
@@ -222,8 +303,12 @@ def _announce(run) -> None:
     write_record(run)
 
 
-def compute(run, device: torch.device, method=None) -> RunNorms:
-    """Norms of every merge set of `run` (see the module docstring)."""
+def compute(run, device: torch.device, method=None, products: str = "when read") -> RunNorms:
+    """Norms of every merge set of `run` (see the module docstring), and the inner
+    products of each pair of dense task vectors: with ``products="when read"`` (merges),
+    of the pairs whose two tensors the pre-pass reads anyway for their norms, the others
+    from the cache where an earlier run put them (never a read for a product alone);
+    with ``"always"`` (``inspect``), all of them; with ``"never"``, none but the cached."""
     from mergekit_metagpt import norm_cache
     from mergekit_metagpt.fingerprint import checkpoint_key
 
@@ -246,10 +331,11 @@ def compute(run, device: torch.device, method=None) -> RunNorms:
 
     # What each (task, model) needs, and what the memo or the cache already holds.
     known: Dict[Tuple[Hashable, Hashable], Tuple[dict, dict]] = {}
-    todo: List[Tuple[_Planned, List[Hashable]]] = []
+    known_products: Dict[Tuple[Hashable, Hashable, Hashable], dict] = {}
+    todo: List[Tuple[_Planned, List[Hashable], List[Tuple[Hashable, Hashable]]]] = []
     wanted, pending = set(), set()  # (base, model) pairs read by some task / still to read
     for item in planned:
-        task, models = item.task, []
+        task, need = item.task, set()
         for model, key in item.keys.items():
             pair = (task.base_model, model)
             if pair not in known:
@@ -258,10 +344,22 @@ def compute(run, device: torch.device, method=None) -> RunNorms:
                 continue
             wanted.add(pair)
             if item.sparsifier is not None or key not in known[pair][0]:
-                models.append(model)
+                need.add(model)
                 pending.add(pair)
-        if models:
-            todo.append((item, models))
+        pairs = []
+        for (a, b), pair_key in item.pair_keys.items():
+            triple = (task.base_model, a, b)
+            if triple not in known_products:
+                known_products[triple] = _known_products(*(checkpoint_of(m) for m in triple))
+            # a merge ("when read") takes the products of the models it reads anyway;
+            # "always" also reads models whose norms are known, for their products
+            if pair_key not in known_products[triple] and (
+                products == "always" or (products == "when read" and a in need and b in need)
+            ):
+                pairs.append((a, b))
+        read = need | {m for pair in pairs for m in pair}
+        if read:
+            todo.append((item, [m for m in item.keys if m in read], pairs))
 
     for pair in wanted - pending:
         STATS.cache_hits += 1
@@ -275,16 +373,28 @@ def compute(run, device: torch.device, method=None) -> RunNorms:
             norms.update(values)
             notes.update(found.dense_notes.get(pair, {}))
             _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, notes, labels=pair)
+        for triple, values in found.products.items():
+            known_products[triple].update(values)
+            _remember_products([checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
 
     sets = []
     index = {id(item.task): item for item in planned}
     for merge_set in run.sets.values():
         per_task = {m: [] for m in merge_set.models}
+        models = list(merge_set.models)
+        per_pair = {(a, b): [] for i, a in enumerate(models) for b in models[i + 1:]}
         notes: List[str] = []
         sparse = False
         for task in merge_set.tasks:
             item = index[id(task)]
             sparse |= item.sparsifier is not None
+            for (a, b), values in per_pair.items():
+                pair_key = item.pair_keys.get((a, b)) or item.pair_keys.get((b, a))
+                triple = (task.base_model, a, b) if (a, b) in item.pair_keys else (task.base_model, b, a)
+                values.append(
+                    None if pair_key is None
+                    else known_products.get(triple, {}).get(pair_key, MISSING)
+                )
             for model in merge_set.models:
                 key = item.keys.get(model)
                 if key is None:
@@ -299,7 +409,7 @@ def compute(run, device: torch.device, method=None) -> RunNorms:
                     note = task_notes.get(key)
                 if note:
                     notes.append(note)
-        sets.append(SetNorms(merge_set, per_task, notes, sparse=sparse))
+        sets.append(SetNorms(merge_set, per_task, notes, sparse=sparse, per_pair=per_pair))
     return RunNorms(sets)
 
 
@@ -312,6 +422,7 @@ class _Found:
     dense_notes: Dict[Tuple[Hashable, Hashable], Dict[str, str]] = field(default_factory=dict)
     sparse: Dict[Tuple[int, Hashable], float] = field(default_factory=dict)
     sparse_notes: Dict[Tuple[int, Hashable], str] = field(default_factory=dict)
+    products: Dict[Tuple[Hashable, Hashable, Hashable], Dict[str, Optional[float]]] = field(default_factory=dict)
 
 
 def _group_rows(item: _Planned) -> Optional[int]:
@@ -339,15 +450,32 @@ def _release(item: _Planned) -> None:
             loader.flush()
 
 
-#: Model tensors of one task held together (the base converted once for all of them);
-#: past this many bytes they are summed and dropped before the next model is read.
-TOGETHER_BYTES = 512 * 2**20
+
+
+#: On CUDA, CPU-loaded tensors go over through pinned buffers (see ``staging``);
+#: False: plain ``tensor.to(device)`` (kept for comparison in benchmarks/prepass.py).
+PINNED_STAGING = True
+
+
+def _mover(device):
+    """How a loaded tensor reaches the pre-pass's device, and how to end that."""
+    if device.type == "cuda" and PINNED_STAGING:
+        from mergekit_metagpt.staging import PinnedStaging
+
+        staging = PinnedStaging(device)
+
+        def move(tensor):
+            return staging.to_device(tensor) if tensor.device.type == "cpu" else tensor.to(device)
+
+        return move, staging.close
+    return (lambda tensor: tensor.to(device)), (lambda: None)
 
 
 def _stream(run, device, todo, found: _Found) -> None:
     from mergekit_metagpt.progress import progress_bar
 
     scratch = thread_scratch()
+    move, end_moves = _mover(device)
     release = device.type == "cpu"
     accumulator = NormAccumulator([BASE], {})
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
@@ -355,90 +483,95 @@ def _stream(run, device, todo, found: _Found) -> None:
     started = time.perf_counter()
     STATS.runs += 1
     STATS.devices.append(str(device))
-    models = {m for _, ms in todo for m in ms}
+    models = {m for _, ms, _ in todo for m in ms}
     LOG.info(
         "MetaGPT pre-pass: reading %d planned tensors of the base and %d model(s) on %s",
         len(todo), len(models), device,
     )
-    done = set()  # dense (pair, read key) computed: a layer merged twice counts twice, is read once
     with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
-        for item, task_models in todo:
-            task, sparsifier = item.task, item.sparsifier
-            task_models = [
-                m for m in task_models
-                if sparsifier is not None or ((task.base_model, m), item.keys[m]) not in done
-            ]
-            if not task_models:
-                bar.update(1)
-                continue
-            base_read = item.base_read
-            rows = _group_rows(item)
-            base_tensor = _load(base_read, device, bar, 1)
-            if base_tensor is None:
-                raise MetaGPTError(
-                    f"MetaGPT: the base model {task.base_model} has no tensor "
-                    f"{base_read.name!r}, which model(s) "
-                    f"{', '.join(str(m) for m in task_models)} have"
-                )
-            if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
-                for model in task_models:
-                    found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
-                    done.add(((task.base_model, model), item.keys[model]))
-            else:
-                accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
-                _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator,
-                            found, done, bar)
-            del base_tensor
-            if release:
-                _release(item)
+        try:
+            _stream_tasks(todo, move, scratch, accumulator, found, release, bar)
+        finally:
+            end_moves()
     values = accumulator.finish()
     values.pop(BASE, None)
     for model, by_slot in values.items():
         for slot, value in by_slot.items():
             if isinstance(slot[0], int):  # sparse: (task id, model)
                 found.sparse[slot] = value
+            elif len(slot[0]) == 3:  # inner product: ((base, a, b), pair key)
+                triple, key = slot
+                found.products.setdefault(triple, {})[key] = value
             else:
                 pair, key = slot
                 found.dense.setdefault(pair, {})[key] = value
     STATS.seconds += time.perf_counter() - started
 
 
-def _load(read: TensorRead, device, bar, step: int) -> Optional[torch.Tensor]:
+def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool, bar) -> None:
+    done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
+    for item, task_models, pairs in todo:
+        task, sparsifier = item.task, item.sparsifier
+        pairs = [p for p in pairs if ((task.base_model, *p), item.pair_keys[p]) not in done]
+        in_pairs = {m for p in pairs for m in p}
+        task_models = [
+            m for m in task_models
+            if sparsifier is not None or m in in_pairs
+            or ((task.base_model, m), item.keys[m]) not in done
+        ]
+        if not task_models:
+            bar.update(1)
+            continue
+        base_read = item.base_read
+        rows = _group_rows(item)
+        base_tensor = _load(base_read, move, bar, 1)
+        if base_tensor is None:
+            raise MetaGPTError(
+                f"MetaGPT: the base model {task.base_model} has no tensor "
+                f"{base_read.name!r}, which model(s) "
+                f"{', '.join(str(m) for m in task_models)} have"
+            )
+        if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
+            for model in task_models:
+                found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
+                done.add(((task.base_model, model), item.keys[model]))
+            for a, b in pairs:
+                found.products.setdefault((task.base_model, a, b), {})[item.pair_keys[(a, b)]] = None
+                done.add(((task.base_model, a, b), item.pair_keys[(a, b)]))
+        else:
+            accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
+            _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accumulator, found, done, bar)
+        del base_tensor
+        if release:
+            _release(item)
+
+
+def _load(read: TensorRead, move, bar, step: int) -> Optional[torch.Tensor]:
     tensor = read.load()
     if tensor is None:
         return None
-    tensor = tensor.to(device)
+    tensor = move(tensor)
     STATS.tensors_read += 1
     STATS.bytes_read += tensor.nbytes
     bar.update(step, nbytes=tensor.nbytes)
     return tensor
 
 
-def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulator, found, done, bar) -> None:
-    """‖θ_t − θ₀‖² of each model's read of one task, into the accumulator, and the
-    base's own NaN/Inf check. Model tensors of the base's shape are held together (up
-    to TOGETHER_BYTES), so that the base is converted to float32 once for all of them."""
+def _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accumulator, found, done, bar) -> None:
+    """‖θ_t − θ₀‖² of each model's read of one task and ⟨δ_a, δ_b⟩ of each pair, into the
+    accumulator, and the base's own NaN/Inf check. The models' tensors of the base's
+    shape are held together, as the merge of that tensor holds them, so that the base is
+    converted to float32 once for all of them and the inner products need no second
+    read. A pair with a model whose rows were narrowed, or that lacks the tensor, is not
+    counted (None)."""
     task, sparsifier = item.task, item.sparsifier
     base_read = item.base_read
     axis = task.output_weight.vocabulary_axis
-    together = []  # (model, slot, name, tensor): same shape as the base, dense
-    held = 0
-    base_checked = False
-
-    def sum_together() -> None:
-        nonlocal together, held, base_checked
-        values = squared_deltas([t for *_, t in together], base_tensor, scratch, check_base=not base_checked)
-        if not base_checked:
-            accumulator.add(BASE, (id(task), base_read.key), values.pop(), name=base_read.name)
-            base_checked = True
-        for (model, slot, name, _), value in zip(together, values):
-            accumulator.add(model, slot, value, name=name)
-        together, held = [], 0
-
+    together = {}  # model -> (slot, name, tensor): same shape as the base, dense
     for model in task_models:
         key, read = item.keys[model], item.reads[model]
         pair = (task.base_model, model)
-        tensor = _load(read, device, bar, 0)
+        tensor = _load(read, move, bar, 0)
         if tensor is None:  # an optional tensor this model lacks
             found.dense.setdefault(pair, {})[key] = None
             done.add((pair, key))
@@ -460,10 +593,21 @@ def _task_norms(item, task_models, base_tensor, rows, device, scratch, accumulat
             elif note:
                 found.dense_notes.setdefault(pair, {})[key] = note
         else:
-            together.append((model, slot, read.name, tensor))
-            held += tensor.nbytes
-            if held > TOGETHER_BYTES:
-                sum_together()
+            together[model] = (slot, read.name, tensor)
         del tensor, x, b
-    if together or not base_checked:  # every base tensor read is checked, whole
-        sum_together()
+    order = list(together)
+    counted = [(p, (order.index(p[0]), order.index(p[1]))) for p in pairs if p[0] in together and p[1] in together]
+    norms, products, base_sum = task_vector_sums(
+        [t for *_, t in together.values()], base_tensor, scratch, check_base=True, pairs=[ij for _, ij in counted]
+    )
+    accumulator.add(BASE, (id(task), base_read.key), base_sum, name=base_read.name)
+    for (model, (slot, name, _)), value in zip(together.items(), norms):
+        accumulator.add(model, slot, value, name=name)
+    for ((a, b), _), value in zip(counted, products):
+        triple = (task.base_model, a, b)
+        accumulator.add(("pair", a, b), (triple, item.pair_keys[(a, b)]), value, name=f"{item.reads[a].name}")
+    for a, b in pairs:
+        triple, pair_key = (task.base_model, a, b), item.pair_keys[(a, b)]
+        done.add((triple, pair_key))
+        if a not in together or b not in together:
+            found.products.setdefault(triple, {})[pair_key] = None

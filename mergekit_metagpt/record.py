@@ -8,7 +8,9 @@ One shape, written by a merge and printed by ``mergekit-metagpt coefficients --j
 Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
 ``lambda`` (the overall scale), ``lambda_from`` and ``density`` (variants), and
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
-``{min, median, max}`` for ``granularity: per_tensor``). A merge writes the file once,
+``{min, median, max}`` for ``granularity: per_tensor``), and ``cosine_similarity``:
+``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not
+computed; ``note`` says why). A merge writes the file once,
 when its pre-pass ends, replacing the record of any earlier run in that folder.
 """
 
@@ -69,6 +71,9 @@ def set_entry(set_norms) -> Dict[str, Any]:
             }
         models.append(row)
     entry["models"] = models
+    stats = set_norms.stats
+    entry["cosine_similarity"] = {"models": [str(m) for m in stats.models], "matrix": stats.cosine,
+                                  "note": stats.note, "verdict": stats.verdict()}
     return entry
 
 
@@ -90,7 +95,7 @@ def record_payload(run) -> Dict[str, Any]:
         "norms": (
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"
-        ) + ", over the tensors each merge set reads; float32 per tensor, float64 overall",
+        ) + ", over the tensors each merge set reads; float32 per chunk, float64 across chunks",
         "merges": [set_entry(s) for s in run.result.sets],
     }
 
@@ -157,7 +162,57 @@ def card_section(run) -> str:
                 spread = row["lambda_per_tensor"]
                 cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
             lines.append("| " + " | ".join(cells) + " |")
+        lines += _card_cosines(entry, run.out_path)
     return "\n".join(lines) + "\n"
+
+
+def _card_cosines(entry, out_path) -> List[str]:
+    """The cosine matrix as a table, the verdict, and links to ``inspect``'s pictures
+    where the folder holds pictures of these very numbers."""
+    from mergekit_metagpt.similarity import short_names
+
+    cos = entry["cosine_similarity"]
+    if len(cos["models"]) < 2:
+        return []
+    names = short_names(cos["models"])
+    lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", "",
+             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for name, row in zip(names, cos["matrix"]):
+        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:+.4f}" for v in row) + " |")
+    lines += ["", cos["verdict"]]
+    pictures = inspect_pictures(out_path, entry)
+    if pictures:
+        lines += ["", "Pictures (`mergekit-metagpt inspect`): "
+                  + ", ".join(f"[{title}]({name})" for name, title in pictures)]
+    return lines
+
+
+def inspect_pictures(out_path, entry) -> List[tuple]:
+    """(file, title) of the pictures ``inspect`` wrote into `out_path` for this model set
+    (same models and norms), else []."""
+    import json
+
+    from mergekit_metagpt.inspect_report import JSON_NAME, PICTURES
+
+    if not out_path:
+        return []
+    try:
+        with open(os.path.join(out_path, JSON_NAME), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return []
+    norms = [row["squared_norm"] for row in entry["models"]]
+    for number, stats in enumerate(data.get("merges", []), 1):
+        if stats.get("models") == [row["model"] for row in entry["models"]] and all(
+            abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(stats.get("squared_norms", []), norms)
+        ):
+            found = []
+            for stem, title in PICTURES:
+                name = f"{stem}-{number}.png" if len(data["merges"]) > 1 else f"{stem}.png"
+                if os.path.exists(os.path.join(out_path, name)):
+                    found.append((name, title))
+            return found
+    return []
 
 
 def add_card_sections(context) -> None:

@@ -2,8 +2,9 @@
 
 A fresh multi-megabyte allocation per tensor costs page faults on every first touch
 (on CPU it was 6x slower than the arithmetic itself), so the pre-pass and the merge
-work chunk by chunk in buffers that are then reused: a few 16 MiB buffers per thread
-(mergekit's multi-GPU executor merges from several threads) and per device.
+work chunk by chunk in buffers that are then reused: a few buffers of one chunk (2 MiB
+on CPU, 16 MiB on a GPU) per thread (mergekit's multi-GPU executor merges from several
+threads) and per device.
 """
 
 from __future__ import annotations
@@ -15,13 +16,19 @@ import torch
 
 _LOCAL = threading.local()
 
-# Elements per chunk: float32 work memory stays at a few chunks of 16 MiB, however
-# large the tensor (a 7B model's embedding is 131M elements).
+# Elements per chunk: float32 work memory stays at a few chunks, however large the
+# tensor (a 7B model's embedding is 131M elements). On CPU, 2 MiB chunks: the few
+# buffers of one chunk stay in the processor's cache between the passes over them
+# (measured: the pre-pass's arithmetic 1.3x faster than with 16 MiB); on a GPU, 16 MiB
+# (fewer kernel launches).
 CHUNK = 4 * 1024 * 1024
+CPU_CHUNK = 512 * 1024
 
 
-def chunks(numel: int, size: int = CHUNK):
-    """(start, end) ranges covering a flattened tensor."""
+def chunks(numel: int, device: torch.device, size: int = 0):
+    """(start, end) ranges covering a flattened tensor, `size` elements each (default:
+    CPU_CHUNK on the CPU, CHUNK elsewhere)."""
+    size = size or (CPU_CHUNK if torch.device(device).type == "cpu" else CHUNK)
     for start in range(0, numel, size):
         yield start, min(start + size, numel)
 

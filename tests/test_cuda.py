@@ -52,7 +52,12 @@ def planned_norms(paths, device):
 
 
 def test_prepass_on_gpu_uses_a_few_tensors_of_memory(llama_family, monkeypatch):
+    from mergekit_metagpt.staging import PinnedStaging
+
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    staged = []
+    to_device = PinnedStaging.to_device
+    monkeypatch.setattr(PinnedStaging, "to_device", lambda self, t: staged.append(t.nbytes) or to_device(self, t))
     paths, sds = llama_family
     prepass.clear_memo()
     torch.cuda.synchronize()
@@ -66,5 +71,49 @@ def test_prepass_on_gpu_uses_a_few_tensors_of_memory(llama_family, monkeypatch):
     model_bytes = sum(t.numel() * t.element_size() for t in sds["base"].values())
     assert peak <= 8 * largest + (1 << 20), (peak, largest)
     assert peak < 4 * model_bytes
+    assert sum(staged) == 4 * model_bytes, "CPU-loaded tensors should reach the GPU through the pinned staging"
     expected = sum(float((sds["model2"][k].double() - sds["base"][k].double()).pow(2).sum()) for k in sds["base"])
     assert abs(norms[paths["model2"]] - expected) / expected < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64])
+def test_pinned_staging_copies_exactly(dtype):
+    """Tensors of many chunks, queued back to back through two small buffers (each
+    reused while earlier transfers may still be in flight), arrive bit for bit."""
+    from mergekit_metagpt.staging import PinnedStaging
+
+    staging = PinnedStaging(torch.device("cuda"), chunk_bytes=1000, slots=2)
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randint(-1000, 1000, (n,), generator=generator).to(dtype) for n in (0, 1, 499, 5000, 123457)]
+    tensors.append(torch.randn(300, 70, generator=generator).to(dtype).t())  # not contiguous
+    moved = [staging.to_device(t) for t in tensors]
+    staging.close()
+    for tensor, out in zip(tensors, moved):
+        assert out.device.type == "cuda" and out.dtype == tensor.dtype and out.shape == tensor.shape
+        assert torch.equal(out.cpu(), tensor)
+
+
+def test_inspect_on_gpu_matches_cpu(llama_family, tmp_path, monkeypatch):
+    """Norms and inner products (cosines) computed on the GPU equal the CPU's."""
+    import json
+
+    from merging import write_yaml
+    from mergekit_metagpt.cli import main
+
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    paths, _ = llama_family
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    found = {}
+    for device in ("cpu", "cuda"):
+        prepass.clear_memo()
+        flags = ["--cuda"] if device == "cuda" else []
+        assert main(["inspect", config, str(tmp_path / device), "--no-pictures", *flags]) == 0
+        with open(tmp_path / device / "metagpt-inspect.json") as f:
+            (found[device],) = json.load(f)["merges"]
+    assert prepass.STATS.devices[-1].startswith("cuda")
+    cpu, gpu = found["cpu"], found["cuda"]
+    for a, b in zip(cpu["squared_norms"], gpu["squared_norms"]):
+        assert abs(a - b) <= 1e-5 * a
+    for row_cpu, row_gpu in zip(cpu["cosine"], gpu["cosine"]):
+        for a, b in zip(row_cpu, row_gpu):
+            assert a is not None and abs(a - b) <= 1e-6

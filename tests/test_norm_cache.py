@@ -14,9 +14,13 @@ from mergekit_metagpt import norm_cache, prepass
 MODELS = ["model0", "model1", "model2"]
 
 
-def entries():
+def entries(kind="norms"):
+    """The cache's entries of one kind: "norms" (per pair) or "products" (per triple)."""
+    import json
+
     folder = norm_cache.cache_dir()
-    return sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    return [n for n in names if kind in json.load(open(os.path.join(folder, n)))]
 
 
 def fresh_process_state():
@@ -41,6 +45,10 @@ def test_rerun_and_new_combinations_skip_the_prepass(llama_family, merge_options
     fresh_process_state()
     run_recipe(recipe(paths, ["model2", "model0"]), str(tmp_path / "c"), merge_options)
     assert prepass.STATS.runs == runs
+    assert len(entries("products")) == 3
+    with open(tmp_path / "c" / "metagpt_coefficients.json") as f:  # the pair's product, either order
+        cosine = json.load(f)["merges"][0]["cosine_similarity"]
+    assert cosine["matrix"][0][1] is not None and cosine["note"] is None
 
 
 def test_changed_checkpoint_misses(llama_family, merge_options, tmp_path):
@@ -115,7 +123,7 @@ def test_ctrl_c_during_the_prepass_leaves_no_entry(llama_family, merge_options, 
     paths, _ = llama_family
     fresh_process_state()
     calls = {"n": 0}
-    real = norms.squared_deltas
+    real = norms.task_vector_sums
 
     def interrupt_midway(*args, **kwargs):  # the norms of one task's models
         calls["n"] += 1
@@ -123,7 +131,7 @@ def test_ctrl_c_during_the_prepass_leaves_no_entry(llama_family, merge_options, 
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(prepass, "squared_deltas", interrupt_midway)
+    monkeypatch.setattr(prepass, "task_vector_sums", interrupt_midway)
     with pytest.raises(KeyboardInterrupt):
         run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
     assert entries() == []

@@ -2,7 +2,7 @@
 
 import torch
 
-from mergekit_metagpt.norms import squared_delta, squared_deltas
+from mergekit_metagpt.norms import squared_delta, squared_deltas, task_vector_sums
 from mergekit_metagpt.scratch import Scratch
 
 
@@ -27,3 +27,24 @@ def test_several_models_in_one_pass_match_float64_each():
     for model, value in zip(models, got):
         exact = float((model.double() - base.double()).pow(2).sum())
         assert abs(value - exact) / exact < 1e-6, (value, exact)
+
+
+def test_inner_products_in_the_same_pass_match_float64():
+    """⟨δ_a, δ_b⟩ of pairs, over several chunks, next to the norms: float64 to 1e-6
+    relative (the pairs share a component, so the products are far from zero)."""
+    gen = torch.Generator().manual_seed(2)
+    n = 9_000_000
+    base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
+    shared = torch.randn(n, generator=gen)
+    models = [(base.float() + s * (torch.randn(n, generator=gen) + w * shared)).to(torch.bfloat16)
+              for s, w in ((0.001, 1.0), (0.01, 0.5), (0.1, 2.0))]
+    pairs = [(0, 1), (0, 2), (1, 2)]
+    norms, products, base_sum = task_vector_sums(models, base, Scratch(), check_base=True, pairs=pairs)
+    deltas = [m.double() - base.double() for m in models]
+    for delta, value in zip(deltas, norms):
+        exact = float(delta.pow(2).sum())
+        assert abs(float(value) - exact) / exact < 1e-6
+    for (i, j), value in zip(pairs, products):
+        exact = float((deltas[i] * deltas[j]).sum())
+        assert abs(float(value) - exact) / abs(exact) < 1e-6, ((i, j), float(value), exact)
+    assert abs(float(base_sum) - float(base.double().sum())) < 1e-3

@@ -26,26 +26,6 @@ def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_pa
     assert prepass.STATS.tensors_read - read == 4 * len(sds["base"])
 
 
-@pytest.mark.parametrize("together_bytes", [0, 1 << 40])
-def test_models_summed_one_by_one_or_together_give_the_closed_form(together_bytes, llama_family, merge_options, tmp_path, monkeypatch):
-    """The pre-pass holds a task's model tensors together up to TOGETHER_BYTES: either
-    way (each model alone, or all at once) the λ are the closed form's."""
-    import json
-    import os
-
-    paths, sds = llama_family
-    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
-    monkeypatch.setattr(prepass, "TOGETHER_BYTES", together_bytes)
-    out = str(tmp_path / "out")
-    run_recipe(recipe(paths, MODELS), out, merge_options)
-    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
-    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
-        (entry,) = json.load(f)["merges"]
-    assert [row["model"] for row in entry["models"]] == [paths[m] for m in MODELS]
-    for row, lam in zip(entry["models"], lams):
-        assert abs(row["lambda"] - lam) < 1e-6
-
-
 def test_rewritten_checkpoints_get_fresh_norms(tmp_path, merge_options):
     base = random_state_dict(1)
     paths = {"base": save_checkpoint(str(tmp_path / "base"), base)}

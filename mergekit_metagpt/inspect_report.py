@@ -1,0 +1,153 @@
+"""``mergekit-metagpt inspect``: the pre-pass's statistics of a recipe, as a report, JSON
+and pictures, without merging.
+
+Writes into OUT_DIR: ``metagpt-report.md`` (λ, cosine matrix and verdict, ‖δ‖² per layer,
+the largest-changed tensors, per-layer cosines), ``metagpt-inspect.json`` (the same
+numbers) and, with matplotlib (``pip install "mergekit-metagpt[plots]"``), the PNGs of
+``plots``. OUT_DIR may be the merge's output folder: the model card then links the
+pictures (when they are of the same models and norms).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import List
+
+from mergekit_metagpt.coefficients import text_table
+
+REPORT_NAME = "metagpt-report.md"
+JSON_NAME = "metagpt-inspect.json"
+#: (file stem, title) of each picture, per model set
+PICTURES = (
+    ("metagpt-layer-norms", "‖δ‖² per layer"),
+    ("metagpt-lambdas", "λ per model"),
+    ("metagpt-cosines", "cosine matrix"),
+)
+PLOTS_HINT = 'pictures need matplotlib: pip install "mergekit-metagpt[plots]"'
+
+
+def payload(run, recipe_path: str) -> dict:
+    from mergekit_metagpt import __version__
+
+    merges = []
+    for set_norms in run.result.sets:
+        entry = {"base_model": str(set_norms.merge_set.base), "tensors": len(set_norms.merge_set.tasks)}
+        entry.update(set_norms.stats.to_json())
+        merges.append(entry)
+    return {
+        "format": 1,
+        "recipe": recipe_path,
+        "merge_method": run.method_name,
+        "plugin_version": __version__,
+        "norms": "float32 sums per chunk of 2 MiB (CPU) or 16 MiB (GPU), added in float64; inner products likewise",
+        "merges": merges,
+    }
+
+
+def _suffix(number: int, count: int) -> str:
+    return f"-{number}" if count > 1 else ""
+
+
+def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[str]:
+    """Write the report, JSON and (if matplotlib is there) pictures; returns the paths."""
+    from mergekit_metagpt import plots
+    from mergekit_metagpt.atomic_json import write_json
+
+    os.makedirs(out_dir, exist_ok=True)
+    data = payload(run, recipe_path)
+    written = []
+    count = len(run.result.sets)
+    drawn = pictures and plots.available()
+    if drawn:
+        for number, set_norms in enumerate(run.result.sets, 1):
+            written += plots.write_pictures(set_norms.stats, out_dir, _suffix(number, count))
+    path = os.path.join(out_dir, JSON_NAME)
+    write_json(path, data, indent=2)
+    written.append(path)
+    path = os.path.join(out_dir, REPORT_NAME)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(report_text(run, recipe_path, drawn))
+    written.append(path)
+    return written
+
+
+def _md_table(header, rows) -> List[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(row) + " |" for row in rows
+    ]
+
+
+def report_text(run, recipe_path: str, drawn: bool) -> str:
+    from mergekit_metagpt.similarity import COSINE_WARNING, short_names
+
+    sets = run.result.sets
+    lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",
+             f"Merge method `{run.method_name}`; {len(sets)} model set(s). λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖², "
+             "δ_t = θ_t − θ₀, norms over every tensor the merge reads. MetaGPT's λ assume that the "
+             f"task vectors are close to orthogonal; a pair with |cosine| >= {COSINE_WARNING} is "
+             "called far from it.", ""]
+    if not drawn:
+        lines += [f"(No pictures: {PLOTS_HINT}.)", ""]
+    for number, set_norms in enumerate(sets, 1):
+        stats = set_norms.stats
+        names = short_names(stats.models)
+        suffix = _suffix(number, len(sets))
+        title = f"Model set {number} of {len(sets)}: " if len(sets) > 1 else ""
+        lines += [f"## {title}base `{set_norms.merge_set.base}`, {len(set_norms.merge_set.tasks)} tensors", ""]
+        lines += ["### Verdict", "", stats.verdict(), ""]
+        lines += ["### λ", ""]
+        lines += _md_table(["model", "‖δ‖²", "λ"], [
+            [f"`{m}`", f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
+        ])
+        if drawn:
+            lines += ["", f"![λ per model](metagpt-lambdas{suffix}.png)"]
+        lines += ["", "### Cosine similarity of the task vectors", ""]
+        lines += _md_table(["", *names], [
+            [names[a], *("–" if v is None else f"{v:+.4f}" for v in row)] for a, row in enumerate(stats.cosine)
+        ])
+        if stats.note:
+            lines += ["", f"Missing values: {stats.note}."]
+        if drawn:
+            lines += ["", f"![cosine matrix](metagpt-cosines{suffix}.png)"]
+        lines += ["", "### Where each fine-tune changed the model (‖δ‖² per layer)", ""]
+        if drawn:
+            lines += [f"![‖δ‖² per layer](metagpt-layer-norms{suffix}.png)", ""]
+        lines += _md_table(["layer", *names], [
+            [layer, *(f"{stats.layer_norms[i][j]:.3e}" for i in range(len(names)))]
+            for j, layer in enumerate(stats.layers)
+        ])
+        lines += ["", "### Largest-changed tensors", ""]
+        for i, name in enumerate(names):
+            total = stats.squared_norms[i] or 1.0
+            lines.append(f"- **{name}**: " + "; ".join(
+                f"`{t}` {v:.3e} ({v / total:.1%})" for t, v in stats.top_tensors[i]))
+        if stats.layer_cosine:
+            lines += ["", "### Cosine per layer", ""]
+            pairs = sorted(stats.layer_cosine)
+            lines += _md_table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
+                [layer, *("–" if stats.layer_cosine[p][j] is None else f"{stats.layer_cosine[p][j]:+.3f}"
+                          for p in pairs)]
+                for j, layer in enumerate(stats.layers)
+            ])
+        lines.append("")
+    return "\n".join(lines)
+
+
+def summary_text(run, written: List[str], drawn: bool) -> str:
+    """What the command prints: per set, λ and cosine tables and the verdict."""
+    blocks = []
+    for set_norms in run.result.sets:
+        stats = set_norms.stats
+        blocks.append("\n".join([
+            f"base {set_norms.merge_set.base}",
+            text_table(["model", "||delta||^2", "lambda"], [
+                [str(m), f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
+            ]),
+            "",
+            stats.cosine_table(),
+            stats.verdict(),
+        ]))
+    tail = ["", "wrote " + ", ".join(written)]
+    if not drawn:
+        tail.append(PLOTS_HINT)
+    return "\n\n".join(blocks) + "\n" + "\n".join(tail)

@@ -1,0 +1,205 @@
+"""What the pre-pass tells about a model set besides λ: how aligned the task vectors are
+(cosine similarities, whole model and per layer), where each fine-tune changed the
+weights (‖δ‖² per layer) and which tensors it changed most.
+
+MetaGPT's closed form assumes the task vectors are close to orthogonal. A cosine of
+``COSINE_WARNING`` or more between two models' task vectors (whole model) gets a
+warning in the merge's log: their cross term ⟨δ_a, δ_b⟩ is then at least that fraction
+of √(‖δ_a‖²‖δ_b‖²), which the closed form takes as zero.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, Hashable, List, Optional, Sequence, Tuple
+
+from mergekit_metagpt.coefficients import text_table
+
+#: |cosine| from which a pair of task vectors is called far from orthogonal (warned).
+COSINE_WARNING = 0.3
+#: |cosine| under which a pair is called close to orthogonal.
+COSINE_ORTHOGONAL = 0.1
+
+EMBED, HEAD, OTHER = "embed", "head", "other"
+# the leftmost block number: T5's "encoder.block.3.layer.1." is block 3
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
+_EMBED = re.compile(r"embed_tokens|embed_in|wte|word_embeddings|tok_embeddings|embeddings\.")
+_HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.")
+
+
+def layer_of(name: str) -> str:
+    """The heatmap column of a tensor: its transformer block's number, ``embed``,
+    ``head`` or ``other`` (final norm and the rest)."""
+    match = _LAYER.search(name)
+    if match:
+        return match.group(1)
+    if _EMBED.search(name):
+        return EMBED
+    if _HEAD.search(name):
+        return HEAD
+    return OTHER
+
+
+def _column_order(labels) -> List[str]:
+    numbers = sorted({int(x) for x in labels if x.isdigit()})
+    ends = [x for x in (OTHER, HEAD) if x in labels]
+    return ([EMBED] if EMBED in labels else []) + [str(n) for n in numbers] + ends
+
+
+def short_names(models: Sequence[Hashable]) -> List[str]:
+    """Readable labels: each model's folder name (or its full name where two clash)."""
+    names = [os.path.basename(str(m).rstrip("/")) or str(m) for m in models]
+    return [n if names.count(n) == 1 else str(m) for n, m in zip(names, models)]
+
+
+@dataclass
+class SetStats:
+    """One model set's task-vector statistics."""
+
+    models: List[str]
+    squared_norms: List[float]
+    lambdas: List[float]
+    #: [a][b]: whole-model cosine, None where not computed (see `note`)
+    cosine: List[List[Optional[float]]]
+    layers: List[str]
+    layer_norms: List[List[float]]  # [model][layer]: Σ ‖δ‖² over the layer's tensors
+    layer_cosine: Dict[Tuple[int, int], List[Optional[float]]]  # (a, b) -> per layer
+    top_tensors: List[List[Tuple[str, float]]]  # per model: (tensor, ‖δ‖²), largest first
+    note: Optional[str] = None  # why some cosines are missing
+
+    def pairs(self):
+        """((a, b), cosine) for every pair of models, a before b."""
+        n = len(self.models)
+        return [((a, b), self.cosine[a][b]) for a in range(n) for b in range(a + 1, n)]
+
+    @property
+    def largest_cosine(self) -> Optional[Tuple[Tuple[int, int], float]]:
+        known = [(ab, c) for ab, c in self.pairs() if c is not None]
+        return max(known, key=lambda item: abs(item[1])) if known else None
+
+    def far_pairs(self, threshold: float = COSINE_WARNING):
+        return [(ab, c) for ab, c in self.pairs() if c is not None and abs(c) >= threshold]
+
+    def verdict(self) -> str:
+        """Plain language: do the task vectors look orthogonal, as MetaGPT's λ assume?"""
+        if len(self.models) < 2:
+            return "One model: no pair of task vectors to compare."
+        largest = self.largest_cosine
+        if largest is None:
+            return "Cosine similarities not available" + (f" ({self.note})." if self.note else ".")
+        names = short_names(self.models)
+        far = self.far_pairs()
+        if far:
+            parts = [f"{names[a]} and {names[b]} task vectors have cosine {c:.2f}" for (a, b), c in far]
+            return (
+                "; ".join(parts) + f": far from orthogonal (|cosine| >= {COSINE_WARNING}). "
+                "MetaGPT's λ assume ~0: the merge counts what these models share about twice, "
+                "and λ over- or under-weight them accordingly."
+            )
+        (a, b), c = largest
+        if abs(c) < COSINE_ORTHOGONAL:
+            return (f"Close to orthogonal: the largest |cosine| is {abs(c):.3f} ({names[a]} and "
+                    f"{names[b]}), as MetaGPT's λ assume.")
+        return (f"Mostly orthogonal: the largest |cosine| is {abs(c):.2f} ({names[a]} and {names[b]}), "
+                f"under the warning threshold {COSINE_WARNING}; MetaGPT's λ assume ~0.")
+
+    def cosine_table(self) -> str:
+        names = short_names(self.models)
+        rows = [[names[a]] + ["-" if v is None else f"{v:+.4f}" for v in row] for a, row in enumerate(self.cosine)]
+        return text_table(["cosine"] + names, rows)
+
+    def to_json(self) -> dict:
+        names = [str(m) for m in self.models]
+        return {
+            "models": names,
+            "squared_norms": self.squared_norms,
+            "lambdas": self.lambdas,
+            "cosine": self.cosine,
+            "cosine_note": self.note,
+            "verdict": self.verdict(),
+            "layers": self.layers,
+            "layer_squared_norms": self.layer_norms,
+            "layer_cosine": {f"{names[a]} | {names[b]}": v for (a, b), v in self.layer_cosine.items()},
+            "top_tensors": {names[i]: [{"tensor": t, "squared_norm": v} for t, v in top]
+                            for i, top in enumerate(self.top_tensors)},
+        }
+
+
+def _cosine(products, norms_a, norms_b) -> Tuple[Optional[float], bool]:
+    """(cosine over the tasks whose product counts, whether a product is missing)."""
+    from mergekit_metagpt.prepass import MISSING
+
+    dot = sa = sb = 0.0
+    counted = False
+    for p, na, nb in zip(products, norms_a, norms_b):
+        if p is MISSING:
+            return None, True
+        if p is None:
+            continue
+        counted = True
+        dot, sa, sb = dot + p, sa + (na or 0.0), sb + (nb or 0.0)
+    if not counted or sa <= 0.0 or sb <= 0.0:
+        return None, False
+    return max(-1.0, min(1.0, dot / math.sqrt(sa * sb))), False
+
+
+def set_stats(set_norms, top: int = 5) -> SetStats:
+    """The statistics of one model set (a prepass.SetNorms)."""
+    merge_set = set_norms.merge_set
+    models = list(merge_set.models)
+    names = [t.output_weight.name for t in merge_set.tasks]
+    columns = [layer_of(n) for n in names]
+    layers = _column_order(set(columns))
+    coefficients = set_norms.coefficients
+    lambdas = coefficients.lambdas
+    per_task = {m: [v or 0.0 for v in set_norms.per_task[m]] for m in models}
+    n = len(models)
+    cosine: List[List[Optional[float]]] = [[1.0 if a == b else None for b in range(n)] for a in range(n)]
+    layer_cosine: Dict[Tuple[int, int], List[Optional[float]]] = {}
+    missing = False
+    for a in range(n):
+        for b in range(a + 1, n):
+            products = set_norms.per_pair.get((models[a], models[b]))
+            if products is None:
+                continue
+            value, gap = _cosine(products, per_task[models[a]], per_task[models[b]])
+            missing |= gap
+            cosine[a][b] = cosine[b][a] = value
+            by_layer = []
+            for layer in layers:
+                idx = [k for k, c in enumerate(columns) if c == layer]
+                by_layer.append(_cosine([products[k] for k in idx], [per_task[models[a]][k] for k in idx],
+                                        [per_task[models[b]][k] for k in idx])[0])
+            layer_cosine[(a, b)] = by_layer
+    for a in range(n):  # a zero task vector has no direction
+        if coefficients.squared_norms[a][1] == 0.0:
+            cosine[a][a] = None
+    layer_norms = [[sum(v for v, c in zip(per_task[m], columns) if c == layer) for layer in layers] for m in models]
+    top_tensors = [sorted(zip(names, per_task[m]), key=lambda item: -item[1])[:top] for m in models]
+    note = None
+    if set_norms.sparse:
+        note = "not computed where λ come from sparsified task vectors (lambda_from: sparse)"
+    elif missing:
+        note = ("not computed: MERGEKIT_METAGPT_COSINES=0, or norms from the norm cache, which held "
+                "no inner product for some pairs (a cache written before inner products existed, or "
+                "models merged together for the first time); a merge reads no tensor for them: "
+                "`mergekit-metagpt inspect` computes them")
+    elif coefficients.all_zero:
+        note = "every task vector is zero"
+    elif set_norms.notes:
+        note = ("tensors whose vocabulary size differs from the base's are left out of the "
+                "cosines (and of the norms they are divided by)")
+    return SetStats(
+        models=models,
+        squared_norms=[v for _, v in coefficients.squared_norms],
+        lambdas=[lambdas[m] for m in models],
+        cosine=cosine,
+        layers=layers,
+        layer_norms=layer_norms,
+        layer_cosine=layer_cosine,
+        top_tensors=top_tensors,
+        note=note,
+    )

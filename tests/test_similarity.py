@@ -1,0 +1,238 @@
+"""Task-vector diagnostics: inner products in the pre-pass, `inspect`, the log and the card.
+
+Reference numbers are computed here independently, in float64, from the state dicts."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoints import random_state_dict, save_checkpoint
+from merging import recipe, run_mergekit_yaml, run_recipe, write_yaml
+from mergekit_metagpt import prepass
+
+MODELS = ["model0", "model1", "model2"]
+# (noise scale, weight of a direction model0 and model1 share): model0·model1 ≈ 0.5
+MIX = [(0.01, 1.0), (0.03, 1.0), (0.02, 0.0)]
+
+
+@pytest.fixture(scope="module")
+def aligned_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("aligned")
+    base = random_state_dict(3)
+    gen = torch.Generator().manual_seed(7)
+    shared = {k: torch.randn(v.shape, generator=gen) for k, v in base.items()}
+    paths = {"base": save_checkpoint(str(root / "base"), base)}
+    sds = {"base": base}
+    for name, (scale, weight) in zip(MODELS, MIX):
+        own = {k: torch.randn(v.shape, generator=gen) for k, v in base.items()}
+        sds[name] = {k: base[k] + scale * (own[k] + weight * shared[k]) for k in base}
+        paths[name] = save_checkpoint(str(root / name), sds[name])
+    return paths, sds
+
+
+def column(name: str) -> str:
+    """Layer of a LLaMA tensor name, written out here (not the plugin's regex)."""
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return parts[2]
+    if parts[:2] == ["model", "embed_tokens"]:
+        return "embed"
+    if parts[0] == "lm_head":
+        return "head"
+    return "other"
+
+
+def reference(sds):
+    """float64: ‖δ‖² per model, ⟨δ_a, δ_b⟩, cosines, ‖δ‖² per layer and per-layer cosines."""
+    base = sds["base"]
+    deltas = {m: {k: sds[m][k].double() - base[k].double() for k in base} for m in MODELS}
+    layers = sorted({column(k) for k in base})
+    norms = {m: sum(float(d.pow(2).sum()) for d in deltas[m].values()) for m in MODELS}
+    layer_norms = {m: {c: sum(float(d.pow(2).sum()) for k, d in deltas[m].items() if column(k) == c) for c in layers}
+                   for m in MODELS}
+    cos, layer_cos = {}, {}
+    for i, a in enumerate(MODELS):
+        for b in MODELS[i + 1:]:
+            dot = sum(float((deltas[a][k] * deltas[b][k]).sum()) for k in base)
+            cos[(a, b)] = dot / (norms[a] * norms[b]) ** 0.5
+            for c in layers:
+                dot = sum(float((deltas[a][k] * deltas[b][k]).sum()) for k in base if column(k) == c)
+                layer_cos[(a, b, c)] = dot / (layer_norms[a][c] * layer_norms[b][c]) ** 0.5
+    top = {m: sorted(base, key=lambda k: -float(deltas[m][k].pow(2).sum()))[:5] for m in MODELS}
+    return norms, cos, layer_norms, layer_cos, top
+
+
+def close(got, want, rel=1e-6):
+    return abs(got - want) <= rel * abs(want)
+
+
+def inspect(recipe_path, out_dir, *flags):
+    from mergekit_metagpt.cli import main
+
+    return main(["inspect", recipe_path, out_dir, *flags])
+
+
+def test_inspect_writes_report_json_and_pictures_that_match_float64(aligned_family, tmp_path, capsys):
+    from PIL import Image
+
+    paths, sds = aligned_family
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "inspect")
+    assert inspect(config, out, "--json") == 0
+    printed = json.loads(capsys.readouterr().out)
+    with open(os.path.join(out, "metagpt-inspect.json")) as f:
+        data = json.load(f)
+    assert printed["merges"] == data["merges"]
+    (entry,) = data["merges"]
+    norms, cos, layer_norms, layer_cos, top = reference(sds)
+    names = [paths[m] for m in MODELS]
+    assert entry["models"] == names
+    total = sum(norms.values())
+    for i, m in enumerate(MODELS):
+        assert close(entry["squared_norms"][i], norms[m])
+        assert close(entry["lambdas"][i], norms[m] / total)
+        assert [t["tensor"] for t in entry["top_tensors"][names[i]]] == top[m]
+        for j, layer in enumerate(entry["layers"]):
+            assert close(entry["layer_squared_norms"][i][j], layer_norms[m][layer])
+    assert entry["layers"] == ["embed", "0", "1", "other", "head"]
+    for (a, b), want in cos.items():
+        i, j = MODELS.index(a), MODELS.index(b)
+        assert close(entry["cosine"][i][j], want) and close(entry["cosine"][j][i], want)
+        for k, layer in enumerate(entry["layers"]):
+            got = entry["layer_cosine"][f"{paths[a]} | {paths[b]}"][k]
+            assert close(got, layer_cos[(a, b, layer)], rel=1e-5), (a, b, layer)
+    assert cos[("model0", "model1")] > 0.4  # the family is built so; the verdict says so
+    assert "far from orthogonal" in entry["verdict"] and "model0 and model1" in entry["verdict"]
+
+    report = open(os.path.join(out, "metagpt-report.md")).read()
+    assert f"{cos[('model0', 'model1')]:+.4f}" in report and "far from orthogonal" in report
+    assert "![cosine matrix](metagpt-cosines.png)" in report
+    # 100 dpi: pixel sizes follow the figure sizes (3 models, 5 layer columns)
+    for name, size in (("metagpt-layer-norms.png", (800, 385)), ("metagpt-lambdas.png", (600, 400)),
+                       ("metagpt-cosines.png", (670, 570))):
+        with Image.open(os.path.join(out, name)) as image:
+            image.verify()
+        with Image.open(os.path.join(out, name)) as image:
+            assert image.format == "PNG" and image.size == size, (name, image.size)
+
+
+def test_inspect_without_matplotlib_writes_report_and_json_and_says_how(llama_family, tmp_path, capsys, monkeypatch):
+    from mergekit_metagpt import plots
+
+    monkeypatch.setattr(plots, "available", lambda: False)
+    paths, _ = llama_family
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "inspect")
+    assert inspect(config, out) == 0
+    printed = capsys.readouterr().out
+    assert 'pip install "mergekit-metagpt[plots]"' in printed
+    assert sorted(os.listdir(out)) == ["metagpt-inspect.json", "metagpt-report.md"]
+    assert "Close to orthogonal" in printed  # independent noise: cosines near 0
+
+
+def test_merge_warns_on_aligned_task_vectors_and_card_shows_matrix_and_links_pictures(aligned_family, tmp_path):
+    paths, sds = aligned_family
+    _, cos, *_ = reference(sds)
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "out")
+    assert inspect(config, out) == 0  # pictures first, into the merge's folder
+    result = run_mergekit_yaml(config, out)
+    assert result.returncode == 0, result.stderr
+    warning = [line for line in result.stderr.splitlines() if "far from orthogonal" in line]
+    assert warning and "model0 and model1" in warning[0], result.stderr[-2000:]
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        matrix = json.load(f)["merges"][0]["cosine_similarity"]["matrix"]
+    assert close(matrix[0][1], cos[("model0", "model1")]) and close(matrix[1][2], cos[("model1", "model2")])
+    card = open(os.path.join(out, "README.md")).read()
+    row = next(line for line in card.splitlines() if line.startswith("| model0 |"))
+    assert f"{cos[('model0', 'model1')]:+.4f}" in row
+    assert "[cosine matrix](metagpt-cosines.png)" in card and "[λ per model](metagpt-lambdas.png)" in card
+
+
+def test_card_does_not_link_pictures_of_other_models(aligned_family, llama_family, tmp_path):
+    paths, _ = aligned_family
+    other, _ = llama_family
+    out = str(tmp_path / "out")
+    assert inspect(write_yaml(recipe(other, MODELS), str(tmp_path / "other.yml")), out) == 0
+    result = run_mergekit_yaml(write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml")), out)
+    assert result.returncode == 0, result.stderr
+    card = open(os.path.join(out, "README.md")).read()
+    assert "Cosine similarity of the task vectors" in card and "metagpt-cosines.png" not in card
+
+
+def test_orthogonal_models_merge_without_warning(llama_family, tmp_path):
+    paths, _ = llama_family
+    result = run_mergekit_yaml(write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml")), str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "orthogonal" not in result.stderr
+
+
+def test_warm_merge_takes_cosines_from_the_cache_and_an_older_cache_is_a_miss(aligned_family, merge_options, tmp_path):
+    from mergekit_metagpt import norm_cache
+
+    paths, sds = aligned_family
+    _, cos, *_ = reference(sds)
+    config = recipe(paths, MODELS)
+
+    def matrix(out):
+        with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+            return json.load(f)["merges"][0]["cosine_similarity"]
+
+    run_recipe(config, str(tmp_path / "cold"), merge_options)
+    assert close(matrix(str(tmp_path / "cold"))["matrix"][0][1], cos[("model0", "model1")])
+    prepass.clear_memo()
+    read = prepass.STATS.tensors_read
+    run_recipe(config, str(tmp_path / "warm"), merge_options)
+    assert prepass.STATS.tensors_read == read, "a warm merge read tensors"
+    assert matrix(str(tmp_path / "warm"))["matrix"] == matrix(str(tmp_path / "cold"))["matrix"]
+
+    # a cache written before inner products existed: norms entries only
+    cache = norm_cache.cache_dir()
+    products = [f for f in os.listdir(cache) if "products" in json.load(open(os.path.join(cache, f)))]
+    assert len(products) == 3  # one per pair of models
+    for name in products:
+        os.remove(os.path.join(cache, name))
+    prepass.clear_memo()
+    run_recipe(config, str(tmp_path / "old-cache"), merge_options)
+    assert prepass.STATS.tensors_read == read, "the merge re-read tensors for the cosines"
+    old = matrix(str(tmp_path / "old-cache"))
+    assert old["matrix"][0][1] is None and "cache" in old["note"] and "not available" in old["verdict"]
+    # inspect computes what is missing
+    assert inspect(write_yaml(config, str(tmp_path / "r.yml")), str(tmp_path / "inspect")) == 0
+    assert prepass.STATS.tensors_read > read
+    with open(tmp_path / "inspect" / "metagpt-inspect.json") as f:
+        assert close(json.load(f)["merges"][0]["cosine"][0][1], cos[("model0", "model1")])
+
+
+def test_layer_columns():
+    from mergekit_metagpt.similarity import layer_of
+
+    assert layer_of("model.embed_tokens.weight") == "embed"
+    assert layer_of("model.layers.12.mlp.up_proj.weight") == "12"
+    assert layer_of("transformer.h.3.attn.c_attn.weight") == "3"
+    assert layer_of("lm_head.weight") == "head"
+    assert layer_of("model.norm.weight") == "other"
+
+
+def test_cosines_off_in_merges_computes_no_products(aligned_family, merge_options, tmp_path, monkeypatch):
+    from mergekit_metagpt import norm_cache, norms
+
+    paths, sds = aligned_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_COSINES", "0")
+    pairs_asked = []
+    real = norms.task_vector_sums
+    monkeypatch.setattr(prepass, "task_vector_sums", lambda *a, **k: pairs_asked.append(k.get("pairs")) or real(*a, **k))
+    out = str(tmp_path / "out")
+    merged = run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert pairs_asked and not any(pairs_asked)
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        cosine = json.load(f)["merges"][0]["cosine_similarity"]
+    assert cosine["matrix"][0][1] is None and "MERGEKIT_METAGPT_COSINES=0" in cosine["note"]
+    assert not [n for n in os.listdir(norm_cache.cache_dir()) if "products" in json.load(open(os.path.join(norm_cache.cache_dir(), n)))]
+    from checkpoints import closed_form
+
+    _, reference_merge = closed_form(sds["base"], [sds[m] for m in MODELS])
+    for name, want in reference_merge.items():  # the merge itself is unchanged
+        assert (merged[name].double() - want).abs().max().item() < 1e-5
