@@ -101,7 +101,7 @@ class SetStats:
             )
         (a, b), c = largest
         if abs(c) < COSINE_ORTHOGONAL:
-            return (f"Close to orthogonal: the largest |cosine| is {abs(c):.3f} ({names[a]} and "
+            return (f"Close to orthogonal: the largest |cosine| is {abs(c):.2g} ({names[a]} and "
                     f"{names[b]}), as MetaGPT's λ assume.")
         return (f"Mostly orthogonal: the largest |cosine| is {abs(c):.2f} ({names[a]} and {names[b]}), "
                 f"under the warning threshold {COSINE_WARNING}; MetaGPT's λ assume ~0.")
