@@ -96,8 +96,8 @@ class SetStats:
             parts = [f"{names[a]} and {names[b]} task vectors have cosine {c:.2f}" for (a, b), c in far]
             return (
                 "; ".join(parts) + f": far from orthogonal (|cosine| >= {COSINE_WARNING}). "
-                "MetaGPT's λ assume ~0: the merge counts what these models share about twice, "
-                "and λ over- or under-weight them accordingly."
+                "MetaGPT's λ assume ~0: its closed form drops the cross terms ⟨δ_a, δ_b⟩, so "
+                "for these models the λ are not the optimum the paper derives."
             )
         (a, b), c = largest
         if abs(c) < COSINE_ORTHOGONAL:
