@@ -85,9 +85,10 @@ def task_vector_sums(
     conversion is the costliest step). Without pairs, each delta is squared and summed
     with torch's pairwise float32 sum (1e-8 relative over tens of millions of elements,
     where one float32 dot is off by 1e-4); with pairs, the chunk's deltas are stacked
-    and their Gram matrix (norms on the diagonal, inner products off it) is taken by
-    blocks of ``GRAM_BLOCK`` elements, one batched matrix product read once, the
-    blocks' float32 sums added in float64 (the same precision, measured). Sums over
+    and their Gram matrix (norms on the diagonal, inner products off it) is taken, on
+    CPU by blocks of ``GRAM_BLOCK`` elements, one batched matrix product read once, the
+    blocks' float32 sums added in float64 (the same precision, measured); elsewhere by
+    elementwise products and pairwise sums. Sums over
     chunks are float64. The base's sum is finite exactly when it holds no NaN or Inf
     (short of float32 overflow).
     """
@@ -97,6 +98,9 @@ def task_vector_sums(
     norms = [torch.zeros((), dtype=torch.float64, device=device) for _ in xs]
     gram = torch.zeros((len(xs), len(xs)), dtype=torch.float64, device=device) if pairs else None
     base_sum = torch.zeros((), dtype=torch.float64, device=device) if check_base else None
+    # matrix products only where they are exact float32 (on a GPU, or with a lowered
+    # torch.set_float32_matmul_precision, they may round through TF32 or bf16)
+    fast_gram = device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
     for start, end in chunks(b.numel(), device):
         size = end - start
         b32 = scratch.flat("base", size, device).copy_(b[start:end])
@@ -110,7 +114,10 @@ def task_vector_sums(
         stacked = scratch.flat("deltas", len(xs) * size, device).view(len(xs), size)
         for row, x in zip(stacked, xs):
             row.copy_(x[start:end]).sub_(b32)
-        gram.add_(_block_gram(stacked))
+        if fast_gram:
+            gram.add_(_block_gram(stacked))
+        else:
+            gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device)))
     if gram is not None:
         norms = [gram[i, i] for i in range(len(xs))]
     products = [gram[i, j] for i, j in pairs] if pairs else []
@@ -128,6 +135,16 @@ def _block_gram(stacked: torch.Tensor) -> torch.Tensor:
     if blocks * GRAM_BLOCK < size:
         tail = stacked[:, blocks * GRAM_BLOCK:]
         result.add_((tail @ tail.T).to(torch.float64))
+    return result
+
+
+def _pairwise_gram(stacked: torch.Tensor, product: torch.Tensor) -> torch.Tensor:
+    """The rows' Gram matrix by elementwise products and torch's pairwise float32 sums."""
+    rows = stacked.shape[0]
+    result = torch.zeros((rows, rows), dtype=torch.float64, device=stacked.device)
+    for i in range(rows):
+        for j in range(i, rows):
+            result[i, j] = result[j, i] = torch.mul(stacked[i], stacked[j], out=product).sum()
     return result
 
 

@@ -450,8 +450,6 @@ def _release(item: _Planned) -> None:
             loader.flush()
 
 
-
-
 #: On CUDA, CPU-loaded tensors go over through pinned buffers (see ``staging``);
 #: False: plain ``tensor.to(device)`` (kept for comparison in benchmarks/prepass.py).
 PINNED_STAGING = True
@@ -605,7 +603,7 @@ def _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accu
         accumulator.add(model, slot, value, name=name)
     for ((a, b), _), value in zip(counted, products):
         triple = (task.base_model, a, b)
-        accumulator.add(("pair", a, b), (triple, item.pair_keys[(a, b)]), value, name=f"{item.reads[a].name}")
+        accumulator.add(("pair", a, b), (triple, item.pair_keys[(a, b)]), value, name=item.reads[a].name)
     for a, b in pairs:
         triple, pair_key = (task.base_model, a, b), item.pair_keys[(a, b)]
         done.add((triple, pair_key))

@@ -25,10 +25,10 @@ CHUNK = 4 * 1024 * 1024
 CPU_CHUNK = 512 * 1024
 
 
-def chunks(numel: int, device: torch.device, size: int = 0):
-    """(start, end) ranges covering a flattened tensor, `size` elements each (default:
-    CPU_CHUNK on the CPU, CHUNK elsewhere)."""
-    size = size or (CPU_CHUNK if torch.device(device).type == "cpu" else CHUNK)
+def chunks(numel: int, device: torch.device):
+    """(start, end) ranges covering a flattened tensor: CPU_CHUNK elements each on the
+    CPU, CHUNK elsewhere."""
+    size = CPU_CHUNK if torch.device(device).type == "cpu" else CHUNK
     for start in range(0, numel, size):
         yield start, min(start + size, numel)
 

@@ -1,5 +1,6 @@
 """Squared norms over tens of millions of elements stay accurate to float64 reference."""
 
+import pytest
 import torch
 
 from mergekit_metagpt.norms import squared_delta, squared_deltas, task_vector_sums
@@ -29,9 +30,26 @@ def test_several_models_in_one_pass_match_float64_each():
         assert abs(value - exact) / exact < 1e-6, (value, exact)
 
 
-def test_inner_products_in_the_same_pass_match_float64():
+@pytest.mark.parametrize("matmul_precision", ["highest", "medium"])
+def test_inner_products_in_the_same_pass_match_float64(matmul_precision, monkeypatch):
     """⟨δ_a, δ_b⟩ of pairs, over several chunks, next to the norms: float64 to 1e-6
-    relative (the pairs share a component, so the products are far from zero)."""
+    relative (the pairs share a component, so the products are far from zero). With a
+    lowered float32 matmul precision (TF32/bf16 allowed), no matrix product is used."""
+    from mergekit_metagpt import norms as norms_module
+
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    used = []
+    real = norms_module._block_gram
+    monkeypatch.setattr(norms_module, "_block_gram", lambda stacked: used.append(1) or real(stacked))
+    try:
+        _check_inner_products()
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    assert bool(used) == (matmul_precision == "highest")
+
+
+def _check_inner_products():
     gen = torch.Generator().manual_seed(2)
     n = 9_000_000
     base = (torch.randn(n, generator=gen) * 0.02).to(torch.bfloat16)
