@@ -1,0 +1,113 @@
+"""The quality benchmark's own arithmetic (benchmarks/quality.py): the variants' weights reach
+the stock merge as computed, the code and docs domains share no text, and the verdicts call a
+difference within the seed noise a tie."""
+
+import os
+import sys
+
+import torch
+
+from checkpoints import perturbed, random_state_dict, save_checkpoint
+from merging import run_recipe
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+
+import quality  # noqa: E402
+
+
+def _family(tmp_path, layers=12):
+    """Base + three fine-tune-like models, one safetensors file each (as the benchmark's),
+    with enough blocks that "layers.1." must not catch "layers.10."."""
+    base = random_state_dict(0, num_hidden_layers=layers)
+    sds = {"base": base}
+    for i, (domain, scale) in enumerate(zip(quality.DOMAINS, (0.1, 0.03, 0.01))):
+        sds[domain] = perturbed(base, scale, seed=10 + i)
+        # a block-dependent extra on one model, so per-block λ differ from the global ones
+        for name, tensor in sds[domain].items():
+            if domain == "docs" and ".layers.1." in name:
+                sds[domain][name] = tensor + 0.2 * (tensor - base[name]).sign()
+    paths = {k: save_checkpoint(str(tmp_path / k), sd, shard_size=None, num_hidden_layers=layers)
+             for k, sd in sds.items()}
+    return paths, sds
+
+
+def _block_lambdas(sds, name):
+    """Independent per-block MetaGPT λ: squared norms over the tensor's transformer block
+    (or over the tensor alone outside the blocks), in float64."""
+    parts = name.split(".")
+    block = ".".join(parts[:3]) + "." if "layers" in parts else None
+    members = [n for n in sds["base"] if (n.startswith(block) if block else n == name)]
+    norms = [sum(float(((sds[d][n].double() - sds["base"][n].double()) ** 2).sum()) for n in members)
+             for d in quality.DOMAINS]
+    return [x / sum(norms) for x in norms]
+
+
+def test_per_block_variant_merges_with_each_blocks_own_lambdas(tmp_path):
+    from mergekit.options import MergeOptions
+
+    paths, sds = _family(tmp_path)
+    method = next(m for m in quality.variant_methods(paths) if "per transformer block" in m.label)
+    merged = run_recipe(method.recipe(paths), str(tmp_path / "out"), MergeOptions())
+    checked = set()
+    for name, base in sds["base"].items():
+        lams = _block_lambdas(sds, name)
+        expected = base.double() + sum(
+            lam * (sds[d][name].double() - base.double()) for lam, d in zip(lams, quality.DOMAINS)
+        )
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-5, atol=1e-6)
+        checked.add(tuple(round(x, 6) for x in lams))
+    # the blocks' λ really differ (the docs model moved further in block 1 alone)
+    assert len(checked) > 3
+
+
+def test_gram_correction_keeps_each_task_vector_along_itself(tmp_path):
+    paths, sds = _family(tmp_path, layers=2)
+    method = next(m for m in quality.variant_methods(paths) if "Gram correction" in m.label)
+    weights = dict(method.weights)
+    flat = {d: torch.cat([(sds[d][n].double() - sds["base"][n].double()).reshape(-1)
+                          for n in sds["base"]]) for d in quality.DOMAINS}
+    merged = sum(weights[d] * flat[d] for d in quality.DOMAINS)
+    for d in quality.DOMAINS:
+        assert abs(float(merged @ flat[d]) / float(flat[d] @ flat[d]) - 1.0) < 1e-9
+
+
+def test_code_and_docs_domains_share_no_docstring(tmp_path):
+    module = tmp_path / "mod.py"
+    module.write_text(
+        '"""Module docstring that is long enough to be kept as documentation."""\n'
+        "import os\n\n"
+        "def f(x):\n"
+        '    """Function docstring, also long enough to be kept as documentation,\n'
+        '    over two lines."""\n'
+        "    return x + 1\n"
+    )
+    code, docs = quality._split_source(str(module))
+    assert "docstring" not in code
+    assert "return x + 1" in code and "import os" in code
+    assert [d.split(",")[0] for d in docs] == [
+        "Module docstring that is long enough to be kept as documentation.",
+        "Function docstring",
+    ]
+
+
+def _rows(**per_seed):
+    rows = {}
+    for label, values in per_seed.items():
+        rows[label] = {"per_seed": values, "mean": sum(values) / len(values),
+                       "sd": float(torch.tensor(values).std())}
+    return rows
+
+
+def test_verdicts_call_a_difference_within_the_seed_noise_a_tie():
+    ta = {label: [0.1, 0.1, 0.1] for label in quality.TA_GRID}
+    ta[quality.TA_GRID[0]] = [0.30, 0.40, 0.35]
+    labels = {"metagpt": "paper", "variant: x": "variant", "variant: y": "variant"}
+    rows = _rows(**{quality.AVERAGE: [0.30, 0.40, 0.35], "metagpt": [0.32, 0.41, 0.37],
+                    "variant: x": [0.60, 0.70, 0.65], "variant: y": [0.42, 0.38, 0.50]}, **ta)
+    lines = quality.verdicts(rows, labels)
+    metagpt = next(x for x in lines if x.startswith("metagpt"))
+    variant = next(x for x in lines if x.startswith("variant"))
+    assert metagpt.count("ties") == 2  # above on every seed, by 0.017 on average: within the noise (0.05)
+    assert variant.count("wins") == 2  # +0.30 on every seed
+    # +0.083 on average, beyond the noise (0.061), but below on one seed
+    assert next(x for x in lines if x.startswith("variant: y")).count("ties") == 2
