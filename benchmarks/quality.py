@@ -42,8 +42,8 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import asdict, dataclass
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -242,11 +242,12 @@ def _save(model, path: str, about: dict) -> None:
     os.replace(tmp, path)
 
 
-def ensure_base(work: str, s: Settings, domains: Dict[str, Domain]) -> str:
-    """The pre-trained base: equal shares of every domain (trained once, then reused)."""
+def ensure_base(work: str, s: Settings, domains: Dict[str, Domain], data: str) -> str:
+    """The pre-trained base: equal shares of every domain (trained once, then reused);
+    ``data`` is the domains' digest."""
     from transformers import LlamaForCausalLM
 
-    path = os.path.join(work, f"base-{s.key('base', data_digest(domains))}")
+    path = os.path.join(work, f"base-{s.key('base', data)}")
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     t0 = time.time()
@@ -255,18 +256,19 @@ def ensure_base(work: str, s: Settings, domains: Dict[str, Domain]) -> str:
     share = min(len(domains[d].train) for d in DOMAINS)
     mix = torch.cat([domains[d].train[:share] for d in DOMAINS])
     loss = _train(model, mix, s.base_steps, s.base_lr, s.batch, 0, warmup=50, decay=True)
-    _save(model, path, {"settings": asdict(s), "format": FORMAT, "data": data_digest(domains)})
+    _save(model, path, {"settings": asdict(s), "format": FORMAT, "data": data})
     print(f"  base trained ({s.base_steps} steps, loss {loss:.3f}, {time.time() - t0:.0f} s)",
           flush=True)
     return path
 
 
-def ensure_finetunes(work: str, s: Settings, seed: int, domains: Dict[str, Domain]) -> Dict[str, str]:
+def ensure_finetunes(work: str, s: Settings, seed: int, domains: Dict[str, Domain],
+                     data: str) -> Dict[str, str]:
     """One fine-tune of the base per domain for this seed (data order from the seed)."""
     from transformers import LlamaForCausalLM
 
-    base = ensure_base(work, s, domains)
-    root = os.path.join(work, f"finetunes-{s.key('finetunes', data_digest(domains))}", f"seed{seed}")
+    base = ensure_base(work, s, domains, data)
+    root = os.path.join(work, f"finetunes-{s.key('finetunes', data)}", f"seed{seed}")
     paths = {d: os.path.join(root, f"ft-{d}") for d, _, _ in s.finetune}
     for i, (domain, steps, lr) in enumerate(s.finetune):
         if os.path.exists(os.path.join(paths[domain], "config.json")):
@@ -275,7 +277,7 @@ def ensure_finetunes(work: str, s: Settings, seed: int, domains: Dict[str, Domai
         model = LlamaForCausalLM.from_pretrained(base, torch_dtype=torch.float32)
         loss = _train(model, domains[domain].train, steps, lr, s.batch, 1 + seed * 100 + i)
         _save(model, paths[domain], {"settings": asdict(s), "format": FORMAT, "seed": seed,
-                                     "data": data_digest(domains), "base": base})
+                                     "data": data, "base": base})
         print(f"  seed {seed}: fine-tune {domain} ({steps} steps at lr {lr:g}, loss {loss:.3f}, "
               f"{time.time() - t0:.0f} s)", flush=True)
     return {"base": base, **paths}
@@ -422,8 +424,8 @@ def task_vector_grams(models: Dict[str, str]) -> Dict[str, torch.Tensor]:
     return grams
 
 
-def _normalised(values: torch.Tensor, total: float = 1.0) -> Dict[str, float]:
-    return {d: float(total * v / values.sum()) for d, v in zip(DOMAINS, values)}
+def _normalised(values: torch.Tensor) -> Dict[str, float]:
+    return {d: float(v / values.sum()) for d, v in zip(DOMAINS, values)}
 
 
 def variant_methods(models: Dict[str, str]) -> List[Method]:
@@ -508,7 +510,7 @@ def verdicts(rows: dict, groups: Dict[str, str]) -> List[str]:
     return lines
 
 
-def table(rows: dict, seeds: List[int]) -> str:
+def table(rows: dict) -> str:
     head = "| method | " + " | ".join(DOMAINS) + " | mean kept | per seed |"
     lines = [head, "|" + "---|" * (len(DOMAINS) + 3)]
     for label, row in rows.items():
@@ -548,14 +550,15 @@ def main(argv=None) -> None:
     t_start = time.time()
     domains = load_domains(settings.max_bytes)
     windows = eval_windows(domains, settings)
-    run_key = settings.key("finetunes", data_digest(domains))
+    data = data_digest(domains)
+    run_key = settings.key("finetunes", data)
     print("held-out bytes per domain: " + ", ".join(f"{d} {len(domains[d].held_out)}" for d in DOMAINS))
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     results_path = os.path.join(work, f"quality-results-{run_key}.json")
     results, timings, groups = {}, {"train": 0.0, "merge": 0.0, "evaluate": 0.0}, {}
     for seed in seeds:
         t0 = time.time()
-        models = ensure_finetunes(work, settings, seed, domains)
+        models = ensure_finetunes(work, settings, seed, domains, data)
         timings["train"] += time.time() - t0
         t0 = time.time()
         seed_methods = methods + [m for m in variant_methods(models)
@@ -592,7 +595,7 @@ def main(argv=None) -> None:
     with open(results_path, "w") as f:
         json.dump(report, f, indent=1)
     print()
-    print(table(rows, seeds))
+    print(table(rows))
     print()
     if len(seeds) < 2:
         print("- one seed: no verdicts (they need the seed-to-seed noise)")
