@@ -21,8 +21,14 @@ training text), as the share of the domain's fine-tune gain it keeps:
     kept_d = (loss_base,d - loss_merge,d) / (loss_base,d - loss_finetune_d,d)
 
 1 is as good as that domain's own fine-tune, 0 no better than the base, below 0 worse than the
-base. The table shows the mean over the domains, averaged over the seeds, with its standard
-deviation across seeds. The base is trained once; each seed fine-tunes its own copies (data
+base. Two scores per row, each averaged over the seeds with its standard deviation across seeds:
+"mean kept", the mean of kept_d over the domains (each domain an equal share, however small its
+fine-tune's gain), and "overall kept", the share of the fine-tunes' summed gain:
+
+    overall = sum_d (loss_base,d - loss_merge,d) / sum_d (loss_base,d - loss_finetune_d,d)
+
+i.e. MetaGPT's own objective (the mean loss gap between the merge and each fine-tune on its
+task), normalised. The base is trained once; each seed fine-tunes its own copies (data
 order) and seeds mergekit's random methods (--random-seed). Trained models are kept in --work,
 keyed by the settings and the data, and reused by later runs.
 """
@@ -357,6 +363,8 @@ METHODS: Tuple[Method, ...] = (
            (("lambda_from", "sparse"),), (("density", DENSITY),), "paper"),
     Method("metagpt, granularity: per_tensor", "metagpt", (("granularity", "per_tensor"),),
            group="paper"),
+    Method("metagpt, alpha: 0.5 (tempered, lambda ~ ||delta||)", "metagpt", (("alpha", 0.5),),
+           group="variant"),
     Method("linear (weight average)", "linear", (), (("weight", 1.0),), with_base=False),
     Method("task_arithmetic, weight 0.3", "task_arithmetic", (), (("weight", 0.3),)),
     Method("task_arithmetic, weight 0.5", "task_arithmetic", (), (("weight", 0.5),)),
@@ -429,13 +437,12 @@ def _normalised(values: torch.Tensor) -> Dict[str, float]:
 
 
 def variant_methods(models: Dict[str, str]) -> List[Method]:
-    """The ideas tried for a variant that beats the stock methods (rows 'variant: ...')."""
+    """The ideas tried for a variant that beats the stock methods (rows 'variant: ...'),
+    other than the plugin's own ``alpha`` (a row of METHODS)."""
     grams = task_vector_grams(models)
     whole = sum(grams.values())
     sq = whole.diagonal()
     out = [
-        Method("variant: tempered, alpha 0.5 (lambda ~ ||delta||)", "task_arithmetic",
-               weights=tuple(_normalised(sq.sqrt()).items()), group="variant"),
         Method("variant: equal contributions (lambda ~ 1/||delta||)", "task_arithmetic",
                weights=tuple(_normalised(sq.rsqrt()).items()), group="variant"),
     ]
@@ -467,42 +474,62 @@ def _mean(values):
     return sum(values) / len(values)
 
 
+def kept_overall(losses: Dict[str, float], base: Dict[str, float], own: Dict[str, float]) -> float:
+    """Share of the fine-tunes' summed gain a model keeps: the paper's objective (the mean
+    loss gap to each fine-tune on its own task), normalised; a domain counts in proportion
+    to its fine-tune's gain, not as an equal share of the mean."""
+    return sum(base[d] - losses[d] for d in DOMAINS) / sum(base[d] - own[d] for d in DOMAINS)
+
+
+# the two scores of a row: its key in the summary, and its name in the table and verdicts
+SCORES = (("per_seed", "mean kept"), ("overall_per_seed", "overall kept"))
+
+
 def summarise(results: dict, seeds: List[int]) -> dict:
-    """Per row: kept gain per domain and mean, averaged over seeds, and per-seed means."""
+    """Per row: kept gain per domain, its mean over domains and the overall share, averaged
+    over seeds, and both scores per seed."""
     rows = {}
     for seed in seeds:
         r = results[str(seed)]
         base, own = r["base"], {d: r["finetunes"][d][d] for d in DOMAINS}
-        scored = {label: kept(loss, base, own) for label, loss in r["merges"].items()}
+        losses = dict(r["merges"])
         singles = {d: kept(r["finetunes"][d], base, own) for d in DOMAINS}
         best = max(singles, key=lambda d: _mean(list(singles[d].values())))
-        scored["best single fine-tune"] = singles[best]
-        for label, per_domain in scored.items():
-            row = rows.setdefault(label, {"per_seed": [], "domains": {d: [] for d in DOMAINS}})
+        losses["best single fine-tune"] = r["finetunes"][best]
+        for label, loss in losses.items():
+            per_domain = kept(loss, base, own)
+            row = rows.setdefault(label, {"per_seed": [], "overall_per_seed": [],
+                                          "domains": {d: [] for d in DOMAINS}})
             row["per_seed"].append(_mean([per_domain[d] for d in DOMAINS]))
+            row["overall_per_seed"].append(kept_overall(loss, base, own))
             for d in DOMAINS:
                 row["domains"][d].append(per_domain[d])
     for row in rows.values():
-        row["mean"] = _mean(row["per_seed"])
-        row["sd"] = statistics.stdev(row["per_seed"]) if len(row["per_seed"]) > 1 else 0.0
+        row.update(mean=_mean(row["per_seed"]), sd=_sd(row["per_seed"]),
+                   overall_mean=_mean(row["overall_per_seed"]), overall_sd=_sd(row["overall_per_seed"]))
     return rows
 
 
-def verdicts(rows: dict, groups: Dict[str, str]) -> List[str]:
+def _sd(values) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def verdicts(rows: dict, groups: Dict[str, str], key: str = "per_seed") -> List[str]:
     """Each metagpt and variant row against the weight average and the best task_arithmetic
-    weight, paired by seed. The noise of a comparison is how much the two rows' means move
-    across seeds (the larger standard deviation); a win or a loss needs a mean difference
-    beyond it and the same sign on every seed. Anything else is a tie."""
-    best_ta = max(TA_GRID, key=lambda label: rows[label]["mean"])
+    weight, on the score whose per-seed values are ``rows[label][key]``, paired by seed. The
+    noise of a comparison is how much the two rows' scores move across seeds (the larger
+    standard deviation); a win or a loss needs a mean difference beyond it and the same sign
+    on every seed. Anything else is a tie."""
+    best_ta = max(TA_GRID, key=lambda label: _mean(rows[label][key]))
     lines = [f"best task_arithmetic weight on this run: {best_ta}"]
     for label, row in rows.items():
         if groups.get(label) not in ("paper", "variant"):
             continue
         parts = []
         for other in (AVERAGE, best_ta):
-            diffs = [a - b for a, b in zip(row["per_seed"], rows[other]["per_seed"])]
+            diffs = [a - b for a, b in zip(row[key], rows[other][key])]
             mean = _mean(diffs)
-            noise = max(row["sd"], rows[other]["sd"])
+            noise = max(_sd(row[key]), _sd(rows[other][key]))
             same_sign = all(x > 0 for x in diffs) or all(x < 0 for x in diffs)
             word = ("wins" if mean > 0 else "loses") if abs(mean) > noise and same_sign else "ties"
             parts.append(f"{word} vs {other.split(' (')[0]} ({mean:+.3f}, noise {noise:.3f})")
@@ -511,12 +538,16 @@ def verdicts(rows: dict, groups: Dict[str, str]) -> List[str]:
 
 
 def table(rows: dict) -> str:
-    head = "| method | " + " | ".join(DOMAINS) + " | mean kept | per seed |"
-    lines = [head, "|" + "---|" * (len(DOMAINS) + 3)]
+    head = "| method | " + " | ".join(DOMAINS) + " | mean kept | per seed | overall kept | per seed |"
+    lines = [head, "|" + "---|" * (len(DOMAINS) + 5)]
     for label, row in rows.items():
         domains = " | ".join(f"{_mean(row['domains'][d]):.3f}" for d in DOMAINS)
-        per_seed = ", ".join(f"{x:.3f}" for x in row["per_seed"])
-        lines.append(f"| {label} | {domains} | **{row['mean']:.3f}** ± {row['sd']:.3f} | {per_seed} |")
+        cells = []
+        for key, _ in SCORES:
+            values = row[key]
+            cells.append(f"**{_mean(values):.3f}** ± {_sd(values):.3f} | "
+                         + ", ".join(f"{x:.3f}" for x in values))
+        lines.append(f"| {label} | {domains} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -600,8 +631,10 @@ def main(argv=None) -> None:
     if len(seeds) < 2:
         print("- one seed: no verdicts (they need the seed-to-seed noise)")
     elif AVERAGE in rows and all(label in rows for label in TA_GRID):
-        for line in verdicts(rows, groups):
-            print("- " + line)
+        for key, name in SCORES:
+            print(f"{name}:")
+            for line in verdicts(rows, groups, key):
+                print("- " + line)
     print(f"\ntotal {time.time() - t_start:.0f} s (train {timings['train']:.0f}, "
           f"merge {timings['merge']:.0f}, evaluate {timings['evaluate']:.0f}); "
           f"results in {results_path}")

@@ -96,6 +96,10 @@ def coefficients_text(payload) -> str:
     if any(e["granularity"] == "per_tensor" for e in merges):
         notes.append("granularity: per_tensor: each tensor is merged with the lambda of its own norms; "
                      "'lambda' is over the whole model set")
+    alphas = sorted({e["alpha"] for e in merges if e.get("alpha", 1.0) != 1.0})
+    if alphas:
+        notes.append(f"alpha {', '.join(f'{a:g}' for a in alphas)}: lambda_t = (||delta_t||^2)^alpha "
+                     "/ sum_k (||delta_k||^2)^alpha (tempered; alpha 1 is the paper, 0 the average)")
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
                      + ("; DARE's masks are random, so these lambda are one draw"

@@ -11,13 +11,16 @@ LOG = logging.getLogger("mergekit_metagpt")
 
 @dataclass(frozen=True)
 class Coefficients:
-    """λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖² for each model, in input order."""
+    """λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖² for each model, in input order; with the tempering
+    exponent ``alpha``, λ_t = (‖δ_t‖²)^α / Σ_k (‖δ_k‖²)^α (α = 1: the paper; α = 0: the
+    plain average of the fine-tunes)."""
 
     squared_norms: Tuple[Tuple[Hashable, float], ...]
+    alpha: float = 1.0
 
     @classmethod
-    def from_norms(cls, squared_norms: Mapping[Hashable, float]) -> "Coefficients":
-        return cls(tuple((key, float(value)) for key, value in squared_norms.items()))
+    def from_norms(cls, squared_norms: Mapping[Hashable, float], alpha: float = 1.0) -> "Coefficients":
+        return cls(tuple((key, float(value)) for key, value in squared_norms.items()), float(alpha))
 
     @property
     def total(self) -> float:
@@ -29,10 +32,14 @@ class Coefficients:
 
     @property
     def lambdas(self) -> Dict[Hashable, float]:
-        total = self.total
-        if total == 0.0:
+        if self.all_zero:
             return {key: 0.0 for key, _ in self.squared_norms}
-        return {key: value / total for key, value in self.squared_norms}
+        if self.alpha == 1.0:
+            powers = [value for _, value in self.squared_norms]
+        else:  # 0.0 ** 0 == 1: at alpha 0 a model equal to the base counts in the average
+            powers = [value ** self.alpha for _, value in self.squared_norms]
+        total = sum(powers)
+        return {key: power / total for (key, _), power in zip(self.squared_norms, powers)}
 
     def table(self) -> str:
         """A plain-text table of model, ‖δ‖² and λ."""
@@ -42,7 +49,8 @@ class Coefficients:
         return text_table(["model", "||delta||^2", "lambda"], rows)
 
     def log(self, context: str = "") -> None:
-        where = f" ({context})" if context else ""
+        parts = ([context] if context else []) + ([f"alpha {self.alpha:g}"] if self.alpha != 1.0 else [])
+        where = f" ({', '.join(parts)})" if parts else ""
         LOG.info("MetaGPT coefficients%s:\n%s", where, self.table())
         if self.all_zero:
             LOG.warning(

@@ -12,6 +12,7 @@ goes.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -34,6 +35,13 @@ class MergeSet:
     @property
     def label(self) -> str:
         return f"base {self.base}, models {', '.join(str(m) for m in self.models)}"
+
+    @functools.cached_property
+    def alpha(self) -> float:
+        """The tempering exponent of the set's λ: one value for all its tensors (read once
+        the plan is complete: ``MergeRun.check``)."""
+        return uniform_alpha([dict(t.parameters.items()).get("alpha", 1.0) for t in self.tasks],
+                             self.label)
 
 
 class MergeRun:
@@ -70,12 +78,32 @@ class MergeRun:
         return self._index_of[id(task)]
 
     def check(self) -> None:
-        """Refuse a plan in which no set merges any model besides its base."""
+        """Refuse a plan in which no set merges any model besides its base, or in which
+        a set's tensors are given different ``alpha`` (its λ are one per model)."""
         if self.sets and not any(s.models for s in self.sets.values()):
             bases = sorted({str(s.base) for s in self.sets.values()})
             raise MetaGPTError(
                 f"MetaGPT needs at least one model besides the base model {', '.join(bases)}"
             )
+        for merge_set in self.sets.values():
+            merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
+
+
+def uniform_alpha(values, where: str) -> float:
+    """The one ``alpha`` of a model set, or an error naming the values given."""
+    from mergekit_metagpt.parameters import ALPHA_RULE, alpha_number
+
+    numbers = [alpha_number(v) for v in values]
+    bad = [v for v, n in zip(values, numbers) if n is None]
+    if bad:
+        raise MetaGPTError(f"{ALPHA_RULE} ({where}); got {bad[0]!r}")
+    distinct = sorted(set(numbers))
+    if len(distinct) > 1:
+        raise MetaGPTError(
+            f"MetaGPT: parameter alpha must be one value for all tensors of a model set "
+            f"({where}); got {', '.join(f'{v:g}' for v in distinct)}"
+        )
+    return distinct[0] if distinct else 1.0
 
 
 def _non_base(task) -> Tuple[Hashable, ...]:

@@ -24,9 +24,10 @@ from mergekit.merge_methods.base import (
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.merge_plan import uniform_alpha
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
 from mergekit_metagpt.scratch import chunks, thread_scratch
-from mergekit_metagpt.parameters import Density, NonNegativeFloat
+from mergekit_metagpt.parameters import Alpha, Density, NonNegativeFloat
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -68,6 +69,13 @@ class MetaGPTMerge(GroupMergeMethod):
                 ParameterScope.SHARED,
                 default="global",
                 description="Sum norms over the whole model (the paper) or per tensor",
+            ),
+            ParameterSpec(
+                "alpha",
+                Alpha,
+                ParameterScope.SHARED,
+                default=1.0,
+                description="Tempering exponent: λ_t ∝ (‖δ_t‖²)^alpha; 1 is the paper, 0 the average",
             ),
         ]
         if self.delegate_name:
@@ -163,20 +171,21 @@ class MetaGPTMerge(GroupMergeMethod):
             base = next((g.base.id for g in groups if g.base is not None), None)
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
         granularity = parameters[0]["granularity"] if parameters else "global"
+        alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
         if granularity == "per_tensor":
             return [
-                self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p))).lambdas
+                self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p)), alpha).lambdas
                 for g, p in zip(groups, parameters)
             ]
         norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]))
-        coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)})
+        coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
         if len(groups) > 1:
             coefficients.log("in-memory merge")
         return [coefficients.lambdas] * len(groups)
 
     @staticmethod
-    def _coefficients(norms) -> Coefficients:
-        return Coefficients.from_norms({m: total(v) for m, v in norms.items()})
+    def _coefficients(norms, alpha: float) -> Coefficients:
+        return Coefficients.from_norms({m: total(v) for m, v in norms.items()}, alpha)
 
     def _graph_lambdas(self, group: TensorGroup, params: Dict[str, Any]) -> Dict[Hashable, float]:
         from mergekit_metagpt import prepass

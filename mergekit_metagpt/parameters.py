@@ -7,7 +7,7 @@ in ``recipe_checks``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
@@ -46,3 +46,25 @@ def _density(value: Any) -> float:
 
 
 Density = Annotated[float, BeforeValidator(_density)]
+
+
+ALPHA_RULE = "MetaGPT: parameter alpha must be a number in [0, 1]"
+
+
+def alpha_number(value: Any) -> Optional[float]:
+    """``value`` as a tempering exponent in [0, 1], or None if it is not one."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if not isinstance(value, bool) and 0.0 <= number <= 1.0 else None
+
+
+def _alpha(value: Any) -> float:
+    number = alpha_number(value)
+    if number is None:
+        raise PydanticCustomError("metagpt_alpha", ALPHA_RULE)
+    return number
+
+
+Alpha = Annotated[float, BeforeValidator(_alpha)]

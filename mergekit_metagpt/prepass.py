@@ -149,7 +149,8 @@ class SetNorms:
     def coefficients(self) -> Coefficients:
         """Computed once: every tensor of a merge asks for them."""
         return Coefficients.from_norms(
-            {m: float(sum(v for v in self.per_task[m] if v is not None)) for m in self.merge_set.models}
+            {m: float(sum(v for v in self.per_task[m] if v is not None)) for m in self.merge_set.models},
+            self.merge_set.alpha,
         )
 
     @functools.cached_property
@@ -162,7 +163,7 @@ class SetNorms:
     def task_lambdas(self, index: int) -> Dict[Hashable, float]:
         """λ from one task's own norms (granularity: per_tensor)."""
         values = {m: self.per_task[m][index] or 0.0 for m in self.merge_set.models}
-        return Coefficients.from_norms(values).lambdas
+        return Coefficients.from_norms(values, self.merge_set.alpha).lambdas
 
 
 @dataclass

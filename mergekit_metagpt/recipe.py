@@ -32,7 +32,7 @@ def load_recipe(path: str):
 
 
 STOCK = {"metagpt": "task_arithmetic", "metagpt_ties": "ties", "metagpt_dare": "dare_linear"}
-OURS_ONLY = ("granularity", "lambda_from")
+OURS_ONLY = ("granularity", "lambda_from", "alpha")
 
 
 def check_metagpt(config, path: str = "recipe") -> None:
@@ -85,9 +85,14 @@ def baked_recipe(path: str, run, coefficients) -> str:
         if model == base:
             continue
         entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
+    formula = (
+        "lambda_t = ||theta_t - theta_0||^2 / sum_k ||theta_k - theta_0||^2" if coefficients.alpha == 1.0
+        else f"lambda_t = (||theta_t - theta_0||^2)^alpha / sum_k (||theta_k - theta_0||^2)^alpha, "
+             f"alpha = {coefficients.alpha:g}"
+    )
     header = [
         f"# Baked by mergekit-metagpt {__version__} from {os.path.basename(path)} ({method}).",
-        "# The weights are MetaGPT coefficients, lambda_t = ||theta_t - theta_0||^2 / sum_k ||theta_k - theta_0||^2",
+        f"# The weights are MetaGPT coefficients, {formula}",
         "# (Zhou et al., 2024, arXiv 2406.11385), computed over every tensor the merge reads:",
     ]
     header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[model]:.6f}"

@@ -6,7 +6,8 @@ One shape, written by a merge and printed by ``mergekit-metagpt coefficients --j
      "norms": "...", "merges": [ one entry per merge set (per set of models merged) ]}
 
 Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
-``lambda`` (the overall scale), ``lambda_from`` and ``density`` (variants), and
+``lambda`` (the overall scale), ``alpha`` (the tempering exponent of the λ; 1 unless the
+recipe sets it), ``lambda_from`` and ``density`` (variants), and
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
 ``{min, median, max}`` for ``granularity: per_tensor``), and ``cosine_similarity``:
 ``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not
@@ -49,6 +50,7 @@ def set_entry(set_norms) -> Dict[str, Any]:
         "tensors": len(tasks),
         "granularity": granularity,
         "lambda": _uniform([float(_param(t, "lambda", 1.0)) for t in tasks]),
+        "alpha": coefficients.alpha,
     }
     if any("lambda_from" in dict(t.parameters.items()) for t in tasks):
         entry["lambda_from"] = _uniform([_param(t, "lambda_from", "dense") for t in tasks])
@@ -136,11 +138,16 @@ CARD_MARK = "## MetaGPT coefficients"
 def card_section(run) -> str:
     payload = record_payload(run)
     sparse = "sparsified" in payload["norms"]
+    alphas = sorted({e.get("alpha", 1.0) for e in payload["merges"]})
+    formula = (
+        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖²" if alphas == [1.0]
+        else f"λ_t = (‖θ_t − θ₀‖²)^α / Σ_k (‖θ_k − θ₀‖²)^α with α = {', '.join(f'{a:g}' for a in alphas)}"
+    )
     lines = [
         "",
         CARD_MARK,
         "",
-        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖², norms over every tensor that each set of "
+        f"{formula}, norms over every tensor that each set of "
         f"models merges ([MetaGPT]({PAPER_URL}))"
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",

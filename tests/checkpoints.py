@@ -78,8 +78,10 @@ def shard_count(path: str) -> int:
     return len(glob.glob(os.path.join(path, "*.safetensors")))
 
 
-def closed_form(base: Dict[str, torch.Tensor], models: Iterable[Dict[str, torch.Tensor]], scale: float = 1.0):
-    """Independent MetaGPT reference in float64: (λ list, merged state dict)."""
+def closed_form(base: Dict[str, torch.Tensor], models: Iterable[Dict[str, torch.Tensor]], scale: float = 1.0,
+                alpha: float = 1.0):
+    """Independent MetaGPT reference in float64: (λ list, merged state dict); with `alpha`,
+    λ_t ∝ (‖δ_t‖²)^alpha."""
     models = list(models)
     norms = []
     for sd in models:
@@ -87,8 +89,9 @@ def closed_form(base: Dict[str, torch.Tensor], models: Iterable[Dict[str, torch.
             float(((sd[k].double() - base[k].double()) ** 2).sum())
             for k in base if base[k].is_floating_point() and k in sd and sd[k].shape == base[k].shape
         ))
-    total = sum(norms)
-    lams = [n / total if total else 0.0 for n in norms]
+    powers = [n ** alpha for n in norms]
+    total = sum(powers)
+    lams = [n / total if total else 0.0 for n in powers]
     merged = {}
     for k, b in base.items():
         acc = b.double().clone()

@@ -72,6 +72,11 @@ CASES = {
                         "lambda must be a finite number >= 0"),
     "non-numeric lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": "big"}),
                            "lambda must be a finite number >= 0"),
+    "alpha above 1": (lambda p: recipe(p, ["good"], parameters={"alpha": 1.5}),
+                      r"alpha must be a number in \[0, 1\]"),
+    "alpha differs between tensors": (
+        lambda p: recipe(p, ["good"], parameters={"alpha": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}),
+        "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
 }
 
 

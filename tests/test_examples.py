@@ -25,7 +25,7 @@ def test_example_is_a_valid_recipe(path):
     assert config.merge_method.startswith("metagpt") and config.base_model is not None
 
 
-TINY = ["metagpt-tiny.yml", "metagpt-tiny-ties.yml", "metagpt-tiny-dare.yml"]
+TINY = ["metagpt-tiny.yml", "metagpt-tiny-ties.yml", "metagpt-tiny-dare.yml", "metagpt-tiny-tempered.yml"]
 
 
 def test_each_method_has_a_tiny_example():

@@ -171,7 +171,7 @@ def test_coefficients_are_computed_once_per_merge_set(llama_family, merge_option
     paths, sds = llama_family
     calls = []
     original = Coefficients.from_norms.__func__
-    monkeypatch.setattr(Coefficients, "from_norms", classmethod(lambda cls, n: calls.append(1) or original(cls, n)))
+    monkeypatch.setattr(Coefficients, "from_norms", classmethod(lambda cls, *a: calls.append(1) or original(cls, *a)))
     run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
     assert len(sds["base"]) > 10
     assert len(calls) <= 2, len(calls)

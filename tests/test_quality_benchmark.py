@@ -5,6 +5,7 @@ difference within the seed noise a tie."""
 import os
 import sys
 
+import pytest
 import torch
 
 from checkpoints import perturbed, random_state_dict, save_checkpoint
@@ -111,3 +112,27 @@ def test_verdicts_call_a_difference_within_the_seed_noise_a_tie():
     assert variant.count("wins") == 2  # +0.30 on every seed
     # +0.083 on average, beyond the noise (0.061), but below on one seed
     assert next(x for x in lines if x.startswith("variant: y")).count("ties") == 2
+
+
+def test_overall_kept_weighs_each_domain_by_its_fine_tune_gain():
+    base = {"code": 3.0, "licenses": 3.0, "docs": 3.0}
+    own = {"code": 2.0, "licenses": 2.9, "docs": 2.5}  # gains 1.0, 0.1, 0.5
+    merged = {"code": 2.0, "licenses": 3.1, "docs": 3.0}  # keeps 1.0, -0.1, 0.0 bits/byte
+    assert quality.kept_overall(merged, base, own) == pytest.approx((1.0 - 0.1 + 0.0) / 1.6)
+    # the mean over domains of each domain's own share is another number: (1 - 1 + 0) / 3
+    assert sum(quality.kept(merged, base, own).values()) / 3 == pytest.approx(0.0)
+    results = {"0": {"base": base, "finetunes": {d: own for d in quality.DOMAINS},
+                     "merges": {"m": merged}}}
+    row = quality.summarise(results, [0])["m"]
+    assert row["overall_per_seed"] == pytest.approx([0.5625]) and row["per_seed"] == pytest.approx([0.0])
+
+
+def test_verdicts_read_the_score_they_are_given():
+    ta = {label: {"per_seed": [0.1] * 3, "overall_per_seed": [0.1] * 3} for label in quality.TA_GRID}
+    rows = {quality.AVERAGE: {"per_seed": [0.5, 0.6, 0.55], "overall_per_seed": [0.5, 0.6, 0.55]},
+            "metagpt": {"per_seed": [0.1, 0.2, 0.15], "overall_per_seed": [0.9, 1.0, 0.95]}, **ta}
+    (mean_kept,) = [x for x in quality.verdicts(rows, {"metagpt": "paper"}) if x.startswith("metagpt")]
+    (overall,) = [x for x in quality.verdicts(rows, {"metagpt": "paper"}, "overall_per_seed")
+                  if x.startswith("metagpt")]
+    assert mean_kept.startswith("metagpt: loses vs linear (-0.400")
+    assert overall.startswith("metagpt: wins vs linear (+0.400")

@@ -266,7 +266,8 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 
 # -- the record and `coefficients --json` are one shape ----------------------------------
 FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges"}
-ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "lambda_from", "density", "models"}
+ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
+                "models"}
 
 
 def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_options, tmp_path, capsys):
@@ -291,7 +292,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
         cosine = entry["cosine_similarity"]
         assert cosine["models"] == [paths[m] for m in MODELS] and cosine["note"] is None
         assert all(v is not None for row in cosine["matrix"] for v in row)
-        assert entry["base_model"] == paths["base"] and entry["lambda"] == 0.7
+        assert entry["base_model"] == paths["base"] and entry["lambda"] == 0.7 and entry["alpha"] == 1.0
         assert entry["granularity"] == "global" and entry["lambda_from"] == "dense"
         assert entry["density"] == {paths[m]: d for m, d in zip(MODELS, (0.4, 0.5, 0.6))}
         lams = lambdas_of(squared_norms(sds, MODELS))
