@@ -493,9 +493,7 @@ def summarise(results: dict, seeds: List[int]) -> dict:
         r = results[str(seed)]
         base, own = r["base"], {d: r["finetunes"][d][d] for d in DOMAINS}
         losses = dict(r["merges"])
-        singles = {d: kept(r["finetunes"][d], base, own) for d in DOMAINS}
-        best = max(singles, key=lambda d: _mean(list(singles[d].values())))
-        losses["best single fine-tune"] = r["finetunes"][best]
+        losses.update({f"single fine-tune: {d}": r["finetunes"][d] for d in DOMAINS})
         for label, loss in losses.items():
             per_domain = kept(loss, base, own)
             row = rows.setdefault(label, {"per_seed": [], "overall_per_seed": [],

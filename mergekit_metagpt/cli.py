@@ -83,6 +83,8 @@ def _table(entry) -> str:
 
 def coefficients_text(payload) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
+    from mergekit_metagpt.coefficients import formula
+
     merges = payload["merges"]
     blocks = []
     for number, entry in enumerate(merges, 1):
@@ -98,8 +100,8 @@ def coefficients_text(payload) -> str:
                      "'lambda' is over the whole model set")
     alphas = sorted({e["alpha"] for e in merges if e.get("alpha", 1.0) != 1.0})
     if alphas:
-        notes.append(f"alpha {', '.join(f'{a:g}' for a in alphas)}: lambda_t = (||delta_t||^2)^alpha "
-                     "/ sum_k (||delta_k||^2)^alpha (tempered; alpha 1 is the paper, 0 the average)")
+        notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
+                     "(alpha 1 is the paper, 0 the average)")
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
                      + ("; DARE's masks are random, so these lambda are one draw"

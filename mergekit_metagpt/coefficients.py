@@ -60,6 +60,19 @@ class Coefficients:
 
 
 
+def formula(alphas=(1.0,), ascii: bool = False) -> str:
+    """How λ are computed, for logs, cards and reports: the paper's closed form, or the
+    tempered one with the ``alpha`` values given (one per model set)."""
+    distinct = sorted({float(a) for a in alphas}) or [1.0]
+    if distinct == [1.0]:
+        return ("lambda_t = ||delta_t||^2 / sum_k ||delta_k||^2" if ascii
+                else "λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖²")
+    values = ", ".join(f"{a:g}" for a in distinct)
+    if ascii:
+        return f"lambda_t = (||delta_t||^2)^alpha / sum_k (||delta_k||^2)^alpha, alpha = {values}"
+    return f"λ_t = (‖δ_t‖²)^α / Σ_k (‖δ_k‖²)^α, α = {values}"
+
+
 def text_table(header, rows) -> str:
     """Left-aligned plain-text columns under a dashed rule."""
     widths = [max(len(r[i]) for r in list(rows) + [header]) for i in range(len(header))]

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from typing import List
 
-from mergekit_metagpt.coefficients import text_table
+from mergekit_metagpt.coefficients import formula, text_table
 
 REPORT_NAME = "metagpt-report.md"
 JSON_NAME = "metagpt-inspect.json"
@@ -82,7 +82,7 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
 
     sets = run.result.sets
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",
-             f"Merge method `{run.method_name}`; {len(sets)} model set(s). λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖², "
+             f"Merge method `{run.method_name}`; {len(sets)} model set(s). {formula(s.stats.alpha for s in sets)}, "
              "δ_t = θ_t − θ₀, norms over every tensor the merge reads. MetaGPT's λ assume that the "
              f"task vectors are close to orthogonal; a pair with |cosine| >= {COSINE_WARNING} is "
              "called far from it.", ""]

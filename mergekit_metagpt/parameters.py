@@ -57,7 +57,8 @@ def alpha_number(value: Any) -> Optional[float]:
         number = float(value)
     except (TypeError, ValueError):
         return None
-    return number if not isinstance(value, bool) and 0.0 <= number <= 1.0 else None
+    # + 0.0: -0.0 becomes 0.0
+    return number + 0.0 if not isinstance(value, bool) and 0.0 <= number <= 1.0 else None
 
 
 def _alpha(value: Any) -> float:

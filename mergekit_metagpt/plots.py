@@ -50,6 +50,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
     """Write the three PNGs of one model set; returns their paths."""
     from matplotlib.colors import LogNorm
 
+    from mergekit_metagpt.coefficients import formula
     from mergekit_metagpt.similarity import short_names
 
     plt = _pyplot()
@@ -78,7 +79,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in stats.lambdas], padding=2)
     ax.set_ylim(0, max(stats.lambdas + [0.0]) * 1.15 or 1.0)
     ax.set_xlabel("model")
-    ax.set_ylabel("λ = ‖δ_t‖² / Σ_k ‖δ_k‖²")
+    ax.set_ylabel(formula([stats.alpha]))
     ax.set_title("MetaGPT coefficients")
     fig.tight_layout()
     paths.append(_save(fig, plt, out_dir, "metagpt-lambdas", suffix))

@@ -161,9 +161,13 @@ class SetNorms:
         return set_stats(self)
 
     def task_lambdas(self, index: int) -> Dict[Hashable, float]:
-        """λ from one task's own norms (granularity: per_tensor)."""
-        values = {m: self.per_task[m][index] or 0.0 for m in self.merge_set.models}
-        return Coefficients.from_norms(values, self.merge_set.alpha).lambdas
+        """λ from one task's own norms (granularity: per_tensor); 0 for a model whose
+        tensor does not count (e.g. it lacks an optional tensor: the merge leaves it out)."""
+        values = {m: self.per_task[m][index] for m in self.merge_set.models}
+        lambdas = Coefficients.from_norms(
+            {m: v for m, v in values.items() if v is not None}, self.merge_set.alpha
+        ).lambdas
+        return {m: lambdas.get(m, 0.0) for m in self.merge_set.models}
 
 
 @dataclass

@@ -70,6 +70,7 @@ def baked_recipe(path: str, run, coefficients) -> str:
     from mergekit.common import ModelReference
 
     from mergekit_metagpt import __version__
+    from mergekit_metagpt.coefficients import formula
 
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
@@ -85,14 +86,10 @@ def baked_recipe(path: str, run, coefficients) -> str:
         if model == base:
             continue
         entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
-    formula = (
-        "lambda_t = ||theta_t - theta_0||^2 / sum_k ||theta_k - theta_0||^2" if coefficients.alpha == 1.0
-        else f"lambda_t = (||theta_t - theta_0||^2)^alpha / sum_k (||theta_k - theta_0||^2)^alpha, "
-             f"alpha = {coefficients.alpha:g}"
-    )
     header = [
         f"# Baked by mergekit-metagpt {__version__} from {os.path.basename(path)} ({method}).",
-        f"# The weights are MetaGPT coefficients, {formula}",
+        f"# The weights are MetaGPT coefficients, {formula([coefficients.alpha], ascii=True)}",
+        "# with delta_t = theta_t - theta_0",
         "# (Zhou et al., 2024, arXiv 2406.11385), computed over every tensor the merge reads:",
     ]
     header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[model]:.6f}"

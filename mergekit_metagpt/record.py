@@ -23,6 +23,7 @@ import statistics
 from typing import Any, Dict, List, Optional
 
 from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt.coefficients import formula
 from mergekit_metagpt import PAPER_URL
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -138,16 +139,11 @@ CARD_MARK = "## MetaGPT coefficients"
 def card_section(run) -> str:
     payload = record_payload(run)
     sparse = "sparsified" in payload["norms"]
-    alphas = sorted({e.get("alpha", 1.0) for e in payload["merges"]})
-    formula = (
-        "λ_t = ‖θ_t − θ₀‖² / Σ_k ‖θ_k − θ₀‖²" if alphas == [1.0]
-        else f"λ_t = (‖θ_t − θ₀‖²)^α / Σ_k (‖θ_k − θ₀‖²)^α with α = {', '.join(f'{a:g}' for a in alphas)}"
-    )
     lines = [
         "",
         CARD_MARK,
         "",
-        f"{formula}, norms over every tensor that each set of "
+        f"{formula(e['alpha'] for e in payload['merges'])} with δ_t = θ_t − θ₀, norms over every tensor that each set of "
         f"models merges ([MetaGPT]({PAPER_URL}))"
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",
@@ -208,11 +204,17 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
             data = json.load(f)
     except (OSError, ValueError):
         return []
+    def close(got, wanted):
+        return len(got) == len(wanted) and all(
+            abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(got, wanted))
+
     norms = [row["squared_norm"] for row in entry["models"]]
+    lambdas = [row["lambda"] for row in entry["models"]]
     for number, stats in enumerate(data.get("merges", []), 1):
-        if stats.get("models") == [row["model"] for row in entry["models"]] and all(
-            abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(stats.get("squared_norms", []), norms)
-        ):
+        # the same models, norms and λ (an inspect run with another alpha drew other λ)
+        if stats.get("models") == [row["model"] for row in entry["models"]] and close(
+            stats.get("squared_norms", []), norms
+        ) and close(stats.get("lambdas", []), lambdas):
             found = []
             for stem, title in PICTURES:
                 name = f"{stem}-{number}.png" if len(data["merges"]) > 1 else f"{stem}.png"

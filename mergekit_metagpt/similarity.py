@@ -69,6 +69,7 @@ class SetStats:
     layer_cosine: Dict[Tuple[int, int], List[Optional[float]]]  # (a, b) -> per layer
     top_tensors: List[List[Tuple[str, float]]]  # per model: (tensor, ‖δ‖²), largest first
     note: Optional[str] = None  # why some cosines are missing
+    alpha: float = 1.0  # the tempering exponent of `lambdas`
 
     def pairs(self):
         """((a, b), cosine) for every pair of models, a before b."""
@@ -117,6 +118,7 @@ class SetStats:
             "models": names,
             "squared_norms": self.squared_norms,
             "lambdas": self.lambdas,
+            "alpha": self.alpha,
             "cosine": self.cosine,
             "cosine_note": self.note,
             "verdict": self.verdict(),
@@ -202,4 +204,5 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
         layer_cosine=layer_cosine,
         top_tensors=top_tensors,
         note=note,
+        alpha=coefficients.alpha,
     )
