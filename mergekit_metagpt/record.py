@@ -143,7 +143,7 @@ def card_section(run) -> str:
         "",
         CARD_MARK,
         "",
-        f"{formula(e['alpha'] for e in payload['merges'])} with δ_t = θ_t − θ₀, norms over every tensor that each set of "
+        f"{formula(e['alpha'] for e in payload['merges'])}, with δ_t = θ_t − θ₀; norms over every tensor that each set of "
         f"models merges ([MetaGPT]({PAPER_URL}))"
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",

@@ -34,7 +34,7 @@ def test_tempered_graph_merge_matches_closed_form(alpha, llama_family, merge_opt
     assert entry["alpha"] == alpha
     assert [m["lambda"] for m in entry["models"]] == pytest.approx(lams, abs=1e-9)
     card = open(out / "README.md", encoding="utf-8").read()
-    assert f"(‖δ_k‖²)^α, α = {alpha:g} with δ_t = θ_t − θ₀" in card
+    assert f"(‖δ_k‖²)^α, α = {alpha:g}, with δ_t = θ_t − θ₀" in card
 
 
 def test_tempered_in_memory_merge_matches_closed_form(llama_family):
