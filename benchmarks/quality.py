@@ -1,6 +1,6 @@
 """Merge quality on real text: which method keeps most of each fine-tune's gain?
 
-    python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--jobs 2] [--work DIR]
+    python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--jobs 2] [--work DIR] [--base-domains code,docs]
 
 Offline, from files any Debian machine with Python has. A byte-level LLaMA-shaped causal LM
 (~0.86M parameters, transformers) is trained as the base on equal shares of three domains, then
@@ -48,7 +48,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Dict, List, Tuple
 
 import torch
@@ -182,6 +182,9 @@ class Settings:
     max_bytes: int = 3_000_000
     eval_windows: int = 64
     eval_len: int = 256
+    # the domains the base is trained on (equal shares); a domain left out is new to the
+    # base, and its fine-tune learns it from scratch
+    base_domains: Tuple[str, ...] = DOMAINS
 
     def key(self, part: str, data: str) -> str:
         """A short hash of what decides the base ("base") or the fine-tunes ("finetunes"):
@@ -190,6 +193,8 @@ class Settings:
         names = ("hidden", "layers", "intermediate", "batch", "base_steps", "base_lr", "max_bytes")
         values = {k: v for k, v in asdict(self).items() if k in names}
         values.update(format=FORMAT, data=data, python=sys.version_info[:2], seq=SEQ, block=BLOCK)
+        if self.base_domains != DOMAINS:  # (the default keeps the keys of earlier runs)
+            values["base_domains"] = list(self.base_domains)
         if part != "base":
             values["finetune"] = self.finetune
         return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
@@ -259,8 +264,8 @@ def ensure_base(work: str, s: Settings, domains: Dict[str, Domain], data: str) -
     t0 = time.time()
     torch.manual_seed(1000)
     model = LlamaForCausalLM(_config(s))
-    share = min(len(domains[d].train) for d in DOMAINS)
-    mix = torch.cat([domains[d].train[:share] for d in DOMAINS])
+    share = min(len(domains[d].train) for d in s.base_domains)
+    mix = torch.cat([domains[d].train[:share] for d in s.base_domains])
     loss = _train(model, mix, s.base_steps, s.base_lr, s.batch, 0, warmup=50, decay=True)
     _save(model, path, {"settings": asdict(s), "format": FORMAT, "data": data})
     print(f"  base trained ({s.base_steps} steps, loss {loss:.3f}, {time.time() - t0:.0f} s)",
@@ -568,8 +573,16 @@ def main(argv=None) -> None:
     ap.add_argument("--work", default=os.path.join(HERE, "..", "bench-work", "quality"),
                     help="models, merges and results (default bench-work/quality)")
     ap.add_argument("--only", help="semicolon-separated row labels to merge (default: all)")
+    ap.add_argument("--base-domains", default=",".join(DOMAINS),
+                    help="comma-separated domains the base is trained on (default: all three); "
+                         "e.g. code,docs: the license fine-tune learns a domain new to the base")
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else Settings()
+    base_domains = tuple(d for d in DOMAINS if d in args.base_domains.split(","))
+    unknown = set(args.base_domains.split(",")) - set(DOMAINS)
+    if unknown or not base_domains:
+        sys.exit(f"quality: --base-domains takes some of {', '.join(DOMAINS)}; got {args.base_domains}")
+    settings = replace(settings, base_domains=base_domains)
     seeds = [int(x) for x in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     wanted = set(args.only.split(";")) if args.only else None
     methods = [m for m in METHODS if wanted is None or m.label in wanted]

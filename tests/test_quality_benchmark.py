@@ -136,3 +136,28 @@ def test_verdicts_read_the_score_they_are_given():
                   if x.startswith("metagpt")]
     assert mean_kept.startswith("metagpt: loses vs linear (-0.400")
     assert overall.startswith("metagpt: wins vs linear (+0.400")
+
+
+def test_base_domains_leave_a_domain_out_of_the_base_under_its_own_key(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    seen = {}
+
+    def fake_train(model, data, *args, **kwargs):
+        seen["data"] = data
+        return 0.0
+
+    monkeypatch.setattr(quality, "_train", fake_train)
+    monkeypatch.setattr(quality, "_save", lambda *a, **k: None)
+    domains = {d: quality.Domain(d, torch.full((4000 + 1000 * i,), 10 * (i + 1)), torch.zeros(300, dtype=torch.long))
+               for i, d in enumerate(quality.DOMAINS)}
+    settings = replace(quality.Settings(hidden=16, layers=1, intermediate=32), base_domains=("code", "docs"))
+    quality.ensure_base(str(tmp_path), settings, domains, "digest")
+    values = set(seen["data"].unique().tolist())
+    assert values == {10, 30}  # code and docs bytes, no licenses
+    assert len(seen["data"]) == 2 * 4000  # equal shares of the two: the smaller one's size
+    # another base: other keys, so models cached for the default are not reused
+    default = quality.Settings()
+    other = replace(default, base_domains=("code", "docs"))
+    assert default.key("base", "d") != other.key("base", "d")
+    assert default.key("finetunes", "d") != other.key("finetunes", "d")
