@@ -98,8 +98,7 @@ def coefficients_text(payload) -> str:
     if any(e["granularity"] == "per_tensor" for e in merges):
         notes.append("granularity: per_tensor: each tensor is merged with the lambda of its own norms; "
                      "'lambda' is over the whole model set")
-    alphas = sorted({e["alpha"] for e in merges if e.get("alpha", 1.0) != 1.0})
-    if alphas:
+    if any(e.get("alpha", 1.0) != 1.0 for e in merges):
         notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
                      "(alpha 1 is the paper, 0 the average)")
     if "sparsified" in payload["norms"]:

@@ -34,10 +34,9 @@ class Coefficients:
     def lambdas(self) -> Dict[Hashable, float]:
         if self.all_zero:
             return {key: 0.0 for key, _ in self.squared_norms}
-        if self.alpha == 1.0:
-            powers = [value for _, value in self.squared_norms]
-        else:  # 0.0 ** 0 == 1: at alpha 0 a model equal to the base counts in the average
-            powers = [value ** self.alpha for _, value in self.squared_norms]
+        # x ** 1.0 == x exactly; 0.0 ** 0 == 1: at alpha 0 a model equal to the base
+        # counts in the average
+        powers = [value ** self.alpha for _, value in self.squared_norms]
         total = sum(powers)
         return {key: power / total for (key, _), power in zip(self.squared_norms, powers)}
 

@@ -7,65 +7,49 @@ in ``recipe_checks``.
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
 from typing_extensions import Annotated
 
 
-
-def _non_negative_number(value: Any) -> float:
+def _number_in(value: Any, accept: Callable[[float], bool]) -> Optional[float]:
+    """``value`` as a float if it is a number (not a bool) that `accept` takes, else None;
+    -0.0 comes back as 0.0."""
     try:
         number = float(value)
-        ok = not isinstance(value, bool) and math.isfinite(number) and number >= 0.0
     except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise PydanticCustomError(
-            "metagpt_lambda",
-            "MetaGPT: parameter lambda must be a finite number >= 0",
-        )
-    return number
+        return None
+    return number + 0.0 if not isinstance(value, bool) and accept(number) else None
 
 
-NonNegativeFloat = Annotated[float, BeforeValidator(_non_negative_number)]
+def _checked(code: str, rule: str, accept: Callable[[float], bool]):
+    """A pydantic type: a float that `accept` takes, else the error `rule`."""
+    def check(value: Any) -> float:
+        number = _number_in(value, accept)
+        if number is None:
+            raise PydanticCustomError(code, rule)
+        return number
+
+    return Annotated[float, BeforeValidator(check)]
 
 
-def _density(value: Any) -> float:
-    try:
-        number = float(value)
-        ok = not isinstance(value, bool) and 0.0 < number <= 1.0
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise PydanticCustomError(
-            "metagpt_density", "MetaGPT: parameter density must be a number in (0, 1]"
-        )
-    return number
-
-
-Density = Annotated[float, BeforeValidator(_density)]
-
+NonNegativeFloat = _checked("metagpt_lambda", "MetaGPT: parameter lambda must be a finite number >= 0",
+                            lambda x: math.isfinite(x) and x >= 0.0)
+Density = _checked("metagpt_density", "MetaGPT: parameter density must be a number in (0, 1]",
+                   lambda x: 0.0 < x <= 1.0)
 
 ALPHA_RULE = "MetaGPT: parameter alpha must be a number in [0, 1]"
 
 
 def alpha_number(value: Any) -> Optional[float]:
     """``value`` as a tempering exponent in [0, 1], or None if it is not one."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    # + 0.0: -0.0 becomes 0.0
-    return number + 0.0 if not isinstance(value, bool) and 0.0 <= number <= 1.0 else None
+    return _number_in(value, _alpha_ok)
 
 
-def _alpha(value: Any) -> float:
-    number = alpha_number(value)
-    if number is None:
-        raise PydanticCustomError("metagpt_alpha", ALPHA_RULE)
-    return number
+def _alpha_ok(number: float) -> bool:
+    return 0.0 <= number <= 1.0
 
 
-Alpha = Annotated[float, BeforeValidator(_alpha)]
+Alpha = _checked("metagpt_alpha", ALPHA_RULE, _alpha_ok)
