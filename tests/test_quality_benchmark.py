@@ -2,6 +2,8 @@
 the stock merge as computed, the code and docs domains share no text, and the verdicts call a
 difference within the seed noise a tie."""
 
+import hashlib
+import json
 import os
 import sys
 
@@ -138,8 +140,8 @@ def test_verdicts_read_the_score_they_are_given():
     assert overall.startswith("metagpt: wins vs linear (+0.400")
 
 
-def test_base_domains_leave_a_domain_out_of_the_base_under_its_own_key(tmp_path, monkeypatch):
-    from dataclasses import replace
+def test_base_domains_leave_licenses_out_of_the_base_by_default_under_its_own_key(tmp_path, monkeypatch):
+    from dataclasses import asdict, replace
 
     seen = {}
 
@@ -149,15 +151,29 @@ def test_base_domains_leave_a_domain_out_of_the_base_under_its_own_key(tmp_path,
 
     monkeypatch.setattr(quality, "_train", fake_train)
     monkeypatch.setattr(quality, "_save", lambda *a, **k: None)
-    domains = {d: quality.Domain(d, torch.full((4000 + 1000 * i,), 10 * (i + 1)), torch.zeros(300, dtype=torch.long))
+    # licenses, left out of the base, is the smallest domain
+    sizes = {"code": 5000, "licenses": 3000, "docs": 6000}
+    domains = {d: quality.Domain(d, torch.full((sizes[d],), 10 * (i + 1)), torch.zeros(300, dtype=torch.long))
                for i, d in enumerate(quality.DOMAINS)}
-    settings = replace(quality.Settings(hidden=16, layers=1, intermediate=32), base_domains=("code", "docs"))
+    settings = quality.Settings(hidden=16, layers=1, intermediate=32)
+    assert settings.base_domains == ("code", "docs")  # the default: licenses are new to the base
     quality.ensure_base(str(tmp_path), settings, domains, "digest")
     values = set(seen["data"].unique().tolist())
     assert values == {10, 30}  # code and docs bytes, no licenses
-    assert len(seen["data"]) == 2 * 4000  # equal shares of the two: the smaller one's size
-    # another base: other keys, so models cached for the default are not reused
+    # equal shares of the two, each the size of the smallest of all domains (not of the two)
+    assert len(seen["data"]) == 2 * 3000
+    quality.ensure_base(str(tmp_path), replace(settings, base_domains=quality.DOMAINS), domains, "digest")
+    assert sorted(seen["data"].unique().tolist()) == [10, 20, 30] and len(seen["data"]) == 3 * 3000
+    # another base: other keys, so models cached for one are not reused for the other
+    every = replace(quality.Settings(), base_domains=quality.DOMAINS)
     default = quality.Settings()
-    other = replace(default, base_domains=("code", "docs"))
-    assert default.key("base", "d") != other.key("base", "d")
-    assert default.key("finetunes", "d") != other.key("finetunes", "d")
+    assert every.key("base", "d") != default.key("base", "d")
+    assert every.key("finetunes", "d") != default.key("finetunes", "d")
+    # a code,docs base trained before 2026-11-30 saw as much of each as the smaller of the two
+    # had (not the smallest of all): its key, as that code made it, must not be reused
+    earlier = {k: v for k, v in asdict(default).items()
+               if k in ("hidden", "layers", "intermediate", "batch", "base_steps", "base_lr", "max_bytes")}
+    earlier.update(format=quality.FORMAT, data="d", python=sys.version_info[:2], seq=quality.SEQ,
+                   block=quality.BLOCK, base_domains=["code", "docs"])
+    earlier_key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:12]
+    assert default.key("base", "d") != earlier_key
