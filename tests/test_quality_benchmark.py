@@ -169,11 +169,17 @@ def test_base_domains_leave_licenses_out_of_the_base_by_default_under_its_own_ke
     default = quality.Settings()
     assert every.key("base", "d") != default.key("base", "d")
     assert every.key("finetunes", "d") != default.key("finetunes", "d")
-    # a code,docs base trained before 2026-11-30 saw as much of each as the smaller of the two
-    # had (not the smallest of all): its key, as that code made it, must not be reused
-    earlier = {k: v for k, v in asdict(default).items()
-               if k in ("hidden", "layers", "intermediate", "batch", "base_steps", "base_lr", "max_bytes")}
-    earlier.update(format=quality.FORMAT, data="d", python=sys.version_info[:2], seq=quality.SEQ,
-                   block=quality.BLOCK, base_domains=["code", "docs"])
-    earlier_key = hashlib.sha256(json.dumps(earlier, sort_keys=True).encode()).hexdigest()[:12]
-    assert default.key("base", "d") != earlier_key
+    # keys as the code before 2026-11-30 made them: a code,docs base then saw as much of each
+    # as the smaller of the two had (not the smallest of all), so its models must not be
+    # reused; a base of all three saw the same data then as now, and keeps its key
+    def key_before(base_domains):
+        values = {k: v for k, v in asdict(default).items()
+                  if k in ("hidden", "layers", "intermediate", "batch", "base_steps", "base_lr", "max_bytes")}
+        values.update(format=quality.FORMAT, data="d", python=sys.version_info[:2], seq=quality.SEQ,
+                      block=quality.BLOCK)
+        if base_domains != quality.DOMAINS:
+            values["base_domains"] = list(base_domains)
+        return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:12]
+
+    assert default.key("base", "d") != key_before(("code", "docs"))
+    assert every.key("base", "d") == key_before(quality.DOMAINS)
