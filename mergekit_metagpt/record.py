@@ -190,9 +190,15 @@ def _card_cosines(entry, out_path) -> List[str]:
     return lines
 
 
+def _close(got, wanted) -> bool:
+    """Two lists of numbers equal to 1e-6 relative (as read back from JSON)."""
+    return len(got) == len(wanted) and all(
+        abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(got, wanted))
+
+
 def inspect_pictures(out_path, entry) -> List[tuple]:
     """(file, title) of the pictures ``inspect`` wrote into `out_path` for this model set
-    (same models and norms), else []."""
+    (same models, norms and λ), else []."""
     import json
 
     from mergekit_metagpt.inspect_report import JSON_NAME, PICTURES
@@ -204,17 +210,13 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
             data = json.load(f)
     except (OSError, ValueError):
         return []
-    def close(got, wanted):
-        return len(got) == len(wanted) and all(
-            abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(got, wanted))
-
     norms = [row["squared_norm"] for row in entry["models"]]
     lambdas = [row["lambda"] for row in entry["models"]]
     for number, stats in enumerate(data.get("merges", []), 1):
         # the same models, norms and λ (an inspect run with another alpha drew other λ)
-        if stats.get("models") == [row["model"] for row in entry["models"]] and close(
+        if stats.get("models") == [row["model"] for row in entry["models"]] and _close(
             stats.get("squared_norms", []), norms
-        ) and close(stats.get("lambdas", []), lambdas):
+        ) and _close(stats.get("lambdas", []), lambdas):
             found = []
             for stem, title in PICTURES:
                 name = f"{stem}-{number}.png" if len(data["merges"]) > 1 else f"{stem}.png"
