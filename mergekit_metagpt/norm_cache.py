@@ -5,7 +5,7 @@ Location: ``$MERGEKIT_METAGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mergekit-metag
 with it). Entries are keyed by both checkpoints' keys (``fingerprint.checkpoint_key``),
 so a changed checkpoint cannot hit a stale entry. One entry holds, for each read of the
 merge plan (which tensor of the base against which tensor of the model, in which
-dtype), its squared norm and any note on it (rows counted of a resized vocabulary);
+dtype), its squared norm and any note on it;
 entries grow as other recipes read other tensors of the same pair. Writes go to a
 temporary file that is renamed into place, so an interrupted merge never leaves a
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.

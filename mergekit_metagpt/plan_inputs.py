@@ -4,17 +4,20 @@ An ``ExecuteMergeMethodTask``'s input task maps each model to a leaf load task
 (``LoadTensor`` for model folders, ``SimpleLoadTensor`` for ``mergekit-pytorch``'s raw
 files). The leaves carry mergekit's resolution of the tensor (name, aliases, tied
 names, dtype, device); executing one reads the tensor exactly as the merge does.
-Vocabulary adapters (``PermutedVocabulary``, ``TruncatedVocabulary``) wrap a
-``GatherTensors``: the norms read the gathered tensors and count the rows that base
-and model both have (see ``prepass``).
+Vocabulary adapters (``PermutedVocabulary`` for ``tokenizer_source``,
+``TruncatedVocabulary`` for ``--unsafe-truncate-embeddings``) wrap a ``GatherTensors``:
+the reads are the gathered tensors', and the pre-pass runs the plan's own adapter on
+them (``VocabularyAdapter``), so that the norms see the token-aligned tensors the
+merge sees.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
-from typing import Dict, Hashable, Optional
+from typing import Any, Dict, Hashable, Optional
 
 import torch
 
@@ -88,3 +91,88 @@ def task_reads(task) -> Dict[Hashable, TensorRead]:
             f"({type(source).__name__})"
         )
     return {model: TensorRead(model, leaf) for model, leaf in mapping.items()}
+
+
+@dataclass(frozen=True)
+class VocabularyAdapter:
+    """A task's vocabulary adapter (mergekit's ``PermutedVocabulary`` or
+    ``TruncatedVocabulary``): it turns the gathered tensors (one per model, keyed by
+    model) into the token-aligned tensors the merge method receives."""
+
+    task: Any  # the adapter task of the plan
+    tensors_argument: str  # the name under which it takes the gathered tensors
+    inputs: Dict[str, Any]  # its other arguments, as tasks (e.g. the tokenizer build)
+
+    @property
+    def name(self) -> str:
+        return type(self.task).__name__
+
+    def settings(self) -> dict:
+        """The adapter's own fields (the tokens' settings, padding, axis …), as JSON."""
+        excluded = {"gather_tensors", *self.inputs_fields()}
+        return _plain({f: getattr(self.task, f) for f in type(self.task).model_fields if f not in excluded})
+
+    def inputs_fields(self) -> set:
+        """The fields holding its other inputs' tasks (their values are keyed by digest)."""
+        return {f for f in type(self.task).model_fields
+                if any(getattr(self.task, f) is task for task in self.inputs.values())}
+
+    def apply(self, tensors: Dict[Hashable, torch.Tensor], values: Dict[str, Any]) -> Dict[Hashable, torch.Tensor]:
+        """The adapter's output for `tensors`, its other arguments' `values` given."""
+        return self.task.execute(**{self.tensors_argument: tensors}, **values)
+
+
+def vocabulary_adapter(task) -> Optional[VocabularyAdapter]:
+    """The task's vocabulary adapter, or None where the merge reads the gathered tensors."""
+    source = task.gather_tensors
+    inner = getattr(source, "gather_tensors", None)
+    if inner is None:
+        return None
+    arguments = source.arguments()
+    names = [name for name, argument in arguments.items() if argument is inner]
+    others = {name: argument for name, argument in arguments.items() if argument is not inner}
+    if len(names) != 1 or any(argument.arguments() for argument in others.values()):
+        raise MetaGPTError(
+            f"MetaGPT: cannot read the inputs of {task.output_weight.name!r}: "
+            f"{type(source).__name__} takes inputs the pre-pass does not know"
+        )
+    return VocabularyAdapter(source, names[0], others)
+
+
+def input_digest(value, name_of) -> str:
+    """A digest of the value of an adapter's other input. For mergekit's ``TokenizerInfo``:
+    which row of each model each token of the merged vocabulary takes, and each model's
+    own vocabulary (what the aligned tensors depend on besides the tensors), by token,
+    not by merged id (a union's ids for added tokens vary between processes; the norms
+    do not). `name_of` names a model stably (its checkpoint's fingerprint)."""
+    tokenizer = getattr(value, "tokenizer", None)
+    permutations = getattr(value, "permutations", None)
+    if tokenizer is None or not isinstance(permutations, dict):
+        raise MetaGPTError(
+            f"MetaGPT: cannot key the norms of the vocabulary tensors: a vocabulary "
+            f"adapter takes a {type(value).__name__}, which the pre-pass does not know"
+        )
+    vocab = tokenizer.get_vocab()
+    rows = sorted(
+        (name_of(model), sorted((token, int(permutation.get(token_id, -1))) for token, token_id in vocab.items()))
+        for model, permutation in permutations.items()
+    )
+    # each model's own vocabulary (a token setting may take a row by a model's token)
+    originals = sorted(
+        (name_of(model), sorted(original.items()))
+        for model, original in (getattr(value, "original_vocabs", None) or {}).items()
+    )
+    return hashlib.sha256(json.dumps([len(vocab), rows, originals]).encode()).hexdigest()
+
+
+def _plain(value):
+    """`value` as plain JSON data (pydantic models, mergekit's ImmutableMap, tuples)."""
+    if hasattr(value, "model_fields"):
+        return {f: _plain(getattr(value, f)) for f in type(value).model_fields}
+    if hasattr(value, "items"):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)

@@ -15,10 +15,13 @@ products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similar
 safetensors shards a task read are closed after it, so that mapped pages do not pile
 up in RSS (``.bin`` shards stay loaded: unpickling them costs).
 
-Vocabulary tensors whose shapes differ only along mergekit's ``vocabulary_axis``
-count their leading ``min(rows)`` rows, which base and model both have (with
-``--unsafe-truncate-embeddings``, the smallest of the whole task, as the merge keeps),
-with a warning on every run. Dense norms are memoized in process and cached on disk per
+Where the plan aligns vocabularies (``tokenizer_source``: mergekit's
+``PermutedVocabulary``; ``--unsafe-truncate-embeddings``: ``TruncatedVocabulary``),
+the pre-pass loads all of the task's inputs, checks them for NaN/Inf, and runs the
+plan's own adapter on them, so the norms are those of the token-aligned tensors the
+merge reads (rows a model lacks take mergekit's defaults for it). Any other shape
+difference is an error (mergekit refuses to merge such tensors), raised before any
+weights are written. Dense norms are memoized in process and cached on disk per
 (base, model) checkpoint pair and per read, inner products per (base, model, model);
 ``lambda_from: sparse`` norms are computed afresh in each merge (DARE's masks are
 random).
@@ -27,6 +30,8 @@ random).
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import logging
 import threading
 import time
@@ -38,7 +43,7 @@ import torch
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
-from mergekit_metagpt.plan_inputs import TensorRead, task_reads
+from mergekit_metagpt.plan_inputs import TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter
 from mergekit_metagpt.scratch import thread_scratch
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -139,7 +144,6 @@ class SetNorms:
 
     merge_set: object
     per_task: Dict[Hashable, List[Optional[float]]]
-    notes: List[str] = field(default_factory=list)
     sparse: bool = False
     #: per pair of models (in the set's order), ⟨δ_a, δ_b⟩ per task: a float, None (not
     #: counted) or MISSING (not computed)
@@ -190,27 +194,20 @@ def _sparsifier(task, method) -> Optional[Sparsifier]:
     return method.sparsifier(params)
 
 
-def _vocab_rows(read: TensorRead, base_read: TensorRead, axis, tensor, base_tensor, rows=None):
-    """(tensor, base tensor) narrowed to the rows counted, and a note; or raise.
-
-    The rows counted are the leading ``min(rows)`` of base and model, or `rows` where
-    the merge keeps fewer (``--unsafe-truncate-embeddings`` keeps the group's smallest).
-    """
-    if tensor.shape == base_tensor.shape and (rows is None or axis is None or rows == tensor.shape[axis]):
-        return tensor, base_tensor, None
-    same_rank = tensor.dim() == base_tensor.dim()
-    if axis is not None and same_rank and axis < tensor.dim() and all(
+def _check_shape(read: TensorRead, base_read: TensorRead, axis, tensor, base_tensor) -> None:
+    """Raise where a model's tensor (as the merge receives it) differs in shape from the
+    base's: mergekit refuses to merge it, so the pre-pass says so first, before any
+    weights are written."""
+    if tensor.shape == base_tensor.shape:
+        return
+    vocabulary = axis is not None and tensor.dim() == base_tensor.dim() and all(
         a == b for i, (a, b) in enumerate(zip(tensor.shape, base_tensor.shape)) if i != axis
-    ):
-        rows = min(tensor.shape[axis], base_tensor.shape[axis], rows or tensor.shape[axis])
-        note = (
-            f"{read.name} ({read.model}: {tensor.shape[axis]} rows, base "
-            f"{base_tensor.shape[axis]}): the leading {rows} rows counted"
-        )
-        return tensor.narrow(axis, 0, rows), base_tensor.narrow(axis, 0, rows), note
+    )
     raise MetaGPTError(
         f"MetaGPT: shape mismatch for tensor {read.name!r}: model {read.model} has "
         f"{tuple(tensor.shape)}, base model {base_read.model} has {tuple(base_tensor.shape)}"
+        + (" (vocabularies of different sizes: set tokenizer_source, e.g. `tokenizer_source: base`, "
+           "so that mergekit aligns them by token, or pass --unsafe-truncate-embeddings)" if vocabulary else "")
     )
 
 
@@ -223,7 +220,8 @@ class _Planned:
     reads: Dict[Hashable, TensorRead]
     sparsifier: Optional[Sparsifier]
     keys: Dict[Hashable, Optional[str]]
-    truncated: bool  # --unsafe-truncate-embeddings: the group's smallest vocabulary counts
+    adapter: Optional[VocabularyAdapter] = None  # the plan's vocabulary alignment, if any
+    adapter_values: Dict[str, object] = field(default_factory=dict)  # its other inputs' values
     pair_keys: Dict[Tuple[Hashable, Hashable], str] = field(default_factory=dict)  # dense tasks only
 
     @property
@@ -231,16 +229,36 @@ class _Planned:
         return self.reads.get(self.task.base_model)
 
 
-def _plan(task, reads, method, checkpoint_of) -> _Planned:
+class _AdapterInputs:
+    """The values of the vocabulary adapters' other inputs (mergekit's tokenizer build),
+    each computed once per pre-pass, and their digests for the cache keys."""
+
+    def __init__(self, checkpoint_of):
+        self.checkpoint_of = checkpoint_of
+        self._done: List[Tuple[object, object, str]] = []  # (task, value, digest)
+
+    def get(self, task) -> Tuple[object, str]:
+        for known, value, digest in self._done:
+            if known == task:
+                return value, digest
+        value = task.execute()
+        digest = input_digest(value, lambda model: self.checkpoint_of(model) or str(model))
+        self._done.append((task, value, digest))
+        return value, digest
+
+
+def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) -> _Planned:
     axis = task.output_weight.vocabulary_axis
-    truncated = axis is not None and type(task.gather_tensors).__name__ == "TruncatedVocabulary"
+    adapter = vocabulary_adapter(task)
     base = reads.get(task.base_model)
     keys: Dict[Hashable, Optional[str]] = {}
-    group = ""
-    if truncated:  # the rows counted depend on every model of the task
-        group = "|truncated to the smallest of " + ",".join(
-            sorted(checkpoint_of(m) or str(m) for m in reads)
-        )
+    group, values = "", {}
+    if adapter is not None:  # what is read depends on the adapter, its inputs and every model of the task
+        digests = {}
+        for name, input_task in adapter.inputs.items():
+            values[name], digests[name] = adapter_inputs.get(input_task)
+        identity = [adapter.name, adapter.settings(), digests, [checkpoint_of(m) or str(m) for m in reads]]
+        group = f"|{adapter.name} " + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     for model in task.model_order:
         if model == task.base_model:
             continue
@@ -255,7 +273,7 @@ def _plan(task, reads, method, checkpoint_of) -> _Planned:
         for i, a in enumerate(counted):
             for b in counted[i + 1:]:
                 pair_keys[(a, b)] = f"{keys[a]}#{keys[b]}"
-    return _Planned(task, reads, sparsifier, keys, truncated, pair_keys)
+    return _Planned(task, reads, sparsifier, keys, adapter, values, pair_keys)
 
 
 def merge_products() -> str:
@@ -300,11 +318,6 @@ def _announce(run) -> None:
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
         _log_similarity(set_norms.stats, which)
-        if set_norms.notes:
-            LOG.warning(
-                "MetaGPT: %d vocabulary tensor(s) differ in size from the base; their "
-                "norms count the rows both have: %s", len(set_norms.notes), "; ".join(set_norms.notes),
-            )
     write_record(run)
 
 
@@ -325,6 +338,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         return ckpt_keys.get(model, "")
 
     planned: List[_Planned] = []
+    adapter_inputs = _AdapterInputs(checkpoint_of)
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = task_reads(task)
@@ -332,7 +346,14 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
                 for model, read in reads.items():
                     if model not in ckpt_keys:
                         ckpt_keys[model] = checkpoint_key(read.loader.index)
-            planned.append(_plan(task, reads, method, checkpoint_of))
+            planned.append(_plan(task, reads, method, checkpoint_of, adapter_inputs))
+
+    aligned = sorted({(item.adapter.name, item.base_read.name) for item in planned if item.adapter and item.base_read})
+    if aligned:
+        LOG.info(
+            "MetaGPT: norms of %s over mergekit's token-aligned tensors (%s), as the merge reads them",
+            ", ".join(name for _, name in aligned), ", ".join(sorted({kind for kind, _ in aligned})),
+        )
 
     # What each (task, model) needs, and what the memo or the cache already holds.
     known: Dict[Tuple[Hashable, Hashable], Tuple[dict, dict]] = {}
@@ -376,7 +397,6 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         for pair, values in found.dense.items():
             norms, notes = known[pair]
             norms.update(values)
-            notes.update(found.dense_notes.get(pair, {}))
             _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, notes, labels=pair)
         for triple, values in found.products.items():
             known_products[triple].update(values)
@@ -388,7 +408,6 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         per_task = {m: [] for m in merge_set.models}
         models = list(merge_set.models)
         per_pair = {(a, b): [] for i, a in enumerate(models) for b in models[i + 1:]}
-        notes: List[str] = []
         sparse = False
         for task in merge_set.tasks:
             item = index[id(task)]
@@ -405,45 +424,22 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
                 if key is None:
                     per_task[model].append(None)
                     continue
-                norms, task_notes = known[(task.base_model, model)]
                 if item.sparsifier is not None:
                     per_task[model].append(found.sparse.get((id(task), model)))
-                    note = found.sparse_notes.get((id(task), model))
                 else:
-                    per_task[model].append(norms.get(key))
-                    note = task_notes.get(key)
-                if note:
-                    notes.append(note)
-        sets.append(SetNorms(merge_set, per_task, notes, sparse=sparse, per_pair=per_pair))
+                    per_task[model].append(known[(task.base_model, model)][0].get(key))
+        sets.append(SetNorms(merge_set, per_task, sparse=sparse, per_pair=per_pair))
     return RunNorms(sets)
 
 
 @dataclass
 class _Found:
-    """What a pre-pass computed: dense norms and notes per (base, model) pair and read
+    """What a pre-pass computed: dense norms per (base, model) pair and read
     key; sparse ones per (task, model)."""
 
     dense: Dict[Tuple[Hashable, Hashable], Dict[str, Optional[float]]] = field(default_factory=dict)
-    dense_notes: Dict[Tuple[Hashable, Hashable], Dict[str, str]] = field(default_factory=dict)
     sparse: Dict[Tuple[int, Hashable], float] = field(default_factory=dict)
-    sparse_notes: Dict[Tuple[int, Hashable], str] = field(default_factory=dict)
     products: Dict[Tuple[Hashable, Hashable, Hashable], Dict[str, Optional[float]]] = field(default_factory=dict)
-
-
-def _group_rows(item: _Planned) -> Optional[int]:
-    """For a truncated vocabulary: the smallest row count of the task's inputs (each
-    read once more, one at a time; only the vocabulary tensors, only with
-    ``--unsafe-truncate-embeddings``)."""
-    if not item.truncated:
-        return None
-    axis = item.task.output_weight.vocabulary_axis
-    rows = []
-    for read in item.reads.values():
-        tensor = read.load()
-        if tensor is not None and tensor.dim() > axis:
-            rows.append(tensor.shape[axis])
-        del tensor
-    return min(rows) if rows else None
 
 
 def _release(item: _Planned) -> None:
@@ -526,8 +522,14 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             bar.update(1)
             continue
         base_read = item.base_read
-        rows = _group_rows(item)
-        base_tensor = _load(base_read, move, bar, 1)
+        if item.adapter is not None:
+            fetch = _load_aligned(item, move, bar).pop  # each tensor handed over once
+            base_tensor = fetch(task.base_model, None)
+        else:
+            def fetch(model, _default=None, item=item):
+                return _load(item.reads[model], move, bar, 0)
+
+            base_tensor = _load(base_read, move, bar, 1)
         if base_tensor is None:
             raise MetaGPTError(
                 f"MetaGPT: the base model {task.base_model} has no tensor "
@@ -543,8 +545,8 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
                 done.add(((task.base_model, a, b), item.pair_keys[(a, b)]))
         else:
             accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
-            _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accumulator, found, done, bar)
-        del base_tensor
+            _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulator, found, done)
+        del base_tensor, fetch
         if release:
             _release(item)
 
@@ -560,7 +562,38 @@ def _load(read: TensorRead, move, bar, step: int) -> Optional[torch.Tensor]:
     return tensor
 
 
-def _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accumulator, found, done, bar) -> None:
+def _load_aligned(item: _Planned, move, bar) -> Dict[Hashable, torch.Tensor]:
+    """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
+    a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
+    blamed on its own model before the adapter copies it), then aligned by the plan's
+    adapter where they were loaded, as the merge aligns them, then moved to the device."""
+    task = item.task
+    loaded = {}
+    for model, read in item.reads.items():  # in the plan's order, as GatherTensors gives them
+        tensor = read.load()
+        if tensor is None:  # an optional tensor this model lacks
+            continue
+        STATS.tensors_read += 1
+        STATS.bytes_read += tensor.nbytes
+        bar.update(0, nbytes=tensor.nbytes)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            who = f"the base model {model}" if model == task.base_model else f"model {model}"
+            raise MetaGPTError(f"MetaGPT: non-finite values (NaN or Inf) in tensor {read.name!r} of {who}")
+        loaded[model] = tensor
+    bar.update(1)
+    try:
+        aligned = item.adapter.apply(loaded, item.adapter_values)
+    except MetaGPTError:
+        raise
+    except Exception as error:
+        raise MetaGPTError(
+            f"MetaGPT: mergekit's {item.adapter.name} failed on tensor {item.base_read.name!r}: {error}"
+        ) from error
+    del loaded
+    return {model: move(tensor) for model, tensor in aligned.items()}
+
+
+def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulator, found, done) -> None:
     """‖θ_t − θ₀‖² of each model's read of one task and ⟨δ_a, δ_b⟩ of each pair, into the
     accumulator, and the base's own NaN/Inf check. The models' tensors of the base's
     shape are held together, as the merge of that tensor holds them, so that the base is
@@ -574,7 +607,7 @@ def _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accu
     for model in task_models:
         key, read = item.keys[model], item.reads[model]
         pair = (task.base_model, model)
-        tensor = _load(read, move, bar, 0)
+        tensor = fetch(model, None)
         if tensor is None:  # an optional tensor this model lacks
             found.dense.setdefault(pair, {})[key] = None
             done.add((pair, key))
@@ -584,20 +617,15 @@ def _task_norms(item, task_models, pairs, base_tensor, rows, move, scratch, accu
                 f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
                 f"but floating point in the base model {task.base_model}"
             )
-        x, b, note = _vocab_rows(read, base_read, axis, tensor, base_tensor, rows)
+        _check_shape(read, base_read, axis, tensor, base_tensor)
         slot = (id(task), model) if sparsifier is not None else (pair, key)
         accumulator.labels.setdefault(model, f"model {model}")
-        if sparsifier is None:
-            done.add((pair, key))
-        if sparsifier is not None or note:
-            accumulator.add(model, slot, squared_delta(x, b, sparsifier, model, scratch), name=read.name)
-            if note and sparsifier is not None:
-                found.sparse_notes[slot] = note
-            elif note:
-                found.dense_notes.setdefault(pair, {})[key] = note
+        if sparsifier is not None:
+            accumulator.add(model, slot, squared_delta(tensor, base_tensor, sparsifier, model, scratch), name=read.name)
         else:
+            done.add((pair, key))
             together[model] = (slot, read.name, tensor)
-        del tensor, x, b
+        del tensor
     order = list(together)
     counted = [(p, (order.index(p[0]), order.index(p[1]))) for p in pairs if p[0] in together and p[1] in together]
     norms, products, base_sum = task_vector_sums(

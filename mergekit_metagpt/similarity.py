@@ -191,9 +191,6 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
                 "`mergekit-metagpt inspect` computes them")
     elif coefficients.all_zero:
         note = "every task vector is zero"
-    elif set_norms.notes:
-        note = ("tensors whose vocabulary size differs from the base's are left out of the "
-                "cosines (and of the norms they are divided by)")
     return SetStats(
         models=models,
         squared_norms=[v for _, v in coefficients.squared_norms],

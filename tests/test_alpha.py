@@ -113,7 +113,7 @@ def test_per_tensor_lambda_at_alpha_0_leaves_out_a_model_without_the_tensor():
 
     task = SimpleNamespace(parameters={"alpha": 0.0, "granularity": "per_tensor"})
     merge_set = MergeSet("base", ("a", "b", "c"), [task, task])
-    norms = SetNorms(merge_set, {"a": [1.0, 4.0], "b": [2.0, None], "c": [3.0, 0.0]}, [])
+    norms = SetNorms(merge_set, {"a": [1.0, 4.0], "b": [2.0, None], "c": [3.0, 0.0]})
     assert norms.task_lambdas(0) == pytest.approx({"a": 1 / 3, "b": 1 / 3, "c": 1 / 3})
     assert norms.task_lambdas(1) == pytest.approx({"a": 0.5, "b": 0.0, "c": 0.5})
 

@@ -364,9 +364,13 @@ def _vocab_recipe(paths, tokenizer_source):
 
 
 @pytest.mark.parametrize("tokenizer_source", ["union", "base"])
-def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
+def test_resized_vocabulary_norms_over_the_aligned_tensors_and_cached(
     tokenizer_source, vocab_family, tmp_path
 ):
+    """r's 4 added tokens: with "base" mergekit drops their rows; with "union" every model
+    (and the base) takes r's rows for them, so no task vector moves there: either way
+    the norms are those of the 64 rows all share. A second run (fresh process, same
+    norm cache) reads no tensor, though a union's ids for added tokens vary by process."""
     paths, sds = vocab_family
     from mergekit_metagpt import norm_cache
 
@@ -389,6 +393,8 @@ def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
                 lams[m] * (sd[name][:VOCAB].double() - base[name].double()) for m, sd in group.items()
             )
             assert (merged[name][:VOCAB].double() - expected).abs().max().item() < 1e-5, name
+            added = sorted(merged[name][VOCAB:].tolist())  # r's own rows, in the union's order
+            assert added == (sorted(sds["r"][name][VOCAB:].tolist()) if tokenizer_source == "union" else [])
         (got,) = record_sets(out, _names(paths))
         assert_lambdas(got, lams)
         if run == "first":
@@ -396,9 +402,103 @@ def test_resized_vocabulary_counts_the_shared_rows_and_warns_every_run(
     assert "from the norm cache" not in stderrs[0]
     assert stderrs[1].count("from the norm cache") == 3  # the second run read no tensor
     for stderr in stderrs:
-        warning = next(l for l in stderr.splitlines() if "vocabulary tensor(s) differ" in l)
-        for name in (EMBED, HEAD):
-            assert f"{name} ({paths['r']}: {RESIZED} rows, base {VOCAB}): the leading {VOCAB} rows counted" in warning
+        assert "vocabulary tensor(s) differ" not in stderr  # nothing guessed: no warning
+        assert "over mergekit's token-aligned tensors (PermutedVocabulary)" in stderr
+
+
+def _word_tokenizer(path: str, words: List[str]) -> None:
+    """A word-level tokenizer whose token i is words[i]."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=words[0]))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=words[0]).save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def token_family(tmp_path_factory):
+    """base and c: 64 tokens w0..w63. a: w10 renamed "new10" (a reserved token put to
+    use), its row 10 trained hard, plus "extra" at row 64; b: "extra" at row 64 too.
+    Noise 0.01 / 0.03 / 0.002 elsewhere."""
+    root = tmp_path_factory.mktemp("tokens")
+    words = [f"w{i}" for i in range(VOCAB)]
+    base = random_state_dict(51)
+    sds = {"base": base}
+    vocabs = {"base": words, "c": words}
+    gen = torch.Generator().manual_seed(52)
+    for model, scale, seed in (("a", 0.01, 1), ("b", 0.03, 2), ("c", 0.002, 3)):
+        sd = noisy(base, uniform(scale), seed)
+        if model in ("a", "b"):
+            for name in (EMBED, HEAD):
+                sd[name] = torch.cat([sd[name], torch.randn((1, sd[name].shape[1]), generator=gen) * 0.3])
+            vocabs[model] = words + ["extra"]
+        sds[model] = sd
+    vocabs["a"] = [w if w != "w10" else "new10" for w in vocabs["a"]]
+    for name in (EMBED, HEAD):
+        sds["a"][name][10] = torch.randn(sds["a"][name].shape[1], generator=gen) * 0.5
+    paths = {}
+    for model, sd in sds.items():
+        paths[model] = save_checkpoint(str(root / model), sd, vocab_size=len(vocabs[model]))
+        _word_tokenizer(paths[model], vocabs[model])
+    return paths, sds
+
+
+@pytest.mark.parametrize("tokenizer_source", ["base", "union"])
+def test_tokenizer_source_norms_are_those_of_the_token_aligned_tensors(tokenizer_source, token_family, tmp_path):
+    """The merge reads mergekit's token-aligned vocabulary tensors; so do the norms.
+    a lacks w10, so its row for w10 is the base's (no task vector there), whatever a did
+    to row 10 (now "new10": dropped with "base"; with "union" its own token, which every
+    model takes from a). "extra" (a and b, union only): the base and c take the average
+    of a's and b's rows. Rows compared by position, as without alignment, give a a λ
+    2.5-5 times too large."""
+    paths, sds = token_family
+    base, (a, b, c) = sds["base"], (sds[m] for m in ("a", "b", "c"))
+    aligned = {m: {n: t.double() for n, t in sds[m].items()} for m in sds}
+    for name in (EMBED, HEAD):
+        for m in aligned:
+            aligned[m][name] = aligned[m][name][:VOCAB].clone()
+        aligned["a"][name][10] = base[name][10].double()  # w10: a lacks it, the base's row
+        if tokenizer_source == "union":
+            new10 = a[name][10].double()
+            extra = (a[name][VOCAB].double() + b[name][VOCAB].double()) / 2
+            own = {"a": a[name][VOCAB].double(), "b": b[name][VOCAB].double()}
+            for m in aligned:  # rows "new10" (a's, for everyone) and "extra"
+                aligned[m][name] = torch.cat([aligned[m][name], new10[None], own.get(m, extra)[None]])
+    group = {m: aligned[m] for m in ("a", "b", "c")}
+    lams = closed_lambdas(aligned["base"], group, [(n, n) for n in base])
+    by_position = closed_lambdas(base, {m: sds[m] for m in group}, [(n, n) for n in base], rows=VOCAB)
+    assert by_position["a"] > 2 * lams["a"]  # the fixture tells the two apart
+
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "tokenizer_source": tokenizer_source, "models": [{"model": paths[m]} for m in group]}
+    out = mergekit_yaml(config, tmp_path, "out", "-v")
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    merged = load_checkpoint(out)
+    reference = closed_merge(aligned["base"], group, lams, [(n, n) for n in base])
+    for name in (EMBED, HEAD):  # the rows of the base's 64 tokens (their ids stay)
+        merged[name], reference[name] = merged[name][:VOCAB], reference[name][:VOCAB]
+    assert_close(merged, reference)
+
+
+def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(token_family, tmp_path):
+    """With "union", the base takes the average of a's and b's rows for "extra": a NaN in
+    b's row is b's, named as such before anything is written, not the base's."""
+    paths, sds = token_family
+    b = {n: t.clone() for n, t in sds["b"].items()}
+    b[EMBED][VOCAB, 3] = float("nan")
+    paths = dict(paths, b=save_checkpoint(str(tmp_path / "b"), b, vocab_size=VOCAB + 1))
+    _word_tokenizer(paths["b"], [f"w{i}" for i in range(VOCAB)] + ["extra"])
+    config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+                         "tokenizer_source": "union", "models": [{"model": paths[m]} for m in "abc"]},
+                        str(tmp_path / "r.yml"))
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(config, out)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"non-finite values (NaN or Inf) in tensor {EMBED!r} of model {paths['b']}" in last, last
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
 def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys):
@@ -424,14 +524,16 @@ def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_p
     out = mergekit_yaml(config, tmp_path, "out", "--unsafe-truncate-embeddings")
     (got,) = record_sets(out, _names(paths))
     assert_lambdas(got, lams)
-    # the CLI takes the same option, and without it reports what a merge without it reads
+    # the CLI takes the same option; without it the vocabularies differ, which a merge
+    # refuses: so does the CLI, naming the tensor and both ways to align them
     from mergekit_metagpt.cli import main
 
-    for flags, same in (["--unsafe-truncate-embeddings"], True), ([], False):
-        assert main(["coefficients", str(tmp_path / "out.yml"), "--json", *flags]) == 0
-        (entry,) = json.loads(capsys.readouterr().out)["merges"]
-        printed = {_names(paths)[row["model"]]: row["lambda"] for row in entry["models"]}
-        assert all((abs(printed[m] - lams[m]) < 1e-6) == same for m in lams), (flags, printed, lams)
+    assert main(["coefficients", str(tmp_path / "out.yml"), "--json", "--unsafe-truncate-embeddings"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["merges"]
+    assert_lambdas({_names(paths)[row["model"]]: row["lambda"] for row in entry["models"]}, lams)
+    assert main(["coefficients", str(tmp_path / "out.yml"), "--json"]) == 1
+    error = capsys.readouterr().err
+    assert "shape mismatch for tensor" in error and "--unsafe-truncate-embeddings" in error, error
     merged = load_checkpoint(out)
     for name in (EMBED, HEAD):
         assert merged[name].shape[0] == 64

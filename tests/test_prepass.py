@@ -1,6 +1,7 @@
 """The streaming pre-pass: once per merge, never stale, thread-safe, shape checks."""
 
 import logging
+import re
 import threading
 
 import pytest
@@ -179,15 +180,20 @@ def test_coefficients_are_computed_once_per_merge_set(llama_family, merge_option
 
 @pytest.mark.parametrize("method, parameters", [
     ("metagpt", None),
-    ("metagpt_ties", {"lambda_from": "sparse"}),  # density 1: the sparse norms are the dense ones
+    ("metagpt_ties", {"lambda_from": "sparse"}),
 ])
-def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(method, parameters, tmp_path, merge_options, caplog):
-    """A model with 72 token rows against a base with 64: its embeddings and lm_head count
-    their leading 64 rows, and one warning per merge names both tensors (also when the
-    norms are of the sparsified vectors)."""
-    import json
+def test_resized_vocabulary_without_alignment_is_refused_before_any_weight(method, parameters, tmp_path,
+                                                                         merge_options, capsys):
+    """A model with 72 token rows against a base with 64 and no tokenizer_source: mergekit
+    refuses to merge tensors of different shapes (its own check, before that tensor's
+    merge, may come first), and nothing is written; where no merge runs
+    (`mergekit-metagpt coefficients`), the pre-pass refuses, naming the model, the tensor
+    and how to align them, instead of printing λ. With tokenizer_source the same models
+    merge (their norms: tests/test_plan_reads.py)."""
     import os
 
+    from merging import write_yaml
+    from mergekit_metagpt.cli import main
     from mergekit_metagpt.synthetic import write_tokenizer
 
     base = random_state_dict(2)
@@ -203,22 +209,17 @@ def test_resized_vocabulary_counts_the_shared_rows_with_one_warning(method, para
     }
     for name, vocab in (("base", 64), ("resized", 72), ("other", 64)):
         write_tokenizer(paths[name], vocab)
-    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    config = recipe(paths, ["resized", "other"], method=method, parameters=parameters)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 1
+    message = capsys.readouterr().err
+    assert re.search(r"shape mismatch for tensor '(model\.embed_tokens|lm_head)\.weight': model "
+                     + re.escape(paths["resized"]) + r" has \(72, 32\), base model .* has \(64, 32\)", message), message
+    assert "set tokenizer_source" in message
     out = str(tmp_path / "out")
-    run_recipe(recipe(paths, ["resized", "other"], method=method, parameters=parameters,
-                      tokenizer_source="base"), out, merge_options)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and r.name == "mergekit_metagpt"]
-    assert len(warnings) == 1, warnings
-    assert "model.embed_tokens.weight (" in warnings[0] and "lm_head.weight (" in warnings[0]
-    assert "72 rows, base 64): the leading 64 rows counted" in warnings[0]
-    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
-        (entry,) = json.load(f)["merges"]
-    norms = {row["model"]: row["squared_norm"] for row in entry["models"]}
-    expected = 0.01 ** 2 * sum(t.numel() for t in base.values())  # every base element, +0.01
-    assert abs(norms[paths["resized"]] - expected) / expected < 1e-3
-    other_norm = sum(float((other[k].double() - base[k].double()).pow(2).sum()) for k in base)
-    assert abs(norms[paths["other"]] - other_norm) / other_norm < 1e-5
+    with pytest.raises((MetaGPTError, ValueError), match="(shape|size) mismatch"):
+        run_recipe(config, out, merge_options)
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+    run_recipe(dict(config, tokenizer_source="base"), str(tmp_path / "aligned"), merge_options)
 
 
 def test_nan_in_base_rows_no_model_shares_is_named_as_the_base(tmp_path, merge_options):
