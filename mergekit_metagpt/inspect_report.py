@@ -39,9 +39,29 @@ def payload(run, recipe_path: str) -> dict:
         "recipe": recipe_path,
         "merge_method": run.method_name,
         "plugin_version": __version__,
-        "norms": "float32 sums per chunk of 2 MiB (CPU) or 16 MiB (GPU), added in float64; inner products likewise",
+        "norms": norms_text(),
         "merges": merges,
     }
+
+
+def norms_text() -> str:
+    """How the norms and inner products are summed (``norms.task_vector_sums``), for the JSON."""
+    from mergekit_metagpt.norms import GRAM_BLOCK
+    from mergekit_metagpt.scratch import CHUNK, CPU_CHUNK
+
+    return (
+        f"float32 sums within a block, chunk or tensor, added in float64 across them; chunks of "
+        f"{CPU_CHUNK} elements ({_mib(CPU_CHUNK)} of float32) on CPU, {CHUNK} ({_mib(CHUNK)}) on a GPU; on CPU, "
+        f"where two or more dense task vectors are read together (norms and inner products) and "
+        f"float32 matrix products are exact, float32 sums per block of {GRAM_BLOCK} elements "
+        f"(each block's Gram matrix, norms on its diagonal); otherwise float32 pairwise sums per "
+        f"chunk (inner products by elementwise products); sparsified task vectors "
+        f"(lambda_from: sparse): one float32 pairwise sum per tensor"
+    )
+
+
+def _mib(elements: int) -> str:
+    return f"{elements * 4 / 2**20:g} MiB"
 
 
 def _suffix(number: int, count: int) -> str:

@@ -87,8 +87,9 @@ def task_vector_sums(
     where one float32 dot is off by 1e-4); with pairs, the chunk's deltas are stacked
     and their Gram matrix (norms on the diagonal, inner products off it) is taken, on
     CPU by blocks of ``GRAM_BLOCK`` elements, one batched matrix product read once, the
-    blocks' float32 sums added in float64 (the same precision, measured); elsewhere by
-    elementwise products and pairwise sums. Sums over
+    blocks' float32 sums added in float64 (the same precision, measured), where the CPU's
+    float32 matrix products are exact (`exact_cpu_matmul`); elsewhere by elementwise
+    products and pairwise sums. Sums over
     chunks are float64. The base's sum is finite exactly when it holds no NaN or Inf
     (short of float32 overflow).
     """
@@ -99,8 +100,9 @@ def task_vector_sums(
     gram = torch.zeros((len(xs), len(xs)), dtype=torch.float64, device=device) if pairs else None
     base_sum = torch.zeros((), dtype=torch.float64, device=device) if check_base else None
     # matrix products only where they are exact float32 (on a GPU, or with a lowered
-    # torch.set_float32_matmul_precision, they may round through TF32 or bf16)
-    fast_gram = device.type == "cpu" and torch.get_float32_matmul_precision() == "highest"
+    # float32 matmul precision, they may round through TF32 or bf16); asked only where
+    # there are pairs
+    fast_gram = gram is not None and device.type == "cpu" and exact_cpu_matmul()
     for start, end in chunks(b.numel(), device):
         size = end - start
         b32 = scratch.flat("base", size, device).copy_(b[start:end])
@@ -122,6 +124,28 @@ def task_vector_sums(
         norms = [gram[i, i] for i in range(len(xs))]
     products = [gram[i, j] for i, j in pairs] if pairs else []
     return norms, products, base_sum
+
+
+def exact_cpu_matmul() -> bool:
+    """Whether float32 matrix products on the CPU are plain float32 (not rounded
+    through TF32 or bf16), so that the block Gram products are exact.
+
+    Since torch 2.9 the CPU's setting is ``torch.backends.mkldnn.matmul.fp32_precision``
+    ("none": the default, "ieee": exact; "tf32", "bf16": lowered), which both the
+    per-backend API (``torch.backends.fp32_precision = "tf32"``, as transformers'
+    ``enable_tf32`` sets it) and the legacy ``torch.set_float32_matmul_precision``
+    write. The legacy getter raises once the new API has been used, so it is asked
+    only on a torch without the new setting. Anything unexpected: False (the
+    elementwise path, exact whatever the setting).
+    """
+    try:
+        matmul = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+        precision = getattr(matmul, "fp32_precision", None)
+        if precision is not None:
+            return precision in ("none", "ieee")
+        return torch.get_float32_matmul_precision() == "highest"
+    except Exception:
+        return False
 
 
 def _block_gram(stacked: torch.Tensor) -> torch.Tensor:
@@ -205,7 +229,7 @@ class NormAccumulator:
         for model in order:
             keys = self._keys[model]
             if keys:
-                values = torch.stack([v.to(torch.float64) for v in self._values[model]]).cpu()
+                values = _on_cpu(self._values[model])
                 bad = (~torch.isfinite(values)).nonzero().flatten().tolist()
                 if bad:
                     who = self.labels.get(model, f"model {model}")
@@ -219,6 +243,15 @@ class NormAccumulator:
             else:
                 result[model] = {}
         return result
+
+
+def _on_cpu(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """0-d tensors as one float64 CPU vector: stacked on their device when they share
+    one (a single copy, one host sync on a GPU), else each moved to the CPU first (an
+    in-memory merge may hold some groups on a GPU, others on the CPU)."""
+    if len({v.device for v in values}) == 1:
+        return torch.stack([v.to(torch.float64) for v in values]).cpu()
+    return torch.stack([v.to("cpu", torch.float64) for v in values])
 
 
 def storage_view(tensor: torch.Tensor) -> tuple:

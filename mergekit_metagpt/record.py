@@ -98,14 +98,17 @@ def record_payload(run) -> Dict[str, Any]:
         "norms": (
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"
-        ) + ", over the tensors each merge set reads; float32 per chunk, float64 across chunks",
+        ) + ", over the tensors each merge set reads; float32 within a chunk or block, float64 across them",
         "merges": [set_entry(s) for s in run.result.sets],
     }
 
 
 def remove_stale_record(out_path) -> None:
     """Before a merge into `out_path`: remove an earlier run's record, so that the folder
-    never holds λ that the model in it was not merged with (the merge writes its own)."""
+    never holds λ that the model in it was not merged with (the merge writes its own).
+    Called by the ``run_merge`` wrapper and, for merges planned without it
+    (``mergekit-pytorch``), when the plan's task universe is made
+    (``merge_plan.register_universe``)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)

@@ -7,7 +7,8 @@ copies a chunk from the mapped file into a pinned buffer and queues its transfer
 (non-blocking), then goes on to the next chunk while the GPU's copy engine moves the
 previous one, so reading the file overlaps the transfers and the GPU arithmetic of
 earlier tensors. Host memory: ``SLOTS`` pinned buffers of ``CHUNK_BYTES``, whatever
-the tensor's size.
+the tensor's size, each allocated when first used (with ``--read-to-gpu`` no tensor
+comes through here, and nothing is pinned).
 """
 
 from __future__ import annotations
@@ -20,15 +21,20 @@ CHUNK_BYTES = 32 * 2**20
 SLOTS = 4
 
 
+def pinned_buffer(nbytes: int) -> torch.Tensor:
+    """A pinned host buffer of `nbytes` bytes. On the CPU by name: mergekit's
+    ``--multi-gpu`` runs each worker under ``with torch.device(gpu)``, which would
+    otherwise make it a GPU tensor, which cannot be pinned (CUDA raises)."""
+    return torch.empty(nbytes, dtype=torch.uint8, device="cpu", pin_memory=True)
+
+
 class PinnedStaging:
     """Copies CPU tensors to one CUDA device, chunk by chunk, through pinned buffers."""
 
     def __init__(self, device: torch.device, chunk_bytes: int = CHUNK_BYTES, slots: int = SLOTS):
         self.device = device
         self.chunk_bytes = chunk_bytes
-        self._buffers: List[torch.Tensor] = [
-            torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(slots)
-        ]
+        self._buffers: List[Optional[torch.Tensor]] = [None] * slots  # pinned when first used
         self._events: List[Optional[torch.cuda.Event]] = [None] * slots
         self._next = 0
 
@@ -44,6 +50,8 @@ class PinnedStaging:
             self._next = (slot + 1) % len(self._buffers)
             if self._events[slot] is not None:
                 self._events[slot].synchronize()  # its previous transfer has left the buffer
+            if self._buffers[slot] is None:
+                self._buffers[slot] = pinned_buffer(self.chunk_bytes)
             buffer = self._buffers[slot][: end - start]
             buffer.copy_(source[start:end])
             target[start:end].copy_(buffer, non_blocking=True)

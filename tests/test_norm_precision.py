@@ -35,17 +35,16 @@ def test_inner_products_in_the_same_pass_match_float64(matmul_precision, monkeyp
     """⟨δ_a, δ_b⟩ of pairs, over several chunks, next to the norms: float64 to 1e-6
     relative (the pairs share a component, so the products are far from zero). With a
     lowered float32 matmul precision (TF32/bf16 allowed), no matrix product is used."""
+    from matmul_settings import precision_restored
+
     from mergekit_metagpt import norms as norms_module
 
-    previous = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(matmul_precision)
     used = []
     real = norms_module._block_gram
     monkeypatch.setattr(norms_module, "_block_gram", lambda stacked: used.append(1) or real(stacked))
-    try:
+    with precision_restored():  # both of torch's precision APIs as they were
+        torch.set_float32_matmul_precision(matmul_precision)
         _check_inner_products()
-    finally:
-        torch.set_float32_matmul_precision(previous)
     assert bool(used) == (matmul_precision == "highest")
 
 
@@ -66,3 +65,20 @@ def _check_inner_products():
         exact = float((deltas[i] * deltas[j]).sum())
         assert abs(float(value) - exact) / abs(exact) < 1e-6, ((i, j), float(value), exact)
     assert abs(float(base_sum) - float(base.double().sum())) < 1e-3
+
+
+def test_inspect_json_says_how_the_sums_are_taken():
+    """The inspect JSON's "norms" names the sizes the code sums over: the CPU's Gram
+    blocks (float32 within a block) and the chunks of both devices."""
+    from types import SimpleNamespace
+
+    from mergekit_metagpt.inspect_report import norms_text, payload
+    from mergekit_metagpt.norms import GRAM_BLOCK
+    from mergekit_metagpt.scratch import CHUNK, CPU_CHUNK
+
+    text = norms_text()
+    assert f"per block of {GRAM_BLOCK} elements" in text
+    assert f"{CPU_CHUNK} elements (2 MiB of float32) on CPU" in text and f"{CHUNK} (16 MiB) on a GPU" in text
+    assert "float64" in text and "exact" in text
+    run = SimpleNamespace(result=SimpleNamespace(sets=[]), method_name="metagpt")
+    assert payload(run, "recipe.yml")["norms"] == text
