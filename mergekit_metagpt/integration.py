@@ -6,14 +6,18 @@ the plugin wraps, without changing what they do:
 
 - ``mergekit.graph.TaskUniverse.__init__``: every graph merge (``mergekit-yaml``,
   ``run_merge``, ``mergekit-multi``, ``mergekit-pytorch``, ``--multi-gpu``) builds one
-  task universe from its plan, in the thread that starts the merge. The wrapper
-  records the plan's MetaGPT tasks (``merge_plan.register_universe``).
+  task universe from its plan, in the thread that starts the merge, before any
+  tensor is written. The wrapper records the plan's MetaGPT tasks
+  (``merge_plan.register_universe``) and, for a merge planned outside ``run_merge``
+  (``mergekit-pytorch``), removes an earlier run's record from the folder the plan's
+  writer task writes to, whatever the merge's method.
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read,
-  makes the output folder and options known to the plan (record, progress bar), and
-  adds the λ tables to the model card mergekit has just written.
+  removes an earlier run's record from the output folder (any method), makes the
+  output folder and options known to the plan (record, progress bar), and adds the λ
+  tables to the model card mergekit has just written.
 
 Where mergekit has changed shape (a class or attribute missing), the wrapper is not
 installed; a warning says so when the hook sees the module load, and in any case a

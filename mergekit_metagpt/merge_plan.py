@@ -5,7 +5,7 @@ task (``GatherTensors``, ``PermutedVocabulary``, ``TensorDictWrapper`` …) alre
 resolves slices, layer offsets, aliases, tied names and dtypes. A *merge set* is the
 set of models merged together (a base and its fine-tunes; one per distinct slice
 model set); its λ come from exactly the output tensors that set produces, read
-through those input tasks' leaf loads (vocabulary rows: see ``prepass``). A
+through those input tasks' leaf loads and vocabulary adapters (see ``prepass``). A
 ``MergeRun`` is one merge: its sets, the norms once computed, and where its record
 goes.
 """
@@ -143,23 +143,59 @@ def ours(tasks) -> List[object]:
 
 
 def register_universe(universe, context=None) -> Optional[MergeRun]:
-    """Record the MetaGPT tasks of a task universe (one graph merge) as one MergeRun."""
+    """For the task universe of one graph merge: record its MetaGPT tasks as one MergeRun
+    and, outside ``run_merge`` (whose wrapper does it itself), remove the earlier record
+    from the folder the merge writes to, whatever its method."""
     tasks = getattr(universe, "tasks", None) or []
     mine = ours(tasks)
-    if not mine:
-        return None
-    out_path = None
-    if context is None:  # e.g. mergekit-pytorch: the writer task knows the folder
-        from mergekit.io.tasks import TensorWriterTask
+    run = None
+    if mine:
+        run = MergeRun(mine[0].method_name, mine, context,
+                      writer_out_path(tasks) if context is None else None)
+        run.check()  # a refused plan leaves the folder as it was
+    if context is None:  # e.g. mergekit-pytorch: nothing has been written yet
+        from mergekit_metagpt.record import remove_stale_record
 
-        out_path = next((t.out_path for t in tasks if isinstance(t, TensorWriterTask)), None)
-    run = MergeRun(mine[0].method_name, mine, context, out_path)
-    run.check()
+        for out_path in merge_out_paths(tasks):
+            remove_stale_record(out_path)
+    if run is None:
+        return None
     if context is not None:
         context.runs.append(run)
     universe._mergekit_metagpt_run = run  # the universe keeps the run alive
     register(run)
     return run
+
+
+def _writer_paths(tasks) -> List[str]:
+    """The output folders of the tensor writer tasks among `tasks`, in order."""
+    try:
+        from mergekit.io.tasks import TensorWriterTask
+    except ImportError:  # pragma: no cover - mergekit changed shape
+        return []
+    paths: List[str] = []
+    for task in tasks:
+        path = getattr(task, "out_path", None) if isinstance(task, TensorWriterTask) else None
+        if path and path not in paths:
+            paths.append(path)
+    return paths
+
+
+def writer_out_path(tasks) -> Optional[str]:
+    """The folder the plan writes its tensors to (the first, if there are several)."""
+    return next(iter(_writer_paths(tasks)), None)
+
+
+def merge_out_paths(tasks) -> List[str]:
+    """The folders a merge plan writes its tensors to: none unless the plan merges (has an
+    ExecuteMergeMethodTask) and writes (a TensorWriterTask); e.g. not LoRA extraction."""
+    try:
+        from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+    except ImportError:  # pragma: no cover - mergekit changed shape
+        return []
+    if not any(isinstance(task, ExecuteMergeMethodTask) for task in tasks):
+        return []
+    return _writer_paths(tasks)
 
 
 def register(run: MergeRun) -> None:

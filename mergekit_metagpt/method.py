@@ -166,22 +166,28 @@ class MetaGPTMerge(GroupMergeMethod):
         return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
 
     def _in_memory_lambdas(self, groups, parameters) -> List[Dict[Hashable, float]]:
-        """In-memory calls hand over every tensor group at once: norms over those."""
+        """In-memory calls hand over every tensor group at once: norms over those.
+
+        Each group follows its own ``granularity`` (a per-group value, as graph merges
+        follow it per tensor): ``global`` groups share the λ of the norms over all the
+        groups, ``per_tensor`` groups get the λ of their own tensor's norms."""
         if groups and not any(g.non_base for g in groups):
             base = next((g.base.id for g in groups if g.base is not None), None)
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
-        granularity = parameters[0]["granularity"] if parameters else "global"
         alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
-        if granularity == "per_tensor":
-            return [
-                self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p)), alpha).lambdas
-                for g, p in zip(groups, parameters)
-            ]
-        norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]))
-        coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
-        if len(groups) > 1:
-            coefficients.log("in-memory merge")
-        return [coefficients.lambdas] * len(groups)
+        per_tensor = [p.get("granularity", "global") == "per_tensor" for p in parameters]
+        shared = None
+        if not all(per_tensor):
+            norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]))
+            coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
+            if len(groups) > 1:
+                coefficients.log("in-memory merge")
+            shared = coefficients.lambdas
+        return [
+            self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p)), alpha).lambdas
+            if own else shared
+            for g, p, own in zip(groups, parameters, per_tensor)
+        ]
 
     @staticmethod
     def _coefficients(norms, alpha: float) -> Coefficients:

@@ -90,3 +90,60 @@ def test_nan_in_memory_names_model_and_tensor():
     sds["b"]["model.norm.weight"][3] = float("nan")
     with pytest.raises(ValueError, match=r"model\.norm\.weight.*model b"):
         merge_state_dicts(sds, "metagpt", base="base")
+
+
+# -- granularity given per group (mergekit's PerGroupValues) ---------------------------
+def _tiny_models():
+    """Three tensors; each model's task vector is large on some tensors, tiny on others,
+    so global and per-tensor λ differ clearly."""
+    g = torch.Generator().manual_seed(7)
+    base = {n: torch.randn(40, generator=g, dtype=torch.float64) for n in ("x", "y", "z")}
+    scales = {"a": {"x": 0.3, "y": 0.002, "z": 0.05}, "c": {"x": 0.002, "y": 0.2, "z": 0.01}}
+    models = {m: {n: base[n] + s[n] * torch.randn(40, generator=g, dtype=torch.float64) for n in base}
+              for m, s in scales.items()}
+    return base, models
+
+
+def _closed_form_lambdas(base, models, granularity):
+    """λ of each model on each tensor: ‖δ_t‖² / Σ_k ‖δ_k‖², over all tensors (global) or
+    over the tensor alone (per_tensor)."""
+    sq = {m: {n: float((sd[n] - base[n]).pow(2).sum()) for n in base} for m, sd in models.items()}
+    overall = {m: sum(v.values()) for m, v in sq.items()}
+    out = {}
+    for n, gran in zip(base, granularity):
+        own = {m: sq[m][n] for m in models} if gran == "per_tensor" else overall
+        out[n] = {m: own[m] / sum(own.values()) for m in models}
+    return out
+
+
+@pytest.mark.parametrize("granularity", [
+    ("global", "global", "global"),
+    ("per_tensor", "per_tensor", "per_tensor"),
+    ("global", "per_tensor", "global"),
+    ("per_tensor", "global", "per_tensor"),
+])
+def test_per_group_granularity_matches_closed_form(granularity):
+    from mergekit.merge_methods.base import PerGroupValues
+
+    base, models = _tiny_models()
+    merged = merge_state_dicts({"base": base, **models}, "metagpt", base="base",
+                               parameters={"granularity": PerGroupValues(list(granularity))})
+    lambdas = _closed_form_lambdas(base, models, granularity)
+    for n in base:
+        expected = base[n] + sum(lambdas[n][m] * (models[m][n] - base[n]) for m in models)
+        assert torch.allclose(merged[n], expected, rtol=0, atol=1e-6), (n, granularity)
+    # the λ really differ between the two readings on every tensor
+    other = _closed_form_lambdas(base, models, ["per_tensor" if g == "global" else "global"
+                                                for g in granularity])
+    assert all(abs(lambdas[n]["a"] - other[n]["a"]) > 0.05 for n in base)
+
+
+def test_per_group_alpha_must_still_be_one_value_with_mixed_granularity():
+    from mergekit.merge_methods.base import PerGroupValues
+
+    base, models = _tiny_models()
+    with pytest.raises(ValueError, match="alpha must be one value"):
+        merge_state_dicts({"base": base, **models}, "metagpt", base="base", parameters={
+            "granularity": PerGroupValues(["global", "per_tensor", "global"]),
+            "alpha": PerGroupValues([1.0, 0.5, 1.0]),
+        })

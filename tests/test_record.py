@@ -10,6 +10,7 @@ import statistics
 import threading
 
 import pytest
+import torch
 
 from checkpoints import closed_form
 from merging import recipe, run_recipe, slices_recipe, write_yaml
@@ -86,6 +87,96 @@ def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, 
     assert os.path.exists(os.path.join(out, RECORD))
     run_recipe(recipe(paths, ["model0", "model1"], method="task_arithmetic",
                       parameters={"weight": 0.5}), out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+    assert CARD_MARK not in read_card(out)
+
+
+# -- entry points that do not go through run_merge ------------------------------------
+def _bin(name):
+    import sys
+
+    return os.path.join(os.path.dirname(sys.executable), name)
+
+
+def _raw_files(sds, root):
+    """Each model of the family as one raw safetensors file (mergekit-pytorch's inputs)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(root, exist_ok=True)
+    paths = {}
+    for name in ["base", *MODELS]:
+        paths[name] = os.path.join(root, f"{name}.safetensors")
+        save_file({k: v.clone().contiguous() for k, v in sds[name].items()}, paths[name])
+    return paths
+
+
+def _mergekit_pytorch(config, out, tmp_path, name):
+    import subprocess
+
+    path = write_yaml(config, str(tmp_path / f"{name}.yml"))
+    result = subprocess.run([_bin("mergekit-pytorch"), path, out, "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_mergekit_pytorch_stock_merge_removes_the_earlier_record(llama_family, tmp_path):
+    """mergekit-pytorch never calls run_merge: the record of an earlier MetaGPT merge goes
+    when the next merge's plan is made (a stock method), and a MetaGPT merge writes its own."""
+    from safetensors.torch import load_file
+
+    _, sds = llama_family
+    raw = _raw_files(sds, str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    metagpt = {"merge_method": "metagpt", "base_model": raw["base"], "dtype": "float32",
+               "models": [{"model": raw[m]} for m in MODELS]}
+    linear = {"merge_method": "linear", "dtype": "float32",
+              "models": [{"model": raw[m], "parameters": {"weight": 1.0}} for m in MODELS[:2]]}
+
+    _mergekit_pytorch(metagpt, out, tmp_path, "metagpt")
+    record = read_record(out)
+    assert record["merge_method"] == "metagpt"
+    expected = lambdas_of(squared_norms(sds, MODELS))
+    assert [round(r["lambda"], 6) for r in record["merges"][0]["models"]] == [round(x, 6) for x in expected]
+
+    _mergekit_pytorch(linear, out, tmp_path, "linear")
+    assert not os.path.exists(os.path.join(out, RECORD))
+    merged = load_file(os.path.join(out, "model.safetensors"))  # the linear merge is there
+    name = "model.norm.weight"
+    assert torch.allclose(merged[name], (sds["model0"][name] + sds["model1"][name]) / 2, atol=1e-6)
+
+    _mergekit_pytorch(metagpt, out, tmp_path, "metagpt-again")
+    assert read_record(out)["merge_method"] == "metagpt"
+
+
+def test_a_plan_that_writes_but_does_not_merge_leaves_the_record(tmp_path):
+    """Only a merge's plan removes the record: a task universe with a tensor writer but no
+    merge task (e.g. mergekit-extract-lora's) leaves the folder alone."""
+    from mergekit.graph import TaskUniverse
+    from mergekit.io.tasks import TensorWriterTask
+
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    with open(os.path.join(out, RECORD), "w") as f:
+        f.write("{}")
+    TaskUniverse([TensorWriterTask(out_path=out, max_shard_size=1 << 30)])
+    assert os.path.exists(os.path.join(out, RECORD))
+
+
+def test_mergekit_multi_stock_merge_removes_the_earlier_record(llama_family, merge_options, tmp_path):
+    import subprocess
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert os.path.exists(os.path.join(out, RECORD))
+    config = write_yaml(recipe(paths, ["model0", "model1"], method="task_arithmetic",
+                               parameters={"weight": 0.5}), str(tmp_path / "multi.yml"))
+    result = subprocess.run(
+        [_bin("mergekit-multi"), config, "--intermediate-dir", str(tmp_path / "inter"),
+         "--out-path", out, "--no-lazy", "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
     assert not os.path.exists(os.path.join(out, RECORD))
     assert CARD_MARK not in read_card(out)
 
