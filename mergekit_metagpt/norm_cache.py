@@ -5,8 +5,7 @@ Location: ``$MERGEKIT_METAGPT_CACHE_DIR``, else ``$XDG_CACHE_HOME/mergekit-metag
 with it). Entries are keyed by both checkpoints' keys (``fingerprint.checkpoint_key``),
 so a changed checkpoint cannot hit a stale entry. One entry holds, for each read of the
 merge plan (which tensor of the base against which tensor of the model, in which
-dtype), its squared norm and any note on it;
-entries grow as other recipes read other tensors of the same pair. Writes go to a
+dtype), its squared norm; entries grow as other recipes read other tensors of the same pair. Writes go to a
 temporary file that is renamed into place, so an interrupted merge never leaves a
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
 An entry of an older format is a miss.
@@ -18,12 +17,12 @@ import hashlib
 import json
 import logging
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 from mergekit_metagpt.atomic_json import write_json
 
 LOG = logging.getLogger("mergekit_metagpt")
-FORMAT = 2
+FORMAT = 3  # 3: no notes (2 held the leading-rows notes of resized vocabularies, a rule now gone)
 
 
 def enabled() -> bool:
@@ -55,7 +54,7 @@ def _read(path: str):
         return None
 
 
-def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Tuple[Dict[str, Optional[float]], Dict[str, str]]]:
+def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Dict[str, Optional[float]]]:
     if not enabled():
         return None
     path = entry_path(base_fingerprint, model_fingerprint)
@@ -63,30 +62,23 @@ def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Tuple[Dict[s
     if data is None:
         return None
     norms = data.get("norms") if isinstance(data, dict) else None
-    notes = data.get("notes", {}) if isinstance(data, dict) else None
     if (
         not isinstance(data, dict)
         or data.get("format") != FORMAT
         or data.get("base") != base_fingerprint
         or data.get("model") != model_fingerprint
         or not isinstance(norms, dict)
-        or not isinstance(notes, dict)
         or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in norms.values())
-        or not all(isinstance(v, str) for v in notes.values())
     ):
         LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
         return None
-    return (
-        {str(k): (None if v is None else float(v)) for k, v in norms.items()},
-        {str(k): v for k, v in notes.items()},
-    )
+    return {str(k): (None if v is None else float(v)) for k, v in norms.items()}
 
 
 def store(
     base_fingerprint: str,
     model_fingerprint: str,
     norms: Dict[str, Optional[float]],
-    notes: Optional[Dict[str, str]] = None,
     labels=("", ""),
 ) -> None:
     """Write the entry (callers pass everything known for the pair, old and new)."""
@@ -100,7 +92,6 @@ def store(
         "base_model": str(labels[0]),
         "model_name": str(labels[1]),
         "norms": norms,
-        "notes": notes or {},
     }
     try:
         write_json(path, payload, fsync=True)

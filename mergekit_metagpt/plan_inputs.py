@@ -107,10 +107,11 @@ class VocabularyAdapter:
     def name(self) -> str:
         return type(self.task).__name__
 
-    def settings(self) -> dict:
-        """The adapter's own fields (the tokens' settings, padding, axis …), as JSON."""
+    def settings(self, name_of) -> dict:
+        """The adapter's own fields (the tokens' settings, padding, axis …), as JSON, each
+        model named by `name_of` (its checkpoint's fingerprint: a moved folder still hits)."""
         excluded = {"gather_tensors", *self.inputs_fields()}
-        return _plain({f: getattr(self.task, f) for f in type(self.task).model_fields if f not in excluded})
+        return _plain({f: getattr(self.task, f) for f in type(self.task).model_fields if f not in excluded}, name_of)
 
     def inputs_fields(self) -> set:
         """The fields holding its other inputs' tasks (their values are keyed by digest)."""
@@ -165,14 +166,19 @@ def input_digest(value, name_of) -> str:
     return hashlib.sha256(json.dumps([len(vocab), rows, originals]).encode()).hexdigest()
 
 
-def _plain(value):
-    """`value` as plain JSON data (pydantic models, mergekit's ImmutableMap, tuples)."""
+def _plain(value, name_of):
+    """`value` as plain JSON data (pydantic models, mergekit's ImmutableMap, tuples), each
+    ModelReference named by `name_of`."""
+    from mergekit.common import ModelReference
+
+    if isinstance(value, ModelReference):
+        return name_of(value)
     if hasattr(value, "model_fields"):
-        return {f: _plain(getattr(value, f)) for f in type(value).model_fields}
+        return {f: _plain(getattr(value, f), name_of) for f in type(value).model_fields}
     if hasattr(value, "items"):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, name_of) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
+        return [_plain(v, name_of) for v in value]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)

@@ -64,7 +64,7 @@ class PrepassStats:
 STATS = PrepassStats()
 
 # -- in-process memo (same keys as the disk cache) -----------------------------------
-_MEMO: Dict[Tuple[str, str], Tuple[Dict[str, Optional[float]], Dict[str, str]]] = {}
+_MEMO: Dict[Tuple[str, str], Dict[str, Optional[float]]] = {}
 _MEMO_LOCK = threading.Lock()
 
 
@@ -74,28 +74,29 @@ def clear_memo() -> None:
         _PRODUCTS_MEMO.clear()
 
 
-def _known(base_key: str, model_key: str):
+def _known(base_key: str, model_key: str) -> Dict[str, Optional[float]]:
+    """{read key: squared norm} known for a (base, model) pair, from the memo or the cache."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
-        return {}, {}
+        return {}
     with _MEMO_LOCK:
         hit = _MEMO.get((base_key, model_key))
     if hit is None:
-        hit = norm_cache.load(base_key, model_key) or ({}, {})
+        hit = norm_cache.load(base_key, model_key) or {}
         with _MEMO_LOCK:
             _MEMO[(base_key, model_key)] = hit
-    return dict(hit[0]), dict(hit[1])
+    return dict(hit)
 
 
-def _remember(base_key, model_key, norms, notes, labels) -> None:
+def _remember(base_key, model_key, norms, labels) -> None:
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
         return
     with _MEMO_LOCK:
-        _MEMO[(base_key, model_key)] = (dict(norms), dict(notes))
-    norm_cache.store(base_key, model_key, norms, notes, labels=labels)
+        _MEMO[(base_key, model_key)] = dict(norms)
+    norm_cache.store(base_key, model_key, norms, labels=labels)
 
 
 _PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
@@ -257,7 +258,8 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
         digests = {}
         for name, input_task in adapter.inputs.items():
             values[name], digests[name] = adapter_inputs.get(input_task)
-        identity = [adapter.name, adapter.settings(), digests, [checkpoint_of(m) or str(m) for m in reads]]
+        name_of = lambda model: checkpoint_of(model) or str(model)  # noqa: E731
+        identity = [adapter.name, adapter.settings(name_of), digests, sorted(name_of(m) for m in reads)]
         group = f"|{adapter.name} " + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
     for model in task.model_order:
         if model == task.base_model:
@@ -356,7 +358,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         )
 
     # What each (task, model) needs, and what the memo or the cache already holds.
-    known: Dict[Tuple[Hashable, Hashable], Tuple[dict, dict]] = {}
+    known: Dict[Tuple[Hashable, Hashable], dict] = {}
     known_products: Dict[Tuple[Hashable, Hashable, Hashable], dict] = {}
     todo: List[Tuple[_Planned, List[Hashable], List[Tuple[Hashable, Hashable]]]] = []
     wanted, pending = set(), set()  # (base, model) pairs read by some task / still to read
@@ -369,7 +371,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
             if key is None:
                 continue
             wanted.add(pair)
-            if item.sparsifier is not None or key not in known[pair][0]:
+            if item.sparsifier is not None or key not in known[pair]:
                 need.add(model)
                 pending.add(pair)
         pairs = []
@@ -395,9 +397,9 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     if todo:
         _stream(run, device, todo, found)
         for pair, values in found.dense.items():
-            norms, notes = known[pair]
+            norms = known[pair]
             norms.update(values)
-            _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, notes, labels=pair)
+            _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
         for triple, values in found.products.items():
             known_products[triple].update(values)
             _remember_products([checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
@@ -427,7 +429,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
                 if item.sparsifier is not None:
                     per_task[model].append(found.sparse.get((id(task), model)))
                 else:
-                    per_task[model].append(known[(task.base_model, model)][0].get(key))
+                    per_task[model].append(known[(task.base_model, model)].get(key))
         sets.append(SetNorms(merge_set, per_task, sparse=sparse, per_pair=per_pair))
     return RunNorms(sets)
 
@@ -523,8 +525,14 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             continue
         base_read = item.base_read
         if item.adapter is not None:
-            fetch = _load_aligned(item, move, bar).pop  # each tensor handed over once
-            base_tensor = fetch(task.base_model, None)
+            aligned = _load_aligned(item, bar)
+
+            def fetch(model, _default=None, aligned=aligned):  # each tensor moved when taken, once
+                tensor = aligned.pop(model, None)
+                return None if tensor is None else move(tensor)
+
+            base_tensor = fetch(task.base_model)
+            del aligned
         else:
             def fetch(model, _default=None, item=item):
                 return _load(item.reads[model], move, bar, 0)
@@ -562,11 +570,12 @@ def _load(read: TensorRead, move, bar, step: int) -> Optional[torch.Tensor]:
     return tensor
 
 
-def _load_aligned(item: _Planned, move, bar) -> Dict[Hashable, torch.Tensor]:
+def _load_aligned(item: _Planned, bar) -> Dict[Hashable, torch.Tensor]:
     """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
     a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
     blamed on its own model before the adapter copies it), then aligned by the plan's
-    adapter where they were loaded, as the merge aligns them, then moved to the device."""
+    adapter where they were loaded, as the merge aligns them (the caller moves to the
+    device only the tensors it takes)."""
     task = item.task
     loaded = {}
     for model, read in item.reads.items():  # in the plan's order, as GatherTensors gives them
@@ -590,7 +599,7 @@ def _load_aligned(item: _Planned, move, bar) -> Dict[Hashable, torch.Tensor]:
             f"MetaGPT: mergekit's {item.adapter.name} failed on tensor {item.base_read.name!r}: {error}"
         ) from error
     del loaded
-    return {model: move(tensor) for model, tensor in aligned.items()}
+    return aligned
 
 
 def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulator, found, done) -> None:
@@ -598,8 +607,7 @@ def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulat
     accumulator, and the base's own NaN/Inf check. The models' tensors of the base's
     shape are held together, as the merge of that tensor holds them, so that the base is
     converted to float32 once for all of them and the inner products need no second
-    read. A pair with a model whose rows were narrowed, or that lacks the tensor, is not
-    counted (None)."""
+    read. A pair with a model that lacks the tensor is not counted (None)."""
     task, sparsifier = item.task, item.sparsifier
     base_read = item.base_read
     axis = task.output_weight.vocabulary_axis

@@ -65,6 +65,34 @@ def test_changed_checkpoint_misses(llama_family, merge_options, tmp_path):
     assert prepass.STATS.runs == runs + 1
 
 
+def test_an_entry_of_the_previous_format_is_not_read(llama_family, merge_options, tmp_path):
+    """Format 2 entries could hold norms of reads whose rule is gone (the leading rows of
+    resized vocabularies): an entry the previous version wrote for the same pair and the
+    same read keys, with its notes, is not read; the norms are computed."""
+    import hashlib
+
+    paths, sds = llama_family
+    fresh_process_state()
+    run_recipe(recipe(paths, ["model0"]), str(tmp_path / "a"), merge_options)
+    (name,) = entries()
+    path = os.path.join(norm_cache.cache_dir(), name)
+    with open(path) as f:
+        entry = json.load(f)
+    os.remove(path)
+    old = hashlib.sha256(f"v2|{entry['base']}|{entry['model']}".encode()).hexdigest()
+    planted = dict(entry, format=2, norms={k: 1.0 for k in entry["norms"]}, notes={})
+    with open(os.path.join(norm_cache.cache_dir(), f"{old}.json"), "w") as f:
+        json.dump(planted, f)
+    fresh_process_state()
+    runs = prepass.STATS.runs
+    run_recipe(recipe(paths, ["model0"]), str(tmp_path / "b"), merge_options)
+    assert prepass.STATS.runs == runs + 1  # read the tensors again
+    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
+        (row,) = json.load(f)["merges"][0]["models"]
+    expected = sum(float((sds["model0"][k].double() - sds["base"][k].double()).pow(2).sum()) for k in sds["base"])
+    assert abs(row["squared_norm"] - expected) / expected < 1e-6
+
+
 def test_corrupt_entry_warns_and_recomputes(llama_family, merge_options, tmp_path, caplog):
     paths, sds = llama_family
     fresh_process_state()

@@ -480,6 +480,13 @@ def test_tokenizer_source_norms_are_those_of_the_token_aligned_tensors(tokenizer
     for name in (EMBED, HEAD):  # the rows of the base's 64 tokens (their ids stay)
         merged[name], reference[name] = merged[name][:VOCAB], reference[name][:VOCAB]
     assert_close(merged, reference)
+    if tokenizer_source == "union":  # the same models in another order: every norm from the cache
+        config["models"] = config["models"][::-1]
+        result = run_mergekit_yaml(write_yaml(config, str(tmp_path / "reversed.yml")), str(tmp_path / "reversed"), "-v")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stderr.count("from the norm cache") == 3, result.stderr[-3000:]
+        (again,) = record_sets(str(tmp_path / "reversed"), _names(paths))
+        assert_lambdas(again, lams)
 
 
 def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(token_family, tmp_path):

@@ -224,8 +224,8 @@ def test_resized_vocabulary_without_alignment_is_refused_before_any_weight(metho
 
 def test_nan_in_base_rows_no_model_shares_is_named_as_the_base(tmp_path, merge_options):
     """The base has 72 token rows, the fine-tune 64; a NaN in a row only the base has
-    counts in no norm, but `tokenizer_source: base` keeps it in the output: refused,
-    naming the base and the tensor, before any weights are written."""
+    (which `tokenizer_source: base` keeps in the output, and gives the fine-tune as its
+    default): refused, naming the base and the tensor, before any weights are written."""
     from merging import safetensors_in
     from mergekit_metagpt.synthetic import write_tokenizer
 
