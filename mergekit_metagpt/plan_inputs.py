@@ -166,6 +166,20 @@ def input_digest(value, name_of) -> str:
     return hashlib.sha256(json.dumps([len(vocab), rows, originals]).encode()).hexdigest()
 
 
+def own_map_digest(value, model) -> str:
+    """A digest of one model's own token map in an adapter input's value (which of its
+    rows each token of the merged vocabulary takes): two models with the same weight
+    files (hardlinked copies, hub blobs shared by two repos) but different tokenizers
+    have equal fingerprints, and differ only here."""
+    permutations = getattr(value, "permutations", None) or {}
+    tokenizer = getattr(value, "tokenizer", None)
+    if model not in permutations or tokenizer is None:
+        return "-"
+    permutation = permutations[model]
+    rows = sorted((token, int(permutation.get(token_id, -1))) for token, token_id in tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
 def _plain(value, name_of):
     """`value` as plain JSON data (pydantic models, mergekit's ImmutableMap, tuples), each
     ModelReference named by `name_of`."""

@@ -43,7 +43,9 @@ import torch
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
-from mergekit_metagpt.plan_inputs import TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter
+from mergekit_metagpt.plan_inputs import (
+    TensorRead, VocabularyAdapter, input_digest, own_map_digest, task_reads, vocabulary_adapter,
+)
 from mergekit_metagpt.scratch import thread_scratch
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -94,9 +96,10 @@ def _remember(base_key, model_key, norms, labels) -> None:
 
     if not norm_cache.enabled():
         return
-    with _MEMO_LOCK:
-        _MEMO[(base_key, model_key)] = dict(norms)
-    norm_cache.store(base_key, model_key, norms, labels=labels)
+    with _MEMO_LOCK:  # merged with what another pair of the same checkpoints stored
+        merged = {**_MEMO.get((base_key, model_key), {}), **norms}  # (their keys differ by token map)
+        _MEMO[(base_key, model_key)] = merged
+    norm_cache.store(base_key, model_key, merged, labels=labels)
 
 
 _PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
@@ -237,6 +240,14 @@ class _AdapterInputs:
     def __init__(self, checkpoint_of):
         self.checkpoint_of = checkpoint_of
         self._done: List[Tuple[object, object, str]] = []  # (task, value, digest)
+        self._own: Dict[Tuple[int, Hashable], str] = {}
+
+    def own(self, value, model) -> str:
+        """The digest of `model`'s own token map in `value` (memoized)."""
+        key = (id(value), model)
+        if key not in self._own:
+            self._own[key] = own_map_digest(value, model)
+        return self._own[key]
 
     def get(self, task) -> Tuple[object, str]:
         for known, value, digest in self._done:
@@ -253,7 +264,7 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
     adapter = vocabulary_adapter(task)
     base = reads.get(task.base_model)
     keys: Dict[Hashable, Optional[str]] = {}
-    group, values = "", {}
+    group, values, own = "", {}, {}
     if adapter is not None:  # what is read depends on the adapter, its inputs and every model of the task
         digests = {}
         for name, input_task in adapter.inputs.items():
@@ -261,11 +272,16 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
         name_of = lambda model: checkpoint_of(model) or str(model)  # noqa: E731
         identity = [adapter.name, adapter.settings(name_of), digests, sorted(name_of(m) for m in reads)]
         group = f"|{adapter.name} " + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+        # each model's own token map, and the base's: the digest above names models by
+        # fingerprint, which two checkpoints with the same weight files share
+        for model in reads:
+            own[model] = "".join(f"|{adapter_inputs.own(values[name], model)}" for name in sorted(values))
     for model in task.model_order:
         if model == task.base_model:
             continue
         read = reads.get(model)
-        keys[model] = None if base is None or read is None else f"{base.key}|{read.key}|{axis}{group}"
+        keys[model] = (None if base is None or read is None
+                       else f"{base.key}|{read.key}|{axis}{group}{own.get(task.base_model, '')}{own.get(model, '')}")
     sparsifier = _sparsifier(task, method)
     pair_keys = {}
     if sparsifier is None:  # inner products of the dense task vectors, for each pair of models

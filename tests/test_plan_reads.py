@@ -489,6 +489,45 @@ def test_tokenizer_source_norms_are_those_of_the_token_aligned_tensors(tokenizer
         assert_lambdas(again, lams)
 
 
+def test_same_weight_files_with_other_tokenizers_keep_their_own_norms_when_cached(token_family, tmp_path):
+    """a2 is a hardlinked copy of a's weight files (same fingerprint) with a tokenizer
+    that also renames w20..w29: its aligned rows for those are the base's, so its norm is
+    not a's. Both runs, the second from the norm cache (one entry for both: same files),
+    give each its own λ."""
+    paths, sds = token_family
+    a2 = str(tmp_path / "a2")
+    os.makedirs(a2)
+    for name in os.listdir(paths["a"]):
+        if name.endswith(".safetensors") or name.endswith(".json") and "token" not in name:
+            os.link(os.path.join(paths["a"], name), os.path.join(a2, name))
+    words = [f"w{i}" for i in range(VOCAB)] + ["extra"]
+    words[10] = "new10"
+    _word_tokenizer(a2, [w if not 20 <= i < 30 else f"r{i}" for i, w in enumerate(words)])
+    base = sds["base"]
+    aligned = {m: {n: t.double() for n, t in sds[m].items()} for m in ("base", "a", "c")}
+    aligned["a2"] = {n: t.double() for n, t in sds["a"].items()}
+    for name in (EMBED, HEAD):
+        for m in aligned:
+            aligned[m][name] = aligned[m][name][:VOCAB].clone()
+        for m, rows in (("a", [10]), ("a2", [10, *range(20, 30)])):  # tokens it lacks: the base's rows
+            aligned[m][name][rows] = base[name][rows].double()
+    group = {m: aligned[m] for m in ("a", "a2", "c")}
+    lams = closed_lambdas(aligned["base"], group, [(n, n) for n in base])
+    assert lams["a"] - lams["a2"] > 0.01  # the fixture tells the two apart (λ compared to 1e-6)
+    names = dict(_names(paths), **{a2: "a2"})
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "tokenizer_source": "base", "models": [{"model": paths["a"]}, {"model": a2}, {"model": paths["c"]}]}
+    stderrs = []
+    for run in ("cold", "warm"):
+        out = str(tmp_path / run)
+        result = run_mergekit_yaml(write_yaml(config, str(tmp_path / f"{run}.yml")), out, "-v")
+        assert result.returncode == 0, result.stderr[-3000:]
+        stderrs.append(result.stderr)
+        (got,) = record_sets(out, names)
+        assert_lambdas(got, lams)
+    assert "from the norm cache" not in stderrs[0] and stderrs[1].count("from the norm cache") == 3
+
+
 def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(token_family, tmp_path):
     """With "union", the base takes the average of a's and b's rows for "extra": a NaN in
     b's row is b's, named as such before anything is written, not the base's."""
