@@ -140,12 +140,22 @@ def vocabulary_adapter(task) -> Optional[VocabularyAdapter]:
     return VocabularyAdapter(source, names[0], others)
 
 
-def input_digest(value, name_of) -> str:
-    """A digest of the value of an adapter's other input. For mergekit's ``TokenizerInfo``:
-    which row of each model each token of the merged vocabulary takes, and each model's
-    own vocabulary (what the aligned tensors depend on besides the tensors), by token,
-    not by merged id (a union's ids for added tokens vary between processes; the norms
-    do not). `name_of` names a model stably (its checkpoint's fingerprint)."""
+@dataclass(frozen=True)
+class InputDigest:
+    """Digests of the value of an adapter's other input (mergekit's ``TokenizerInfo``)."""
+
+    whole: str  # every model's token map, models named by fingerprint
+    by_model: Dict[Hashable, str]  # each model's own: two checkpoints with the same weight
+    # files (hardlinked copies, hub blobs two repos share) have one fingerprint, and may
+    # differ only here
+
+
+def input_digest(value, name_of) -> InputDigest:
+    """For mergekit's ``TokenizerInfo``: which row of each model each token of the merged
+    vocabulary takes, and each model's own vocabulary (what the aligned tensors depend on
+    besides the tensors), by token, not by merged id (a union's ids for added tokens vary
+    between processes; the norms do not). `name_of` names a model stably (its
+    checkpoint's fingerprint)."""
     tokenizer = getattr(value, "tokenizer", None)
     permutations = getattr(value, "permutations", None)
     if tokenizer is None or not isinstance(permutations, dict):
@@ -154,30 +164,15 @@ def input_digest(value, name_of) -> str:
             f"adapter takes a {type(value).__name__}, which the pre-pass does not know"
         )
     vocab = tokenizer.get_vocab()
-    rows = sorted(
-        (name_of(model), sorted((token, int(permutation.get(token_id, -1))) for token, token_id in vocab.items()))
-        for model, permutation in permutations.items()
-    )
-    # each model's own vocabulary (a token setting may take a row by a model's token)
-    originals = sorted(
-        (name_of(model), sorted(original.items()))
-        for model, original in (getattr(value, "original_vocabs", None) or {}).items()
-    )
-    return hashlib.sha256(json.dumps([len(vocab), rows, originals]).encode()).hexdigest()
-
-
-def own_map_digest(value, model) -> str:
-    """A digest of one model's own token map in an adapter input's value (which of its
-    rows each token of the merged vocabulary takes): two models with the same weight
-    files (hardlinked copies, hub blobs shared by two repos) but different tokenizers
-    have equal fingerprints, and differ only here."""
-    permutations = getattr(value, "permutations", None) or {}
-    tokenizer = getattr(value, "tokenizer", None)
-    if model not in permutations or tokenizer is None:
-        return "-"
-    permutation = permutations[model]
-    rows = sorted((token, int(permutation.get(token_id, -1))) for token, token_id in tokenizer.get_vocab().items())
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    # each model's own vocabulary too: a token setting may take a row by a model's token
+    originals = getattr(value, "original_vocabs", None) or {}
+    by_model = {}
+    for model, permutation in permutations.items():
+        rows = sorted((token, int(permutation.get(token_id, -1))) for token, token_id in vocab.items())
+        own = sorted((originals.get(model) or {}).items())
+        by_model[model] = hashlib.sha256(json.dumps([rows, own]).encode()).hexdigest()
+    whole = sorted((name_of(model), digest) for model, digest in by_model.items())
+    return InputDigest(hashlib.sha256(json.dumps([len(vocab), whole]).encode()).hexdigest(), by_model)
 
 
 def _plain(value, name_of):

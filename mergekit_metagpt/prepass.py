@@ -44,7 +44,7 @@ from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import (
-    TensorRead, VocabularyAdapter, input_digest, own_map_digest, task_reads, vocabulary_adapter,
+    InputDigest, TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter,
 )
 from mergekit_metagpt.scratch import thread_scratch
 
@@ -239,17 +239,9 @@ class _AdapterInputs:
 
     def __init__(self, checkpoint_of):
         self.checkpoint_of = checkpoint_of
-        self._done: List[Tuple[object, object, str]] = []  # (task, value, digest)
-        self._own: Dict[Tuple[int, Hashable], str] = {}
+        self._done: List[Tuple[object, object, InputDigest]] = []  # (task, value, digests)
 
-    def own(self, value, model) -> str:
-        """The digest of `model`'s own token map in `value` (memoized)."""
-        key = (id(value), model)
-        if key not in self._own:
-            self._own[key] = own_map_digest(value, model)
-        return self._own[key]
-
-    def get(self, task) -> Tuple[object, str]:
+    def get(self, task) -> Tuple[object, InputDigest]:
         for known, value, digest in self._done:
             if known == task:
                 return value, digest
@@ -270,12 +262,13 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
         for name, input_task in adapter.inputs.items():
             values[name], digests[name] = adapter_inputs.get(input_task)
         name_of = lambda model: checkpoint_of(model) or str(model)  # noqa: E731
-        identity = [adapter.name, adapter.settings(name_of), digests, sorted(name_of(m) for m in reads)]
+        identity = [adapter.name, adapter.settings(name_of), {n: d.whole for n, d in digests.items()},
+                    sorted(name_of(m) for m in reads)]
         group = f"|{adapter.name} " + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        # each model's own token map, and the base's: the digest above names models by
+        # each model's own token map, and the base's: the whole digest names models by
         # fingerprint, which two checkpoints with the same weight files share
         for model in reads:
-            own[model] = "".join(f"|{adapter_inputs.own(values[name], model)}" for name in sorted(values))
+            own[model] = "".join(f"|{digests[n].by_model.get(model, '-')[:16]}" for n in sorted(digests))
     for model in task.model_order:
         if model == task.base_model:
             continue
