@@ -36,10 +36,24 @@ PLANNING_FLAGS = {
 }
 
 
+#: mergekit-yaml options with a value that change what a merge reads: LoRA adapters
+#: (``model: base+adapter``) are merged by mergekit into ``--lora-merge-cache``, in
+#: ``--lora-merge-dtype`` (which changes the merged weights, and so λ); hub models are found
+#: under ``--transformers-cache``.
+PLANNING_SETTINGS = {
+    "lora_merge_cache": ("DIR", "where mergekit stores models merged with their LoRA adapters "
+                                "(as mergekit-yaml's option; needed for `model+adapter` references)"),
+    "lora_merge_dtype": ("DTYPE", "dtype in which LoRA adapters are merged (as mergekit-yaml's option)"),
+    "transformers_cache": ("DIR", "where hub models are stored (as mergekit-yaml's option)"),
+}
+
+
 def _options(args):
     from mergekit.options import MergeOptions
 
-    return MergeOptions(quiet=True, **{name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS})
+    flags = {name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS}
+    settings = {name: getattr(args, name, None) for name in PLANNING_SETTINGS}
+    return MergeOptions(quiet=True, **flags, **settings)
 
 
 def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None):
@@ -158,6 +172,8 @@ def _demo_models(args) -> int:
 def _add_planning_flags(parser) -> None:
     for name, help_text in PLANNING_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
+    for name, (metavar, help_text) in PLANNING_SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar, default=None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -58,11 +58,20 @@ def _check_models_load(config, options) -> None:
     """Each referenced model's config loads, or one line naming that model."""
     import os
 
+    def looks_local(path: str) -> bool:
+        return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
+
     for model in models_in_order(config):
         path = model.model.path
-        looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
-        if looks_local and not os.path.exists(os.path.expanduser(path)):
-            raise MetaGPTError(f"model {model}: no such folder")
+        for part, what in ((path, "no such folder"),
+                           (model.lora.path if model.lora else "", "no such LoRA adapter folder")):
+            if part and looks_local(part) and not os.path.exists(os.path.expanduser(part)):
+                raise MetaGPTError(f"model {model}: {what}")
+        if model.lora and not options.lora_merge_cache:
+            raise MetaGPTError(
+                f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "
+                "pass it, as to mergekit-yaml"
+            )
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
