@@ -12,7 +12,8 @@ from typing import List, Optional
 @contextlib.contextmanager
 def _transformers_errors_only():
     """transformers' warnings off while planning (e.g. mergekit's out config sets the
-    deprecated ``torch_dtype``): the CLI's output is its table, or one error line."""
+    deprecated ``torch_dtype``): they would bury the CLI's table or its one error line
+    (warnings of mergekit's own loggers, and ours, still reach stderr)."""
     try:
         from transformers.utils import logging as hf_logging
     except ImportError:  # pragma: no cover - mergekit depends on transformers
@@ -56,8 +57,11 @@ def _options(args):
     return MergeOptions(quiet=True, **flags, **settings)
 
 
-def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None):
-    """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass."""
+def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None,
+                    before_norms=None):
+    """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass;
+    ``before_planning(config)`` and ``before_norms(run)`` refuse what a command cannot do
+    before anything is read."""
     import torch
 
     import mergekit_metagpt  # noqa: F401  (registers the methods)
@@ -72,6 +76,8 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
         before_planning(config)
     with _transformers_errors_only():
         run = plan_recipe(config, options)
+    if before_norms is not None:
+        before_norms(run)
     method = next(m for m in methods() if m.spec.name == run.method_name)
     run_norms(run, torch.device("cuda" if cuda else "cpu"), method, products=products)
     return run
@@ -98,6 +104,7 @@ def _table(entry) -> str:
 def coefficients_text(payload) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula
+    from mergekit_metagpt.record import passed_through_text
 
     merges = payload["merges"]
     blocks = []
@@ -115,6 +122,8 @@ def coefficients_text(payload) -> str:
     if any(e.get("alpha", 1.0) != 1.0 for e in merges):
         notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
                      "(alpha 1 is the paper, 0 the average)")
+    if payload["passed_through"]:
+        notes.append(passed_through_text(payload["passed_through"]).replace("λ", "lambda"))
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
                      + ("; DARE's masks are random, so these lambda are one draw"
@@ -138,8 +147,8 @@ def _bake(args) -> int:
     from mergekit_metagpt.recipe import baked_recipe, check_bakeable, check_bakeable_recipe
 
     run = _plan_and_norms(args.recipe, args.cuda, _options(args),
-                          lambda c: check_bakeable_recipe(c, args.recipe))
-    check_bakeable(run, args.recipe)
+                          before_planning=lambda c: check_bakeable_recipe(c, args.recipe),
+                          before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, run, set_norms.coefficients)
     with open(args.output, "w", encoding="utf-8") as f:

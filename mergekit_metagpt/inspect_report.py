@@ -29,8 +29,10 @@ PLOTS_HINT = 'pictures need matplotlib: pip install "mergekit-metagpt[plots]"'
 def payload(run, recipe_path: str) -> dict:
     from mergekit_metagpt import __version__
 
+    from mergekit_metagpt.record import passed_through_entries
+
     merges = []
-    for set_norms in run.result.sets:
+    for set_norms in run.result.merging:
         entry = {"base_model": str(set_norms.merge_set.base), "tensors": len(set_norms.merge_set.tasks)}
         entry.update(set_norms.stats.to_json())
         merges.append(entry)
@@ -41,6 +43,7 @@ def payload(run, recipe_path: str) -> dict:
         "plugin_version": __version__,
         "norms": norms_text(),
         "merges": merges,
+        "passed_through": passed_through_entries(run.result),
     }
 
 
@@ -76,10 +79,10 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     os.makedirs(out_dir, exist_ok=True)
     data = payload(run, recipe_path)
     written = []
-    count = len(run.result.sets)
+    count = len(run.result.merging)
     drawn = pictures and plots.available()
     if drawn:
-        for number, set_norms in enumerate(run.result.sets, 1):
+        for number, set_norms in enumerate(run.result.merging, 1):
             written += plots.write_pictures(set_norms.stats, out_dir, _suffix(number, count))
     path = os.path.join(out_dir, JSON_NAME)
     write_json(path, data, indent=2)
@@ -100,12 +103,16 @@ def _md_table(header, rows) -> List[str]:
 def report_text(run, recipe_path: str, drawn: bool) -> str:
     from mergekit_metagpt.similarity import COSINE_WARNING, short_names
 
-    sets = run.result.sets
+    from mergekit_metagpt.record import passed_through_entries, passed_through_text
+
+    sets = run.result.merging
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",
              f"Merge method `{run.method_name}`; {len(sets)} model set(s). {formula(s.stats.alpha for s in sets)}, "
              "δ_t = θ_t − θ₀, norms over every tensor the merge reads. MetaGPT's λ assume that the "
              f"task vectors are close to orthogonal; a pair with |cosine| >= {COSINE_WARNING} is "
              "called far from it.", ""]
+    if run.result.passed_through:
+        lines += [passed_through_text(passed_through_entries(run.result)) + ".", ""]
     if not drawn:
         lines += [f"(No pictures: {PLOTS_HINT}.)", ""]
     for number, set_norms in enumerate(sets, 1):
@@ -155,8 +162,10 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
 
 def summary_text(run, written: List[str], drawn: bool) -> str:
     """What the command prints: per set, λ and cosine tables and the verdict."""
+    from mergekit_metagpt.record import passed_through_entries, passed_through_text
+
     blocks = []
-    for set_norms in run.result.sets:
+    for set_norms in run.result.merging:
         stats = set_norms.stats
         blocks.append("\n".join([
             f"base {set_norms.merge_set.base}",
@@ -168,6 +177,8 @@ def summary_text(run, written: List[str], drawn: bool) -> str:
             stats.verdict(),
         ]))
     tail = ["", "wrote " + ", ".join(written)]
+    if run.result.passed_through:
+        tail.insert(0, passed_through_text(passed_through_entries(run.result)))
     if not drawn:
         tail.append(PLOTS_HINT)
     return "\n\n".join(blocks) + "\n" + "\n".join(tail)

@@ -3,7 +3,7 @@
 The same steps as a ``mergekit-yaml`` run up to the executor: the plugin's recipe
 checks, mergekit's architecture lookup, loader set-up and ``MergePlanner``, which
 resolves and validates every parameter. The MetaGPT tasks of the plan make the
-``MergeRun`` whose norms ``coefficients`` and ``bake`` report.
+``MergeRun`` whose norms ``coefficients``, ``bake`` and ``inspect`` report.
 """
 
 from __future__ import annotations

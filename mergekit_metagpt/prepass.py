@@ -185,6 +185,17 @@ class RunNorms:
     def of(self, merge_set) -> SetNorms:
         return next(s for s in self.sets if s.merge_set is merge_set)
 
+    @property
+    def merging(self) -> List[SetNorms]:
+        """The sets that merge models into their base: the ones with λ."""
+        return [s for s in self.sets if s.merge_set.models]
+
+    @property
+    def passed_through(self) -> List[SetNorms]:
+        """Sets of the base alone (a frankenmerge's slice with only the base): their
+        tensors are the base's, with no λ."""
+        return [s for s in self.sets if not s.merge_set.models]
+
 
 def _sparsifier(task, method) -> Optional[Sparsifier]:
     """The method's sparsifier for this task's parameters (None: dense norms)."""
@@ -322,13 +333,15 @@ def _log_similarity(stats, which: str) -> None:
 
 
 def _announce(run) -> None:
-    from mergekit_metagpt.record import write_record
+    from mergekit_metagpt.record import passed_through_entries, passed_through_text, write_record
 
-    count = len(run.result.sets)
-    for number, set_norms in enumerate(run.result.sets, 1):
+    count = len(run.result.merging)
+    for number, set_norms in enumerate(run.result.merging, 1):
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
         _log_similarity(set_norms.stats, which)
+    if run.result.passed_through:
+        LOG.info("MetaGPT: %s", passed_through_text(passed_through_entries(run.result)))
     write_record(run)
 
 

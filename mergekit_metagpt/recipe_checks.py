@@ -3,7 +3,7 @@
 mergekit 0.1.5 resolves only the parameters a method declares, so a misspelt name, or
 a shared parameter such as ``lambda`` given per model, would be ignored silently. One
 function, ``check_config``, is called by the ``run_merge`` wrapper (``mergekit-yaml``,
-``run_merge``, ``mergekit-multi``) and by ``mergekit-metagpt coefficients|bake``.
+``run_merge``, ``mergekit-multi``) and by ``mergekit-metagpt coefficients|bake|inspect``.
 """
 
 from __future__ import annotations

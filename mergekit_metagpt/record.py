@@ -99,8 +99,26 @@ def record_payload(run) -> Dict[str, Any]:
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"
         ) + ", over the tensors each merge set reads; float32 within a chunk or block, float64 across them",
-        "merges": [set_entry(s) for s in run.result.sets],
+        "merges": [set_entry(s) for s in run.result.merging],
+        "passed_through": passed_through_entries(run.result),
     }
+
+
+def passed_through_entries(result) -> List[Dict[str, Any]]:
+    """Per set of the base alone (a slice with only the base): how many tensors it gives."""
+    return [{"base_model": str(s.merge_set.base), "tensors": len(s.merge_set.tasks)}
+            for s in result.passed_through]
+
+
+def passed_through_text(entries) -> str:
+    """One sentence on the tensors that are the base's own, from the record's
+    ``passed_through`` entries (empty if there are none)."""
+    if not entries:
+        return ""
+    count = sum(e["tensors"] for e in entries)
+    bases = ", ".join(sorted({e["base_model"] for e in entries}))
+    return (f"{count} tensor{'s' if count != 1 else ''} of the output come from the base model "
+            f"{bases} alone (slices with only the base), unmerged and without λ")
 
 
 def remove_stale_record(out_path) -> None:
@@ -151,6 +169,8 @@ def card_section(run) -> str:
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",
     ]
+    if run.result.passed_through:
+        lines += ["", passed_through_text(payload["passed_through"]) + "."]
     merges = payload["merges"]
     for number, entry in enumerate(merges, 1):
         per_tensor = entry["granularity"] == "per_tensor"

@@ -128,6 +128,23 @@ def test_bad_recipe_is_refused_in_one_line(case, command, llama_family, tmp_path
     assert prepass.STATS.runs == runs  # refused before any tensor was read
 
 
+@pytest.mark.parametrize("params, expected", [
+    ({"granularity": "per_tensor"}, "granularity per_tensor gives a λ per tensor"),
+    ({"lambda_from": "sparse", "density": 0.5}, "lambda_from: sparse depends on the sparsification"),
+])
+def test_bake_refuses_what_has_no_weight_per_model_before_reading(params, expected, llama_family, tmp_path,
+                                                                   capfd):
+    path = write_yaml(recipe(llama_family[0], MODELS, method="metagpt_ties", parameters=params),
+                      str(tmp_path / "r.yml"))
+    out = tmp_path / "baked.yml"
+    runs = prepass.STATS.runs
+    capfd.readouterr()
+    assert expected in _one_error_line(main(["bake", path, str(out)]), capfd.readouterr().err)
+    assert not out.exists()
+    assert prepass.STATS.runs == runs  # no pre-pass
+    assert not (tmp_path / "norm-cache").exists()  # nothing cached either
+
+
 @pytest.mark.parametrize("command", ["coefficients", "bake"])
 def test_console_script_refuses_a_bad_lambda_in_one_line(command, cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("negative_lambda", command)]

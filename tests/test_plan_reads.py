@@ -286,14 +286,37 @@ def test_each_slice_model_set_gets_its_own_lambdas(slice_family, tmp_path):
 # =====================================================================================
 # 2. a slice of the base alone
 # =====================================================================================
-def test_slice_with_only_the_base_is_passed_through(slice_family, tmp_path):
+def test_slice_with_only_the_base_is_passed_through(slice_family, tmp_path, capsys):
+    """The base-only slice's tensors are the base's; record, log, card, `coefficients` and
+    `inspect` say so, with no λ table and no all-zero warning for them."""
+    from mergekit_metagpt.cli import main
+
     paths, sds = slice_family
     config = slice_recipe(paths["base"], [
         [source(paths[m], 0, 1) for m in ["base", "a", "b"]],
         [source(paths["base"], 1, 2)],
     ])
-    out = mergekit_yaml(config, tmp_path, "out")
+    recipe_path = write_yaml(config, str(tmp_path / "out.yml"))
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(recipe_path, out, "-v")
+    assert result.returncode == 0, result.stderr[-3000:]
     base = sds["base"]
+    passed = len(layer_names(base, 1)) + 2  # layer 1, norm and lm_head
+    sentence = f"{passed} tensors of the output come from the base model {paths['base']} alone"
+    assert "every task vector is zero" not in result.stderr
+    assert sentence in result.stderr and result.stderr.count("MetaGPT coefficients (") == 1
+    with open(os.path.join(out, RECORD)) as f:
+        record = json.load(f)
+    assert len(record["merges"]) == 1
+    assert record["passed_through"] == [{"base_model": paths["base"], "tensors": passed}]
+    with open(os.path.join(out, "README.md")) as f:
+        assert sentence in f.read()
+    assert main(["coefficients", recipe_path]) == 0
+    text = capsys.readouterr().out
+    assert sentence in text and "model set" not in text
+    assert main(["inspect", recipe_path, str(tmp_path / "inspect")]) == 0  # pictures of the one set
+    with open(tmp_path / "inspect" / "metagpt-report.md") as f:
+        assert sentence in f.read()
     merged_reads = [(EMBED, EMBED)] + [(n, n) for n in layer_names(base, 0)]
     group = {m: sds[m] for m in "ab"}
     lams = closed_lambdas(base, group, merged_reads)

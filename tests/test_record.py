@@ -356,7 +356,8 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 
 
 # -- the record and `coefficients --json` are one shape ----------------------------------
-FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges"}
+FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges",
+          "passed_through"}
 ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
                 "models"}
 
@@ -379,6 +380,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
         assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32"
         assert data["plugin_version"] == __version__ and data["format"] == 2
         (entry,) = data["merges"]
+        assert data["passed_through"] == []
         assert set(entry) == ENTRY_FIELDS
         cosine = entry["cosine_similarity"]
         assert cosine["models"] == [paths[m] for m in MODELS] and cosine["note"] is None
