@@ -8,7 +8,8 @@ merge plan (which tensor of the base against which tensor of the model, in which
 dtype), its squared norm; entries grow as other recipes read other tensors of the same pair. Writes go to a
 temporary file that is renamed into place, so an interrupted merge never leaves a
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
-An entry of an older format is a miss.
+Corrupt includes values that no pre-pass writes: a number that is not finite (or does not fit
+a float), and a negative squared norm. An entry of an older format is a miss.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 from typing import Dict, Optional
 
@@ -42,7 +44,7 @@ def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
     return os.path.join(cache_dir(), f"{key}.json")
 
 
-def _read(path: str):
+def _read(path: str, quiet: bool = False):
     """The entry's JSON, or None if absent or unreadable (with a warning)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -50,29 +52,57 @@ def _read(path: str):
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as error:
-        LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
+        if not quiet:
+            LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
         return None
 
 
-def load(base_fingerprint: str, model_fingerprint: str) -> Optional[Dict[str, Optional[float]]]:
+def _values(mapping, nonnegative: bool) -> Optional[Dict[str, Optional[float]]]:
+    """{key: float or None} of an entry's values, or None if one is not what a pre-pass
+    writes: None, or a finite number (not negative, for squared norms)."""
+    if not isinstance(mapping, dict):
+        return None
+    out: Dict[str, Optional[float]] = {}
+    for key, value in mapping.items():
+        if value is None:
+            out[str(key)] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float's range
+            return None
+        if not math.isfinite(number) or (nonnegative and number < 0.0):
+            return None
+        out[str(key)] = number
+    return out
+
+
+def _corrupt(path: str, quiet: bool) -> None:
+    if not quiet:
+        LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+
+
+def load(base_fingerprint: str, model_fingerprint: str, quiet: bool = False) -> Optional[Dict[str, Optional[float]]]:
+    """{read key: squared norm or None}, or None on a miss (absent, corrupt, other format);
+    ``quiet``: no warning (a re-read before a write)."""
     if not enabled():
         return None
     path = entry_path(base_fingerprint, model_fingerprint)
-    data = _read(path)
+    data = _read(path, quiet)
     if data is None:
         return None
-    norms = data.get("norms") if isinstance(data, dict) else None
+    norms = _values(data.get("norms"), nonnegative=True) if isinstance(data, dict) else None
     if (
-        not isinstance(data, dict)
+        norms is None
         or data.get("format") != FORMAT
         or data.get("base") != base_fingerprint
         or data.get("model") != model_fingerprint
-        or not isinstance(norms, dict)
-        or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in norms.values())
     ):
-        LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+        _corrupt(path, quiet)
         return None
-    return {str(k): (None if v is None else float(v)) for k, v in norms.items()}
+    return norms
 
 
 def store(
@@ -113,25 +143,24 @@ def products_path(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str)
     return os.path.join(cache_dir(), f"{key}.json")
 
 
-def load_products(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str) -> Optional[Dict[str, Optional[float]]]:
+def load_products(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str,
+                  quiet: bool = False) -> Optional[Dict[str, Optional[float]]]:
     """{pair read key: ⟨δ_a, δ_b⟩ or None}, or None on a miss (absent, corrupt, other format)."""
     if not enabled():
         return None
     path = products_path(base_fingerprint, a_fingerprint, b_fingerprint)
-    data = _read(path)
+    data = _read(path, quiet)
     if data is None:
         return None
-    products = data.get("products") if isinstance(data, dict) else None
+    products = _values(data.get("products"), nonnegative=False) if isinstance(data, dict) else None
     if (
-        not isinstance(data, dict)
+        products is None
         or data.get("format") != PRODUCTS_FORMAT
         or data.get("checkpoints") != [base_fingerprint, a_fingerprint, b_fingerprint]
-        or not isinstance(products, dict)
-        or not all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in products.values())
     ):
-        LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+        _corrupt(path, quiet)
         return None
-    return {str(k): (None if v is None else float(v)) for k, v in products.items()}
+    return products
 
 
 def store_products(

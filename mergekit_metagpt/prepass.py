@@ -96,8 +96,12 @@ def _remember(base_key, model_key, norms, labels) -> None:
 
     if not norm_cache.enabled():
         return
-    with _MEMO_LOCK:  # merged with what another pair of the same checkpoints stored
-        merged = {**_MEMO.get((base_key, model_key), {}), **norms}  # (their keys differ by token map)
+    # merged with what is on disk now (another process may have added reads of the pair
+    # since this one looked) and what another pair of the same checkpoints stored (their
+    # keys differ by token map)
+    on_disk = norm_cache.load(base_key, model_key, quiet=True) or {}
+    with _MEMO_LOCK:
+        merged = {**on_disk, **_MEMO.get((base_key, model_key), {}), **norms}
         _MEMO[(base_key, model_key)] = merged
     norm_cache.store(base_key, model_key, merged, labels=labels)
 
@@ -125,9 +129,11 @@ def _remember_products(fingerprints, products, labels) -> None:
 
     if not norm_cache.enabled():
         return
+    on_disk = norm_cache.load_products(*fingerprints, quiet=True) or {}
     with _MEMO_LOCK:
-        _PRODUCTS_MEMO[tuple(fingerprints)] = dict(products)
-    norm_cache.store_products(*fingerprints, products, labels=labels)
+        merged = {**on_disk, **_PRODUCTS_MEMO.get(tuple(fingerprints), {}), **products}
+        _PRODUCTS_MEMO[tuple(fingerprints)] = merged
+    norm_cache.store_products(*fingerprints, merged, labels=labels)
 
 
 class _Missing:

@@ -116,6 +116,91 @@ def test_corrupt_entry_warns_and_recomputes(llama_family, merge_options, tmp_pat
             assert json.load(f)["format"] == norm_cache.FORMAT
 
 
+def _spoil_one_value(kind: str, field: str, bad: str) -> None:
+    """Replace one number of every entry of `kind` by the JSON text `bad`."""
+    for name in entries(kind):
+        path = os.path.join(norm_cache.cache_dir(), name)
+        with open(path) as f:
+            data = json.load(f)
+        key = next(k for k, v in data[field].items() if v is not None)
+        data[field][key] = "__BAD__"
+        with open(path, "w") as f:
+            f.write(json.dumps(data).replace('"__BAD__"', bad))
+
+
+@pytest.mark.parametrize("bad", ["NaN", "Infinity", "-1.5", "1" + "0" * 400])
+def test_a_norm_no_prepass_writes_makes_the_entry_corrupt(bad, llama_family, merge_options, tmp_path, caplog):
+    """Not finite, negative, or beyond a float: warned about and recomputed (it gave NaN
+    weights, negative λ, or an OverflowError on every later run)."""
+    paths, sds = llama_family
+    models = ["model0", "model2"]
+    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
+    _spoil_one_value("norms", "norms", bad)
+    fresh_process_state()
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    runs = prepass.STATS.runs
+    merged = run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+    assert prepass.STATS.runs == runs + 1
+    assert any("corrupt norm cache entry" in r.getMessage() for r in caplog.records)
+    lams, reference = closed_form(sds["base"], [sds[m] for m in models])
+    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
+        (entry,) = json.load(f)["merges"]
+    assert [row["lambda"] for row in entry["models"]] == pytest.approx(lams, abs=1e-6)
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5
+    for name in entries():  # replaced by good entries
+        with open(os.path.join(norm_cache.cache_dir(), name)) as f:
+            assert all(v is None or v >= 0 for v in json.load(f)["norms"].values())
+
+
+def test_a_product_that_is_not_finite_makes_the_entry_corrupt(llama_family, merge_options, tmp_path, caplog):
+    """A NaN inner product read back showed as cosine +1 and warned of a far pair."""
+    paths, _ = llama_family
+    models = ["model0", "model2"]
+    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
+    _spoil_one_value("products", "products", "NaN")
+    fresh_process_state()
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+    assert any("corrupt norm cache entry" in r.getMessage() for r in caplog.records)
+    assert not any("far from orthogonal" in r.getMessage() for r in caplog.records)
+    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
+        (entry,) = json.load(f)["merges"]
+    assert entry["cosine_similarity"]["matrix"][0][1] is None  # norms cached: not computed again
+
+
+def test_a_write_keeps_what_another_process_stored_meanwhile(llama_family, merge_options, tmp_path, monkeypatch):
+    """Two processes reading other tensors of one pair (other slices): the one that looked
+    before the other wrote still keeps the other's reads when it writes."""
+    paths, _ = llama_family
+
+    def one_layer(layer):
+        sources = [{"model": paths[m], "layer_range": [layer, layer + 1]} for m in ("base", "model0", "model1")]
+        return {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+                "slices": [{"sources": sources}]}
+
+    def stored():
+        keys = set()
+        for kind in ("norms", "products"):
+            for name in entries(kind):
+                with open(os.path.join(norm_cache.cache_dir(), name)) as f:
+                    keys |= {(name, key) for key in json.load(f)[kind]}
+        return keys
+
+    run_recipe(one_layer(0), str(tmp_path / "first"), merge_options)
+    first = stored()
+    fresh_process_state()
+    real_load = norm_cache.load
+    # the second process's first look came before the first process wrote
+    real_products = norm_cache.load_products
+    monkeypatch.setattr(norm_cache, "load", lambda *a, quiet=False: real_load(*a, quiet=quiet) if quiet else None)
+    monkeypatch.setattr(norm_cache, "load_products",
+                        lambda *a, quiet=False: real_products(*a, quiet=quiet) if quiet else None)
+    run_recipe(one_layer(1), str(tmp_path / "second"), merge_options)
+    assert {name for name, _ in first} == {name for name, _ in stored()}  # 2 pairs, 1 triple
+    assert first < stored()  # layer 0's reads kept, layer 1's added, for norms and products
+
+
 def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path, monkeypatch, caplog):
     paths, _ = llama_family
     blocker = tmp_path / "not-a-dir"
