@@ -42,10 +42,13 @@ PLANNING_FLAGS = {
 #: ``--lora-merge-dtype`` (which changes the merged weights, and so λ); hub models are found
 #: under ``--transformers-cache``.
 PLANNING_SETTINGS = {
-    "lora_merge_cache": ("DIR", "where mergekit stores models merged with their LoRA adapters "
-                                "(as mergekit-yaml's option; needed for `model+adapter` references)"),
-    "lora_merge_dtype": ("DTYPE", "dtype in which LoRA adapters are merged (as mergekit-yaml's option)"),
-    "transformers_cache": ("DIR", "where hub models are stored (as mergekit-yaml's option)"),
+    "lora_merge_cache": ("DIR", None, "where mergekit stores models merged with their LoRA adapters "
+                                      "(as mergekit-yaml's option; needed for `model+adapter` references)"),
+    # choices: mergekit makes the adapter's cache folder before it reads the dtype, and a
+    # later run reuses that empty folder
+    "lora_merge_dtype": (None, ["bfloat16", "float16", "float32", "float64"],
+                         "dtype in which LoRA adapters are merged (as mergekit-yaml's option)"),
+    "transformers_cache": ("DIR", None, "where hub models are stored (as mergekit-yaml's option)"),
 }
 
 
@@ -123,7 +126,7 @@ def coefficients_text(payload) -> str:
         notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
                      "(alpha 1 is the paper, 0 the average)")
     if payload["passed_through"]:
-        notes.append(passed_through_text(payload["passed_through"]).replace("λ", "lambda"))
+        notes.append(passed_through_text(payload["passed_through"], ascii=True))
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
                      + ("; DARE's masks are random, so these lambda are one draw"
@@ -181,8 +184,9 @@ def _demo_models(args) -> int:
 def _add_planning_flags(parser) -> None:
     for name, help_text in PLANNING_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
-    for name, (metavar, help_text) in PLANNING_SETTINGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar, default=None, help=help_text)
+    for name, (metavar, choices, help_text) in PLANNING_SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar, choices=choices, default=None,
+                            help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:

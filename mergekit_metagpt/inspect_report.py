@@ -111,8 +111,9 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
              "δ_t = θ_t − θ₀, norms over every tensor the merge reads. MetaGPT's λ assume that the "
              f"task vectors are close to orthogonal; a pair with |cosine| >= {COSINE_WARNING} is "
              "called far from it.", ""]
-    if run.result.passed_through:
-        lines += [passed_through_text(passed_through_entries(run.result)) + ".", ""]
+    passed = passed_through_text(passed_through_entries(run.result))
+    if passed:
+        lines += [passed + ".", ""]
     if not drawn:
         lines += [f"(No pictures: {PLOTS_HINT}.)", ""]
     for number, set_norms in enumerate(sets, 1):
@@ -177,8 +178,9 @@ def summary_text(run, written: List[str], drawn: bool) -> str:
             stats.verdict(),
         ]))
     tail = ["", "wrote " + ", ".join(written)]
-    if run.result.passed_through:
-        tail.insert(0, passed_through_text(passed_through_entries(run.result)))
+    passed = passed_through_text(passed_through_entries(run.result))
+    if passed:
+        tail.insert(0, passed)
     if not drawn:
         tail.append(PLOTS_HINT)
     return "\n\n".join(blocks) + "\n" + "\n".join(tail)

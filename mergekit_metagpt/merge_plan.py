@@ -86,7 +86,8 @@ class MergeRun:
                 f"MetaGPT needs at least one model besides the base model {', '.join(bases)}"
             )
         for merge_set in self.sets.values():
-            merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
+            if merge_set.models:  # a set of the base alone uses no alpha
+                merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
 
 
 def uniform_alpha(values, where: str) -> float:

@@ -96,14 +96,31 @@ def _remember(base_key, model_key, norms, labels) -> None:
 
     if not norm_cache.enabled():
         return
-    # merged with what is on disk now (another process may have added reads of the pair
-    # since this one looked) and what another pair of the same checkpoints stored (their
-    # keys differ by token map)
-    on_disk = norm_cache.load(base_key, model_key, quiet=True) or {}
+    # merged with what another pair of the same checkpoints stored (their keys differ by
+    # token map), and with what is on disk
+    _merge_and_store(
+        _MEMO, (base_key, model_key), norms,
+        load=lambda: norm_cache.load(base_key, model_key, quiet=True),
+        store=lambda merged: norm_cache.store(base_key, model_key, merged, labels=labels),
+    )
+
+
+_ENTRY_LOCKS: Dict[tuple, threading.Lock] = {}
+
+
+def _merge_and_store(memo, key, values, load, store) -> None:
+    """Write one cache entry: what it holds on disk now (another process may have added
+    reads since this one looked), what this process knows, and the new values; one writer
+    per entry at a time in this process (across processes, two that write the same entry
+    at the same moment can still drop each other's new reads, which are then recomputed)."""
     with _MEMO_LOCK:
-        merged = {**on_disk, **_MEMO.get((base_key, model_key), {}), **norms}
-        _MEMO[(base_key, model_key)] = merged
-    norm_cache.store(base_key, model_key, merged, labels=labels)
+        lock = _ENTRY_LOCKS.setdefault((id(memo), key), threading.Lock())
+    with lock:
+        on_disk = load() or {}
+        with _MEMO_LOCK:
+            merged = {**on_disk, **memo.get(key, {}), **values}
+            memo[key] = merged
+        store(merged)
 
 
 _PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
@@ -129,11 +146,11 @@ def _remember_products(fingerprints, products, labels) -> None:
 
     if not norm_cache.enabled():
         return
-    on_disk = norm_cache.load_products(*fingerprints, quiet=True) or {}
-    with _MEMO_LOCK:
-        merged = {**on_disk, **_PRODUCTS_MEMO.get(tuple(fingerprints), {}), **products}
-        _PRODUCTS_MEMO[tuple(fingerprints)] = merged
-    norm_cache.store_products(*fingerprints, merged, labels=labels)
+    _merge_and_store(
+        _PRODUCTS_MEMO, tuple(fingerprints), products,
+        load=lambda: norm_cache.load_products(*fingerprints, quiet=True),
+        store=lambda merged: norm_cache.store_products(*fingerprints, merged, labels=labels),
+    )
 
 
 class _Missing:
@@ -346,8 +363,9 @@ def _announce(run) -> None:
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
         _log_similarity(set_norms.stats, which)
-    if run.result.passed_through:
-        LOG.info("MetaGPT: %s", passed_through_text(passed_through_entries(run.result)))
+    passed = passed_through_text(passed_through_entries(run.result))
+    if passed:
+        LOG.info("MetaGPT: %s", passed)
     write_record(run)
 
 

@@ -3,7 +3,9 @@
 One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
 
     {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ..., "dtype": ...,
-     "norms": "...", "merges": [ one entry per merge set (per set of models merged) ]}
+     "norms": "...", "merges": [ one entry per merge set (per set of models merged) ],
+     "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base
+                         alone passes through, unmerged ]}
 
 Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
 ``lambda`` (the overall scale), ``alpha`` (the tempering exponent of the λ; 1 unless the
@@ -110,15 +112,20 @@ def passed_through_entries(result) -> List[Dict[str, Any]]:
             for s in result.passed_through]
 
 
-def passed_through_text(entries) -> str:
-    """One sentence on the tensors that are the base's own, from the record's
-    ``passed_through`` entries (empty if there are none)."""
+def passed_through_text(entries, ascii: bool = False) -> str:
+    """One sentence on the tensors that are a base's own, from the record's
+    ``passed_through`` entries (one per base; "" if there are none)."""
     if not entries:
         return ""
-    count = sum(e["tensors"] for e in entries)
-    bases = ", ".join(sorted({e["base_model"] for e in entries}))
-    return (f"{count} tensor{'s' if count != 1 else ''} of the output come from the base model "
-            f"{bases} alone (slices with only the base), unmerged and without λ")
+    lam = "lambda" if ascii else "λ"
+    if len(entries) == 1:
+        count = entries[0]["tensors"]
+        return (f"{count} tensor{'s' if count != 1 else ''} of the output "
+                f"{'comes' if count == 1 else 'come'} from the base model {entries[0]['base_model']} "
+                f"alone (slices with only the base), unmerged and without {lam}")
+    return (f"{sum(e['tensors'] for e in entries)} tensors of the output come from a base model "
+            f"alone (slices with only the base), unmerged and without {lam}: "
+            + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 
 def remove_stale_record(out_path) -> None:
@@ -169,8 +176,6 @@ def card_section(run) -> str:
         + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
         + ":",
     ]
-    if run.result.passed_through:
-        lines += ["", passed_through_text(payload["passed_through"]) + "."]
     merges = payload["merges"]
     for number, entry in enumerate(merges, 1):
         per_tensor = entry["granularity"] == "per_tensor"
@@ -189,6 +194,8 @@ def card_section(run) -> str:
                 cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines += _card_cosines(entry, run.out_path)
+    if payload["passed_through"]:
+        lines += ["", passed_through_text(payload["passed_through"]) + "."]
     return "\n".join(lines) + "\n"
 
 

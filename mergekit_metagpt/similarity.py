@@ -143,8 +143,10 @@ def _cosine(products, norms_a, norms_b) -> Tuple[Optional[float], bool]:
             continue
         counted = True
         dot, sa, sb = dot + p, sa + (na or 0.0), sb + (nb or 0.0)
-    cosine = dot / math.sqrt(sa * sb) if counted and sa > 0.0 and sb > 0.0 else math.nan
-    if not math.isfinite(cosine):  # nothing counted (or a value no pre-pass gives)
+    if not counted or sa <= 0.0 or sb <= 0.0:
+        return None, False
+    cosine = dot / math.sqrt(sa * sb)
+    if not math.isfinite(cosine):  # min/max below would make NaN +1
         return None, False
     return max(-1.0, min(1.0, cosine)), False
 

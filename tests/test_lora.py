@@ -57,7 +57,7 @@ def adapter(llama_family, tmp_path_factory):
     return make_adapter(paths["base"], str(tmp_path_factory.mktemp("lora") / "adapter"), seed=7, scale=0.05)
 
 
-def test_merge_and_coefficients_with_a_lora_model(llama_family, adapter, tmp_path, capsys):
+def test_merge_and_coefficients_with_a_lora_model(llama_family, adapter, tmp_path, capsys, monkeypatch):
     from mergekit.options import MergeOptions
 
     paths, sds = llama_family
@@ -75,11 +75,20 @@ def test_merge_and_coefficients_with_a_lora_model(llama_family, adapter, tmp_pat
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
 
-    # the CLI plans the same recipe with the option passed as to mergekit-yaml
+    # the CLI plans the same recipe with the option passed as to mergekit-yaml, from scratch
+    # (neither mergekit's loaders nor the norms of the merge)
+    from mergekit.io.tasks import LoaderCache
+
+    from mergekit_metagpt import prepass
+
+    LoaderCache().loaders.clear()
+    prepass.clear_memo()
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
     recipe_path = write_yaml(config, str(tmp_path / "r.yml"))
     assert main(["coefficients", recipe_path, "--json", "--lora-merge-cache", str(tmp_path / "cli-cache")]) == 0
     (cli_entry,) = json.loads(capsys.readouterr().out)["merges"]
     assert [m["lambda"] for m in cli_entry["models"]] == pytest.approx(expected_lams, abs=1e-6)
+    assert os.listdir(tmp_path / "cli-cache")  # the CLI merged the adapter itself
 
 
 def test_lora_merge_dtype_reaches_the_plan(llama_family, adapter, tmp_path, capsys):

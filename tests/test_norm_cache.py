@@ -201,6 +201,34 @@ def test_a_write_keeps_what_another_process_stored_meanwhile(llama_family, merge
     assert first < stored()  # layer 0's reads kept, layer 1's added, for norms and products
 
 
+def test_two_threads_writing_one_entry_keep_both_reads(monkeypatch):
+    """A thread whose write is slow must not overwrite, with its older values, what a second
+    thread wrote meanwhile (one writer per entry at a time)."""
+    import threading
+    import time
+
+    real_store = norm_cache.store
+    a_storing, release_a = threading.Event(), threading.Event()
+
+    def store(base, model, norms, labels=("", "")):
+        if "b" not in norms:  # thread A's values
+            a_storing.set()
+            release_a.wait(10)
+        real_store(base, model, norms, labels=labels)
+
+    monkeypatch.setattr(norm_cache, "store", store)
+    a = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"a": 1.0}, ("b", "m")))
+    a.start()
+    assert a_storing.wait(10)
+    b = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"b": 2.0}, ("b", "m")))
+    b.start()
+    time.sleep(0.3)  # without a lock per entry, B writes {a, b} now and A then writes {a}
+    release_a.set()
+    a.join(10)
+    b.join(10)
+    assert norm_cache.load("base-key", "model-key") == {"a": 1.0, "b": 2.0}
+
+
 def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path, monkeypatch, caplog):
     paths, _ = llama_family
     blocker = tmp_path / "not-a-dir"

@@ -329,6 +329,38 @@ def test_slice_with_only_the_base_is_passed_through(slice_family, tmp_path, caps
     assert_lambdas(got, lams)
 
 
+def test_base_alone_slices_take_no_alpha(slice_family, tmp_path, capsys):
+    """Two slices of the base alone (one set) with other alpha values than the merging
+    slice: no λ uses them, so nothing is refused; the sentence counts both slices."""
+    from mergekit_metagpt.cli import main
+
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths["base"], 0, 1)],
+        [source(paths[m], 0, 2) for m in ["base", "a", "b"]],
+        [source(paths["base"], 1, 2)],
+    ])
+    config["slices"][0]["parameters"] = {"alpha": 0.5}
+    config["slices"][1]["parameters"] = {"alpha": 0.25}
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml")), "--json"]) == 0
+    record = json.loads(capsys.readouterr().out)
+    passed = 2 * len(layer_names(sds["base"], 0)) + 3  # two layers, embeddings, norm, lm_head
+    assert record["passed_through"] == [{"base_model": paths["base"], "tensors": passed}]
+    (entry,) = record["merges"]
+    assert entry["alpha"] == 0.25
+
+
+def test_passed_through_sentence():
+    from mergekit_metagpt.record import passed_through_text
+
+    assert passed_through_text([]) == ""
+    one = passed_through_text([{"base_model": "b", "tensors": 1}], ascii=True)
+    assert one.startswith("1 tensor of the output comes from the base model b alone") and "lambda" in one
+    two = passed_through_text([{"base_model": "b", "tensors": 10}, {"base_model": "m", "tensors": 11}])
+    assert two.startswith("21 tensors of the output come from a base model alone")
+    assert two.endswith("λ: 10 from b, 11 from m")
+
+
 @pytest.mark.parametrize("form", ["models", "slices"])
 def test_a_recipe_of_the_base_alone_is_refused(form, slice_family, tmp_path):
     paths, _ = slice_family
