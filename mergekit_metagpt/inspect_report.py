@@ -137,7 +137,9 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
             lines += ["", f"Missing values: {stats.note}."]
         if drawn:
             lines += ["", f"![cosine matrix](metagpt-cosines{suffix}.png)"]
-        lines += ["", "### Where each fine-tune changed the model (‖δ‖² per layer)", ""]
+        lines += ["", "### Where each fine-tune changed the model (‖δ‖² per layer)", "",
+                  "Layers: `embed` (embeddings), the blocks by number, `other` (the final norm and any "
+                  "tensor outside the blocks), `head` (`lm_head`).", ""]
         if drawn:
             lines += [f"![‖δ‖² per layer](metagpt-layer-norms{suffix}.png)", ""]
         lines += _md_table(["layer", *names], [
@@ -150,7 +152,9 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
             lines.append(f"- **{name}**: " + "; ".join(
                 f"`{t}` {v:.3e} ({v / total:.1%})" for t, v in stats.top_tensors[i]))
         if stats.layer_cosine:
-            lines += ["", "### Cosine per layer", ""]
+            lines += ["", "### Cosine per layer", "",
+                      f"The warning at |cosine| >= {COSINE_WARNING} is of the whole model; a layer's "
+                      "cosine shows where two task vectors overlap.", ""]
             pairs = sorted(stats.layer_cosine)
             lines += _md_table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
                 [layer, *("–" if stats.layer_cosine[p][j] is None else f"{stats.layer_cosine[p][j]:+.3f}"
