@@ -573,14 +573,14 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
         if item.adapter is not None:
             aligned = _load_aligned(item, bar)
 
-            def fetch(model, _default=None, aligned=aligned):  # each tensor moved when taken, once
+            def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
                 return None if tensor is None else move(tensor)
 
             base_tensor = fetch(task.base_model)
             del aligned
         else:
-            def fetch(model, _default=None, item=item):
+            def fetch(model, item=item):
                 return _load(item.reads[model], move, bar, 0)
 
             base_tensor = _load(base_read, move, bar, 1)
@@ -661,7 +661,7 @@ def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulat
     for model in task_models:
         key, read = item.keys[model], item.reads[model]
         pair = (task.base_model, model)
-        tensor = fetch(model, None)
+        tensor = fetch(model)
         if tensor is None:  # an optional tensor this model lacks
             found.dense.setdefault(pair, {})[key] = None
             done.add((pair, key))
