@@ -8,6 +8,8 @@ merge plan (which tensor of the base against which tensor of the model, in which
 dtype), its squared norm; entries grow as other recipes read other tensors of the same pair. Writes go to a
 temporary file that is renamed into place, so an interrupted merge never leaves a
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
+A write reads the entry again and merges it with what it adds, holding the folder's lock
+file (``.lock``, ``flock``) so that no other process writes in between.
 Corrupt includes values that no pre-pass writes: a number that is not finite (or does not fit
 a float), and a negative squared norm. An entry of an older format is a miss.
 """
@@ -17,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import contextlib
 import math
 import os
+import time
 from typing import Dict, Optional
 
 from mergekit_metagpt.atomic_json import write_json
@@ -42,6 +46,47 @@ def cache_dir() -> str:
 def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
     key = hashlib.sha256(f"v{FORMAT}|{base_fingerprint}|{model_fingerprint}".encode()).hexdigest()
     return os.path.join(cache_dir(), f"{key}.json")
+
+
+#: How long a write waits for another process's write (milliseconds each, normally); after
+#: that (a process stopped while writing) it writes without the lock, as if there were none.
+LOCK_WAIT_S = 10.0
+
+
+@contextlib.contextmanager
+def folder_lock():
+    """Held around a read-merge-write of an entry: an exclusive ``flock`` on the cache
+    folder's ``.lock``, so that two processes finishing at the same moment do not drop each
+    other's new reads. Where it cannot be had (no ``fcntl``, a folder that cannot be
+    written, a filesystem without locks, or a wait beyond ``LOCK_WAIT_S``) the write goes
+    ahead without it: the worst case is then reads computed again, never a wrong value."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    handle = None
+    try:
+        try:
+            os.makedirs(cache_dir(), exist_ok=True)
+            handle = open(os.path.join(cache_dir(), ".lock"), "a")
+            deadline = time.monotonic() + LOCK_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        LOG.warning("MetaGPT: the norm cache at %s stayed locked for %.0f s; writing without the lock",
+                                    cache_dir(), LOCK_WAIT_S)
+                        break
+                    time.sleep(0.01)
+        except OSError:  # unwritable folder, no locks here: the write itself warns if it fails
+            pass
+        yield
+    finally:
+        if handle is not None:
+            handle.close()  # releases the lock
 
 
 def _read(path: str, quiet: bool = False):

@@ -111,11 +111,13 @@ _ENTRY_LOCKS: Dict[tuple, threading.Lock] = {}
 def _merge_and_store(memo, key, values, load, store) -> None:
     """Write one cache entry: what it holds on disk now (another process may have added
     reads since this one looked), what this process knows, and the new values; one writer
-    per entry at a time in this process (across processes, two that write the same entry
-    at the same moment can still drop each other's new reads, which are then recomputed)."""
+    per entry at a time in this process, and in all processes sharing the cache folder
+    (``norm_cache.folder_lock``)."""
+    from mergekit_metagpt import norm_cache
+
     with _MEMO_LOCK:
         lock = _ENTRY_LOCKS.setdefault((id(memo), key), threading.Lock())
-    with lock:
+    with lock, norm_cache.folder_lock():
         on_disk = load() or {}
         with _MEMO_LOCK:
             merged = {**on_disk, **memo.get(key, {}), **values}

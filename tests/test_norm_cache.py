@@ -19,7 +19,7 @@ def entries(kind="norms"):
     import json
 
     folder = norm_cache.cache_dir()
-    names = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    names = sorted(n for n in os.listdir(folder) if n.endswith(".json")) if os.path.isdir(folder) else []
     return [n for n in names if kind in json.load(open(os.path.join(folder, n)))]
 
 
@@ -227,6 +227,58 @@ def test_two_threads_writing_one_entry_keep_both_reads(monkeypatch):
     a.join(10)
     b.join(10)
     assert norm_cache.load("base-key", "model-key") == {"a": 1.0, "b": 2.0}
+
+
+OTHER_PROCESS = """
+import fcntl, os, sys
+from mergekit_metagpt import norm_cache
+os.makedirs(norm_cache.cache_dir(), exist_ok=True)
+with open(os.path.join(norm_cache.cache_dir(), ".lock"), "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    print("locked", flush=True)
+    sys.stdin.readline()
+    norm_cache.store("base-key", "model-key", {"theirs": 2.0})
+"""
+
+
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
+def test_a_write_waits_for_another_process_writing(monkeypatch):
+    """Another process that holds the cache's lock is writing the same entry: this one waits
+    and then merges with what it wrote (without the lock, it would write first and the other
+    process would then drop its read)."""
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    other = subprocess.Popen([sys.executable, "-c", OTHER_PROCESS], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        ours = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"ours": 1.0}, ("b", "m")))
+        ours.start()
+        time.sleep(0.5)
+        assert ours.is_alive()  # waiting for the lock
+        other.communicate("go\n", timeout=60)
+        ours.join(30)
+        assert not ours.is_alive()
+    finally:
+        other.kill()
+    assert norm_cache.load("base-key", "model-key") == {"ours": 1.0, "theirs": 2.0}
+
+
+def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
+    """A process stopped while holding the lock: the write goes ahead after LOCK_WAIT_S."""
+    import fcntl
+
+    monkeypatch.setattr(norm_cache, "LOCK_WAIT_S", 0.2)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    os.makedirs(norm_cache.cache_dir(), exist_ok=True)
+    with open(os.path.join(norm_cache.cache_dir(), ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prepass._remember("base-key", "model-key", {"ours": 1.0}, ("b", "m"))
+    assert norm_cache.load("base-key", "model-key") == {"ours": 1.0}
+    assert any("stayed locked" in r.getMessage() for r in caplog.records)
 
 
 def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path, monkeypatch, caplog):
