@@ -144,7 +144,7 @@ class MetaGPTMerge(GroupMergeMethod):
     ) -> Tuple[torch.Tensor, ...]:
         from mergekit.merge_methods.dtype import align_dtype
 
-        lambdas = self._lambdas_for(groups, parameters)
+        lambdas = self._lambdas_for(groups, parameters, input_dtypes)
         results = []
         for group, params, lams, dtype in zip(groups, parameters, lambdas, input_dtypes):
             group = align_dtype(group, dtype)
@@ -160,13 +160,14 @@ class MetaGPTMerge(GroupMergeMethod):
         return self.merge_with_lambdas(group, lambdas, parameters)
 
     # -- where the λ come from ------------------------------------------------
-    def _lambdas_for(self, groups, parameters) -> List[Dict[Hashable, float]]:
+    def _lambdas_for(self, groups, parameters, input_dtypes=None) -> List[Dict[Hashable, float]]:
         if _IN_MEMORY.get():
-            return self._in_memory_lambdas(groups, parameters)
+            return self._in_memory_lambdas(groups, parameters, input_dtypes)
         return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
 
-    def _in_memory_lambdas(self, groups, parameters) -> List[Dict[Hashable, float]]:
-        """In-memory calls hand over every tensor group at once: norms over those.
+    def _in_memory_lambdas(self, groups, parameters, input_dtypes=None) -> List[Dict[Hashable, float]]:
+        """In-memory calls hand over every tensor group at once: norms over those, cast to
+        each group's input dtype as the merge casts them (``merge_state_dicts(dtype=…)``).
 
         Each group follows its own ``granularity`` (a per-group value, as graph merges
         follow it per tensor): ``global`` groups share the λ of the norms over all the
@@ -176,17 +177,20 @@ class MetaGPTMerge(GroupMergeMethod):
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
         alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
         per_tensor = [p.get("granularity", "global") == "per_tensor" for p in parameters]
+        dtypes = list(input_dtypes) if input_dtypes is not None else [None] * len(groups)
         shared = None
         if not all(per_tensor):
-            norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]))
+            norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]), dtypes.__getitem__)
             coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
             if len(groups) > 1:
                 coefficients.log("in-memory merge")
             shared = coefficients.lambdas
         return [
-            self._coefficients(in_memory_norms([g], lambda _i, p=p: self.sparsifier(p)), alpha).lambdas
+            self._coefficients(
+                in_memory_norms([g], lambda _i, p=p: self.sparsifier(p), lambda _i, d=d: d), alpha
+            ).lambdas
             if own else shared
-            for g, p, own in zip(groups, parameters, per_tensor)
+            for g, p, own, d in zip(groups, parameters, per_tensor, dtypes)
         ]
 
     @staticmethod

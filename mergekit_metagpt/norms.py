@@ -262,12 +262,15 @@ def storage_view(tensor: torch.Tensor) -> tuple:
     )
 
 
-def in_memory_norms(groups, sparsifier_of=None) -> Dict[Hashable, Dict[str, float]]:
+def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable, Dict[str, float]]:
     """Squared norms over every group passed to one in-memory merge call.
 
     A tensor pair (model's, base's) that shares its memory with a pair already counted
     (tied ``lm_head`` / ``embed_tokens`` of ``nn.Module`` inputs) is the same task
-    vector and counts once. `sparsifier_of(group_index)` gives the sparsifier, if any.
+    vector and counts once. `sparsifier_of(group_index)` gives the sparsifier, if any;
+    `dtype_of(group_index)` the dtype the merge casts that group's tensors to (its
+    ``input_dtypes``: the norms are those of the cast tensors, one tensor at a time), or
+    None for none (mergekit then promotes, which changes no value).
     """
     accumulator = NormAccumulator([BASE], {BASE: "the base model"})
     scratch = thread_scratch()
@@ -277,8 +280,14 @@ def in_memory_norms(groups, sparsifier_of=None) -> Dict[Hashable, Dict[str, floa
         if base is None:
             continue
         name = group.metadata.name or f"group {index}"
+        dtype = dtype_of(index) if dtype_of else None
+
+        def cast(tensor, dtype=dtype):
+            return tensor if dtype is None else tensor.to(dtype=dtype)
+
         base_tensor = base.tensor.detach()
         base_view = storage_view(base_tensor)
+        base_tensor = cast(base_tensor)
         if (BASE, base_view) not in seen:
             seen.add((BASE, base_view))
             accumulator.add(BASE, name, base_check(base_tensor, scratch))
@@ -290,7 +299,7 @@ def in_memory_norms(groups, sparsifier_of=None) -> Dict[Hashable, Dict[str, floa
                 continue
             seen.add(pair)
             accumulator.add(
-                entry.id, name, squared_delta(tensor, base_tensor, sparsifier, entry.id, scratch)
+                entry.id, name, squared_delta(cast(tensor), base_tensor, sparsifier, entry.id, scratch)
             )
     norms = accumulator.finish()
     del norms[BASE]

@@ -147,3 +147,18 @@ def test_per_group_alpha_must_still_be_one_value_with_mixed_granularity():
             "granularity": PerGroupValues(["global", "per_tensor", "global"]),
             "alpha": PerGroupValues([1.0, 0.5, 1.0]),
         })
+
+
+def test_norms_are_those_of_the_tensors_cast_to_the_merge_dtype():
+    """merge_state_dicts(dtype=…) casts every tensor before merging: the norms are those of
+    the cast tensors, as in a graph merge with `dtype:`. Model a moves 0.003 where the base
+    is 1 (bfloat16 rounds that away: its cast task vector is zero), model b 0.003 where the
+    base is 0 (kept): cast, λ_b = 1; from the float32 inputs, λ_a = λ_b = 1/2."""
+    base = {"x": torch.ones(64), "y": torch.zeros(64)}
+    a = {"x": torch.full((64,), 1.003), "y": torch.zeros(64)}
+    b = {"x": torch.ones(64), "y": torch.full((64,), 0.003)}
+    merged = merge_state_dicts({"base": base, "a": a, "b": b}, "metagpt", base="base",
+                               dtype=torch.bfloat16, out_dtype=torch.float32)
+    expected = torch.full((64,), 0.003).to(torch.bfloat16).float()  # λ_b = 1
+    assert torch.equal(merged["y"], expected), merged["y"][:4]
+    assert torch.equal(merged["x"], torch.ones(64))
