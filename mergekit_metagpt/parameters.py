@@ -35,8 +35,11 @@ def _checked(code: str, rule: str, accept: Callable[[float], bool]):
     return Annotated[float, BeforeValidator(check)]
 
 
-NonNegativeFloat = _checked("metagpt_lambda", "MetaGPT: parameter lambda must be a finite number >= 0",
-                            lambda x: math.isfinite(x) and x >= 0.0)
+FLOAT32_MAX = 3.4028234663852886e38  # larger λ scales cannot multiply a float32 tensor
+
+NonNegativeFloat = _checked("metagpt_lambda",
+                            "MetaGPT: parameter lambda must be a number in [0, 3.4e38]",
+                            lambda x: math.isfinite(x) and 0.0 <= x <= FLOAT32_MAX)
 Density = _checked("metagpt_density", "MetaGPT: parameter density must be a number in (0, 1]",
                    lambda x: 0.0 < x <= 1.0)
 

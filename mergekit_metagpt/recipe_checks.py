@@ -8,7 +8,7 @@ function, ``check_config``, is called by the ``run_merge`` wrapper (``mergekit-y
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Set, Tuple
+from typing import Any, Iterator, Optional, Set, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError
 
@@ -22,42 +22,80 @@ WEIGHT_HELP = (
 )
 
 
-def _parameter_names(node: Any, seen: Set[int], per_input: bool = False) -> Iterator[Tuple[str, bool]]:
-    """(name, given per input model) for every parameter setting in a config tree."""
+def _settings(node: Any, seen: Set[int], context: Tuple[str, ...] = ()) -> Iterator[Tuple[str, Any, Optional[str], Tuple[str, ...]]]:
+    """(name, setting, the input model it is given for or None, where it is given: e.g.
+    ("layers 0-4", "slice 2")) for every parameter setting in a config tree."""
     if id(node) in seen:
         return
     seen.add(id(node))
     if isinstance(node, dict):
-        for value in node.values():
-            yield from _parameter_names(value, seen)
+        for key, value in node.items():
+            yield from _settings(value, seen, context + ((f"module {key}",) if isinstance(key, str) else ()))
     elif isinstance(node, (list, tuple)):
-        for value in node:
-            yield from _parameter_names(value, seen)
+        for index, value in enumerate(node):
+            inner = (f"slice {index + 1}",) if type(value).__name__ == "OutputSliceDefinition" else ()
+            yield from _settings(value, seen, inner + context)
     elif hasattr(type(node), "model_fields"):
-        mine = type(node).__name__ in PER_INPUT
+        model, here = None, context
+        if type(node).__name__ in PER_INPUT:
+            model = str(node.model)
+            layers = getattr(node, "layer_range", None)
+            here = ((f"layers {layers[0]}-{layers[1]}",) if layers else ()) + context
         for name in type(node).model_fields:
             value = getattr(node, name, None)
             if name == "parameters" and isinstance(value, dict):
-                for key in value:
-                    yield key, mine
+                for key, setting in value.items():
+                    yield key, setting, model, here
             elif value is not None:
-                yield from _parameter_names(value, seen)
+                yield from _settings(value, seen, context)
+
+
+def _scalars(setting: Any, condition: Tuple[str, ...] = ()) -> Iterator[Tuple[Any, Tuple[str, ...]]]:
+    """(value, ("filter …",) or ()) for every value a setting holds: scalars, gradient
+    endpoints, the values of `filter:` conditions (mergekit validates each of them when it
+    resolves the setting for a tensor, interpolated gradients included)."""
+    if hasattr(setting, "value") and hasattr(setting, "filter"):  # ConditionalParameter
+        text = (f"filter {setting.filter}",) if setting.filter not in (None, "*") else ()
+        yield from _scalars(setting.value, text)
+    elif isinstance(setting, (list, tuple)):
+        for item in setting:
+            yield from _scalars(item, condition)
+    else:
+        yield setting, condition
+
+
+def _value_problem(spec, value: Any) -> Optional[str]:
+    """Why `value` is not one of the parameter's values ("must be …"), or None if it is."""
+    from pydantic import ValidationError
+
+    try:
+        spec.validate(value)
+    except ValidationError as error:
+        details = error.errors()
+        reason = str(details[0].get("msg", error)) if details else str(error)
+        reason = reason.replace(f"MetaGPT: parameter {spec.name} ", "")
+        return "s" + reason[len("Input s"):] if reason.startswith("Input should") else reason
+    return None
 
 
 def check_config(config) -> None:
-    """Refuse unknown parameter names and shared parameters given per model."""
+    """Refuse unknown parameter names, shared parameters given per model, and values the
+    parameter does not take (naming the parameter, the model and the slice), before
+    mergekit resolves them tensor by tensor (its message names neither)."""
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import ParameterScope
 
     method_name = getattr(config, "merge_method", None)
     spec = registry.get(method_name).spec
+    specs = {p.name: p for p in spec.parameters}
     shared = {p.name for p in spec.parameters if p.scope == ParameterScope.SHARED}
     per_input = {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
     unknown, misplaced = set(), set()
-    for name, given_per_input in _parameter_names(config, set()):
+    settings = list(_settings(config, set()))
+    for name, _setting, model, _where in settings:
         if name not in shared | per_input:
             unknown.add(name)
-        elif given_per_input and name in shared:
+        elif model is not None and name in shared:
             misplaced.add(name)
     if unknown:
         message = (
@@ -73,3 +111,10 @@ def check_config(config) -> None:
             f"merge (one value for every model), but are given for a single model; move them "
             f"to the top-level (or slice-level) `parameters:`"
         )
+    for name, setting, model, where in settings:
+        for value, condition in _scalars(setting):
+            problem = _value_problem(specs[name], value)
+            if problem is not None:
+                parts = where + condition
+                place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
+                raise MetaGPTError(f"MetaGPT: parameter {name}{place} {problem} (got {value!r})")

@@ -69,9 +69,18 @@ CASES = {
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
                                     r"Unknown parameter\(s\) for metagpt: density"),
     "negative lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": -0.5}),
-                        "lambda must be a finite number >= 0"),
+                        r"lambda must be a number in \[0, 3.4e38\]"),
     "non-numeric lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": "big"}),
-                           "lambda must be a finite number >= 0"),
+                           r"lambda must be a number in \[0, 3.4e38\]"),
+    "per-model density out of range": (
+        lambda p: {**recipe(p, ["good"], method="metagpt_ties"),
+                   "models": [{"model": p["good"], "parameters": {"density": 0}}]},
+        r"parameter density for model .*/good must be a number in \(0, 1\] \(got 0\)$"),
+    "granularity not one of its values": (
+        lambda p: recipe(p, ["good"], parameters={"granularity": "per_layer"}),
+        r"parameter granularity should be 'global' or 'per_tensor' \(got 'per_layer'\)$"),
+    "lambda beyond float32": (lambda p: recipe(p, ["good"], parameters={"lambda": 1.0e39}),
+                              r"lambda must be a number in \[0, 3.4e38\] \(got 1e\+39\)$"),
     "alpha above 1": (lambda p: recipe(p, ["good"], parameters={"alpha": 1.5}),
                       r"alpha must be a number in \[0, 1\]"),
     "alpha differs between tensors": (
@@ -106,3 +115,38 @@ def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
     merged = load_checkpoint(out)
     for name, tensor in base.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_a_bad_value_is_named_with_where_it_is_given():
+    """A value in a slice's source, under a filter, at a gradient's end: the message says
+    which parameter, model, layers, slice and filter (mergekit's own names none of them)."""
+    import yaml
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    def source(model, layers, parameters=None):
+        return {"model": model, "layer_range": layers, **({"parameters": parameters} if parameters else {})}
+
+    config = MergeConfiguration.model_validate(yaml.safe_load("""
+merge_method: metagpt_ties
+base_model: ./base
+slices:
+  - sources: [{model: ./base, layer_range: [0, 2]}, {model: ./a, layer_range: [0, 2]}]
+  - sources:
+      - {model: ./base, layer_range: [2, 4]}
+      - model: ./a
+        layer_range: [2, 4]
+        parameters:
+          density: [{filter: mlp, value: [0.5, 1.2]}, {value: 0.5}]
+"""))
+    with pytest.raises(MetaGPTError) as error:
+        check_config(config)
+    assert str(error.value) == (
+        "MetaGPT: parameter density for model ./a (layers 2-4, slice 2, filter mlp) "
+        "must be a number in (0, 1] (got 1.2)"
+    )
+    config.slices[1].sources[1].parameters["density"][0].value = [0.5, 1.0]
+    check_config(config)  # every value in range: no error
