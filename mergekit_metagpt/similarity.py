@@ -26,7 +26,7 @@ COSINE_ORTHOGONAL = 0.1
 EMBED, HEAD, OTHER = "embed", "head", "other"
 # the leftmost block number: T5's "encoder.block.3.layer.1." is block 3
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
-_EMBED = re.compile(r"embed_tokens|embed_in|wte|word_embeddings|tok_embeddings|embeddings\.")
+_EMBED = re.compile(r"embed_tokens|embed_in|wte|wpe|word_embeddings|tok_embeddings|embeddings\.|(?:^|\.)shared\.")
 _HEAD = re.compile(r"(?:^|\.)(?:lm_head|embed_out|output)\.")
 
 

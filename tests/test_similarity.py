@@ -190,7 +190,7 @@ def test_warm_merge_takes_cosines_from_the_cache_and_an_older_cache_is_a_miss(al
 
     # a cache written before inner products existed: norms entries only
     cache = norm_cache.cache_dir()
-    products = [f for f in os.listdir(cache) if "products" in json.load(open(os.path.join(cache, f)))]
+    products = [f for f in os.listdir(cache) if f.endswith(".json") and "products" in json.load(open(os.path.join(cache, f)))]
     assert len(products) == 3  # one per pair of models
     for name in products:
         os.remove(os.path.join(cache, name))
@@ -213,6 +213,8 @@ def test_layer_columns():
     assert layer_of("model.layers.12.mlp.up_proj.weight") == "12"
     assert layer_of("transformer.h.3.attn.c_attn.weight") == "3"
     assert layer_of("lm_head.weight") == "head"
+    assert layer_of("transformer.wpe.weight") == "embed"  # GPT-2 positions
+    assert layer_of("shared.weight") == "embed"  # T5
     assert layer_of("model.norm.weight") == "other"
 
 
@@ -230,7 +232,7 @@ def test_cosines_off_in_merges_computes_no_products(aligned_family, merge_option
     with open(os.path.join(out, "metagpt_coefficients.json")) as f:
         cosine = json.load(f)["merges"][0]["cosine_similarity"]
     assert cosine["matrix"][0][1] is None and "MERGEKIT_METAGPT_COSINES=0" in cosine["note"]
-    assert not [n for n in os.listdir(norm_cache.cache_dir()) if "products" in json.load(open(os.path.join(norm_cache.cache_dir(), n)))]
+    assert not [n for n in os.listdir(norm_cache.cache_dir()) if n.endswith(".json") and "products" in json.load(open(os.path.join(norm_cache.cache_dir(), n)))]
     from checkpoints import closed_form
 
     _, reference_merge = closed_form(sds["base"], [sds[m] for m in MODELS])
