@@ -54,11 +54,24 @@ class MergeRun:
         self.sets: Dict[tuple, MergeSet] = {}
         self._set_of: Dict[int, MergeSet] = {}
         self._index_of: Dict[int, int] = {}
+        unread: Dict[Tuple[Hashable, ...], List[str]] = {}  # models named but not read -> tensors
         for task in tasks:
-            merge_set = self.sets.setdefault(set_key(task), MergeSet(task.base_model, _non_base(task)))
+            models = _non_base(task)
+            key = (task.method_name, task.base_model, frozenset(models))
+            merge_set = self.sets.setdefault(key, MergeSet(task.base_model, models))
             self._set_of[id(task)] = merge_set
             self._index_of[id(task)] = len(merge_set.tasks)
             merge_set.tasks.append(task)
+            named = tuple(m for m in task.model_order if m != task.base_model and m not in models)
+            if named:
+                unread.setdefault(named, []).append(task.output_weight.name)
+        for named, names in unread.items():
+            LOG.warning(
+                "MetaGPT: mergekit reads nothing of %s for %s, though the last slice lists it "
+                "(mergekit 0.1.5 plans the tensors after the last slice with as many sources as "
+                "the first slice has); they are merged, and their λ taken, over the models read",
+                ", ".join(str(m) for m in named), ", ".join(names[:3]) + (", …" if len(names) > 3 else ""),
+            )
         self.lock = threading.Lock()
         self.result = None  # prepass.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
@@ -107,12 +120,22 @@ def uniform_alpha(values, where: str) -> float:
     return distinct[0] if distinct else 1.0
 
 
+def task_models(task) -> Tuple[Hashable, ...]:
+    """The task's models (in its order) that its input task gathers: what the merge
+    receives. mergekit 0.1.5 plans the post-weights of a ``slices:`` recipe (final norm,
+    ``lm_head``) with the last slice's models but as many inputs as the first slice has
+    sources, so where the last slice has more, the rest are named but never read."""
+    from mergekit_metagpt.plan_inputs import task_reads
+
+    try:
+        gathered = task_reads(task)
+    except MetaGPTError:  # an input the pre-pass cannot read: it says so when it runs
+        return tuple(task.model_order)
+    return tuple(m for m in task.model_order if m in gathered)
+
+
 def _non_base(task) -> Tuple[Hashable, ...]:
-    return tuple(m for m in task.model_order if m != task.base_model)
-
-
-def set_key(task) -> tuple:
-    return (task.method_name, task.base_model, frozenset(_non_base(task)))
+    return tuple(m for m in task_models(task) if m != task.base_model)
 
 
 # -- which run a task belongs to ------------------------------------------------------

@@ -222,15 +222,12 @@ class RunNorms:
         return [s for s in self.sets if not s.merge_set.models]
 
 
-def _sparsifier(task, method) -> Optional[Sparsifier]:
+def _sparsifier(task, method, models) -> Optional[Sparsifier]:
     """The method's sparsifier for this task's parameters (None: dense norms)."""
     if method is None:
         return None
     params = dict(task.parameters.items())
-    params["density"] = {
-        model: dict(task.input_parameters[model].items()).get("density", 1.0)
-        for model in task.model_order if model != task.base_model
-    }
+    params["density"] = {model: dict(task.input_parameters[model].items()).get("density", 1.0) for model in models}
     return method.sparsifier(params)
 
 
@@ -305,13 +302,12 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
         # fingerprint, which two checkpoints with the same weight files share
         for model in reads:
             own[model] = "".join(f"|{digests[n].by_model.get(model, '-')[:16]}" for n in sorted(digests))
-    for model in task.model_order:
-        if model == task.base_model:
-            continue
-        read = reads.get(model)
-        keys[model] = (None if base is None or read is None
+    models = [m for m in task.model_order if m != task.base_model and m in reads]  # merge_plan.task_models
+    for model in models:
+        read = reads[model]
+        keys[model] = (None if base is None
                        else f"{base.key}|{read.key}|{axis}{group}{own.get(task.base_model, '')}{own.get(model, '')}")
-    sparsifier = _sparsifier(task, method)
+    sparsifier = _sparsifier(task, method, models)
     pair_keys = {}
     if sparsifier is None:  # inner products of the dense task vectors, for each pair of models
         # each pair in one order whatever the recipe's (the cache's entry is per ordered triple)

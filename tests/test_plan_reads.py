@@ -283,6 +283,40 @@ def test_each_slice_model_set_gets_its_own_lambdas(slice_family, tmp_path):
     assert_lambdas(next(g for g in got if "c" in g), lams2)
 
 
+def test_a_last_slice_with_more_sources_than_the_first(slice_family, tmp_path):
+    """Slice 1: base, a, layer 0; slice 2: base, b, c, layer 1. mergekit 0.1.5 plans the
+    final norm and lm_head with the last slice's models but as many inputs as the first
+    slice has, so it reads base and b only for them (c is named, never read): those two
+    tensors are a set {b} of their own (λ_b = 1), as the merge has them; the pre-pass
+    crashed on the unread model (KeyError)."""
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths[m], 0, 1) for m in ["base", "a"]],
+        [source(paths[m], 1, 2) for m in ["base", "b", "c"]],
+    ])
+    path = write_yaml(config, str(tmp_path / "out.yml"))
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(path, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"mergekit reads nothing of \S+/c for model\.norm\.weight, lm_head\.weight", result.stderr)
+    base = sds["base"]
+    first = [(EMBED, EMBED)] + [(n, n) for n in layer_names(base, 0)]
+    second = [(moved(n, 1), n) for n in layer_names(base, 1)]
+    last = [(NORM, NORM), (HEAD, HEAD)]
+    sets = [{"a": sds["a"]}, {m: sds[m] for m in "bc"}, {"b": sds["b"]}]
+    merged = load_checkpoint(out)
+    assert set(merged) == {o for o, _ in first + second + last}
+    want = []
+    for group, reads in zip(sets, (first, second, last)):
+        lams = closed_lambdas(base, group, reads)
+        assert_close(merged, closed_merge(base, group, lams, reads))
+        want.append(lams)
+    got = record_sets(out, _names(paths))
+    assert len(got) == 3
+    for lams in want:
+        assert_lambdas(next(g for g in got if set(g) == set(lams)), lams)
+
+
 # =====================================================================================
 # 2. a slice of the base alone
 # =====================================================================================
