@@ -90,10 +90,12 @@ def _table(entry) -> str:
     """One model set's plain-text table, from its record entry (the JSON's numbers)."""
     from mergekit_metagpt.coefficients import text_table
 
-    per_tensor = entry["granularity"] == "per_tensor"
+    from mergekit_metagpt.record import per_tensor_count, per_tensor_of
+
+    per_tensor = per_tensor_count(entry)
     header = ["model", "||delta||^2", "lambda"]
     if per_tensor:
-        header.append("lambda per tensor: min / median / max")
+        header.append(f"lambda per tensor{per_tensor_of(entry)}: min / median / max")
     rows = []
     for row in entry["models"]:
         cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
@@ -107,7 +109,7 @@ def _table(entry) -> str:
 def coefficients_text(payload) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula
-    from mergekit_metagpt.record import passed_through_text
+    from mergekit_metagpt.record import passed_through_text, per_tensor_count
 
     merges = payload["merges"]
     blocks = []
@@ -119,9 +121,9 @@ def coefficients_text(payload) -> str:
         lines.append(_table(entry))
         blocks.append("\n".join(lines))
     notes = []
-    if any(e["granularity"] == "per_tensor" for e in merges):
-        notes.append("granularity: per_tensor: each tensor is merged with the lambda of its own norms; "
-                     "'lambda' is over the whole model set")
+    if any(per_tensor_count(e) for e in merges):
+        notes.append("granularity: per_tensor: each such tensor is merged with the lambda of its own norms; "
+                     "'lambda' is over the whole model set (and merges the set's other tensors)")
     if any(e.get("alpha", 1.0) != 1.0 for e in merges):
         notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
                      "(alpha 1 is the paper, 0 the average)")

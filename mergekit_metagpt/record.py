@@ -11,7 +11,7 @@ Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granu
 ``lambda`` (the overall scale), ``alpha`` (the tempering exponent of the λ; 1 unless the
 recipe sets it), ``lambda_from`` and ``density`` (variants), and
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
-``{min, median, max}`` for ``granularity: per_tensor``), and ``cosine_similarity``:
+``{tensors, min, median, max}`` over the tensors with ``granularity: per_tensor``), and ``cosine_similarity``:
 ``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not
 computed; ``note`` says why). A merge writes the file once,
 when its pre-pass ends, replacing the record of any earlier run in that folder.
@@ -66,12 +66,15 @@ def set_entry(set_norms) -> Dict[str, Any]:
         }
     models = []
     lambdas = coefficients.lambdas
-    by_task = [set_norms.task_lambdas(i) for i in range(len(tasks))] if granularity == "per_tensor" else []
+    # tensors merged with their own λ (granularity: per_tensor, for some or all of the set's tensors)
+    by_task = [set_norms.task_lambdas(i) for i, t in enumerate(tasks)
+               if _param(t, "granularity", "global") == "per_tensor"]
     for model, norm in coefficients.squared_norms:
         row = {"model": str(model), "squared_norm": norm, "lambda": lambdas[model]}
         if by_task:
             per_tensor = [lams[model] for lams in by_task]
             row["lambda_per_tensor"] = {
+                "tensors": len(per_tensor),
                 "min": min(per_tensor), "median": statistics.median(per_tensor), "max": max(per_tensor),
             }
         models.append(row)
@@ -104,6 +107,21 @@ def record_payload(run) -> Dict[str, Any]:
         "merges": [set_entry(s) for s in run.result.merging],
         "passed_through": passed_through_entries(run.result),
     }
+
+
+def per_tensor_count(entry) -> int:
+    """How many of a record entry's tensors are merged with their own λ (per_tensor)."""
+    rows = entry["models"]
+    spread = rows[0].get("lambda_per_tensor") if rows else None
+    if spread is None:
+        return 0
+    return int(spread.get("tensors", entry["tensors"]))  # a record written before the count: all
+
+
+def per_tensor_of(entry) -> str:
+    """" (N of M tensors)" where only some of the set's tensors are per_tensor, else ""."""
+    count = per_tensor_count(entry)
+    return f" ({count} of {entry['tensors']} tensors)" if 0 < count < entry["tensors"] else ""
 
 
 def passed_through_entries(result) -> List[Dict[str, Any]]:
@@ -178,13 +196,14 @@ def card_section(run) -> str:
     ]
     merges = payload["merges"]
     for number, entry in enumerate(merges, 1):
-        per_tensor = entry["granularity"] == "per_tensor"
+        per_tensor = per_tensor_count(entry)
         lines.append("")
         if len(merges) > 1:
             lines += [f"### Model set {number} of {len(merges)}: base {entry['base_model']}, "
                       f"{entry['tensors']} tensors", ""]
         if per_tensor:
-            lines += ["| model | ‖δ‖² | λ (whole set) | λ per tensor: min / median / max |", "|---|---|---|---|"]
+            lines += [f"| model | ‖δ‖² | λ (whole set) | λ per tensor{per_tensor_of(entry)}: min / median / max |",
+                      "|---|---|---|---|"]
         else:
             lines += ["| model | ‖δ‖² | λ |", "|---|---|---|"]
         for row in entry["models"]:

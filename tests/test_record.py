@@ -314,6 +314,36 @@ def test_per_tensor_record_gives_each_models_lambda_spread(llama_family, merge_o
         assert f"{expected['median']:.6f}" in card_line
 
 
+def test_mixed_granularity_record_gives_the_spread_of_the_per_tensor_ones(llama_family, merge_options, tmp_path):
+    """granularity per_tensor on the MLP tensors only: the record's lambda_per_tensor is over
+    those tensors (and says how many), the card's and coefficients' tables say "N of M"
+    (the spread was left out: the record said only the whole set's λ)."""
+    from mergekit_metagpt.cli import coefficients_text
+
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    granularity = [{"filter": "mlp", "value": "per_tensor"}, {"value": "global"}]
+    run_recipe(recipe(paths, MODELS, parameters={"granularity": granularity}), out, merge_options)
+    record = read_record(out)
+    (merge,) = record["merges"]
+    assert merge["granularity"] == ["global", "per_tensor"]
+    names = list(sds["base"])
+    mlp = [n for n in names if ".mlp." in n]
+    per_tensor = {m: [] for m in MODELS}
+    for name in mlp:
+        for model, lam in zip(MODELS, lambdas_of(squared_norms(sds, MODELS, [name]))):
+            per_tensor[model].append(lam)
+    for row, model in zip(merge["models"], MODELS):
+        spread = row["lambda_per_tensor"]
+        values = per_tensor[model]
+        assert spread["tensors"] == len(mlp) < len(names)
+        for key, want in (("min", min(values)), ("median", statistics.median(values)), ("max", max(values))):
+            assert abs(spread[key] - want) < 1e-6, (model, key, spread)
+    header = f"λ per tensor ({len(mlp)} of {len(names)} tensors): min / median / max"
+    assert header in read_card(out)
+    assert f"lambda per tensor ({len(mlp)} of {len(names)} tensors)" in coefficients_text(record)
+
+
 # -- lambda_from: sparse -----------------------------------------------------------------
 def trimmed_norms(sds, models, densities):
     """‖TIES-trimmed δ‖²: per tensor the k = max(1, int(density·numel)) largest |δ|, no rescale."""
