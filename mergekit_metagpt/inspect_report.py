@@ -138,7 +138,7 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
         if drawn:
             lines += ["", f"![cosine matrix](metagpt-cosines{suffix}.png)"]
         lines += ["", "### Where each fine-tune changed the model (‖δ‖² per layer)", "",
-                  "Layers: `embed` (embeddings), the blocks by number, `other` (the final norm and any "
+                  "Layers: `embed` (embeddings), the blocks by number (by stack and number where the model has several stacks, e.g. a vision tower), `other` (the final norm and any "
                   "tensor outside the blocks), `head` (`lm_head`).", ""]
         if drawn:
             lines += [f"![‖δ‖² per layer](metagpt-layer-norms{suffix}.png)", ""]

@@ -43,10 +43,37 @@ def layer_of(name: str) -> str:
     return OTHER
 
 
-def _column_order(labels) -> List[str]:
-    numbers = sorted({int(x) for x in labels if x.isdigit()})
-    ends = [x for x in (OTHER, HEAD) if x in labels]
-    return ([EMBED] if EMBED in labels else []) + [str(n) for n in numbers] + ends
+def _stack_label(stack: str) -> str:
+    """A short name for a stack of blocks: its path without the container and ``model``
+    parts ("model.vision_tower.encoder.layers" -> "vision_tower.encoder")."""
+    parts = [p for p in stack.split(".")[:-1] if p not in ("model", "transformer")]
+    return ".".join(parts) or stack
+
+
+def layer_columns(names: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Each tensor's column and the columns in order: ``embed``, the blocks, ``other``,
+    ``head``. A model with several stacks of blocks (a vision tower beside a language
+    model, an encoder and a decoder) gets a column per block of each stack, named by the
+    stack ("vision_tower.encoder 3"), in the order the stacks first appear; one stack,
+    just the block numbers."""
+    keys: List[object] = []
+    for name in names:
+        match = _LAYER.search(name)
+        keys.append((name[:match.start(1) - 1], int(match.group(1))) if match else layer_of(name))
+    stacks = list(dict.fromkeys(k[0] for k in keys if isinstance(k, tuple)))
+    labels = {s: _stack_label(s) for s in stacks}
+    if len(set(labels.values())) < len(stacks):
+        labels = {s: s for s in stacks}
+
+    def label(key) -> str:
+        if not isinstance(key, tuple):
+            return key
+        return str(key[1]) if len(stacks) == 1 else f"{labels[key[0]]} {key[1]}"
+
+    columns = [label(k) for k in keys]
+    blocks = [label((s, n)) for s in stacks for n in sorted({k[1] for k in keys if isinstance(k, tuple) and k[0] == s})]
+    order = ([EMBED] if EMBED in columns else []) + blocks + [x for x in (OTHER, HEAD) if x in columns]
+    return columns, order
 
 
 def short_names(models: Sequence[Hashable]) -> List[str]:
@@ -156,8 +183,7 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
     merge_set = set_norms.merge_set
     models = list(merge_set.models)
     names = [t.output_weight.name for t in merge_set.tasks]
-    columns = [layer_of(n) for n in names]
-    layers = _column_order(set(columns))
+    columns, layers = layer_columns(names)
     coefficients = set_norms.coefficients
     lambdas = coefficients.lambdas
     per_task = {m: [v or 0.0 for v in set_norms.per_task[m]] for m in models}

@@ -218,6 +218,20 @@ def test_layer_columns():
     assert layer_of("model.norm.weight") == "other"
 
 
+def test_layer_columns_keep_two_stacks_of_blocks_apart():
+    """A vision tower's block 0 and the language model's block 0 are two columns (they
+    were one, their norms added); one stack keeps plain numbers."""
+    from mergekit_metagpt.similarity import layer_columns
+
+    names = ["vision_tower.transformer.layers.0.w", "vision_tower.transformer.layers.1.w",
+             "language_model.model.embed_tokens.weight", "language_model.model.layers.0.w",
+             "language_model.model.norm.weight", "language_model.lm_head.weight"]
+    columns, order = layer_columns(names)
+    assert columns == ["vision_tower 0", "vision_tower 1", "embed", "language_model 0", "other", "head"]
+    assert order == ["embed", "vision_tower 0", "vision_tower 1", "language_model 0", "other", "head"]
+    assert layer_columns(["model.layers.1.w", "model.layers.0.w"]) == (["1", "0"], ["0", "1"])
+
+
 def test_cosines_off_in_merges_computes_no_products(aligned_family, merge_options, tmp_path, monkeypatch):
     from mergekit_metagpt import norm_cache, norms
 
