@@ -54,7 +54,7 @@ class MergeRun:
         self.sets: Dict[tuple, MergeSet] = {}
         self._set_of: Dict[int, MergeSet] = {}
         self._index_of: Dict[int, int] = {}
-        unread: Dict[Tuple[Hashable, ...], List[str]] = {}  # models named but not read -> tensors
+        unread: Dict[Tuple[tuple, tuple], List[str]] = {}  # (named, read) -> tensors
         for task in tasks:
             models = _non_base(task)
             key = (task.method_name, task.base_model, frozenset(models))
@@ -64,13 +64,16 @@ class MergeRun:
             merge_set.tasks.append(task)
             named = tuple(m for m in task.model_order if m != task.base_model and m not in models)
             if named:
-                unread.setdefault(named, []).append(task.output_weight.name)
-        for named, names in unread.items():
+                unread.setdefault((named, models), []).append(task.output_weight.name)
+        for (named, models), names in unread.items():
             LOG.warning(
-                "MetaGPT: mergekit reads nothing of %s for %s, though the last slice lists it "
+                "MetaGPT: mergekit reads nothing of %s for %s, though the last slice lists %s "
                 "(mergekit 0.1.5 plans the tensors after the last slice with as many sources as "
-                "the first slice has); they are merged, and their λ taken, over the models read",
+                "the first slice has); %s",
                 ", ".join(str(m) for m in named), ", ".join(names[:3]) + (", …" if len(names) > 3 else ""),
+                "it" if len(named) == 1 else "them",
+                f"they are merged, and their λ taken, over {', '.join(str(m) for m in models)}" if models
+                else "they are the base's, passed through",
             )
         self.lock = threading.Lock()
         self.result = None  # prepass.RunNorms, once computed
@@ -120,18 +123,20 @@ def uniform_alpha(values, where: str) -> float:
     return distinct[0] if distinct else 1.0
 
 
-def task_models(task) -> Tuple[Hashable, ...]:
-    """The task's models (in its order) that its input task gathers: what the merge
-    receives. mergekit 0.1.5 plans the post-weights of a ``slices:`` recipe (final norm,
-    ``lm_head``) with the last slice's models but as many inputs as the first slice has
-    sources, so where the last slice has more, the rest are named but never read."""
+def task_models(task, reads=None) -> Tuple[Hashable, ...]:
+    """The task's models (in its order) that its input task gathers (``reads``: its
+    ``plan_inputs.task_reads``, if known): what the merge receives. mergekit 0.1.5 plans
+    the post-weights of a ``slices:`` recipe (final norm, ``lm_head``) with the last
+    slice's models but as many inputs as the first slice has sources, so where the last
+    slice has more, the rest are named but never read."""
     from mergekit_metagpt.plan_inputs import task_reads
 
-    try:
-        gathered = task_reads(task)
-    except MetaGPTError:  # an input the pre-pass cannot read: it says so when it runs
-        return tuple(task.model_order)
-    return tuple(m for m in task.model_order if m in gathered)
+    if reads is None:
+        try:
+            reads = task_reads(task)
+        except MetaGPTError:  # an input the pre-pass cannot read: it says so when it runs
+            return tuple(task.model_order)
+    return tuple(m for m in task.model_order if m in reads)
 
 
 def _non_base(task) -> Tuple[Hashable, ...]:

@@ -22,6 +22,7 @@ import logging
 import contextlib
 import math
 import os
+import threading
 import time
 from typing import Dict, Optional
 
@@ -57,9 +58,21 @@ LOCK_WAIT_S = 10.0
 def folder_lock():
     """Held around a read-merge-write of an entry: an exclusive ``flock`` on the cache
     folder's ``.lock``, so that two processes finishing at the same moment do not drop each
-    other's new reads. Where it cannot be had (no ``fcntl``, a folder that cannot be
-    written, a filesystem without locks, or a wait beyond ``LOCK_WAIT_S``) the write goes
-    ahead without it: the worst case is then reads computed again, never a wrong value."""
+    other's new reads, taken by one thread of the process at a time (on NFS, where Linux
+    emulates ``flock`` with per-process locks, two threads would both hold it, and the
+    first to finish would release it). Where it cannot be had (no ``fcntl``, a folder that
+    cannot be written, a filesystem without locks, or a wait beyond ``LOCK_WAIT_S``) the
+    write goes ahead without it: the worst case is then reads computed again, never a
+    wrong value."""
+    with _ONE_THREAD, _flock():
+        yield
+
+
+_ONE_THREAD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _flock():
     try:
         import fcntl
     except ImportError:  # not POSIX
@@ -69,7 +82,10 @@ def folder_lock():
     try:
         try:
             os.makedirs(cache_dir(), exist_ok=True)
-            handle = open(os.path.join(cache_dir(), ".lock"), "a")
+            # read-only: another user's lock file (0644) locks too; flock needs no write access
+            handle = os.open(os.path.join(cache_dir(), ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+            with _HELD_LOCK:
+                _HELD.add(handle)
             deadline = time.monotonic() + LOCK_WAIT_S
             while True:
                 try:
@@ -86,7 +102,28 @@ def folder_lock():
         yield
     finally:
         if handle is not None:
-            handle.close()  # releases the lock
+            with _HELD_LOCK:
+                _HELD.discard(handle)
+            os.close(handle)  # releases the lock
+
+
+# Lock descriptors open in this process: a child forked while one is held would share it
+# (a flock belongs to the open file) and keep it until it exits; the child closes them.
+_HELD: set = set()
+_HELD_LOCK = threading.Lock()
+
+
+def _close_held_in_child() -> None:
+    for handle in list(_HELD):
+        try:
+            os.close(handle)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
 
 
 def _read(path: str, quiet: bool = False):

@@ -1,7 +1,7 @@
 """Parameter types of the MetaGPT methods (checked by mergekit when it resolves them).
 
-Checks of the recipe as a whole (unknown names, shared parameters given per model) are
-in ``recipe_checks``.
+Checks of the recipe as a whole (unknown names, shared parameters given per model, and
+every value against these types before mergekit resolves it) are in ``recipe_checks``.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ import torch
 
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import (
     InputDigest, TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter,
@@ -302,7 +303,7 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
         # fingerprint, which two checkpoints with the same weight files share
         for model in reads:
             own[model] = "".join(f"|{digests[n].by_model.get(model, '-')[:16]}" for n in sorted(digests))
-    models = [m for m in task.model_order if m != task.base_model and m in reads]  # merge_plan.task_models
+    models = [m for m in task_models(task, reads) if m != task.base_model]
     for model in models:
         read = reads[model]
         keys[model] = (None if base is None

@@ -1,9 +1,11 @@
 """Checks of a MetaGPT recipe that mergekit does not make, run before anything is read.
 
 mergekit 0.1.5 resolves only the parameters a method declares, so a misspelt name, or
-a shared parameter such as ``lambda`` given per model, would be ignored silently. One
-function, ``check_config``, is called by the ``run_merge`` wrapper (``mergekit-yaml``,
-``run_merge``, ``mergekit-multi``) and by ``mergekit-metagpt coefficients|bake|inspect``.
+a shared parameter such as ``lambda`` given per model, would be ignored silently; and it
+checks a value only when it resolves it for a tensor, in a message that names neither
+the model nor where the value is given. One function, ``check_config``, is called by the
+``run_merge`` wrapper (``mergekit-yaml``, ``run_merge``, ``mergekit-multi``) and by
+``mergekit-metagpt coefficients|bake|inspect``.
 """
 
 from __future__ import annotations
@@ -60,8 +62,14 @@ def _scalars(setting: Any, condition: Tuple[str, ...] = ()) -> Iterator[Tuple[An
     elif isinstance(setting, (list, tuple)):
         for item in setting:
             yield from _scalars(item, condition)
+            if _catch_all(item):  # mergekit takes the first condition that matches: none after it
+                break
     else:
         yield setting, condition
+
+
+def _catch_all(item: Any) -> bool:
+    return hasattr(item, "value") and hasattr(item, "filter") and item.filter in (None, "*")
 
 
 def _value_problem(spec, value: Any) -> Optional[str]:
@@ -111,10 +119,26 @@ def check_config(config) -> None:
             f"merge (one value for every model), but are given for a single model; move them "
             f"to the top-level (or slice-level) `parameters:`"
         )
+    # a per-model value given for the base, of a parameter mergekit resolves for the other
+    # models only (density), is never read: not checked
+    bases = {str(b) for b in _bases(config)}
     for name, setting, model, where in settings:
+        if model in bases and specs[name].scope == ParameterScope.NON_BASE:
+            continue
         for value, condition in _scalars(setting):
             problem = _value_problem(specs[name], value)
             if problem is not None:
                 parts = where + condition
                 place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
                 raise MetaGPTError(f"MetaGPT: parameter {name}{place} {problem} (got {value!r})")
+
+
+def _bases(config) -> Iterator[Any]:
+    """The recipe's base models: the top-level one and any slice's own."""
+    if getattr(config, "base_model", None) is not None:
+        yield config.base_model
+    modules = getattr(config, "modules", None) or {}
+    for owner in [config, *modules.values()]:
+        for output_slice in getattr(owner, "slices", None) or []:
+            if getattr(output_slice, "base_model", None) is not None:
+                yield output_slice.base_model

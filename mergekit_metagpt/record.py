@@ -140,9 +140,9 @@ def passed_through_text(entries, ascii: bool = False) -> str:
         count = entries[0]["tensors"]
         return (f"{count} tensor{'s' if count != 1 else ''} of the output "
                 f"{'comes' if count == 1 else 'come'} from the base model {entries[0]['base_model']} "
-                f"alone (slices or modules with only the base), unmerged and without {lam}")
+                f"alone (where the plan reads only the base: slices or modules with only the base), unmerged and without {lam}")
     return (f"{sum(e['tensors'] for e in entries)} tensors of the output come from a base model "
-            f"alone (slices or modules with only the base), unmerged and without {lam}: "
+            f"alone (where the plan reads only the base: slices or modules with only the base), unmerged and without {lam}: "
             + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 

@@ -150,3 +150,38 @@ slices:
     )
     config.slices[1].sources[1].parameters["density"][0].value = [0.5, 1.0]
     check_config(config)  # every value in range: no error
+
+
+def test_values_mergekit_never_reads_are_not_checked():
+    """A density given for the base (mergekit resolves it for the other models only) and a
+    condition after one without a filter (mergekit takes the first that matches) are never
+    read: recipes with bad values there merge as before; before them, they are refused."""
+    import yaml
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    def config(text):
+        return MergeConfiguration.model_validate(yaml.safe_load(text))
+
+    check_config(config("""
+merge_method: metagpt_ties
+base_model: ./base
+models: [{model: ./base, parameters: {density: 0}}, {model: ./a, parameters: {density: 0.5}}]
+parameters: {lambda: [{value: 1.0}, {filter: mlp, value: -1}]}
+"""))
+    with pytest.raises(MetaGPTError, match=r"density for model ./a must be"):
+        check_config(config("""
+merge_method: metagpt_ties
+base_model: ./base
+models: [{model: ./base, parameters: {density: 0.5}}, {model: ./a, parameters: {density: 0}}]
+"""))
+    with pytest.raises(MetaGPTError, match=r"lambda \(filter mlp\) must be"):
+        check_config(config("""
+merge_method: metagpt
+base_model: ./base
+models: [{model: ./a}]
+parameters: {lambda: [{filter: mlp, value: -1}, {value: 1.0}]}
+"""))

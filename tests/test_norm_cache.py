@@ -267,6 +267,7 @@ def test_a_write_waits_for_another_process_writing(monkeypatch):
     assert norm_cache.load("base-key", "model-key") == {"ours": 1.0, "theirs": 2.0}
 
 
+@pytest.mark.skipif(os.name != "posix", reason="flock is POSIX")
 def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
     """A process stopped while holding the lock: the write goes ahead after LOCK_WAIT_S."""
     import fcntl
@@ -279,6 +280,44 @@ def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
         prepass._remember("base-key", "model-key", {"ours": 1.0}, ("b", "m"))
     assert norm_cache.load("base-key", "model-key") == {"ours": 1.0}
     assert any("stayed locked" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_child_forked_during_a_write_does_not_keep_the_lock():
+    """A flock belongs to the open file, which a forked child shares: a child forked while a
+    write held the lock kept it until it exited, and every other process waited for it."""
+    import fcntl
+    import time
+
+    started, tell = os.pipe()
+    with norm_cache.folder_lock():
+        child = os.fork()
+        if child == 0:  # the child lives on for 3 s, doing nothing with the lock
+            os.write(tell, b"x")  # after the fork handlers have run
+            time.sleep(3)
+            os._exit(0)
+    assert os.read(started, 1) == b"x"
+    try:
+        with open(os.path.join(norm_cache.cache_dir(), ".lock")) as other:
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child has it
+    finally:
+        os.waitpid(child, 0)
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="flock; file modes (not root)")
+def test_a_lock_file_this_user_cannot_write_still_locks():
+    """Another user's lock file (0644 in a shared folder): opened read-only, it still locks
+    (opened for writing, it failed and the write went ahead without any lock)."""
+    import fcntl
+
+    os.makedirs(norm_cache.cache_dir(), exist_ok=True)
+    path = os.path.join(norm_cache.cache_dir(), ".lock")
+    open(path, "w").close()
+    os.chmod(path, 0o444)
+    with norm_cache.folder_lock():
+        with open(path) as other:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path, monkeypatch, caplog):

@@ -317,6 +317,36 @@ def test_a_last_slice_with_more_sources_than_the_first(slice_family, tmp_path):
         assert_lambdas(next(g for g in got if set(g) == set(lams)), lams)
 
 
+def test_a_first_slice_of_the_base_alone_leaves_the_last_tensors_unmerged(slice_family, tmp_path):
+    """Slice 1: the base alone; slice 2: base, a, b. By the same quirk mergekit reads only the
+    base for the final norm and lm_head: they are the base's, passed through, and the
+    warning says so (it said they were merged)."""
+    paths, sds = slice_family
+    config = slice_recipe(paths["base"], [
+        [source(paths["base"], 0, 1)],
+        [source(paths[m], 1, 2) for m in ["base", "a", "b"]],
+    ])
+    path = write_yaml(config, str(tmp_path / "out.yml"))
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(path, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.search(r"reads nothing of \S+/a, \S+/b for model\.norm\.weight, lm_head\.weight, though the "
+                     r"last slice lists them .*; they are the base's, passed through", result.stderr)
+    base = sds["base"]
+    merged = load_checkpoint(out)
+    for name in (NORM, HEAD):
+        assert torch.equal(merged[name], base[name]), name
+    second = [(moved(n, 1), n) for n in layer_names(base, 1)]
+    group = {m: sds[m] for m in "ab"}
+    lams = closed_lambdas(base, group, second)
+    assert_close(merged, closed_merge(base, group, lams, second))
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    with open(os.path.join(out, RECORD)) as f:
+        (passed,) = json.load(f)["passed_through"]
+    assert passed["tensors"] == 1 + len(layer_names(base, 0)) + 2  # embeddings, layer 0, norm, head
+
+
 # =====================================================================================
 # 2. a slice of the base alone
 # =====================================================================================
