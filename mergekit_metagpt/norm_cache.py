@@ -16,10 +16,10 @@ a float), and a negative squared norm. An entry of an older format is a miss.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
-import contextlib
 import math
 import os
 import threading
@@ -114,12 +114,16 @@ _HELD_LOCK = threading.Lock()
 
 
 def _close_held_in_child() -> None:
+    """After a fork, in the child: close the parent's lock descriptors, and start with
+    fresh thread locks (a thread of the parent may have held one at the fork)."""
+    global _ONE_THREAD, _HELD_LOCK
     for handle in list(_HELD):
         try:
             os.close(handle)
         except OSError:
             pass
     _HELD.clear()
+    _ONE_THREAD, _HELD_LOCK = threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

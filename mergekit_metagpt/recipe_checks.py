@@ -53,9 +53,9 @@ def _settings(node: Any, seen: Set[int], context: Tuple[str, ...] = ()) -> Itera
 
 
 def _scalars(setting: Any, condition: Tuple[str, ...] = ()) -> Iterator[Tuple[Any, Tuple[str, ...]]]:
-    """(value, ("filter …",) or ()) for every value a setting holds: scalars, gradient
-    endpoints, the values of `filter:` conditions (mergekit validates each of them when it
-    resolves the setting for a tensor, interpolated gradients included)."""
+    """(value, ("filter …",) or ()) for every value of a setting mergekit may read: scalars,
+    gradient endpoints, the values of `filter:` conditions up to the first without a filter
+    (mergekit validates each value it resolves for a tensor, interpolated gradients too)."""
     if hasattr(setting, "value") and hasattr(setting, "filter"):  # ConditionalParameter
         text = (f"filter {setting.filter}",) if setting.filter not in (None, "*") else ()
         yield from _scalars(setting.value, text)

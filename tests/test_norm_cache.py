@@ -285,7 +285,8 @@ def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
 def test_a_child_forked_during_a_write_does_not_keep_the_lock():
     """A flock belongs to the open file, which a forked child shares: a child forked while a
-    write held the lock kept it until it exited, and every other process waited for it."""
+    write held the lock kept it until it exited, and every other process waited for it (and
+    the child's copy of the held thread lock would never be released)."""
     import fcntl
     import time
 
@@ -293,10 +294,17 @@ def test_a_child_forked_during_a_write_does_not_keep_the_lock():
     with norm_cache.folder_lock():
         child = os.fork()
         if child == 0:  # the child lives on for 3 s, doing nothing with the lock
-            os.write(tell, b"x")  # after the fork handlers have run
-            time.sleep(3)
-            os._exit(0)
-    assert os.read(started, 1) == b"x"
+            try:
+                os.write(tell, b"x")  # after the fork handlers have run
+                # this process's thread lock was held at the fork: the child's own is free
+                os.write(tell, b"1" if norm_cache._ONE_THREAD.acquire(timeout=1) else b"0")
+                time.sleep(3)
+            finally:
+                os._exit(0)
+    said = b""
+    while len(said) < 2:
+        said += os.read(started, 2 - len(said))
+    assert said == b"x1"
     try:
         with open(os.path.join(norm_cache.cache_dir(), ".lock")) as other:
             fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError if the child has it
