@@ -89,7 +89,6 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
 def _table(entry) -> str:
     """One model set's plain-text table, from its record entry (the JSON's numbers)."""
     from mergekit_metagpt.coefficients import text_table
-
     from mergekit_metagpt.record import per_tensor_count, per_tensor_of
 
     per_tensor = per_tensor_count(entry)

@@ -106,19 +106,14 @@ def _remember(base_key, model_key, norms, labels) -> None:
     )
 
 
-_ENTRY_LOCKS: Dict[tuple, threading.Lock] = {}
-
-
 def _merge_and_store(memo, key, values, load, store) -> None:
     """Write one cache entry: what it holds on disk now (another process may have added
     reads since this one looked), what this process knows, and the new values; one writer
-    per entry at a time in this process, and in all processes sharing the cache folder
+    at a time, in this process and in all processes sharing the cache folder
     (``norm_cache.folder_lock``)."""
     from mergekit_metagpt import norm_cache
 
-    with _MEMO_LOCK:
-        lock = _ENTRY_LOCKS.setdefault((id(memo), key), threading.Lock())
-    with lock, norm_cache.folder_lock():
+    with norm_cache.folder_lock():
         on_disk = load() or {}
         with _MEMO_LOCK:
             merged = {**on_disk, **memo.get(key, {}), **values}

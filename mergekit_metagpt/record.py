@@ -135,14 +135,13 @@ def passed_through_text(entries, ascii: bool = False) -> str:
     ``passed_through`` entries (one per base; "" if there are none)."""
     if not entries:
         return ""
-    lam = "lambda" if ascii else "λ"
+    how = (f"alone (where the plan reads only the base: slices or modules with only the base), "
+           f"unmerged and without {'lambda' if ascii else 'λ'}")
     if len(entries) == 1:
         count = entries[0]["tensors"]
         return (f"{count} tensor{'s' if count != 1 else ''} of the output "
-                f"{'comes' if count == 1 else 'come'} from the base model {entries[0]['base_model']} "
-                f"alone (where the plan reads only the base: slices or modules with only the base), unmerged and without {lam}")
-    return (f"{sum(e['tensors'] for e in entries)} tensors of the output come from a base model "
-            f"alone (where the plan reads only the base: slices or modules with only the base), unmerged and without {lam}: "
+                f"{'comes' if count == 1 else 'come'} from the base model {entries[0]['base_model']} {how}")
+    return (f"{sum(e['tensors'] for e in entries)} tensors of the output come from a base model {how}: "
             + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 
