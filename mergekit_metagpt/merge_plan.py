@@ -147,16 +147,11 @@ def _non_base(task) -> Tuple[Hashable, ...]:
 # Keyed by the task object's identity: two concurrent merges may hold equal tasks. The
 # registry holds the task and the run weakly: the run lives as long as the task universe
 # (the executor's) it is attached to, or its caller (the CLI) holds it, and goes with
-# them; an entry goes when its task object is collected.
+# them. Entries whose task or run is gone are swept at the next ``register`` (no weakref
+# callback: one run by the garbage collector while ``register`` holds the lock, in the
+# same thread, would wait on that lock for ever).
 _REGISTRY: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
 _REGISTRY_LOCK = threading.Lock()
-
-
-def _forget(task_id: int, ref: weakref.ref) -> None:
-    with _REGISTRY_LOCK:
-        entry = _REGISTRY.get(task_id)
-        if entry is not None and entry[0] is ref:
-            del _REGISTRY[task_id]
 
 
 def ours(tasks) -> List[object]:
@@ -231,15 +226,13 @@ def register(run: MergeRun) -> None:
     """Make `run` findable from its tasks, for as long as something else holds it."""
     run_ref = weakref.ref(run)
     with _REGISTRY_LOCK:
-        # entries of finished runs whose tasks mergekit still holds (its planner's
-        # lru_cache keeps the last plans): their run is gone, so is the entry
-        for task_id in [i for i, (_, r) in _REGISTRY.items() if r() is None]:
+        # entries of collected tasks, and of finished runs whose tasks mergekit still
+        # holds (its planner's lru_cache keeps the last plans)
+        for task_id in [i for i, (t, r) in _REGISTRY.items() if t() is None or r() is None]:
             del _REGISTRY[task_id]
         for merge_set in run.sets.values():
             for task in merge_set.tasks:
-                task_id = id(task)
-                ref = weakref.ref(task, lambda r, i=task_id: _forget(i, r))
-                _REGISTRY[task_id] = (ref, run_ref)
+                _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
 
 
 def run_for_task(task) -> Optional[MergeRun]:

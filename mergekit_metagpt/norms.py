@@ -38,7 +38,8 @@ def squared_delta(
     model: Hashable = None,
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """‖tensor − base‖² as a 0-d float32 tensor on the tensors' device (no host sync).
+    """‖tensor − base‖² as a 0-d tensor on the tensors' device (no host sync): float32,
+    or float64 when summed chunk by chunk.
 
     Summed pairwise (torch's reduction), not with a float32 dot: over tens of millions
     of elements a dot's running sum loses about 1e-4 relative, the pairwise sum 1e-8.
@@ -182,8 +183,9 @@ def _chunked_sum_of_squares(numel: int, device: torch.device, fill) -> torch.Ten
     return result
 
 
-# Key under which the base's own squared norm is accumulated: it is finite exactly
-# when the base tensor holds no NaN or Inf, so a bad base is named as such.
+# Key under which a value of the base's own is accumulated (the sum of its elements in
+# the pre-pass, its squared norm in memory): finite exactly when the base tensor holds
+# no NaN or Inf, so a bad base is named as such.
 BASE = ("__metagpt_base__",)
 
 
@@ -200,7 +202,8 @@ def base_check(base: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.T
 
 
 class NormAccumulator:
-    """Per-tensor squared norms of several models' task vectors against one base.
+    """Per-tensor values keyed by model (squared norms of task vectors), by pair (inner
+    products) and under ``BASE`` (the bases' check values), for one pre-pass.
 
     Values stay on the compute device until `finish`, so a CUDA pre-pass never
     waits on the host between tensors.

@@ -75,7 +75,7 @@ def _check_models_load(config, options) -> None:
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
-            hint = "" if os.path.exists(path) or os.environ.get("HF_HUB_OFFLINE") else (
+            hint = "" if os.path.exists(os.path.expanduser(path)) or os.environ.get("HF_HUB_OFFLINE") else (
                 " (set HF_HUB_OFFLINE=1 to fail at once without network)"
             )
             raise MetaGPTError(f"cannot load model {model}: {_one_line(error)}{hint}") from None

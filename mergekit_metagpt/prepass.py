@@ -551,16 +551,16 @@ def _stream(run, device, todo, found: _Found) -> None:
 
 def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool, bar) -> None:
     done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
-    for item, task_models, pairs in todo:
+    for item, to_read, pairs in todo:
         task, sparsifier = item.task, item.sparsifier
         pairs = [p for p in pairs if ((task.base_model, *p), item.pair_keys[p]) not in done]
         in_pairs = {m for p in pairs for m in p}
-        task_models = [
-            m for m in task_models
+        to_read = [
+            m for m in to_read
             if sparsifier is not None or m in in_pairs
             or ((task.base_model, m), item.keys[m]) not in done
         ]
-        if not task_models:
+        if not to_read:
             bar.update(1)
             continue
         base_read = item.base_read
@@ -582,10 +582,10 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             raise MetaGPTError(
                 f"MetaGPT: the base model {task.base_model} has no tensor "
                 f"{base_read.name!r}, which model(s) "
-                f"{', '.join(str(m) for m in task_models)} have"
+                f"{', '.join(str(m) for m in to_read)} have"
             )
         if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
-            for model in task_models:
+            for model in to_read:
                 found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
                 done.add(((task.base_model, model), item.keys[model]))
             for a, b in pairs:
@@ -593,7 +593,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
                 done.add(((task.base_model, a, b), item.pair_keys[(a, b)]))
         else:
             accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
-            _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulator, found, done)
+            _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, found, done)
         del base_tensor, fetch
         if release:
             _release(item)
@@ -642,7 +642,7 @@ def _load_aligned(item: _Planned, bar) -> Dict[Hashable, torch.Tensor]:
     return aligned
 
 
-def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulator, found, done) -> None:
+def _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, found, done) -> None:
     """‖θ_t − θ₀‖² of each model's read of one task and ⟨δ_a, δ_b⟩ of each pair, into the
     accumulator, and the base's own NaN/Inf check. The models' tensors of the base's
     shape are held together, as the merge of that tensor holds them, so that the base is
@@ -652,7 +652,7 @@ def _task_norms(item, task_models, pairs, base_tensor, fetch, scratch, accumulat
     base_read = item.base_read
     axis = task.output_weight.vocabulary_axis
     together = {}  # model -> (slot, name, tensor): same shape as the base, dense
-    for model in task_models:
+    for model in to_read:
         key, read = item.keys[model], item.reads[model]
         pair = (task.base_model, model)
         tensor = fetch(model)

@@ -38,9 +38,17 @@ OURS_ONLY = ("granularity", "lambda_from", "alpha")
 def check_metagpt(config, path: str = "recipe") -> None:
     if config.merge_method not in STOCK:
         raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method")
-    slice_bases = [s.base_model for s in (config.slices or [])]
-    if config.base_model is None and not (slice_bases and all(slice_bases)):
+    if config.base_model is None and not _every_slice_has_a_base(config):
         raise MetaGPTError(f"{path}: MetaGPT needs a base_model")
+
+
+def _every_slice_has_a_base(config) -> bool:
+    """Without a top-level base_model: the recipe merges only slices (its own or its
+    modules'), each with a base_model of its own."""
+    owners = [config, *(config.modules or {}).values()]
+    slices = [piece for owner in owners for piece in owner.slices or []]
+    return (bool(slices) and not any(owner.models for owner in owners)
+            and all(piece.base_model is not None for piece in slices))
 
 
 def check_bakeable_recipe(config, path: str = "recipe") -> None:

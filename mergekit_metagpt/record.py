@@ -244,6 +244,14 @@ def _close(got, wanted) -> bool:
         abs(a - b) <= 1e-6 * max(abs(b), 1e-30) for a, b in zip(got, wanted))
 
 
+def _numbers(value) -> list:
+    """`value` if it is a list of numbers, else [] (matches nothing)."""
+    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                       for v in value):
+        return value
+    return []
+
+
 def inspect_pictures(out_path, entry) -> List[tuple]:
     """(file, title) of the pictures ``inspect`` wrote into `out_path` for this model set
     (same models, norms and λ), else []."""
@@ -258,16 +266,19 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
             data = json.load(f)
     except (OSError, ValueError):
         return []
+    merges = data.get("merges") if isinstance(data, dict) else None
+    if not isinstance(merges, list):  # not inspect's file: no pictures of ours
+        return []
     norms = [row["squared_norm"] for row in entry["models"]]
     lambdas = [row["lambda"] for row in entry["models"]]
-    for number, stats in enumerate(data.get("merges", []), 1):
+    for number, stats in enumerate(merges, 1):
         # the same models, norms and λ (an inspect run with another alpha drew other λ)
-        if stats.get("models") == [row["model"] for row in entry["models"]] and _close(
-            stats.get("squared_norms", []), norms
-        ) and _close(stats.get("lambdas", []), lambdas):
+        if isinstance(stats, dict) and stats.get("models") == [row["model"] for row in entry["models"]] and _close(
+            _numbers(stats.get("squared_norms")), norms
+        ) and _close(_numbers(stats.get("lambdas")), lambdas):
             found = []
             for stem, title in PICTURES:
-                name = f"{stem}-{number}.png" if len(data["merges"]) > 1 else f"{stem}.png"
+                name = f"{stem}-{number}.png" if len(merges) > 1 else f"{stem}.png"
                 if os.path.exists(os.path.join(out_path, name)):
                     found.append((name, title))
             return found

@@ -266,3 +266,24 @@ def test_coefficients_text_says_what_the_merge_uses(llama_family, tmp_path, caps
     assert main(["coefficients", write_yaml(recipe(paths, MODELS), str(tmp_path / "plain.yml"))]) == 0
     plain = capsys.readouterr().out
     assert "per_tensor" not in plain and "sparsified" not in plain and "per tensor" not in plain
+
+
+def test_coefficients_takes_a_modules_recipe_whose_slices_each_name_their_base(llama_family, tmp_path, capsys):
+    """No top-level base_model: every slice of the `modules:` recipe names one (mergekit-yaml
+    merges it); the same λ as the equivalent `slices:` recipe. A slice without one is refused."""
+    paths, _ = llama_family
+    plain = slices_recipe(paths)
+    pieces = [dict(piece, base_model=paths["base"]) for piece in plain["slices"]]
+    modules = {"merge_method": "metagpt", "dtype": "float32", "modules": {"default": {"slices": pieces}}}
+    assert main(["coefficients", write_yaml(plain, str(tmp_path / "plain.yml")), "--json"]) == 0
+    expected = json.loads(capsys.readouterr().out)["merges"]
+    assert main(["coefficients", write_yaml(modules, str(tmp_path / "modules.yml")), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["merges"]
+    assert len(got) == len(expected) == 2
+    for a, b in zip(got, expected):
+        assert [m["model"] for m in a["models"]] == [m["model"] for m in b["models"]]
+        assert all(abs(x["lambda"] - y["lambda"]) < 1e-9 for x, y in zip(a["models"], b["models"]))
+    del pieces[1]["base_model"]
+    path = write_yaml(modules, str(tmp_path / "half.yml"))
+    assert main(["coefficients", path]) == 1
+    assert "MetaGPT needs a base_model" in capsys.readouterr().err

@@ -292,3 +292,36 @@ def test_a_finished_merge_leaves_nothing_behind(llama_family, tmp_path, monkeypa
     # the second merge found every earlier run gone and dropped their entries
     with merge_plan._REGISTRY_LOCK:
         assert len(merge_plan._REGISTRY) <= tasks[1]
+
+
+def test_registering_a_run_while_the_collector_frees_an_old_one_does_not_hang():
+    """The run registry's lock is held while it allocates; a collected task must not need
+    that lock (a weakref callback run by the garbage collector in the same thread waited
+    on it for ever). Checked in a child process, with a deadline."""
+    script = textwrap.dedent(
+        """
+        import gc
+        from mergekit_metagpt import merge_plan
+
+        class Task:
+            pass
+
+        class Run:
+            def __init__(self, tasks):
+                self.sets = {"k": merge_plan.MergeSet("b", ("m",), tasks)}
+
+        old = Task()
+        old.cycle = old  # freed only by the cyclic collector
+        run = Run([old])
+        merge_plan.register(run)
+        del old, run
+        with merge_plan._REGISTRY_LOCK:  # as register holds it when the collector runs
+            gc.collect()
+        new = Run([Task()])
+        merge_plan.register(new)
+        assert merge_plan.run_for_task(new.sets["k"].tasks[0]) is new
+        print("ok")
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

@@ -426,3 +426,19 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     for a, b in zip(record["merges"][0]["models"], printed["merges"][0]["models"]):
         assert a["model"] == b["model"] and a["squared_norm"] == pytest.approx(b["squared_norm"], rel=1e-9)
     assert {k: v for k, v in record.items() if k != "merges"} == {k: v for k, v in printed.items() if k != "merges"}
+
+
+@pytest.mark.parametrize("stray", ['[]', '{"merges": 5}', '{"merges": [3, {"models": [], "lambdas": "x"}]}'])
+def test_a_stray_inspect_file_in_the_output_folder_does_not_fail_the_merge(stray, llama_family, merge_options,
+                                                                           tmp_path):
+    """The card looks for `inspect`'s pictures through its JSON file; one that is not
+    inspect's (here: other shapes) means no pictures, not a failed merge after the weights."""
+    paths, sds = llama_family
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metagpt-inspect.json").write_text(stray)
+    run_recipe(recipe(paths, MODELS), str(out), merge_options)
+    card = read_card(str(out))
+    assert card.count(CARD_MARK) == 1 and "![" not in card.split(CARD_MARK)[1]
+    expected = lambdas_of(squared_norms(sds, MODELS))
+    assert [lam for _, lam in card_rows(card, paths["model0"])] == [pytest.approx(expected[0], abs=1e-6)]
