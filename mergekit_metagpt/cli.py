@@ -148,7 +148,7 @@ def _coefficients(args) -> int:
 
 
 def _bake(args) -> int:
-    from mergekit_metagpt.recipe import baked_recipe, check_bakeable, check_bakeable_recipe
+    from mergekit_metagpt.bake import baked_recipe, check_bakeable, check_bakeable_recipe
 
     run = _plan_and_norms(args.recipe, args.cuda, _options(args),
                           before_planning=lambda c: check_bakeable_recipe(c, args.recipe),
@@ -244,9 +244,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 1
     except Exception as error:  # every error is one line; mergekit's and pydantic's too
-        from mergekit_metagpt.planning import _one_line
+        from mergekit_metagpt.errors import one_line
 
-        print(f"mergekit-metagpt: error: {_one_line(error)}", file=sys.stderr)
+        print(f"mergekit-metagpt: error: {one_line(error)}", file=sys.stderr)
         return 1
 
 

@@ -154,7 +154,7 @@ def _attach_merge(module) -> None:
             remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
         from mergekit_metagpt.recipe_checks import check_config
-        from mergekit_metagpt.record import add_card_sections
+        from mergekit_metagpt.card import add_card_sections
 
         check_config(config)
         remove_stale_record(bound.arguments.get("out_path"))

@@ -76,7 +76,7 @@ class MergeRun:
                 else "they are the base's, passed through",
             )
         self.lock = threading.Lock()
-        self.result = None  # prepass.RunNorms, once computed
+        self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
 
     @property

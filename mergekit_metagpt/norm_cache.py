@@ -27,13 +27,14 @@ import time
 from typing import Dict, Optional
 
 from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt.env import switched_off
 
 LOG = logging.getLogger("mergekit_metagpt")
 FORMAT = 3  # 3: no notes (2 held the leading-rows notes of resized vocabularies, a rule now gone)
 
 
 def enabled() -> bool:
-    return os.environ.get("MERGEKIT_METAGPT_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return not switched_off("MERGEKIT_METAGPT_CACHE")
 
 
 def cache_dir() -> str:

@@ -8,28 +8,7 @@ resolves and validates every parameter. The MetaGPT tasks of the plan make the
 
 from __future__ import annotations
 
-from mergekit_metagpt.errors import MetaGPTError
-
-
-def _one_line(error: BaseException) -> str:
-    if isinstance(error, MetaGPTError):
-        return " ".join(str(error).split())
-    try:
-        from pydantic import ValidationError
-    except ImportError:  # pragma: no cover - mergekit depends on pydantic
-        ValidationError = ()
-    if isinstance(error, ValidationError):
-        # e.g. a parameter mergekit resolves while planning: "lambda must be ... (got -1)"
-        parts = []
-        for item in error.errors():
-            where = ".".join(str(part) for part in item.get("loc", ()))
-            shown = repr(item["input"]) if "input" in item else ""
-            shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            got = f" (got {shown})" if shown else ""
-            parts.append(f"{where + ': ' if where else ''}{item.get('msg', '')}{got}")
-        return " ".join("; ".join(parts).split()) or type(error).__name__
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}"
+from mergekit_metagpt.errors import MetaGPTError, one_line
 
 
 def models_in_order(config) -> list:
@@ -78,7 +57,7 @@ def _check_models_load(config, options) -> None:
             hint = "" if os.path.exists(os.path.expanduser(path)) or os.environ.get("HF_HUB_OFFLINE") else (
                 " (set HF_HUB_OFFLINE=1 to fail at once without network)"
             )
-            raise MetaGPTError(f"cannot load model {model}: {_one_line(error)}{hint}") from None
+            raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
 
 
 def plan_recipe(config, options):
@@ -104,7 +83,7 @@ def plan_recipe(config, options):
         try:
             LoaderCache().get(model)
         except Exception as error:
-            raise MetaGPTError(f"cannot load model {model}: {_one_line(error)}") from None
+            raise MetaGPTError(f"cannot load model {model}: {one_line(error)}") from None
     out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     # plan_to_disk only builds tasks (nothing is written until they execute);

@@ -29,25 +29,26 @@ random).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
-from mergekit_metagpt.coefficients import Coefficients
+from mergekit_metagpt.env import switched_off
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
+from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import (
     InputDigest, TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter,
 )
 from mergekit_metagpt.scratch import thread_scratch
+from mergekit_metagpt.set_norms import MISSING, RunNorms, SetNorms
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -65,158 +66,6 @@ class PrepassStats:
 
 
 STATS = PrepassStats()
-
-# -- in-process memo (same keys as the disk cache) -----------------------------------
-_MEMO: Dict[Tuple[str, str], Dict[str, Optional[float]]] = {}
-_MEMO_LOCK = threading.Lock()
-
-
-def clear_memo() -> None:
-    with _MEMO_LOCK:
-        _MEMO.clear()
-        _PRODUCTS_MEMO.clear()
-
-
-def _known(base_key: str, model_key: str) -> Dict[str, Optional[float]]:
-    """{read key: squared norm} known for a (base, model) pair, from the memo or the cache."""
-    from mergekit_metagpt import norm_cache
-
-    if not norm_cache.enabled():
-        return {}
-    with _MEMO_LOCK:
-        hit = _MEMO.get((base_key, model_key))
-    if hit is None:
-        hit = norm_cache.load(base_key, model_key) or {}
-        with _MEMO_LOCK:
-            _MEMO[(base_key, model_key)] = hit
-    return dict(hit)
-
-
-def _remember(base_key, model_key, norms, labels) -> None:
-    from mergekit_metagpt import norm_cache
-
-    if not norm_cache.enabled():
-        return
-    # merged with what another pair of the same checkpoints stored (their keys differ by
-    # token map), and with what is on disk
-    _merge_and_store(
-        _MEMO, (base_key, model_key), norms,
-        load=lambda: norm_cache.load(base_key, model_key, quiet=True),
-        store=lambda merged: norm_cache.store(base_key, model_key, merged, labels=labels),
-    )
-
-
-def _merge_and_store(memo, key, values, load, store) -> None:
-    """Write one cache entry: what it holds on disk now (another process may have added
-    reads since this one looked), what this process knows, and the new values; one writer
-    at a time, in this process and in all processes sharing the cache folder
-    (``norm_cache.folder_lock``)."""
-    from mergekit_metagpt import norm_cache
-
-    with norm_cache.folder_lock():
-        on_disk = load() or {}
-        with _MEMO_LOCK:
-            merged = {**on_disk, **memo.get(key, {}), **values}
-            memo[key] = merged
-        store(merged)
-
-
-_PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
-
-
-def _known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[float]]:
-    from mergekit_metagpt import norm_cache
-
-    if not norm_cache.enabled():
-        return {}
-    triple = (base_key, a_key, b_key)
-    with _MEMO_LOCK:
-        hit = _PRODUCTS_MEMO.get(triple)
-    if hit is None:
-        hit = norm_cache.load_products(*triple) or {}
-        with _MEMO_LOCK:
-            _PRODUCTS_MEMO[triple] = hit
-    return dict(hit)
-
-
-def _remember_products(fingerprints, products, labels) -> None:
-    from mergekit_metagpt import norm_cache
-
-    if not norm_cache.enabled():
-        return
-    _merge_and_store(
-        _PRODUCTS_MEMO, tuple(fingerprints), products,
-        load=lambda: norm_cache.load_products(*fingerprints, quiet=True),
-        store=lambda merged: norm_cache.store_products(*fingerprints, merged, labels=labels),
-    )
-
-
-class _Missing:
-    def __repr__(self) -> str:
-        return "MISSING"
-
-
-#: An inner product the pre-pass did not compute (the norms came from the cache of a
-#: run that did not compute it); ``None`` is one that does not count (e.g. a tensor
-#: one of the models lacks, or a task whose λ come from sparsified vectors).
-MISSING = _Missing()
-
-
-# -- results ------------------------------------------------------------------------
-@dataclass
-class SetNorms:
-    """Norms of one merge set: per model, one value per task (None: not counted)."""
-
-    merge_set: object
-    per_task: Dict[Hashable, List[Optional[float]]]
-    sparse: bool = False
-    #: per pair of models (in the set's order), ⟨δ_a, δ_b⟩ per task: a float, None (not
-    #: counted) or MISSING (not computed)
-    per_pair: Dict[Tuple[Hashable, Hashable], list] = field(default_factory=dict)
-
-    @functools.cached_property
-    def coefficients(self) -> Coefficients:
-        """Computed once: every tensor of a merge asks for them."""
-        return Coefficients.from_norms(
-            {m: float(sum(v for v in self.per_task[m] if v is not None)) for m in self.merge_set.models},
-            self.merge_set.alpha,
-        )
-
-    @functools.cached_property
-    def stats(self):
-        """Cosine similarities, ‖δ‖² per layer, largest tensors (``similarity.SetStats``)."""
-        from mergekit_metagpt.similarity import set_stats
-
-        return set_stats(self)
-
-    def task_lambdas(self, index: int) -> Dict[Hashable, float]:
-        """λ from one task's own norms (granularity: per_tensor); 0 for a model whose
-        tensor does not count (e.g. it lacks an optional tensor: the merge leaves it out)."""
-        values = {m: self.per_task[m][index] for m in self.merge_set.models}
-        lambdas = Coefficients.from_norms(
-            {m: v for m, v in values.items() if v is not None}, self.merge_set.alpha
-        ).lambdas
-        return {m: lambdas.get(m, 0.0) for m in self.merge_set.models}
-
-
-@dataclass
-class RunNorms:
-    sets: List[SetNorms]
-
-    def of(self, merge_set) -> SetNorms:
-        return next(s for s in self.sets if s.merge_set is merge_set)
-
-    @property
-    def merging(self) -> List[SetNorms]:
-        """The sets that merge models into their base: the ones with λ."""
-        return [s for s in self.sets if s.merge_set.models]
-
-    @property
-    def passed_through(self) -> List[SetNorms]:
-        """Sets of the base alone (a frankenmerge's slice with only the base): their
-        tensors are the base's, with no λ."""
-        return [s for s in self.sets if not s.merge_set.models]
-
 
 def _sparsifier(task, method, models) -> Optional[Sparsifier]:
     """The method's sparsifier for this task's parameters (None: dense norms)."""
@@ -318,10 +167,7 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
 def merge_products() -> str:
     """What a merge computes of the inner products: "when read", or "never" with
     ``MERGEKIT_METAGPT_COSINES=0`` (T(T−1)/2 products cost the pre-pass more as T grows)."""
-    import os
-
-    off = os.environ.get("MERGEKIT_METAGPT_COSINES", "1").strip().lower() in ("0", "false", "no", "off")
-    return "never" if off else "when read"
+    return "never" if switched_off("MERGEKIT_METAGPT_COSINES") else "when read"
 
 
 def run_norms(run, device: torch.device, method=None, products: Optional[str] = None) -> RunNorms:
@@ -407,7 +253,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         for model, key in item.keys.items():
             pair = (task.base_model, model)
             if pair not in known:
-                known[pair] = _known(checkpoint_of(pair[0]), checkpoint_of(model))
+                known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model))
             if key is None:
                 continue
             wanted.add(pair)
@@ -418,7 +264,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         for (a, b), pair_key in item.pair_keys.items():
             triple = (task.base_model, a, b)
             if triple not in known_products:
-                known_products[triple] = _known_products(*(checkpoint_of(m) for m in triple))
+                known_products[triple] = norm_memo.known_products(*(checkpoint_of(m) for m in triple))
             # a merge ("when read") takes the products of the models it reads anyway;
             # "always" also reads models whose norms are known, for their products
             if pair_key not in known_products[triple] and (
@@ -439,10 +285,10 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         for pair, values in found.dense.items():
             norms = known[pair]
             norms.update(values)
-            _remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
+            norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
         for triple, values in found.products.items():
             known_products[triple].update(values)
-            _remember_products([checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
+            norm_memo.remember_products([checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
 
     sets = []
     index = {id(item.task): item for item in planned}

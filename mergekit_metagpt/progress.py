@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 import tqdm
+
+from mergekit_metagpt.env import switched_off
 
 
 def progress_enabled(quiet: bool = False) -> bool:
     """Off with mergekit's quiet option as the merge sees it (``--quiet``,
     ``MergeOptions(quiet=True)``, handed in as `quiet`) or ``MERGEKIT_METAGPT_PROGRESS=0``."""
-    if os.environ.get("MERGEKIT_METAGPT_PROGRESS", "").strip().lower() in ("0", "false", "no", "off"):
+    if switched_off("MERGEKIT_METAGPT_PROGRESS"):
         return False
     return not quiet
 

@@ -136,7 +136,7 @@ class SetStats:
 
     def cosine_table(self) -> str:
         names = short_names(self.models)
-        rows = [[names[a]] + ["-" if v is None else f"{v:+.4f}" for v in row] for a, row in enumerate(self.cosine)]
+        rows = [[names[a]] + ["–" if v is None else f"{v:+.4f}" for v in row] for a, row in enumerate(self.cosine)]
         return text_table(["cosine"] + names, rows)
 
     def to_json(self) -> dict:
@@ -159,7 +159,7 @@ class SetStats:
 
 def _cosine(products, norms_a, norms_b) -> Tuple[Optional[float], bool]:
     """(cosine over the tasks whose product counts, whether a product is missing)."""
-    from mergekit_metagpt.prepass import MISSING
+    from mergekit_metagpt.set_norms import MISSING
 
     dot = sa = sb = 0.0
     counted = False
@@ -179,7 +179,7 @@ def _cosine(products, norms_a, norms_b) -> Tuple[Optional[float], bool]:
 
 
 def set_stats(set_norms, top: int = 5) -> SetStats:
-    """The statistics of one model set (a prepass.SetNorms)."""
+    """The statistics of one model set (a set_norms.SetNorms)."""
     merge_set = set_norms.merge_set
     models = list(merge_set.models)
     names = [t.output_weight.name for t in merge_set.tasks]

@@ -109,7 +109,7 @@ def test_per_tensor_lambda_at_alpha_0_leaves_out_a_model_without_the_tensor():
     from types import SimpleNamespace
 
     from mergekit_metagpt.merge_plan import MergeSet
-    from mergekit_metagpt.prepass import SetNorms
+    from mergekit_metagpt.set_norms import SetNorms
 
     task = SimpleNamespace(parameters={"alpha": 0.0, "granularity": "per_tensor"})
     merge_set = MergeSet("base", ("a", "b", "c"), [task, task])

@@ -9,7 +9,7 @@ import torch
 
 from checkpoints import closed_form, perturbed, save_checkpoint
 from merging import recipe, run_recipe, safetensors_in
-from mergekit_metagpt import norm_cache, prepass
+from mergekit_metagpt import norm_cache, norm_memo, prepass
 
 MODELS = ["model0", "model1", "model2"]
 
@@ -217,10 +217,10 @@ def test_two_threads_writing_one_entry_keep_both_reads(monkeypatch):
         real_store(base, model, norms, labels=labels)
 
     monkeypatch.setattr(norm_cache, "store", store)
-    a = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"a": 1.0}, ("b", "m")))
+    a = threading.Thread(target=norm_memo.remember, args=("base-key", "model-key", {"a": 1.0}, ("b", "m")))
     a.start()
     assert a_storing.wait(10)
-    b = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"b": 2.0}, ("b", "m")))
+    b = threading.Thread(target=norm_memo.remember, args=("base-key", "model-key", {"b": 2.0}, ("b", "m")))
     b.start()
     time.sleep(0.3)  # without a lock per entry, B writes {a, b} now and A then writes {a}
     release_a.set()
@@ -255,7 +255,7 @@ def test_a_write_waits_for_another_process_writing(monkeypatch):
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "locked"
-        ours = threading.Thread(target=prepass._remember, args=("base-key", "model-key", {"ours": 1.0}, ("b", "m")))
+        ours = threading.Thread(target=norm_memo.remember, args=("base-key", "model-key", {"ours": 1.0}, ("b", "m")))
         ours.start()
         time.sleep(0.5)
         assert ours.is_alive()  # waiting for the lock
@@ -277,7 +277,7 @@ def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
     os.makedirs(norm_cache.cache_dir(), exist_ok=True)
     with open(os.path.join(norm_cache.cache_dir(), ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        prepass._remember("base-key", "model-key", {"ours": 1.0}, ("b", "m"))
+        norm_memo.remember("base-key", "model-key", {"ours": 1.0}, ("b", "m"))
     assert norm_cache.load("base-key", "model-key") == {"ours": 1.0}
     assert any("stayed locked" in r.getMessage() for r in caplog.records)
 

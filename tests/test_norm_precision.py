@@ -80,7 +80,7 @@ def test_inspect_json_says_how_the_sums_are_taken():
     assert f"per block of {GRAM_BLOCK} elements" in text
     assert f"{CPU_CHUNK} elements (2 MiB of float32) on CPU" in text and f"{CHUNK} (16 MiB) on a GPU" in text
     assert "float64" in text and "exact" in text
-    from mergekit_metagpt.prepass import RunNorms
+    from mergekit_metagpt.set_norms import RunNorms
 
     run = SimpleNamespace(result=RunNorms(sets=[]), method_name="metagpt")
     assert payload(run, "recipe.yml")["norms"] == text

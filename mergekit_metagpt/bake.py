@@ -1,0 +1,70 @@
+"""``bake``: a metagpt `models:` recipe as a stock mergekit recipe, the λ as weights."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.method import VARIANTS
+
+#: The stock method each variant runs per tensor with weight = λ_t, normalize = false.
+STOCK = {name: stock or "task_arithmetic" for name, stock in VARIANTS.items()}
+#: The plugin's own parameters, which stock methods do not take.
+OURS_ONLY = ("granularity", "lambda_from", "alpha")
+
+
+def check_bakeable_recipe(config, path: str = "recipe") -> None:
+    """Before planning (mergekit's planner rewrites the config): a `models:` recipe."""
+    if not config.models or config.slices or config.modules:
+        raise MetaGPTError(
+            f"{path}: bake writes one weight per model, from a `models:` recipe; a slices: or "
+            f"modules: recipe merges each model set with its own λ (see `coefficients`), "
+            f"which bake does not write"
+        )
+
+
+def check_bakeable(run, path: str = "recipe") -> None:
+    """One dense, global λ per model: anything else cannot be baked."""
+    for merge_set in run.sets.values():
+        params = [dict(t.parameters.items()) for t in merge_set.tasks]
+        if any(p.get("granularity", "global") != "global" for p in params):
+            raise MetaGPTError(f"{path}: granularity per_tensor gives a λ per tensor; "
+                               "only granularity: global has one coefficient per model")
+        if any(p.get("lambda_from", "dense") != "dense" for p in params):
+            raise MetaGPTError(f"{path}: lambda_from: sparse depends on the sparsification masks; "
+                               "bake supports lambda_from: dense")
+
+
+def baked_recipe(path: str, run, coefficients) -> str:
+    """The recipe at `path` as a stock mergekit recipe with the λ filled in as weights."""
+    from mergekit.common import ModelReference
+
+    from mergekit_metagpt import __version__
+    from mergekit_metagpt.coefficients import formula
+
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    method = data["merge_method"]
+    data["merge_method"] = STOCK[method]
+    params = {k: v for k, v in (data.get("parameters") or {}).items() if k not in OURS_ONLY}
+    params["normalize"] = False
+    data["parameters"] = params
+    lambdas = coefficients.lambdas
+    base = ModelReference.model_validate(data.get("base_model"))
+    for entry in data["models"]:
+        model = ModelReference.model_validate(entry["model"])  # every form mergekit accepts
+        if model == base:
+            continue
+        entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
+    header = [
+        f"# Baked by mergekit-metagpt {__version__} from {os.path.basename(path)} ({method}).",
+        f"# The weights are MetaGPT coefficients, {formula([coefficients.alpha], ascii=True)}",
+        "# with delta_t = theta_t - theta_0",
+        "# (Zhou et al., 2024, arXiv 2406.11385), computed over every tensor the merge reads:",
+    ]
+    header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[model]:.6f}"
+               for model, norm in coefficients.squared_norms]
+    header.append("# It runs on stock mergekit, without the plugin. Re-bake if any checkpoint changes.")
+    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,90 @@
+"""The pre-pass's norms known in this process (a memo keyed as the disk cache,
+``norm_cache``), and writes of new ones merged with what the cache holds by then."""
+
+from __future__ import annotations
+
+import threading
+from typing import Dict, Optional, Tuple
+
+_MEMO: Dict[Tuple[str, str], Dict[str, Optional[float]]] = {}
+_MEMO_LOCK = threading.Lock()
+
+
+def clear_memo() -> None:
+    with _MEMO_LOCK:
+        _MEMO.clear()
+        _PRODUCTS_MEMO.clear()
+
+
+def known(base_key: str, model_key: str) -> Dict[str, Optional[float]]:
+    """{read key: squared norm} known for a (base, model) pair, from the memo or the cache."""
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return {}
+    with _MEMO_LOCK:
+        hit = _MEMO.get((base_key, model_key))
+    if hit is None:
+        hit = norm_cache.load(base_key, model_key) or {}
+        with _MEMO_LOCK:
+            _MEMO[(base_key, model_key)] = hit
+    return dict(hit)
+
+
+def remember(base_key, model_key, norms, labels) -> None:
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return
+    # merged with what another pair of the same checkpoints stored (their keys differ by
+    # token map), and with what is on disk
+    _merge_and_store(
+        _MEMO, (base_key, model_key), norms,
+        load=lambda: norm_cache.load(base_key, model_key, quiet=True),
+        store=lambda merged: norm_cache.store(base_key, model_key, merged, labels=labels),
+    )
+
+
+def _merge_and_store(memo, key, values, load, store) -> None:
+    """Write one cache entry: what it holds on disk now (another process may have added
+    reads since this one looked), what this process knows, and the new values; one writer
+    at a time, in this process and in all processes sharing the cache folder
+    (``norm_cache.folder_lock``)."""
+    from mergekit_metagpt import norm_cache
+
+    with norm_cache.folder_lock():
+        on_disk = load() or {}
+        with _MEMO_LOCK:
+            merged = {**on_disk, **memo.get(key, {}), **values}
+            memo[key] = merged
+        store(merged)
+
+
+_PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
+
+
+def known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[float]]:
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return {}
+    triple = (base_key, a_key, b_key)
+    with _MEMO_LOCK:
+        hit = _PRODUCTS_MEMO.get(triple)
+    if hit is None:
+        hit = norm_cache.load_products(*triple) or {}
+        with _MEMO_LOCK:
+            _PRODUCTS_MEMO[triple] = hit
+    return dict(hit)
+
+
+def remember_products(fingerprints, products, labels) -> None:
+    from mergekit_metagpt import norm_cache
+
+    if not norm_cache.enabled():
+        return
+    _merge_and_store(
+        _PRODUCTS_MEMO, tuple(fingerprints), products,
+        load=lambda: norm_cache.load_products(*fingerprints, quiet=True),
+        store=lambda merged: norm_cache.store_products(*fingerprints, merged, labels=labels),
+    )
