@@ -1,4 +1,4 @@
-"""Three thin wrappers around mergekit entry points, installed by the start-up hook.
+"""Thin wrappers around mergekit entry points, installed by the start-up hook.
 
 MetaGPT's λ are global: a merge method that sees one tensor at a time must know the
 whole merge plan. mergekit hands a method neither the plan nor the output folder, so
@@ -18,6 +18,10 @@ the plugin wraps, without changing what they do:
   removes an earlier run's record from the output folder (any method), makes the
   output folder and options known to the plan (record, progress bar), and adds the λ
   tables to the model card mergekit has just written.
+- ``mergekit.plan.MergePlanner.plan_module`` / ``plan_tensor``, for MetaGPT recipes
+  only: a warning when mergekit plans none of a module's weights (it leaves out
+  optional weights no input holds under its architecture's names, silently: e.g. the
+  whole language model of a LLaVA checkpoint whose architecture mergekit infers).
 
 Where mergekit has changed shape (a class or attribute missing), the wrapper is not
 installed; a warning says so when the hook sees the module load, and in any case a
@@ -175,10 +179,59 @@ def _attach_merge(module) -> None:
     module.run_merge = run_merge
 
 
+#: Set on a planner while it plans one module of a MetaGPT recipe: the names of the
+#: weights it planned, and of those it skipped.
+_PLANNED = "_mergekit_metagpt_planned"
+
+
+def _attach_plan(module) -> None:
+    planner = _need(module, "MergePlanner", module.__name__)
+    tensor_original = _unwrapped(_need(planner, "plan_tensor", "MergePlanner"))
+    module_original = _unwrapped(_need(planner, "plan_module", "MergePlanner"))
+    if tensor_original is None or module_original is None:
+        return
+
+    @functools.wraps(tensor_original)
+    def plan_tensor(self, weight, *args, **kwargs):
+        seen = self.__dict__.get(_PLANNED)
+        tensors = getattr(self, "_tensors", None)
+        before = len(tensors) if isinstance(tensors, list) else None
+        result = tensor_original(self, weight, *args, **kwargs)
+        if seen is not None and before is not None:
+            seen[0 if len(self._tensors) > before else 1].append(getattr(weight, "name", str(weight)))
+        return result
+
+    @functools.wraps(module_original)
+    def plan_module(self, module_name, *args, **kwargs):
+        if not _is_ours(getattr(getattr(self, "config", None), "merge_method", None)):
+            return module_original(self, module_name, *args, **kwargs)
+        self.__dict__[_PLANNED] = ([], [])
+        try:
+            result = module_original(self, module_name, *args, **kwargs)
+            planned, skipped = self.__dict__[_PLANNED]
+        finally:
+            self.__dict__.pop(_PLANNED, None)
+        if skipped and not planned:
+            LOG.warning(
+                "MetaGPT: mergekit plans none of the %d weights of module %s (e.g. %s): no input "
+                "model holds them under the names mergekit's architecture gives them, and mergekit "
+                "0.1.5 leaves out such optional weights with no message, whatever the merge method. "
+                "The merged model lacks them, and the λ are taken without them.",
+                len(skipped), module_name, ", ".join(repr(n) for n in skipped[:2]),
+            )
+        return result
+
+    plan_tensor._mergekit_metagpt_wrapper = True
+    plan_module._mergekit_metagpt_wrapper = True
+    planner.plan_tensor = plan_tensor
+    planner.plan_module = plan_module
+
+
 _ATTACHERS = {
     "mergekit.graph": _attach_graph,
     "mergekit.merge_methods.task_adapter": _attach_task_adapter,
     "mergekit.merge": _attach_merge,
+    "mergekit.plan": _attach_plan,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -203,10 +256,14 @@ def attach(name: str, final: bool = True) -> None:
             if not final:
                 return  # still being imported: the start-up hook attaches it later
             PROBLEMS[name] = f"{type(error).__name__}: {error}"
+            consequence = (
+                "Graph merges with metagpt will refuse to run rather than guess their coefficients."
+                if name in REQUIRED_FOR_GRAPH_MERGES
+                else "Merges run; the warning about modules mergekit plans nothing of is off."
+            )
             warnings.warn(
                 f"mergekit-metagpt: cannot attach to {name} ({error}); this mergekit "
-                f"version differs from the one the plugin supports (0.1.x). Graph merges "
-                f"with metagpt will refuse to run rather than guess their coefficients.",
+                f"version differs from the one the plugin supports (0.1.x). {consequence}",
                 RuntimeWarning,
                 stacklevel=3,
             )

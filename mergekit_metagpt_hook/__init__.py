@@ -5,7 +5,8 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
 
 - ``mergekit.merge_methods``: register the MetaGPT merge methods, so stock
   ``mergekit-yaml`` finds ``merge_method: metagpt`` without any extra import;
-- ``mergekit.merge``, ``mergekit.graph``, ``mergekit.merge_methods.task_adapter``:
+- ``mergekit.merge``, ``mergekit.graph``, ``mergekit.merge_methods.task_adapter``,
+  ``mergekit.plan``:
   install the plugin's thin wrappers (see ``mergekit_metagpt.integration``), which
   tell the method which merge plan and output folder a tensor belongs to.
 
@@ -21,6 +22,7 @@ WATCHED = (
     "mergekit.merge",
     "mergekit.graph",
     "mergekit.merge_methods.task_adapter",
+    "mergekit.plan",
 )
 _MARK = "_mergekit_metagpt_hook_installed"
 

@@ -22,12 +22,13 @@ MERGEKIT_DIR = os.path.dirname(mergekit.__file__)
 TESTS_DIR = os.path.dirname(__file__)
 MODELS = ["model0", "model1", "model2"]
 
-# The three wrapped functions (module: attribute path). wrap_depths() (source run in the
+# The wrapped functions (module: attribute path; plan_tensor is wrapped with plan_module). wrap_depths() (source run in the
 # subprocesses) counts the plugin's wrappers stacked on each: 1 means wrapped once.
 WRAPPED = {
     "mergekit.graph": "TaskUniverse.__init__",
     "mergekit.merge_methods.task_adapter": "ExecuteMergeMethodTask.execute",
     "mergekit.merge": "run_merge",
+    "mergekit.plan": "MergePlanner.plan_module",
 }
 WRAP_DEPTHS = """
 import importlib
@@ -84,9 +85,11 @@ def assert_merged(out, sds):
 
 
 # -- mergekit changed shape ---------------------------------------------------------
-def reshaped_mergekit(root) -> str:
-    """A ``mergekit`` that is the installed one, except that ``mergekit.graph`` calls its
-    ``TaskUniverse`` by another name (a stand-in for a future mergekit's refactoring)."""
+def reshaped_mergekit(root, renamed=(("graph.py", "multigpu_executor.py"), "TaskUniverse", "TaskCollection")) -> str:
+    """A ``mergekit`` that is the installed one, except that the modules of `renamed`
+    call a name by another (by default ``mergekit.graph``'s ``TaskUniverse``: a stand-in
+    for a future mergekit's refactoring)."""
+    files, old, new = renamed
     package = root / "mergekit"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text(textwrap.dedent(f"""
@@ -94,10 +97,10 @@ def reshaped_mergekit(root) -> str:
         __path__.append({MERGEKIT_DIR!r})
         exec(compile(open({os.path.join(MERGEKIT_DIR, "__init__.py")!r}).read(), __file__, "exec"))
     """))
-    for name in ("graph.py", "multigpu_executor.py"):  # the modules that use the name
+    for name in files:  # the modules that use the name
         (package / name).write_text(textwrap.dedent(f"""
             _source = open({os.path.join(MERGEKIT_DIR, name)!r}).read()
-            exec(compile(_source.replace("TaskUniverse", "TaskCollection"), __file__, "exec"))
+            exec(compile(_source.replace({old!r}, {new!r}), __file__, "exec"))
         """))
     return str(root)
 
@@ -131,8 +134,31 @@ def test_changed_mergekit_only_warns_and_graph_merge_refuses_to_guess(llama_fami
     assert refused.startswith("refused: MetaGPT: cannot find the merge plan of tensor"), refused
     assert "could not attach to mergekit.graph (AttributeError: mergekit.graph has no " \
            "attribute 'TaskUniverse')" in refused
-    assert attached == "attached ['mergekit.merge', 'mergekit.merge_methods.task_adapter']"
+    assert attached == "attached ['mergekit.merge', 'mergekit.merge_methods.task_adapter', 'mergekit.plan']"
     assert not os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+
+
+def test_a_planner_of_another_shape_only_turns_the_module_check_off(llama_family, tmp_path):
+    """The planner wrapper is not needed for λ: a mergekit whose planner has no
+    plan_module warns that the check is off, and the merge runs, exact."""
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    fake = reshaped_mergekit(tmp_path / "fake", (("plan.py",), "plan_module", "plan_output_module"))
+    result = run_python(f"""
+        import mergekit.plan
+        assert mergekit.plan.__file__.startswith({fake!r}), mergekit.plan.__file__
+        print("imported", file=__import__("sys").stderr, flush=True)
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
+        from mergekit_metagpt import integration
+        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
+    """, pythonpath=[fake])
+    assert result.returncode == 0, result.stderr
+    before = result.stderr.split("imported")[0]
+    assert "cannot attach to mergekit.plan (MergePlanner has no attribute 'plan_module')" in before, before
+    assert "Merges run; the warning about modules mergekit plans nothing of is off." in before
+    assert result.stdout.splitlines()[-1] == (
+        "attached ['mergekit.graph', 'mergekit.merge', 'mergekit.merge_methods.task_adapter']")
+    assert_merged(out, sds)
 
 
 def test_graph_merge_without_the_execute_wrapper_names_it(llama_family, tmp_path, monkeypatch):
@@ -216,7 +242,7 @@ def test_wrappers_are_installed_once_however_often_the_plugin_loads(llama_family
         print("reimported", wrap_depths())
 
         # and one merge: one plan registered, one card section
-        from mergekit_metagpt import merge_plan, record
+        from mergekit_metagpt import card, merge_plan
         calls = {{"plan": 0, "card": 0}}
         def counting(module, attr, key):
             original = getattr(module, attr)
@@ -225,7 +251,7 @@ def test_wrappers_are_installed_once_however_often_the_plugin_loads(llama_family
                 return original(*args, **kwargs)
             setattr(module, attr, counted)
         counting(merge_plan, "register_universe", "plan")
-        counting(record, "add_card_sections", "card")
+        counting(card, "add_card_sections", "card")
 {textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
         print("calls", calls["plan"], calls["card"])
     """)
