@@ -55,8 +55,14 @@ class MergeRun:
         self._set_of: Dict[int, MergeSet] = {}
         self._index_of: Dict[int, int] = {}
         unread: Dict[Tuple[tuple, tuple], List[str]] = {}  # (named, read) -> tensors
+        #: (base, models read) -> tensors whose input gathers no tensor of the base
+        self._baseless: Dict[Tuple[Hashable, tuple], List[str]] = {}
         for task in tasks:
-            models = _non_base(task)
+            read = task_models(task)
+            if task.base_model not in read:  # listed, but not read (mergekit's slices quirk)
+                self._baseless.setdefault((task.base_model, read), []).append(task.output_weight.name)
+                continue
+            models = tuple(m for m in read if m != task.base_model)
             key = (task.method_name, task.base_model, frozenset(models))
             merge_set = self.sets.setdefault(key, MergeSet(task.base_model, models))
             self._set_of[id(task)] = merge_set
@@ -94,8 +100,18 @@ class MergeRun:
         return self._index_of[id(task)]
 
     def check(self) -> None:
-        """Refuse a plan in which no set merges any model besides its base, or in which
-        a set's tensors are given different ``alpha`` (its λ are one per model)."""
+        """Refuse a plan in which a tensor's inputs lack its base, no set merges any model
+        besides its base, or a set's tensors are given different ``alpha`` (its λ are one
+        per model)."""
+        for (base, read), names in self._baseless.items():
+            shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+            raise MetaGPTError(
+                f"MetaGPT: mergekit reads no tensor of the base model {base} for {shown} (it "
+                f"reads {', '.join(str(m) for m in read) or 'nothing'}), and a merge needs the "
+                f"base (mergekit would stop there: 'Base input is not present'); mergekit 0.1.5 "
+                f"reads the tensors after the last slice from the last slice's first sources, as "
+                f"many as the first slice has: list the base first in the last slice"
+            )
         if self.sets and not any(s.models for s in self.sets.values()):
             bases = sorted({str(s.base) for s in self.sets.values()})
             raise MetaGPTError(
@@ -137,10 +153,6 @@ def task_models(task, reads=None) -> Tuple[Hashable, ...]:
         except MetaGPTError:  # an input the pre-pass cannot read: it says so when it runs
             return tuple(task.model_order)
     return tuple(m for m in task.model_order if m in reads)
-
-
-def _non_base(task) -> Tuple[Hashable, ...]:
-    return tuple(m for m in task_models(task) if m != task.base_model)
 
 
 # -- which run a task belongs to ------------------------------------------------------

@@ -317,6 +317,29 @@ def test_a_last_slice_with_more_sources_than_the_first(slice_family, tmp_path):
         assert_lambdas(next(g for g in got if set(g) == set(lams)), lams)
 
 
+@pytest.mark.parametrize("slices, names, fix", [
+    # slice 1: the base alone; slice 2 lists b before the base: by the same quirk mergekit
+    # reads b only for the final norm and lm_head (a slice listing no base at all is
+    # mergekit's own planning error)
+    ([["base"], ["b", "base", "a"]], r"model\.norm\.weight, lm_head\.weight",
+     "list the base first in the last slice"),
+])
+def test_a_tensor_whose_inputs_lack_the_base_is_refused_before_anything_is_written(slices, names, fix,
+                                                                                   slice_family, tmp_path):
+    """Stock mergekit stops at that tensor ('Base input is not present'); the plugin
+    warned that it would be merged over b. Refused at planning, naming base and tensors."""
+    paths, _ = slice_family
+    config = slice_recipe(paths["base"], [[source(paths[m], i, i + 1) for m in models]
+                                          for i, models in enumerate(slices)])
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(write_yaml(config, str(tmp_path / "r.yml")), out)
+    assert result.returncode != 0
+    assert re.search(r"MetaGPT: mergekit reads no tensor of the base model \S+/base for " + names,
+                     result.stderr), result.stderr[-3000:]
+    assert fix in result.stderr and "merged, and their λ taken" not in result.stderr
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
 def test_a_first_slice_of_the_base_alone_leaves_the_last_tensors_unmerged(slice_family, tmp_path):
     """Slice 1: the base alone; slice 2: base, a, b. By the same quirk mergekit reads only the
     base for the final norm and lm_head: they are the base's, passed through, and the
