@@ -23,10 +23,11 @@ the plugin wraps, without changing what they do:
   optional weights no input holds under its architecture's names, silently: e.g. the
   whole language model of a LLaVA checkpoint whose architecture mergekit infers).
 
-Where mergekit has changed shape (a class or attribute missing), the wrapper is not
-installed; a warning says so when the hook sees the module load, and in any case a
-MetaGPT graph merge then stops with an error naming the missing wrapper instead of
-guessing its λ. Nothing here reads mergekit's call stack.
+Where mergekit has changed shape (a class, attribute or parameter missing), the wrapper
+is not installed; a warning says so when the hook sees the module load. Without one of
+the first two, a MetaGPT graph merge then stops with an error naming the missing
+wrapper instead of guessing its λ; without the planner's, merges run and only its
+warning is off. Nothing here reads mergekit's call stack.
 """
 
 from __future__ import annotations
@@ -190,28 +191,40 @@ def _attach_plan(module) -> None:
     module_original = _unwrapped(_need(planner, "plan_module", "MergePlanner"))
     if tensor_original is None or module_original is None:
         return
+    tensor_signature = inspect.signature(tensor_original)
+    for function, signature, name in ((tensor_original, tensor_signature, "weight"),
+                                      (module_original, inspect.signature(module_original), "module_name")):
+        if name not in signature.parameters:  # left off: merges run as they would without it
+            raise AttributeError(f"MergePlanner.{function.__name__} has no parameter {name!r}")
 
     @functools.wraps(tensor_original)
-    def plan_tensor(self, weight, *args, **kwargs):
+    def plan_tensor(self, *args, **kwargs):
         seen = self.__dict__.get(_PLANNED)
+        if seen is None:  # not a MetaGPT module being planned
+            return tensor_original(self, *args, **kwargs)
         tensors = getattr(self, "_tensors", None)
         before = len(tensors) if isinstance(tensors, list) else None
-        result = tensor_original(self, weight, *args, **kwargs)
-        if seen is not None and before is not None:
+        result = tensor_original(self, *args, **kwargs)
+        if before is not None:
+            weight = tensor_signature.bind(self, *args, **kwargs).arguments["weight"]
             seen[0 if len(self._tensors) > before else 1].append(getattr(weight, "name", str(weight)))
         return result
 
     @functools.wraps(module_original)
-    def plan_module(self, module_name, *args, **kwargs):
+    def plan_module(self, *args, **kwargs):
         if not _is_ours(getattr(getattr(self, "config", None), "merge_method", None)):
-            return module_original(self, module_name, *args, **kwargs)
-        self.__dict__[_PLANNED] = ([], [])
+            return module_original(self, *args, **kwargs)
+        outer = self.__dict__.get(_PLANNED)
+        planned, skipped = self.__dict__[_PLANNED] = ([], [])
         try:
-            result = module_original(self, module_name, *args, **kwargs)
-            planned, skipped = self.__dict__[_PLANNED]
+            result = module_original(self, *args, **kwargs)
         finally:
-            self.__dict__.pop(_PLANNED, None)
+            if outer is None:
+                self.__dict__.pop(_PLANNED, None)
+            else:  # planned from inside another module's planning: its lists again
+                self.__dict__[_PLANNED] = outer
         if skipped and not planned:
+            module_name = inspect.signature(module_original).bind(self, *args, **kwargs).arguments["module_name"]
             LOG.warning(
                 "MetaGPT: mergekit plans none of the %d weights of module %s (e.g. %s): no input "
                 "model holds them under the names mergekit's architecture gives them, and mergekit "

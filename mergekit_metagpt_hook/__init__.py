@@ -5,10 +5,11 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
 
 - ``mergekit.merge_methods``: register the MetaGPT merge methods, so stock
   ``mergekit-yaml`` finds ``merge_method: metagpt`` without any extra import;
-- ``mergekit.merge``, ``mergekit.graph``, ``mergekit.merge_methods.task_adapter``,
-  ``mergekit.plan``:
+- ``mergekit.merge``, ``mergekit.graph``, ``mergekit.merge_methods.task_adapter``:
   install the plugin's thin wrappers (see ``mergekit_metagpt.integration``), which
-  tell the method which merge plan and output folder a tensor belongs to.
+  tell the method which merge plan and output folder a tensor belongs to;
+- ``mergekit.plan``: a wrapper on the planner that warns when mergekit plans none of
+  a module's weights.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.

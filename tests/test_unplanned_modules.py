@@ -92,3 +92,58 @@ def test_a_skipped_tied_lm_head_beside_planned_weights_is_not_warned_of(tied_lla
     assert "lm_head.weight" not in merged  # mergekit skipped it (tied to the embeddings)
     assert "model.embed_tokens.weight" in merged
     assert not _warnings(caplog)
+
+
+def _fake_plan_module(plan_tensor_parameter="weight"):
+    """A stand-in for ``mergekit.plan``: module "outer" skips one weight, plans module
+    "inner" from inside its own planning (whose one weight is skipped), then plans one."""
+    import types
+
+    namespace = {}
+    exec(f"""
+class MergePlanner:
+    def __init__(self):
+        self.config = type("Config", (), {{"merge_method": "metagpt"}})()
+        self._tensors = []
+
+    def plan_tensor(self, {plan_tensor_parameter}, present=True):
+        if present:
+            self._tensors.append({plan_tensor_parameter})
+
+    def plan_module(self, module_name, definition=None):
+        if module_name == "outer":
+            self.plan_tensor({plan_tensor_parameter}="outer.a", present=False)
+            self.plan_module("inner")
+            self.plan_tensor({plan_tensor_parameter}="outer.b")
+        else:
+            self.plan_tensor({plan_tensor_parameter}="inner.a", present=False)
+""", namespace)
+    return types.SimpleNamespace(__name__="fake.plan", MergePlanner=namespace["MergePlanner"])
+
+
+def test_the_planner_wrapper_keeps_each_modules_count_when_planning_nests(caplog):
+    from mergekit_metagpt import integration
+
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    fake = _fake_plan_module()
+    integration._attach_plan(fake)
+    planner = fake.MergePlanner()
+    planner.plan_module("outer")
+    assert planner._tensors == ["outer.b"]
+    (message,) = _warnings(caplog)  # outer planned outer.b after inner's planning: no warning
+    assert "of the 1 weights of module inner (e.g. 'inner.a')" in message
+
+
+def test_a_planner_whose_parameters_are_named_otherwise_is_left_unwrapped():
+    """Renamed parameters (a later mergekit) leave the planner as it is, so that merges
+    run as without the wrapper, rather than failing on the wrapper's keywords."""
+    from mergekit_metagpt import integration
+
+    fake = _fake_plan_module("weight_info")
+    original = fake.MergePlanner.plan_tensor, fake.MergePlanner.plan_module
+    with pytest.raises(AttributeError, match="plan_tensor has no parameter 'weight'"):
+        integration._attach_plan(fake)
+    assert (fake.MergePlanner.plan_tensor, fake.MergePlanner.plan_module) == original
+    planner = fake.MergePlanner()
+    planner.plan_module("outer")
+    assert planner._tensors == ["outer.b"]
