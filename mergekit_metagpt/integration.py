@@ -180,8 +180,8 @@ def _attach_merge(module) -> None:
     module.run_merge = run_merge
 
 
-#: Set on a planner while it plans one module of a MetaGPT recipe: the names of the
-#: weights it planned, and of those it skipped.
+#: Set on a planner while it plans one module of a MetaGPT recipe: a mark per weight it
+#: planned, and the names of those it skipped.
 _PLANNED = "_mergekit_metagpt_planned"
 
 
@@ -192,8 +192,9 @@ def _attach_plan(module) -> None:
     if tensor_original is None or module_original is None:
         return
     tensor_signature = inspect.signature(tensor_original)
+    module_signature = inspect.signature(module_original)
     for function, signature, name in ((tensor_original, tensor_signature, "weight"),
-                                      (module_original, inspect.signature(module_original), "module_name")):
+                                      (module_original, module_signature, "module_name")):
         if name not in signature.parameters:  # left off: merges run as they would without it
             raise AttributeError(f"MergePlanner.{function.__name__} has no parameter {name!r}")
 
@@ -205,9 +206,11 @@ def _attach_plan(module) -> None:
         tensors = getattr(self, "_tensors", None)
         before = len(tensors) if isinstance(tensors, list) else None
         result = tensor_original(self, *args, **kwargs)
-        if before is not None:
+        if before is not None and len(self._tensors) > before:
+            seen[0].append(True)  # planned: counted
+        elif before is not None:  # skipped: named in the warning
             weight = tensor_signature.bind(self, *args, **kwargs).arguments["weight"]
-            seen[0 if len(self._tensors) > before else 1].append(getattr(weight, "name", str(weight)))
+            seen[1].append(getattr(weight, "name", str(weight)))
         return result
 
     @functools.wraps(module_original)
@@ -224,7 +227,7 @@ def _attach_plan(module) -> None:
             else:  # planned from inside another module's planning: its lists again
                 self.__dict__[_PLANNED] = outer
         if skipped and not planned:
-            module_name = inspect.signature(module_original).bind(self, *args, **kwargs).arguments["module_name"]
+            module_name = module_signature.bind(self, *args, **kwargs).arguments["module_name"]
             LOG.warning(
                 "MetaGPT: mergekit plans none of the %d weights of module %s (e.g. %s): no input "
                 "model holds them under the names mergekit's architecture gives them, and mergekit "
