@@ -162,6 +162,8 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.card import add_card_sections
 
         check_config(config)
+        if getattr(config, "modules", None):
+            _check_module_names(config, bound.arguments.get("options"))
         remove_stale_record(bound.arguments.get("out_path"))
         context = RunContext(
             out_path=bound.arguments.get("out_path"),
@@ -178,6 +180,20 @@ def _attach_merge(module) -> None:
 
     run_merge._mergekit_metagpt_wrapper = True
     module.run_merge = run_merge
+
+
+def _check_module_names(config, options) -> None:
+    """A ``modules:`` recipe's names against the architecture's, which mergekit's
+    ``run_merge`` works out first thing (its message for a misspelt one: ``KeyError``)."""
+    from mergekit_metagpt.recipe_checks import check_module_names
+
+    try:
+        from mergekit.architecture import get_architecture_info
+
+        arch_info = get_architecture_info(config, options)
+    except Exception:  # mergekit's run_merge raises the same next, in its own words
+        return
+    check_module_names(config, arch_info)
 
 
 #: Set on a planner while it plans one module of a MetaGPT recipe: a mark per weight it

@@ -69,7 +69,7 @@ def plan_recipe(config, options):
     import mergekit_metagpt  # noqa: F401  (registers the methods)
     from mergekit_metagpt import merge_plan
     from mergekit_metagpt.integration import RunContext
-    from mergekit_metagpt.recipe_checks import check_config
+    from mergekit_metagpt.recipe_checks import check_config, check_module_names
 
     check_config(config)
     _check_models_load(config, options)
@@ -78,6 +78,7 @@ def plan_recipe(config, options):
     except ImportError as error:  # pragma: no cover - mergekit changed shape
         raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
     arch_info = get_architecture_info(config, options)
+    check_module_names(config, arch_info)
     LoaderCache().setup(options=options)
     for model in models_in_order(config):
         try:

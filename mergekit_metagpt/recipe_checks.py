@@ -5,11 +5,14 @@ a shared parameter such as ``lambda`` given per model, would be ignored silently
 checks a value only when it resolves it for a tensor, in a message that names neither
 the model nor where the value is given. One function, ``check_config``, is called by the
 ``run_merge`` wrapper (``mergekit-yaml``, ``run_merge``, ``mergekit-multi``) and by
-``mergekit-metagpt coefficients|bake|inspect``.
+``mergekit-metagpt coefficients|bake|inspect``. ``check_module_names`` (a ``modules:``
+recipe's names against the architecture's; mergekit's own message is a bare ``KeyError``)
+is called by both once the architecture is known.
 """
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Iterator, Optional, Set, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError
@@ -142,3 +145,21 @@ def _bases(config) -> Iterator[Any]:
         for output_slice in getattr(owner, "slices", None) or []:
             if getattr(output_slice, "base_model", None) is not None:
                 yield output_slice.base_model
+
+
+def check_module_names(config, arch_info) -> None:
+    """Refuse a ``modules:`` recipe naming a module the architecture does not have."""
+    known = list(getattr(arch_info, "modules", None) or {})
+    unknown = [name for name in (getattr(config, "modules", None) or {}) if name not in known]
+    if not unknown or not known:
+        return
+    architecture = (getattr(arch_info, "architectures", None) or ["the models' architecture"])[0]
+    guesses = [f"{close[0]!r} for {name!r}" for name in unknown
+               for close in [difflib.get_close_matches(name, known, n=1)] if close]
+    names = ", ".join(map(repr, unknown))
+    raise MetaGPTError(
+        (f"module {names} of the recipe is not a module" if len(unknown) == 1 else
+         f"modules {names} of the recipe are not modules")
+        + f" of {architecture} (it has: {', '.join(known)})"
+        + (f"; did you mean {', '.join(guesses)}?" if guesses else "")
+    )

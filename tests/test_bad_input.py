@@ -86,6 +86,12 @@ CASES = {
     "alpha differs between tensors": (
         lambda p: recipe(p, ["good"], parameters={"alpha": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}),
         "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
+    # mergekit 0.1.5's own message is a bare KeyError: 'defualt'
+    "misspelt module name": (
+        lambda p: {"merge_method": "metagpt", "base_model": p["base"], "dtype": "float32",
+                   "modules": {"defualt": {"models": [{"model": p["base"]}, {"model": p["good"]}]}}},
+        r"module 'defualt' of the recipe is not a module of LlamaForCausalLM \(it has: default\); "
+        r"did you mean 'default' for 'defualt'\?$"),
 }
 
 

@@ -287,3 +287,15 @@ def test_coefficients_takes_a_modules_recipe_whose_slices_each_name_their_base(l
     path = write_yaml(modules, str(tmp_path / "half.yml"))
     assert main(["coefficients", path]) == 1
     assert "MetaGPT needs a base_model" in capsys.readouterr().err
+
+
+def test_coefficients_names_a_misspelt_module(llama_family, tmp_path, capsys):
+    """mergekit 0.1.5 says only `KeyError: 'decoder'`; coefficients names the module and the
+    architecture's modules (no close match: no guess)."""
+    paths, _ = llama_family
+    pieces = [dict(piece, base_model=paths["base"]) for piece in slices_recipe(paths)["slices"]]
+    modules = {"merge_method": "metagpt", "dtype": "float32", "modules": {"decoder": {"slices": pieces}}}
+    assert main(["coefficients", write_yaml(modules, str(tmp_path / "modules.yml"))]) == 1
+    err = capsys.readouterr().err
+    assert "module 'decoder' of the recipe is not a module of LlamaForCausalLM (it has: default)" in err
+    assert "did you mean" not in err and "KeyError" not in err
