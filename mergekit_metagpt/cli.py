@@ -5,8 +5,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from typing import List, Optional
+
+from mergekit_metagpt.errors import MetaGPTError
 
 
 @contextlib.contextmanager
@@ -73,6 +76,8 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
     from mergekit_metagpt.recipe import check_metagpt, load_recipe
     from mergekit_metagpt.registration import methods
 
+    if cuda and not torch.cuda.is_available():  # else: a warm cache needs no GPU, a cold one fails late
+        raise MetaGPTError("--cuda: torch finds no CUDA device here")
     config = load_recipe(recipe_path)
     check_metagpt(config, recipe_path)
     if before_planning is not None:
@@ -147,9 +152,26 @@ def _coefficients(args) -> int:
     return 0
 
 
+def _check_writable(path: str, folder: bool, recipe: str) -> None:
+    """Refuse, before the pre-pass reads anything, an output the command could not write."""
+    path = os.path.expanduser(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if folder:
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise MetaGPTError(f"{path} is a file, not a folder")
+        return  # made (with its parents) when written
+    if os.path.isdir(path):
+        raise MetaGPTError(f"{path} is a folder; give the file to write")
+    if not os.path.isdir(parent):
+        raise MetaGPTError(f"cannot write {path}: no folder {parent}")
+    if os.path.exists(path) and os.path.samefile(path, recipe):
+        raise MetaGPTError(f"{path} is the recipe itself; give another file to write")
+
+
 def _bake(args) -> int:
     from mergekit_metagpt.bake import baked_recipe, check_bakeable, check_bakeable_recipe
 
+    _check_writable(args.output, folder=False, recipe=args.recipe)
     run = _plan_and_norms(args.recipe, args.cuda, _options(args),
                           before_planning=lambda c: check_bakeable_recipe(c, args.recipe),
                           before_norms=lambda r: check_bakeable(r, args.recipe))
@@ -164,9 +186,10 @@ def _bake(args) -> int:
 def _inspect(args) -> int:
     from mergekit_metagpt import inspect_report, plots
 
+    _check_writable(args.out_dir, folder=True, recipe=args.recipe)
     run = _plan_and_norms(args.recipe, args.cuda, _options(args), products="always")
     drawn = not args.no_pictures and plots.available()
-    written = inspect_report.write(run, args.recipe, args.out_dir, pictures=drawn)
+    written = inspect_report.write(run, args.recipe, args.out_dir, pictures=not args.no_pictures)
     if args.json:
         print(json.dumps(inspect_report.payload(run, args.recipe), indent=2))
     else:
@@ -222,8 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")
     demo.add_argument("directory")
-    demo.add_argument("--size", default="tiny", choices=["tiny", "10m", "100m", "1b"])
-    demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    demo.add_argument("--size", default="tiny", choices=["tiny", "10m", "100m", "1b"],
+                      help="parameters per model (default tiny; 1b writes about 4 x 2 GB in bfloat16)")
+    demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                      help="dtype of the weights written (default bfloat16)")
     demo.set_defaults(run=_demo_models)
     return parser
 

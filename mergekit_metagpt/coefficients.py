@@ -56,6 +56,11 @@ class Coefficients:
                 "MetaGPT: every task vector is zero (all models equal the base); "
                 "the output is the base model"
             )
+        else:
+            for key, value in self.squared_norms:
+                if value == 0 and self.alpha > 0:  # alpha 0: the plain average, λ 1/T
+                    LOG.warning("MetaGPT: model %s equals the base (its task vector is zero): "
+                                "λ 0, it adds nothing to the merge", key)
 
 
 

@@ -89,7 +89,7 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     written.append(path)
     path = os.path.join(out_dir, REPORT_NAME)
     with open(path, "w", encoding="utf-8") as f:
-        f.write(report_text(run, recipe_path, drawn))
+        f.write(report_text(run, recipe_path, drawn, turned_off=not pictures))
     written.append(path)
     return written
 
@@ -100,7 +100,7 @@ def _md_table(header, rows) -> List[str]:
     ]
 
 
-def report_text(run, recipe_path: str, drawn: bool) -> str:
+def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) -> str:
     from mergekit_metagpt.similarity import COSINE_WARNING, short_names
 
     from mergekit_metagpt.record import passed_through_entries, passed_through_text
@@ -115,7 +115,7 @@ def report_text(run, recipe_path: str, drawn: bool) -> str:
     if passed:
         lines += [passed + ".", ""]
     if not drawn:
-        lines += [f"(No pictures: {PLOTS_HINT}.)", ""]
+        lines += [f"(No pictures: {'--no-pictures' if turned_off else PLOTS_HINT}.)", ""]
     for number, set_norms in enumerate(sets, 1):
         stats = set_norms.stats
         names = short_names(stats.models)

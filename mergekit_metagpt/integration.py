@@ -164,7 +164,8 @@ def _attach_merge(module) -> None:
         check_config(config)
         if getattr(config, "modules", None):
             _check_module_names(config, bound.arguments.get("options"))
-        remove_stale_record(bound.arguments.get("out_path"))
+        # an earlier run's record stays until this run's replaces it (after the pre-pass,
+        # before the first merged tensor), so a merge that fails before leaves the folder as it was
         context = RunContext(
             out_path=bound.arguments.get("out_path"),
             config=config,
@@ -175,6 +176,8 @@ def _attach_merge(module) -> None:
             result = original(*args, **kwargs)
         finally:
             RUN_CONTEXT.reset(token)
+        if not any(run.result is not None for run in context.runs):  # no record of this run's
+            remove_stale_record(context.out_path)
         add_card_sections(context)
         return result
 

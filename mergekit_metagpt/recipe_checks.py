@@ -96,6 +96,7 @@ def check_config(config) -> None:
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import ParameterScope
 
+    _check_dtypes(config)
     method_name = getattr(config, "merge_method", None)
     spec = registry.get(method_name).spec
     specs = {p.name: p for p in spec.parameters}
@@ -134,6 +135,21 @@ def check_config(config) -> None:
                 parts = where + condition
                 place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
                 raise MetaGPTError(f"MetaGPT: parameter {name}{place} {problem} (got {value!r})")
+
+
+def _check_dtypes(config) -> None:
+    """``dtype``/``out_dtype`` mergekit cannot read: its own message (``Unimplemented dtype``)
+    names neither key, and for ``out_dtype`` comes only at the first tensor written, after
+    the whole pre-pass."""
+    from mergekit.common import dtype_from_name
+
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key, None)
+        try:
+            dtype_from_name(value)
+        except RuntimeError:
+            raise MetaGPTError(f"the recipe's {key} {value!r} is not a dtype mergekit knows "
+                               f"(bfloat16, float16, float32, float64)") from None
 
 
 def _bases(config) -> Iterator[Any]:

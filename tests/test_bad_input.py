@@ -86,6 +86,11 @@ CASES = {
     "alpha differs between tensors": (
         lambda p: recipe(p, ["good"], parameters={"alpha": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}),
         "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
+    # mergekit's own message names no key, and for out_dtype comes after the whole pre-pass
+    "unknown out_dtype": (lambda p: {**recipe(p, ["good"]), "out_dtype": "fp16"},
+                          r"the recipe's out_dtype 'fp16' is not a dtype mergekit knows"),
+    "unknown dtype": (lambda p: {**recipe(p, ["good"]), "dtype": "bf16"},
+                      r"the recipe's dtype 'bf16' is not a dtype mergekit knows"),
     # mergekit 0.1.5's own message is a bare KeyError: 'defualt'
     "misspelt module name": (
         lambda p: {"merge_method": "metagpt", "base_model": p["base"], "dtype": "float32",
@@ -104,6 +109,7 @@ def test_bad_input_fails_early_and_clearly(case, family, tmp_path):
     assert rc != 0, log
     assert re.search(expected, last), last
     assert not safetensors_in(out), os.listdir(out)
+    assert not os.path.exists(os.path.join(out, "metagpt_coefficients.json")), os.listdir(out)
 
 
 def test_other_layer_count_is_refused(family, tmp_path):
@@ -121,6 +127,15 @@ def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
     merged = load_checkpoint(out)
     for name, tensor in base.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_a_model_equal_to_the_base_is_warned_of(family, tmp_path):
+    """λ 0 for a copy of the base: said, not only in the -v table."""
+    paths, _ = family
+    rc, last, out, log = run_cli(recipe(paths, ["good", "twin1"]), tmp_path)
+    assert rc == 0, log
+    assert re.search(r"model \S*/twin1 equals the base \(its task vector is zero\): λ 0", log), log
+    assert "/good equals the base" not in log
 
 
 def test_a_bad_value_is_named_with_where_it_is_given():

@@ -299,3 +299,35 @@ def test_coefficients_names_a_misspelt_module(llama_family, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "module 'decoder' of the recipe is not a module of LlamaForCausalLM (it has: default)" in err
     assert "did you mean" not in err and "KeyError" not in err
+
+
+@pytest.mark.parametrize("command, target, expected", [
+    ("bake", "missing/baked.yml", "cannot write {out}: no folder"),
+    ("bake", "folder", "{out} is a folder; give the file to write"),
+    ("bake", "r.yml", "{out} is the recipe itself"),
+    ("inspect", "file", "{out} is a file, not a folder"),
+])
+def test_an_output_the_command_cannot_write_is_refused_before_reading(command, target, expected, llama_family,
+                                                                      tmp_path, capfd):
+    path = write_yaml(recipe(llama_family[0], MODELS), str(tmp_path / "r.yml"))
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "file").write_text("not a folder")
+    out = str(tmp_path / target)
+    recipe_text = open(path).read()
+    runs = prepass.STATS.runs
+    capfd.readouterr()
+    line = _one_error_line(main([command, path, out]), capfd.readouterr().err)
+    assert expected.format(out=out) in line, line
+    assert prepass.STATS.runs == runs  # refused before the pre-pass
+    assert open(path).read() == recipe_text and (tmp_path / "file").read_text() == "not a folder"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_flag_without_a_gpu_is_refused_at_once(llama_family, tmp_path, capfd):
+    """Not torch's AssertionError after planning (cold cache), nor a pass (warm cache)."""
+    path = write_yaml(recipe(llama_family[0], MODELS), str(tmp_path / "r.yml"))
+    runs = prepass.STATS.runs
+    capfd.readouterr()
+    line = _one_error_line(main(["coefficients", path, "--cuda"]), capfd.readouterr().err)
+    assert "--cuda: torch finds no CUDA device here" in line, line
+    assert prepass.STATS.runs == runs

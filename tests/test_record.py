@@ -80,7 +80,7 @@ def test_rerun_into_the_same_folder_leaves_one_record_of_the_last_run(llama_fami
 
 def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, merge_options, tmp_path):
     """A folder never holds λ that its model was not merged with: a later merge of
-    another method into it (or one that stops before its pre-pass) leaves no record."""
+    another method into it leaves no record."""
     paths, _ = llama_family
     out = str(tmp_path / "out")
     run_recipe(recipe(paths, MODELS), out, merge_options)
@@ -89,6 +89,27 @@ def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, 
                       parameters={"weight": 0.5}), out, merge_options)
     assert not os.path.exists(os.path.join(out, RECORD))
     assert CARD_MARK not in read_card(out)
+
+
+def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_family, merge_options, tmp_path):
+    """A MetaGPT merge refused in its pre-pass (NaN in a model) keeps the earlier run's
+    record beside the earlier run's weights: the folder stays consistent."""
+    from checkpoints import save_checkpoint
+    from merging import safetensors_in
+
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    before = {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)}
+    record = read_record(out)
+    broken = {k: v.clone() for k, v in sds["model1"].items()}
+    broken["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    paths = dict(paths, nan=save_checkpoint(str(tmp_path / "nan"), broken))
+    with pytest.raises(Exception, match="NaN or Inf"):
+        run_recipe(recipe(paths, ["model0", "nan"]), out, merge_options)
+    assert read_record(out) == record
+    assert {name: os.path.getmtime(os.path.join(out, name)) for name in os.listdir(out)} == before
+    assert safetensors_in(out)
 
 
 # -- entry points that do not go through run_merge ------------------------------------

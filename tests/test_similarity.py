@@ -130,6 +130,20 @@ def test_inspect_without_matplotlib_writes_report_and_json_and_says_how(llama_fa
     assert 'pip install "mergekit-metagpt[plots]"' in printed
     assert sorted(os.listdir(out)) == ["metagpt-inspect.json", "metagpt-report.md"]
     assert "Close to orthogonal" in printed  # independent noise: cosines near 0
+    report = open(os.path.join(out, "metagpt-report.md"), encoding="utf-8").read()
+    assert '(No pictures: pictures need matplotlib: pip install "mergekit-metagpt[plots]".)' in report
+
+
+def test_inspect_no_pictures_says_so_not_to_install_matplotlib(llama_family, tmp_path, capsys):
+    from mergekit_metagpt.cli import main
+
+    paths, _ = llama_family
+    config = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "inspect")
+    assert main(["inspect", config, out, "--no-pictures"]) == 0
+    assert sorted(os.listdir(out)) == ["metagpt-inspect.json", "metagpt-report.md"]
+    report = open(os.path.join(out, "metagpt-report.md"), encoding="utf-8").read()
+    assert "(No pictures: --no-pictures.)" in report and "matplotlib" not in report
 
 
 def test_merge_warns_on_aligned_task_vectors_and_card_shows_matrix_and_links_pictures(aligned_family, tmp_path):
