@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -120,6 +121,40 @@ class MergeRun:
         for merge_set in self.sets.values():
             if merge_set.models:  # a set of the base alone uses no alpha
                 merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
+            _refuse_one_checkpoint_twice(merge_set.models)
+
+
+def _checkpoint(model) -> Optional[tuple]:
+    """Where a mergekit ModelReference's weights are: a local folder resolved (``./m/./a``
+    and ``m/a/`` are one), else the hub id; with the revision and LoRA (None: not a reference)."""
+    def place(path) -> Optional[tuple]:
+        if path is None:
+            return None
+        name = getattr(path, "path", None)
+        if not isinstance(name, str):
+            return ("?", id(path))
+        local = os.path.expanduser(name)
+        return (os.path.realpath(local) if os.path.isdir(local) else name, getattr(path, "revision", None))
+
+    if not hasattr(model, "model"):
+        return None
+    return place(model.model), place(getattr(model, "lora", None))
+
+
+def _refuse_one_checkpoint_twice(models) -> None:
+    """Two inputs of a model set that are one checkpoint under two spellings would each get
+    a λ (mergekit refuses only the same spelling twice)."""
+    seen: Dict[tuple, Hashable] = {}
+    for model in models:
+        key = _checkpoint(model)
+        if key is None:
+            continue
+        if key in seen and seen[key] != model:
+            raise MetaGPTError(
+                f"MetaGPT: models {seen[key]} and {model} are one checkpoint ({key[0][0]}); "
+                f"list it once (each listing would get its own λ, together twice its share)"
+            )
+        seen.setdefault(key, model)
 
 
 def uniform_alpha(values, where: str) -> float:

@@ -91,6 +91,11 @@ CASES = {
                           r"the recipe's out_dtype 'fp16' is not a dtype mergekit knows"),
     "unknown dtype": (lambda p: {**recipe(p, ["good"]), "dtype": "bf16"},
                       r"the recipe's dtype 'bf16' is not a dtype mergekit knows"),
+    # stock mergekit refuses only the same spelling twice; this one got two λ
+    "one model under two spellings": (
+        lambda p: {**recipe(p, ["good"]), "models": [{"model": p["good"]},
+                                                     {"model": p["good"].rstrip("/") + "/./"}]},
+        r"models .*/good and .*/good/\./ are one checkpoint \(.*/good\); list it once"),
     # mergekit 0.1.5's own message is a bare KeyError: 'defualt'
     "misspelt module name": (
         lambda p: {"merge_method": "metagpt", "base_model": p["base"], "dtype": "float32",
