@@ -124,21 +124,20 @@ class MergeRun:
             _refuse_one_checkpoint_twice(merge_set.models)
 
 
-def _checkpoint(model) -> Optional[tuple]:
-    """Where a mergekit ModelReference's weights are: a local folder resolved (``./m/./a``
-    and ``m/a/`` are one), else the hub id; with the revision and LoRA (None: not a reference)."""
-    def place(path) -> Optional[tuple]:
-        if path is None:
-            return None
-        name = getattr(path, "path", None)
-        if not isinstance(name, str):
-            return ("?", id(path))
-        local = os.path.expanduser(name)
-        return (os.path.realpath(local) if os.path.isdir(local) else name, getattr(path, "revision", None))
-
-    if not hasattr(model, "model"):
+def _place(path) -> Optional[tuple]:
+    """A mergekit ModelPath as (local folder resolved, else the hub id; revision)."""
+    if path is None:
         return None
-    return place(model.model), place(getattr(model, "lora", None))
+    local = os.path.expanduser(path.path)
+    return os.path.realpath(local) if os.path.isdir(local) else path.path, getattr(path, "revision", None)
+
+
+def _checkpoint(model) -> Optional[tuple]:
+    """Where a mergekit ModelReference's weights are (``./m/./a`` and ``m/a/`` are one), with
+    its LoRA; None for the keys of in-memory merges."""
+    if not isinstance(getattr(getattr(model, "model", None), "path", None), str):
+        return None
+    return _place(model.model), _place(getattr(model, "lora", None))
 
 
 def _refuse_one_checkpoint_twice(models) -> None:
@@ -152,7 +151,7 @@ def _refuse_one_checkpoint_twice(models) -> None:
         if key in seen and seen[key] != model:
             raise MetaGPTError(
                 f"MetaGPT: models {seen[key]} and {model} are one checkpoint ({key[0][0]}); "
-                f"list it once (each listing would get its own λ, together twice its share)"
+                f"list it once (each listing would get its own λ)"
             )
         seen.setdefault(key, model)
 
