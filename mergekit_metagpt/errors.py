@@ -24,5 +24,5 @@ def one_line(error: BaseException) -> str:
             got = f" (got {shown})" if shown else ""
             parts.append(f"{where + ': ' if where else ''}{item.get('msg', '')}{got}")
         return " ".join("; ".join(parts).split()) or type(error).__name__
-    text = " ".join(str(error).split()) or type(error).__name__
-    return f"{type(error).__name__}: {text}"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__

@@ -8,14 +8,17 @@ the plugin wraps, without changing what they do:
   ``run_merge``, ``mergekit-multi``, ``mergekit-pytorch``, ``--multi-gpu``) builds one
   task universe from its plan, in the thread that starts the merge, before any
   tensor is written. The wrapper records the plan's MetaGPT tasks
-  (``merge_plan.register_universe``) and, for a merge planned outside ``run_merge``
+  (``merge_plan.register_universe``), checks them (``MergeRun.check``: each file they
+  read opens, among others) and, for a merge planned outside ``run_merge``
   (``mergekit-pytorch``), removes an earlier run's record from the folder the plan's
   writer task writes to, whatever the merge's method.
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
-- ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read,
-  removes an earlier run's record from the output folder (any method), makes the
+- ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
+  parameters, dtypes and module names, and that each model's folder, config and
+  mergekit loader open, naming the model that does not), removes an earlier run's
+  record after a merge that writes none (any method), makes the
   output folder and options known to the plan (record, progress bar), and adds the λ
   tables to the model card mergekit has just written.
 - ``mergekit.plan.MergePlanner.plan_module`` / ``plan_tensor``, for MetaGPT recipes
@@ -162,14 +165,19 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.card import add_card_sections
 
         check_config(config)
+        options = bound.arguments.get("options")
         if getattr(config, "modules", None):
-            _check_module_names(config, bound.arguments.get("options"))
+            _check_module_names(config, options)
+        if options is not None:  # mergekit's run_merge needs them (and says so)
+            from mergekit_metagpt.planning import check_models_open
+
+            check_models_open(config, options)
         # an earlier run's record stays until this run's replaces it (after the pre-pass,
         # before the first merged tensor), so a merge that fails before leaves the folder as it was
         context = RunContext(
             out_path=bound.arguments.get("out_path"),
             config=config,
-            options=bound.arguments.get("options"),
+            options=options,
         )
         token = RUN_CONTEXT.set(context)
         try:

@@ -102,8 +102,9 @@ class MergeRun:
 
     def check(self) -> None:
         """Refuse a plan in which a tensor's inputs lack its base, no set merges any model
-        besides its base, or a set's tensors are given different ``alpha`` (its λ are one
-        per model)."""
+        besides its base, a set's tensors are given different ``alpha`` (its λ are one
+        per model), a set lists one checkpoint twice, or a file the plan reads is missing
+        or damaged."""
         for (base, read), names in self._baseless.items():
             shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
             raise MetaGPTError(
@@ -122,6 +123,9 @@ class MergeRun:
             if merge_set.models:  # a set of the base alone uses no alpha
                 merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
             _refuse_one_checkpoint_twice(merge_set.models)
+        from mergekit_metagpt.checkpoint_files import check_files_open
+
+        check_files_open(task for merge_set in self.sets.values() for task in merge_set.tasks)
 
 
 def _place(path) -> Optional[tuple]:

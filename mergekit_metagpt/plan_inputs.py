@@ -67,7 +67,18 @@ class TensorRead:
         return (self.loader.index.tensor_paths.get(name, ""), name)
 
     def load(self) -> Optional[torch.Tensor]:
-        return self.leaf.execute()
+        """The tensor, as the merge reads it (None for an optional one the model lacks);
+        a failed read names the model and tensor."""
+        try:
+            return self.leaf.execute()
+        except MetaGPTError:
+            raise
+        except Exception as error:
+            from mergekit_metagpt.errors import one_line
+
+            raise MetaGPTError(
+                f"MetaGPT: cannot read tensor {self.name!r} of model {self.model}: {one_line(error)}"
+            ) from error
 
 
 def task_reads(task) -> Dict[Hashable, TensorRead]:

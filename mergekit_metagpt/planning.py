@@ -49,7 +49,7 @@ def _check_models_load(config, options) -> None:
         if model.lora and not options.lora_merge_cache:
             raise MetaGPTError(
                 f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "
-                "pass it, as to mergekit-yaml"
+                "pass that option"
             )
         try:
             model.config(trust_remote_code=options.trust_remote_code)
@@ -60,10 +60,33 @@ def _check_models_load(config, options) -> None:
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
 
 
+def open_loaders(config, options) -> None:
+    """mergekit's loader of each model of the recipe, opened as mergekit's ``run_merge``
+    opens them before planning (a LoRA is merged into ``--lora-merge-cache``, a single
+    ``.bin`` file unpickled to list its tensors); a failure is one line naming the model
+    (mergekit's names none, and a damaged pickle ends ``mergekit-yaml`` with a bare
+    "Aborted!")."""
+    from mergekit.io.tasks import LoaderCache
+
+    cache = LoaderCache()
+    cache.setup(options=options)
+    for model in models_in_order(config):
+        try:
+            cache.get(model)
+        except Exception as error:
+            raise MetaGPTError(f"cannot load model {model}: {one_line(error)}") from None
+
+
+def check_models_open(config, options) -> None:
+    """Each model of the recipe is there, its config loads and its loader opens, or one
+    line naming the model, before anything is read for the merge."""
+    _check_models_load(config, options)
+    open_loaders(config, options)
+
+
 def plan_recipe(config, options):
     """The MergeRun of a MetaGPT recipe (a validated MergeConfiguration)."""
     from mergekit.architecture import get_architecture_info
-    from mergekit.io.tasks import LoaderCache
     from mergekit.plan import MergePlanner
 
     import mergekit_metagpt  # noqa: F401  (registers the methods)
@@ -79,12 +102,7 @@ def plan_recipe(config, options):
         raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
     arch_info = get_architecture_info(config, options)
     check_module_names(config, arch_info)
-    LoaderCache().setup(options=options)
-    for model in models_in_order(config):
-        try:
-            LoaderCache().get(model)
-        except Exception as error:
-            raise MetaGPTError(f"cannot load model {model}: {one_line(error)}") from None
+    open_loaders(config, options)
     out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     # plan_to_disk only builds tasks (nothing is written until they execute);

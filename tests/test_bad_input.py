@@ -1,13 +1,15 @@
 """Bad input: stock mergekit-yaml exits non-zero, names the problem on its last line,
 and writes no weights."""
 
+import glob
 import os
 import re
 
 import pytest
 import torch
 
-from checkpoints import load_checkpoint, perturbed, random_state_dict, save_checkpoint, save_raw
+from checkpoints import (damage_pickle, load_checkpoint, perturbed, random_state_dict, save_bin,
+                         save_checkpoint, save_raw)
 from merging import run_mergekit_yaml, recipe, safetensors_in, write_yaml
 
 def run_cli(config: dict, tmp_path):
@@ -44,6 +46,19 @@ def family(tmp_path_factory):
     missing = perturbed(base, 0.02, 3)
     del missing["model.layers.1.mlp.up_proj.weight"]
     paths["missing"] = save_raw(str(root / "missing"), missing, like=paths["base"])
+
+    # damaged files: mergekit names neither model nor file (safetensors: "incomplete
+    # metadata"; a damaged pickle: IndexError, or a bare "Aborted!" for a single .bin)
+    paths["truncated"] = save_checkpoint(str(root / "truncated"), perturbed(base, 0.02, 4))
+    shard = sorted(glob.glob(os.path.join(paths["truncated"], "*.safetensors")))[-1]
+    with open(shard, "r+b") as handle:
+        handle.truncate(os.path.getsize(shard) - 64)
+    paths["no_shard"] = save_checkpoint(str(root / "no_shard"), perturbed(base, 0.02, 5))
+    os.remove(sorted(glob.glob(os.path.join(paths["no_shard"], "*.safetensors")))[1])
+    paths["bad_pickle"] = save_bin(str(root / "bad_pickle"), perturbed(base, 0.02, 6), like=paths["base"])
+    damage_pickle(os.path.join(paths["bad_pickle"], "pytorch_model-00002-of-00002.bin"))
+    paths["bad_bin"] = save_bin(str(root / "bad_bin"), perturbed(base, 0.02, 7), like=paths["base"], shards=1)
+    damage_pickle(os.path.join(paths["bad_bin"], "pytorch_model.bin"))
 
     paths["twin1"] = save_checkpoint(str(root / "twin1"), base)
     paths["twin2"] = save_checkpoint(str(root / "twin2"), base)
@@ -96,6 +111,23 @@ CASES = {
         lambda p: {**recipe(p, ["good"]), "models": [{"model": p["good"]},
                                                      {"model": p["good"].rstrip("/") + "/./"}]},
         r"models .*/good and .*/good/\./ are one checkpoint \(.*/good\); list it once"),
+    "truncated safetensors shard": (
+        lambda p: recipe(p, ["good", "truncated"]),
+        r"cannot read model .*/truncated: its file .*/truncated/model-\d+-of-\d+\.safetensors \(holding "
+        r"tensor '[\w.]+'\) does not open: SafetensorError: .*not fully covered$"),
+    "missing safetensors shard": (
+        lambda p: recipe(p, ["good", "no_shard"]),
+        r"cannot read model .*/no_shard: its file .*/no_shard/model-00002-of-\d+\.safetensors \(holding "
+        r"tensor '[\w.]+'\) is missing$"),
+    "damaged pickle in a .bin shard": (
+        lambda p: recipe(p, ["good", "bad_pickle"]),
+        r"cannot read model .*/bad_pickle: its file .*/bad_pickle/pytorch_model-00002-of-00002\.bin "
+        r"\(holding tensor '[\w.]+'\) does not open: UnpicklingError"),
+    "damaged single .bin file": (lambda p: recipe(p, ["good", "bad_bin"]),
+                                 r"cannot load model .*/bad_bin: EOFError$"),
+    # mergekit: "Repo id must use alphanumeric chars ..."
+    "no such model folder": (lambda p: recipe({**p, "gone": p["good"] + "-gone"}, ["good", "gone"]),
+                             r"model .*/good-gone: no such folder$"),
     # mergekit 0.1.5's own message is a bare KeyError: 'defualt'
     "misspelt module name": (
         lambda p: {"merge_method": "metagpt", "base_model": p["base"], "dtype": "float32",
@@ -211,3 +243,20 @@ base_model: ./base
 models: [{model: ./a}]
 parameters: {lambda: [{filter: mlp, value: -1}, {value: 1.0}]}
 """))
+
+
+def test_a_read_that_fails_in_the_pre_pass_names_the_model_and_tensor():
+    """A file that goes bad after the plan's check (removed, unreadable) mid-pre-pass: the
+    error names the tensor and model, not only the loader's own words."""
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.plan_inputs import TensorRead
+
+    class Leaf:
+        tensor = "model.layers.0.mlp.up_proj.weight"
+
+        def execute(self):
+            raise OSError("No such file or directory: 'model-00002-of-00004.safetensors'")
+
+    with pytest.raises(MetaGPTError, match=r"^MetaGPT: cannot read tensor 'model\.layers\.0\.mlp\.up_proj\.weight' "
+                                           r"of model ./m/math: OSError: No such file"):
+        TensorRead("./m/math", Leaf()).load()

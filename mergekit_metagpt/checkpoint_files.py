@@ -1,0 +1,100 @@
+"""Each checkpoint file a merge plan reads opens: checked once the plan is made, before
+any tensor is read or written.
+
+mergekit opens a shard when the merge first needs one of its tensors. A missing,
+truncated or damaged shard then stops the merge midway with the file format's own
+words (safetensors: "incomplete metadata, file not fully covered"), naming neither the
+model nor the file, and a MetaGPT merge only after its pre-pass has read the other
+models. Opening a safetensors file reads its header and checks that the file is as long
+as the header says (milliseconds a shard). A ``torch.save`` (.bin) shard is a zip
+archive: its directory, at the end of the file, is read (a truncated file has none),
+and its pickle unpickled with mergekit's lazy unpickler, which leaves the tensors' data
+unread.
+"""
+
+from __future__ import annotations
+
+import os
+import zipfile
+from typing import Dict, Iterable, Optional, Tuple
+
+from mergekit_metagpt.errors import MetaGPTError, one_line
+from mergekit_metagpt.plan_inputs import task_reads
+
+
+def read_name(read) -> Optional[str]:
+    """The checkpoint name mergekit reads for `read` (alias and tied names resolved), or
+    None where the model holds none of them (optional, or converted from other names)."""
+    resolve = getattr(read.leaf, "_resolve_name", None)
+    loader = read.loader
+    if callable(resolve):
+        return resolve(loader)
+    name = read.name
+    return name if name in loader.index.tensor_paths else None
+
+
+def shard_path(read) -> Optional[Tuple[str, str]]:
+    """(the file holding the tensor `read` reads, its name in the checkpoint), or None."""
+    name = read_name(read)
+    if name is None:
+        return None
+    index = read.loader.index
+    shard = index.tensor_paths.get(name)
+    return None if shard is None else (os.path.join(index.base_path, shard), name)
+
+
+def file_problem(path: str) -> Optional[str]:
+    """Why the checkpoint file at `path` cannot be read, or None."""
+    if not os.path.isfile(path):
+        return "is missing" if not os.path.exists(path) else "is not a file"
+    try:
+        if path.lower().endswith(".safetensors"):
+            import safetensors
+
+            with safetensors.safe_open(path, framework="pt"):
+                pass
+            return None
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if not magic:
+            return "is empty"
+        if magic.startswith(b"PK"):
+            if not zipfile.is_zipfile(path):
+                return "is a damaged or truncated zip archive (torch.save's format)"
+            _read_pickle(path)
+    except Exception as error:
+        return f"does not open: {one_line(error)}"
+    return None
+
+
+def _read_pickle(path: str) -> None:
+    """Unpickle a torch.save archive's index of tensors, the tensors' data left unread
+    (mergekit's lazy unpickler: its own loader with ``--lazy-unpickle``)."""
+    try:
+        from mergekit.io.loader import LazyPickleLoader
+    except ImportError:  # pragma: no cover - mergekit changed shape: the zip check alone
+        return
+    LazyPickleLoader(path)
+
+
+def check_files_open(tasks: Iterable[object]) -> None:
+    """Refuse a plan one of whose checkpoint files is missing or damaged, naming the
+    model, the file and a tensor the merge reads from it. Reads that mergekit cannot
+    place (no loader, a name the checkpoint lacks) are left to the merge to report."""
+    seen: Dict[str, None] = {}
+    for task in tasks:
+        for model, read in task_reads(task).items():
+            try:
+                found = shard_path(read)
+            except Exception:  # no loader for it here: the merge reports it in its words
+                continue
+            if found is None or found[0] in seen:
+                continue
+            path, name = found
+            seen[path] = None
+            problem = file_problem(path)
+            if problem is not None:
+                raise MetaGPTError(
+                    f"MetaGPT: cannot read model {model}: its file {path} (holding tensor "
+                    f"{name!r}) {problem}"
+                )
