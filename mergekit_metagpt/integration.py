@@ -16,7 +16,7 @@ the plugin wraps, without changing what they do:
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
-  parameters, dtypes and module names, and that each model's folder, config and
+  keys, where it is given the recipe's text, parameters, dtypes and module names, and that each model's folder, config and
   mergekit loader open, naming the model that does not), removes an earlier run's
   record after a merge that writes none (any method), makes the
   output folder and options known to the plan (record, progress bar), and adds the λ
@@ -165,6 +165,7 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.card import add_card_sections
 
         check_config(config)
+        _check_recipe_keys(bound.arguments.get("config_source"))
         options = bound.arguments.get("options")
         if getattr(config, "modules", None):
             _check_module_names(config, options)
@@ -191,6 +192,22 @@ def _attach_merge(module) -> None:
 
     run_merge._mergekit_metagpt_wrapper = True
     module.run_merge = run_merge
+
+
+def _check_recipe_keys(config_source) -> None:
+    """The recipe's keys mergekit does not read (``recipe_keys``), where ``run_merge`` is
+    given the recipe's text (``mergekit-yaml`` passes its file's)."""
+    if not isinstance(config_source, str):
+        return
+    import yaml
+
+    from mergekit_metagpt.recipe_keys import check_recipe_keys
+
+    try:
+        data = yaml.safe_load(config_source)
+    except yaml.YAMLError:  # not the text of the configuration: nothing to compare
+        return
+    check_recipe_keys(data)
 
 
 def _check_module_names(config, options) -> None:

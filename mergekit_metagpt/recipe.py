@@ -23,6 +23,9 @@ def load_recipe(path: str):
         raise MetaGPTError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise MetaGPTError(f"recipe {path} is not a YAML mapping")
+    from mergekit_metagpt.recipe_keys import check_recipe_keys
+
+    check_recipe_keys(data, path)
     try:
         return MergeConfiguration.model_validate(data)
     except Exception as error:  # pydantic's message, on one line

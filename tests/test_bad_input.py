@@ -128,6 +128,14 @@ CASES = {
     # mergekit: "Repo id must use alphanumeric chars ..."
     "no such model folder": (lambda p: recipe({**p, "gone": p["good"] + "-gone"}, ["good", "gone"]),
                              r"model .*/good-gone: no such folder$"),
+    # mergekit drops keys it does not know: lambda 1 would be merged, or alpha 0.5 everywhere
+    "misspelt recipe key": (
+        lambda p: {**recipe(p, ["good"]), "paramters": {"lambda": 0.5}},
+        r"the recipe key 'paramters' \(at the top level\) is not one mergekit reads: it would be "
+        r"ignored silently; did you mean 'parameters'\?$"),
+    "misspelt filter": (
+        lambda p: recipe(p, ["good"], parameters={"alpha": [{"fliter": "mlp", "value": 0.5}, {"value": 1.0}]}),
+        r"the recipe key 'fliter' \(under parameters\.alpha\[0\]\) .*did you mean 'filter'\?$"),
     # mergekit 0.1.5's own message is a bare KeyError: 'defualt'
     "misspelt module name": (
         lambda p: {"merge_method": "metagpt", "base_model": p["base"], "dtype": "float32",
@@ -260,3 +268,13 @@ def test_a_read_that_fails_in_the_pre_pass_names_the_model_and_tensor():
     with pytest.raises(MetaGPTError, match=r"^MetaGPT: cannot read tensor 'model\.layers\.0\.mlp\.up_proj\.weight' "
                                            r"of model ./m/math: OSError: No such file"):
         TensorRead("./m/math", Leaf()).load()
+
+
+def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
+    """A key that misspells none mergekit reads (a note on a shared recipe) is merged, with
+    a warning that mergekit ignores it."""
+    paths, _ = family
+    rc, _, out, log = run_cli({**recipe(paths, ["good"]), "name": "my-merge"}, tmp_path)
+    assert rc == 0, log
+    assert "mergekit ignores the recipe key 'name' (at the top level; it reads there: base_model," in log, log
+    assert safetensors_in(out)

@@ -37,6 +37,8 @@ def _bad_recipes(paths):
                                 ["parameter lambda must be a number in [0, 3.4e38]", "big"]),
         "misspelt_parameter": (recipe(paths, MODELS, parameters={"lamda": 0.5}),
                                ["Unknown parameter", "lamda", "it takes: alpha, granularity, lambda"]),
+        "misspelt_key": ({**recipe(paths, MODELS), "paramters": {"lambda": 0.5}},
+                         ["the recipe key 'paramters' of ", "(at the top level)", "did you mean 'parameters'?"]),
         "alpha_out_of_range": (recipe(paths, MODELS, parameters={"alpha": 1.5}),
                                ["parameter alpha must be a number in [0, 1]", "1.5"]),
         "per_model_lambda": (_with_model_params(paths, {"lambda": 0.5}),
@@ -50,7 +52,7 @@ def _bad_recipes(paths):
     }
 
 
-BAD = ["negative_lambda", "lambda_not_a_number", "misspelt_parameter", "per_model_lambda",
+BAD = ["negative_lambda", "lambda_not_a_number", "misspelt_parameter", "misspelt_key", "per_model_lambda",
        "per_model_weight", "missing_model_folder"]
 
 
