@@ -237,8 +237,12 @@ class NormAccumulator:
                 if bad:
                     who = self.labels.get(model, f"model {model}")
                     names = self._names[model]
+                    # a model's value is a sum of float32 squares: finite elements of
+                    # about 1e19 (1e17 over a few million) overflow it too
+                    what = "NaN or Inf" if model == BASE else (
+                        "NaN or Inf, or a task vector too large for float32 sums of squares")
                     raise MetaGPTError(
-                        f"MetaGPT: non-finite values (NaN or Inf) in tensor "
+                        f"MetaGPT: non-finite values ({what}) in tensor "
                         f"{names[bad[0]]!r} of {who}"
                         + (f" (and {len(bad) - 1} more tensors)" if len(bad) > 1 else "")
                     )

@@ -37,6 +37,10 @@ def family(tmp_path_factory):
     nan["model.layers.1.self_attn.k_proj.weight"][0, 0] = float("nan")
     paths["nan"] = save_checkpoint(str(root / "nan"), nan)
 
+    huge = perturbed(base, 0.02, 8)  # finite, but its square is beyond float32
+    huge["model.layers.1.mlp.down_proj.weight"][0, 0] = 3e30
+    paths["huge"] = save_checkpoint(str(root / "huge"), huge)
+
     inf_base = dict(base)
     inf_base["model.layers.0.post_attention_layernorm.weight"] = base[
         "model.layers.0.post_attention_layernorm.weight"].clone()
@@ -72,6 +76,10 @@ CASES = {
                              r"shape mismatch for tensor 'model\.layers\.0\.mlp\.[\w.]+'.*/wider"),
     "NaN in a model": (lambda p: recipe(p, ["good", "nan"]),
                        r"NaN or Inf.*'model\.layers\.1\.self_attn\.k_proj\.weight' of model .*/nan$"),
+    "finite values too large to square in float32": (
+        lambda p: recipe(p, ["good", "huge"]),
+        r"non-finite values \(NaN or Inf, or a task vector too large for float32 sums of squares\) "
+        r"in tensor 'model\.layers\.1\.mlp\.down_proj\.weight' of model .*/huge$"),
     "Inf in the base": (lambda p: recipe({**p, "base": p["inf_base"]}, ["good"]),
                         r"NaN or Inf.*'model\.layers\.0\.post_attention_layernorm\.weight' of the base model .*/inf_base$"),
     # mergekit's loader or the pre-pass, whichever reads it first
