@@ -198,8 +198,9 @@ def _inspect(args) -> int:
 
 
 def _demo_models(args) -> int:
-    from mergekit_metagpt.synthetic import SIZES, write_family
+    from mergekit_metagpt.synthetic import SIZES, refuse_foreign_folders, write_family
 
+    refuse_foreign_folders(args.directory)
     paths = write_family(args.directory, SIZES[args.size], dtype=args.dtype)
     print("\n".join(paths))
     return 0

@@ -8,6 +8,7 @@ Used by the README's example and by ``benchmarks/``; nothing is downloaded.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from dataclasses import dataclass
@@ -82,10 +83,35 @@ SIZES: Dict[str, LlamaShape] = {
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
+#: A file in each folder `write_family` writes: the folders `demo-models` may overwrite.
+MARKER = ".mergekit-metagpt-demo"
+
+#: The checkpoint folders of the demo family, base first.
+NAMES = ("base", "math", "code", "chat")
+
+
+def refuse_foreign_folders(root: str, names: Sequence[str] = NAMES) -> None:
+    """Refuse to write the demo family where a folder it would write already holds files
+    of something else (a real checkpoint: its config and weights would be overwritten)."""
+    from mergekit_metagpt.errors import MetaGPTError
+
+    for name in names:
+        path = os.path.join(root, name)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise MetaGPTError(f"demo-models: {path} exists and is not a folder")
+        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, MARKER)):
+            held = sorted(os.listdir(path))
+            shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
+            raise MetaGPTError(
+                f"demo-models: {path} already holds files demo-models did not write ({shown}); "
+                f"give another DIRECTORY, or remove that folder"
+            )
+
+
 def write_family(
     root: str,
     shape: LlamaShape,
-    names: Sequence[str] = ("base", "math", "code", "chat"),
+    names: Sequence[str] = NAMES,
     scales: Sequence[float] = (0.004, 0.008, 0.002),
     dtype: str = "bfloat16",
     shard_bytes: int = 200 * 1024 * 1024,
@@ -99,6 +125,11 @@ def write_family(
     paths = [os.path.join(root, name) for name in names]
     for path in paths:
         os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(path, MARKER)):  # ours: a larger size's shards go
+            for old in glob.glob(os.path.join(path, "model-*-of-*.safetensors")):
+                os.remove(old)
+        with open(os.path.join(path, MARKER), "w") as f:
+            f.write("written by mergekit-metagpt demo-models; it may overwrite this folder\n")
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(shape.config(dtype), f, indent=2)
         if tokenizer:

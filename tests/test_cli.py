@@ -333,3 +333,21 @@ def test_cuda_flag_without_a_gpu_is_refused_at_once(llama_family, tmp_path, capf
     line = _one_error_line(main(["coefficients", path, "--cuda"]), capfd.readouterr().err)
     assert "--cuda: torch finds no CUDA device here" in line, line
     assert prepass.STATS.runs == runs
+
+
+def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, capfd):
+    """A folder demo-models would write that holds someone's checkpoint is refused, its files
+    untouched; its own output it rewrites."""
+    real = tmp_path / "models" / "math"
+    real.mkdir(parents=True)
+    (real / "config.json").write_text('{"model_type": "mistral"}')
+    (real / "model.safetensors").write_bytes(b"weights")
+    capfd.readouterr()
+    line = _one_error_line(main(["demo-models", str(tmp_path / "models")]), capfd.readouterr().err)
+    assert f"demo-models: {real} already holds files demo-models did not write " \
+           f"(config.json, model.safetensors); give another DIRECTORY" in line, line
+    assert (real / "config.json").read_text() == '{"model_type": "mistral"}'
+    assert sorted(os.listdir(real)) == ["config.json", "model.safetensors"]
+    assert not (tmp_path / "models" / "base").exists()  # refused before writing any
+    assert main(["demo-models", str(tmp_path / "demo")]) == 0
+    assert main(["demo-models", str(tmp_path / "demo")]) == 0  # its own folders: rewritten
