@@ -60,7 +60,16 @@ def _options(args):
 
     flags = {name: bool(getattr(args, name, False)) for name in PLANNING_FLAGS}
     settings = {name: getattr(args, name, None) for name in PLANNING_SETTINGS}
-    return MergeOptions(quiet=True, **flags, **settings)
+    # the pre-pass's progress bar, on stderr, where a person watches it
+    quiet = bool(getattr(args, "quiet", False)) or not _is_terminal(sys.stderr)
+    return MergeOptions(quiet=quiet, **flags, **settings)
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
 
 
 def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None,
@@ -207,6 +216,8 @@ def _demo_models(args) -> int:
 
 
 def _add_planning_flags(parser) -> None:
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bar (shown on a terminal while the pre-pass reads the models)")
     for name, help_text in PLANNING_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
     for name, (metavar, choices, help_text) in PLANNING_SETTINGS.items():

@@ -351,3 +351,20 @@ def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, 
     assert not (tmp_path / "models" / "base").exists()  # refused before writing any
     assert main(["demo-models", str(tmp_path / "demo")]) == 0
     assert main(["demo-models", str(tmp_path / "demo")]) == 0  # its own folders: rewritten
+
+
+@pytest.mark.parametrize("terminal, flags, shown", [(True, [], True), (True, ["--quiet"], False),
+                                                    (False, [], False)])
+def test_the_pre_pass_shows_a_progress_bar_on_a_terminal(terminal, flags, shown, llama_family, tmp_path,
+                                                         monkeypatch, capfd):
+    """A person at a terminal sees the pre-pass advance (minutes on a 7B model); --quiet and
+    output to a file or pipe have none."""
+    from mergekit_metagpt import cli
+
+    monkeypatch.delenv("MERGEKIT_METAGPT_PROGRESS")
+    monkeypatch.setattr(cli, "_is_terminal", lambda stream: terminal)
+    path = write_yaml(recipe(llama_family[0], MODELS), str(tmp_path / "r.yml"))
+    capfd.readouterr()
+    assert main(["coefficients", path, *flags]) == 0
+    err = capfd.readouterr().err
+    assert ("MetaGPT norm pre-pass: 100%" in err) == shown, err
