@@ -47,10 +47,10 @@ PLANNING_FLAGS = {
 PLANNING_SETTINGS = {
     "lora_merge_cache": ("DIR", None, "where mergekit stores models merged with their LoRA adapters "
                                       "(as mergekit-yaml's option; needed for `model+adapter` references)"),
-    # choices: mergekit makes the adapter's cache folder before it reads the dtype, and a
-    # later run reuses that empty folder
-    "lora_merge_dtype": (None, ["bfloat16", "float16", "float32", "float64"],
-                         "dtype in which LoRA adapters are merged (as mergekit-yaml's option)"),
+    # checked before any adapter is merged (planning): mergekit makes the adapter's cache
+    # folder before it reads the dtype, and a later run reuses that empty folder
+    "lora_merge_dtype": ("DTYPE", None, "dtype in which LoRA adapters are merged: bfloat16, float16, float32 "
+                                        "or float64 (as mergekit-yaml's option)"),
     "transformers_cache": ("DIR", None, "where hub models are stored (as mergekit-yaml's option)"),
 }
 

@@ -33,6 +33,22 @@ def models_in_order(config) -> list:
     return ordered
 
 
+def _check_lora_merge_dtype(options) -> None:
+    """A ``--lora-merge-dtype`` mergekit does not know: mergekit makes the adapter's merge
+    folder before it reads the dtype, and a later run takes that empty folder for the
+    merged model."""
+    from mergekit.common import dtype_from_name
+
+    value = getattr(options, "lora_merge_dtype", None)
+    if value is None:
+        return
+    try:
+        dtype_from_name(value)
+    except RuntimeError:
+        raise MetaGPTError(f"--lora-merge-dtype {value!r} is not a dtype mergekit knows "
+                           f"(bfloat16, float16, float32, float64)") from None
+
+
 def _check_models_load(config, options) -> None:
     """Each referenced model's config loads, or one line naming that model."""
     import os
@@ -51,6 +67,8 @@ def _check_models_load(config, options) -> None:
                 f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "
                 "pass that option"
             )
+        if model.lora:
+            _check_lora_merge_dtype(options)
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model

@@ -131,3 +131,32 @@ def test_cli_names_the_missing_lora_cache(llama_family, adapter, tmp_path, capfd
     bad = write_yaml(recipe({**paths, "lora": missing}, ["model0", "lora"]), str(tmp_path / "bad.yml"))
     assert main(["coefficients", bad, "--lora-merge-cache", str(tmp_path / "c")]) == 1
     assert "no such LoRA adapter folder" in capfd.readouterr().err
+
+
+def test_a_lora_merge_dtype_mergekit_does_not_know_is_refused_before_the_adapter_is_merged(
+        llama_family, adapter, tmp_path, capfd):
+    """mergekit makes the adapter's merge folder, then fails on the dtype; the next run takes
+    that empty folder for the merged model. Refused first, from run_merge and the CLI; the
+    CLI takes what mergekit-yaml takes (torch.float16)."""
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = llama_family
+    config = recipe({**paths, "lora": f"{paths['base']}+{adapter}"}, ["model0", "lora"])
+    cache = tmp_path / "lora-cache"
+    LoaderCache().loaders.clear()
+    with pytest.raises(MetaGPTError, match=r"^--lora-merge-dtype 'fp16' is not a dtype mergekit knows"):
+        run_recipe(config, str(tmp_path / "out"), MergeOptions(
+            quiet=True, copy_tokenizer=False, lora_merge_dtype="fp16", lora_merge_cache=str(cache)))
+    assert not cache.exists() or not os.listdir(cache)
+    recipe_path = write_yaml(config, str(tmp_path / "r.yml"))
+    capfd.readouterr()
+    assert main(["coefficients", recipe_path, "--lora-merge-dtype", "fp16", "--lora-merge-cache", str(cache)]) == 1
+    assert "error: --lora-merge-dtype 'fp16' is not a dtype mergekit knows" in capfd.readouterr().err
+    assert not cache.exists() or not os.listdir(cache)
+    LoaderCache().loaders.clear()
+    assert main(["coefficients", recipe_path, "--lora-merge-dtype", "torch.float16",
+                 "--lora-merge-cache", str(cache)]) == 0
+    assert os.listdir(cache)
