@@ -21,6 +21,8 @@ the plugin wraps, without changing what they do:
   record after a merge that writes none (any method), makes the
   output folder and options known to the plan (record, progress bar), and adds the λ
   tables to the model card mergekit has just written.
+- ``mergekit.scripts.multimerge.load_config`` (``mergekit-multi``): checks each MetaGPT
+  recipe of the file (keys, parameters, dtypes) before the first merge runs.
 - ``mergekit.plan.MergePlanner.plan_module`` / ``plan_tensor``, for MetaGPT recipes
   only: a warning when mergekit plans none of a module's weights (it leaves out
   optional weights no input holds under its architecture's names, silently: e.g. the
@@ -287,11 +289,52 @@ def _attach_plan(module) -> None:
     planner.plan_module = plan_module
 
 
+def _attach_multimerge(module) -> None:
+    original = _unwrapped(_need(module, "load_config", module.__name__))
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def load_config(config_source, *args, **kwargs):
+        result = original(config_source, *args, **kwargs)
+        _check_multimerge(config_source, result)
+        return result
+
+    load_config._mergekit_metagpt_wrapper = True
+    module.load_config = load_config
+
+
+def _check_multimerge(config_source, loaded) -> None:
+    """Every MetaGPT recipe of a ``mergekit-multi`` file, checked as ``run_merge`` checks one
+    (keys, parameters, dtypes) before the first merge runs: mergekit runs them one after
+    the other, and a bad recipe would otherwise stop the run only after the merges before
+    it. The models are not opened here (intermediate merges do not exist yet)."""
+    import yaml
+
+    from mergekit_metagpt.recipe_checks import check_config
+    from mergekit_metagpt.recipe_keys import check_recipe_keys
+
+    try:
+        docs = list(yaml.safe_load_all(config_source))
+        configs = loaded[0]
+    except Exception:  # mergekit changed shape: each recipe is checked by run_merge
+        return
+    for doc in docs:
+        if isinstance(doc, dict) and _is_ours(doc.get("merge_method")):
+            name = doc.get("name")
+            check_recipe_keys({k: v for k, v in doc.items() if k != "name"},
+                              f"merge {name!r}" if name is not None else "the final merge")
+    for config in getattr(configs, "values", lambda: [])():
+        if _is_ours(getattr(config, "merge_method", None)):
+            check_config(config)
+
+
 _ATTACHERS = {
     "mergekit.graph": _attach_graph,
     "mergekit.merge_methods.task_adapter": _attach_task_adapter,
     "mergekit.merge": _attach_merge,
     "mergekit.plan": _attach_plan,
+    "mergekit.scripts.multimerge": _attach_multimerge,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -320,6 +363,8 @@ def attach(name: str, final: bool = True) -> None:
                 "Graph merges with metagpt will refuse to run rather than guess their coefficients."
                 if name in REQUIRED_FOR_GRAPH_MERGES
                 else "Merges run; the warning about modules mergekit plans nothing of is off."
+                if name == "mergekit.plan"
+                else "Merges run; mergekit-multi checks each recipe only when it merges it."
             )
             warnings.warn(
                 f"mergekit-metagpt: cannot attach to {name} ({error}); this mergekit "

@@ -9,7 +9,9 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
   install the plugin's thin wrappers (see ``mergekit_metagpt.integration``), which
   tell the method which merge plan and output folder a tensor belongs to;
 - ``mergekit.plan``: a wrapper on the planner that warns when mergekit plans none of
-  a module's weights.
+  a module's weights;
+- ``mergekit.scripts.multimerge``: ``mergekit-multi`` checks every MetaGPT recipe of
+  its file before the first merge.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.
@@ -24,6 +26,7 @@ WATCHED = (
     "mergekit.graph",
     "mergekit.merge_methods.task_adapter",
     "mergekit.plan",
+    "mergekit.scripts.multimerge",
 )
 _MARK = "_mergekit_metagpt_hook_installed"
 

@@ -286,3 +286,33 @@ def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
     assert rc == 0, log
     assert "mergekit ignores the recipe key 'name' (at the top level; it reads there: base_model," in log, log
     assert safetensors_in(out)
+
+
+@pytest.mark.parametrize("fault, expected", [
+    ({"paramters": {"lambda": 0.5}}, "the recipe key 'paramters' of the final merge (at the top level) is not one "
+                                     "mergekit reads: it would be ignored silently; did you mean 'parameters'?"),
+    ({"parameters": {"lamda": 0.5}}, "Unknown parameter(s) for metagpt: lamda"),
+])
+def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault, expected, family, tmp_path):
+    """mergekit-multi merges its recipes one after the other; a bad final recipe stopped it
+    only after the intermediate merge (minutes to hours on real models)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    paths, _ = family
+    docs = [{"name": "step1", **recipe(paths, ["good", "twin1"])},
+            {**recipe(paths, ["good"]), "models": [{"model": "step1"}, {"model": paths["good"]}], **fault}]
+    config = str(tmp_path / "multi.yml")
+    with open(config, "w") as f:
+        yaml.safe_dump_all(docs, f)
+    inter, out = tmp_path / "inter", tmp_path / "out"
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-multi"), config, "--intermediate-dir",
+         str(inter), "--out-path", str(out), "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode != 0
+    assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+    assert not (inter / "step1").exists() and not out.exists()
