@@ -237,9 +237,10 @@ class NormAccumulator:
                 if bad:
                     who = self.labels.get(model, f"model {model}")
                     names = self._names[model]
-                    # a model's value is a sum of float32 squares: finite elements of
-                    # about 1e19 (1e17 over a few million) overflow it too
-                    what = "NaN or Inf" if model == BASE else (
+                    # values are float32 sums (of squares; the pre-pass's base check: of
+                    # elements): finite elements of about 1e19 (1e17 over a few million)
+                    # overflow them too
+                    what = "NaN or Inf, or values too large for float32 sums" if model == BASE else (
                         "NaN or Inf, or a task vector too large for float32 sums of squares")
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values ({what}) in tensor "

@@ -43,10 +43,12 @@ def _check_lora_merge_dtype(options) -> None:
     if value is None:
         return
     try:
-        dtype_from_name(value)
+        usable = dtype_from_name(value).is_floating_point
     except RuntimeError:
-        raise MetaGPTError(f"--lora-merge-dtype {value!r} is not a dtype mergekit knows "
-                           f"(bfloat16, float16, float32, float64)") from None
+        usable = False
+    if not usable:  # mergekit also names int64, which no model is instantiated in
+        raise MetaGPTError(f"--lora-merge-dtype {value!r} is not a floating-point dtype mergekit knows "
+                           f"(bfloat16, float16, float32, float64)")
 
 
 def _check_models_load(config, options) -> None:

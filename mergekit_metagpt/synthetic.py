@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Sequence, Tuple
 
@@ -99,13 +100,31 @@ def refuse_foreign_folders(root: str, names: Sequence[str] = NAMES) -> None:
         path = os.path.join(root, name)
         if os.path.exists(path) and not os.path.isdir(path):
             raise MetaGPTError(f"demo-models: {path} exists and is not a folder")
-        if os.path.isdir(path) and os.listdir(path) and not os.path.exists(os.path.join(path, MARKER)):
+        if os.path.isdir(path) and not _written_by_demo(path):
             held = sorted(os.listdir(path))
             shown = ", ".join(held[:4]) + (", …" if len(held) > 4 else "")
             raise MetaGPTError(
                 f"demo-models: {path} already holds files demo-models did not write ({shown}); "
                 f"give another DIRECTORY, or remove that folder"
             )
+
+
+def _written_by_demo(path: str) -> bool:
+    """Whether the folder is empty but for hidden files, marked as ours, or written by
+    an earlier demo-models (before the mark): its config one of the demo configs and its
+    files all of the names it writes."""
+    held = [name for name in os.listdir(path) if not name.startswith(".")]
+    if not held or os.path.exists(os.path.join(path, MARKER)):
+        return True
+    ours = {"config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors.index.json"}
+    if any(name not in ours and not re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", name) for name in held):
+        return False
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return any(config == shape.config(dtype) for shape in SIZES.values() for dtype in DTYPES)
 
 
 def write_family(

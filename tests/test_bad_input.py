@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 
-from checkpoints import (damage_pickle, load_checkpoint, perturbed, random_state_dict, save_bin,
+from checkpoints import (closed_form, damage_pickle, load_checkpoint, perturbed, random_state_dict, save_bin,
                          save_checkpoint, save_raw)
 from merging import run_mergekit_yaml, recipe, safetensors_in, write_yaml
 
@@ -63,6 +63,11 @@ def family(tmp_path_factory):
     damage_pickle(os.path.join(paths["bad_pickle"], "pytorch_model-00002-of-00002.bin"))
     paths["bad_bin"] = save_bin(str(root / "bad_bin"), perturbed(base, 0.02, 7), like=paths["base"], shards=1)
     damage_pickle(os.path.join(paths["bad_bin"], "pytorch_model.bin"))
+
+    # a valid .bin of nn.Parameter values (a dict of named_parameters()): torch.load with
+    # weights_only, as mergekit reads it, takes it; mergekit's lazy unpickler does not
+    params = {k: torch.nn.Parameter(v, requires_grad=False) for k, v in perturbed(base, 0.03, 9).items()}
+    paths["param_bin"] = save_bin(str(root / "param_bin"), params, like=paths["base"])
 
     paths["twin1"] = save_checkpoint(str(root / "twin1"), base)
     paths["twin2"] = save_checkpoint(str(root / "twin2"), base)
@@ -130,7 +135,7 @@ CASES = {
     "damaged pickle in a .bin shard": (
         lambda p: recipe(p, ["good", "bad_pickle"]),
         r"cannot read model .*/bad_pickle: its file .*/bad_pickle/pytorch_model-00002-of-00002\.bin "
-        r"\(holding tensor '[\w.]+'\) does not open: UnpicklingError"),
+        r"\(holding tensor '[\w.]+'\) does not unpickle \(a damaged torch\.save archive\): "),
     "damaged single .bin file": (lambda p: recipe(p, ["good", "bad_bin"]),
                                  r"cannot load model .*/bad_bin: EOFError$"),
     # mergekit: "Repo id must use alphanumeric chars ..."
@@ -316,3 +321,30 @@ def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault,
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     assert not (inter / "step1").exists() and not out.exists()
+
+
+def test_a_bin_checkpoint_of_parameters_is_merged(family, tmp_path):
+    """The file checks read a .bin as mergekit does: a valid one is not refused."""
+    paths, base = family
+    rc, _, out, log = run_cli(recipe(paths, ["good", "param_bin"]), tmp_path)
+    assert rc == 0, log
+    _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.03, 9)])
+    merged = load_checkpoint(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_a_base_too_large_for_float32_sums_is_not_called_nan():
+    """In memory the base's check is a float32 sum of squares: a finite 3e20 overflows it."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    gen = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(8, 8, generator=gen)}
+    models = {m: {"w": base["w"] + 0.1 * torch.randn(8, 8, generator=gen)} for m in "ab"}
+    for sd in (base, *models.values()):
+        sd["w"][0, 0] = 3e20
+    with pytest.raises(MetaGPTError, match=r"non-finite values \(NaN or Inf, or values too large for float32 "
+                                           r"sums\) in tensor 'w' of the base model"):
+        merge_state_dicts({"base": base, **models}, "metagpt", base="base")

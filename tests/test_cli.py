@@ -351,6 +351,10 @@ def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, 
     assert not (tmp_path / "models" / "base").exists()  # refused before writing any
     assert main(["demo-models", str(tmp_path / "demo")]) == 0
     assert main(["demo-models", str(tmp_path / "demo")]) == 0  # its own folders: rewritten
+    for name in ("base", "math", "code", "chat"):  # as an older demo-models left them, unmarked
+        os.remove(tmp_path / "demo" / name / ".mergekit-metagpt-demo")
+    (tmp_path / "demo" / "base" / ".DS_Store").write_bytes(b"")
+    assert main(["demo-models", str(tmp_path / "demo")]) == 0
 
 
 @pytest.mark.parametrize("terminal, flags, shown", [(True, [], True), (True, ["--quiet"], False),
