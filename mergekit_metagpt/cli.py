@@ -231,15 +231,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda, per model set")
-    coeff.add_argument("recipe")
+    coeff.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
     coeff.add_argument("--json", action="store_true",
                        help="print JSON (the shape of the merge's metagpt_coefficients.json)")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
     _add_planning_flags(coeff)
     coeff.set_defaults(run=_coefficients)
     bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
-    bake.add_argument("recipe")
-    bake.add_argument("output")
+    bake.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
+    bake.add_argument("output", metavar="OUT.yml", help="the stock recipe to write")
     bake.add_argument("--cuda", action="store_true", help="compute on the GPU")
     _add_planning_flags(bake)
     bake.set_defaults(run=_bake)
@@ -248,15 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="without merging: λ, cosine similarity of the task vectors, ||delta||^2 per layer; "
              "writes a report, JSON and pictures to OUT_DIR",
     )
-    inspect.add_argument("recipe")
-    inspect.add_argument("out_dir")
+    inspect.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
+    inspect.add_argument("out_dir", metavar="OUT_DIR", help="folder for the report, JSON and pictures")
     inspect.add_argument("--json", action="store_true", help="print the numbers as JSON (also written to OUT_DIR)")
     inspect.add_argument("--cuda", action="store_true", help="compute on the GPU")
     inspect.add_argument("--no-pictures", action="store_true", help="report and JSON only")
     _add_planning_flags(inspect)
     inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")
-    demo.add_argument("directory")
+    demo.add_argument("directory", metavar="DIRECTORY", help="where to write base/, math/, code/ and chat/")
     demo.add_argument("--size", default="tiny", choices=["tiny", "10m", "100m", "1b"],
                       help="parameters per model (default tiny; 1b writes about 4 x 2 GB in bfloat16)")
     demo.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
