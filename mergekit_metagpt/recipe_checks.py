@@ -27,6 +27,13 @@ WEIGHT_HELP = (
 )
 
 
+NORMALIZE_HELP = (
+    "MetaGPT's λ sum to 1 (times lambda) and are applied as computed, with mergekit's "
+    "normalize off (it would divide each element by the sum of the λ of the models that keep it); "
+    "drop normalize from a recipe copied from ties or dare"
+)
+
+
 def _settings(node: Any, seen: Set[int], context: Tuple[str, ...] = ()) -> Iterator[Tuple[str, Any, Optional[str], Tuple[str, ...]]]:
     """(name, setting, the input model it is given for or None, where it is given: e.g.
     ("layers 0-4", "slice 2")) for every parameter setting in a config tree."""
@@ -116,6 +123,8 @@ def check_config(config) -> None:
         )
         if "weight" in unknown:
             message += f". {WEIGHT_HELP}"
+        if "normalize" in unknown:
+            message += f". {NORMALIZE_HELP}"
         raise MetaGPTError(message)
     if misplaced:
         raise MetaGPTError(

@@ -93,6 +93,11 @@ CASES = {
                        r"|/missing has no tensor 'model\.layers\.1\.mlp\.up_proj\.weight')"),
     "unknown parameter": (lambda p: recipe(p, ["good"], parameters={"lambda": 1.0, "weight": 0.5}),
                           r"Unknown parameter\(s\) for metagpt: weight"),
+    # copied from a ties recipe: the one parameter of ties that metagpt_ties does not take
+    "normalize from a ties recipe": (
+        lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"normalize": True, "int8_mask": True}),
+        r"Unknown parameter\(s\) for metagpt_ties: normalize .*MetaGPT's λ sum to 1 .*drop normalize from a "
+        r"recipe copied from ties or dare$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
                                     r"Unknown parameter\(s\) for metagpt: density"),
