@@ -1,0 +1,133 @@
+"""Architectures besides LLaMA, each as mergekit 0.1.5 defines it, merged by stock
+mergekit-yaml against a float64 closed form over the tensors the merge writes.
+
+Each family is a tiny randomly initialised model (transformers' own class for the
+architecture) and three fine-tune-like copies with noise of distinct scales per model
+and per tensor, so that the λ differ clearly and a tensor counted twice, or missed, moves
+them. What these guard: the pre-pass reads what mergekit's plan reads under other
+architectures' names (biases, fused projections, extra norms, MoE experts, tied heads).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from checkpoints import load_checkpoint
+from merging import run_mergekit_yaml, write_yaml
+
+RECORD = "metagpt_coefficients.json"
+SCALES = (0.004, 0.02, 0.01)  # per model: the λ differ by far more than float noise
+
+SMALL = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+
+# architecture: (transformers config class, its settings); each has mergekit 0.1.5 JSON
+ARCHITECTURES = {
+    "Qwen2ForCausalLM": ("Qwen2Config", dict(SMALL, tie_word_embeddings=False)),  # q/k/v biases
+    "Qwen3ForCausalLM": ("Qwen3Config", dict(SMALL, head_dim=8, tie_word_embeddings=False)),  # q/k norms
+    "MistralForCausalLM": ("MistralConfig", dict(SMALL, tie_word_embeddings=False)),
+    "Gemma2ForCausalLM": ("Gemma2Config", dict(SMALL, head_dim=8)),  # tied head, four norms a layer
+    "Phi3ForCausalLM": ("Phi3Config", dict(SMALL, tie_word_embeddings=False, pad_token_id=0)),  # fused qkv
+    "MixtralForCausalLM": ("MixtralConfig", dict(SMALL, num_local_experts=4, num_experts_per_tok=2,
+                                                 tie_word_embeddings=False)),  # experts
+    "GPT2LMHeadModel": ("GPT2Config", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+}
+
+
+def _family(root: str, architecture: str):
+    """Base and three noisy copies saved by transformers; their state dicts as saved."""
+    import transformers
+    from safetensors.torch import load_file
+
+    config_class, settings = ARCHITECTURES[architecture]
+    config = getattr(transformers, config_class)(**settings)
+    torch.manual_seed(0)
+    model = getattr(transformers, architecture)(config).to(torch.float32)
+    paths, sds = {}, {}
+    gen = torch.Generator().manual_seed(1)
+    base = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for index, name in enumerate(["base", "a", "b", "c"]):
+        if index:
+            scale = SCALES[index - 1]
+            with torch.no_grad():
+                for key, param in model.state_dict().items():
+                    if param.is_floating_point():
+                        # a scale of its own per tensor too, so that no tensor is interchangeable
+                        factor = 0.5 + torch.rand((), generator=gen).item()
+                        param.copy_(base[key] + scale * factor * torch.randn(param.shape, generator=gen))
+        path = os.path.join(root, name)
+        model.save_pretrained(path, safe_serialization=True)
+        paths[name] = path
+        sds[name] = {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors")
+                     for k, v in load_file(os.path.join(path, f)).items()}
+    return paths, sds
+
+
+def _closed_form(sds, output_names):
+    """λ and merged tensors in float64, the norms over the tensors the output holds, each
+    read under its own name from every input (as saved: a tied head is not in the files)."""
+    models = ["a", "b", "c"]
+    norms = []
+    for m in models:
+        norms.append(sum(float(((sds[m][k].double() - sds["base"][k].double()) ** 2).sum())
+                         for k in output_names if sds["base"][k].is_floating_point()))
+    lams = [n / sum(norms) for n in norms]
+    merged = {}
+    for k in output_names:
+        base = sds["base"][k].double()
+        merged[k] = base + sum(lam * (sds[m][k].double() - base) for lam, m in zip(lams, models))
+    return lams, merged
+
+
+def _merge(paths, tmp_path, name, method="metagpt", weights=None):
+    recipe = {"merge_method": method, "base_model": paths["base"], "dtype": "float32",
+              "models": [{"model": paths[m], **({"parameters": {"weight": w}} if weights else {})}
+                         for m, w in zip("abc", weights or [None] * 3)]}
+    if weights:
+        recipe["parameters"] = {"normalize": False}
+    out = str(tmp_path / name)
+    result = run_mergekit_yaml(write_yaml(recipe, str(tmp_path / f"{name}.yml")), out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, load_checkpoint(out)
+
+
+@pytest.mark.parametrize("architecture", sorted(set(ARCHITECTURES) - {"MixtralForCausalLM"}))
+def test_an_architecture_merges_to_the_closed_form(architecture, tmp_path):
+    paths, sds = _family(str(tmp_path / "models"), architecture)
+    out, merged = _merge(paths, tmp_path, "out")
+    # the merge writes the checkpoint's tensors: none left out, none made up
+    assert set(merged) == set(sds["base"]), set(merged) ^ set(sds["base"])
+    lams, expected = _closed_form(sds, sorted(merged))
+    with open(os.path.join(out, RECORD)) as f:
+        (entry,) = json.load(f)["merges"]
+    got = [m["lambda"] for m in entry["models"]]
+    assert got == pytest.approx(lams, abs=1e-7), (got, lams)
+    assert max(lams) - min(lams) > 0.1  # distinct: a tensor counted twice or missed would show
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_mixtral_experts_converted_by_mergekit(tmp_path):
+    """transformers saves Mixtral's experts one tensor each (``block_sparse_moe.experts.N.w1``);
+    mergekit 0.1.5 plans the fused names of transformers 5 (``mlp.experts.gate_up_proj``) and
+    builds each from the checkpoint's tensors as it loads it. The pre-pass reads through the
+    same loads: the λ are those of the checkpoint as saved (the conversion moves elements, it
+    changes none), and the merge equals stock task_arithmetic with the λ as weights."""
+    paths, sds = _family(str(tmp_path / "models"), "MixtralForCausalLM")
+    out, merged = _merge(paths, tmp_path, "out")
+    assert any(".block_sparse_moe.experts.0.w1." in k for k in sds["base"])
+    assert any(".mlp.experts.gate_up_proj" in k for k in merged)
+    lams, _ = _closed_form(sds, sorted(sds["base"]))
+    with open(os.path.join(out, RECORD)) as f:
+        (entry,) = json.load(f)["merges"]
+    got = [m["lambda"] for m in entry["models"]]
+    assert got == pytest.approx(lams, abs=1e-7), (got, lams)
+    assert max(lams) - min(lams) > 0.1
+    _, stock = _merge(paths, tmp_path, "stock", method="task_arithmetic", weights=got)
+    assert set(merged) == set(stock)
+    for name, tensor in stock.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
