@@ -16,11 +16,12 @@ the plugin wraps, without changing what they do:
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
-  keys, where it is given the recipe's text, parameters, dtypes and module names, and that each model's folder, config and
-  mergekit loader open, naming the model that does not), removes an earlier run's
-  record (another method: before the merge; MetaGPT: after one that wrote none), makes the
-  output folder and options known to the plan (record, progress bar), and adds the λ
-  tables to the model card mergekit has just written.
+  keys where it is given the recipe's text, its parameters, dtypes and module names,
+  and that each model's folder, config and mergekit loader open, naming the model that
+  does not), removes an earlier run's record (another method: before the merge;
+  MetaGPT: after one that wrote none), makes the output folder and options known to the
+  plan (record, progress bar), and adds the λ tables to the model card mergekit has
+  just written.
 - ``mergekit.scripts.multimerge.load_config`` (``mergekit-multi``): checks each MetaGPT
   recipe of the file (keys, parameters, dtypes) before the first merge runs.
 - ``mergekit.plan.MergePlanner.plan_module`` / ``plan_tensor``, for MetaGPT recipes
