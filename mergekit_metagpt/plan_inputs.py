@@ -193,7 +193,7 @@ def _plain(value, name_of):
 
     if isinstance(value, ModelReference):
         return name_of(value)
-    if hasattr(value, "model_fields"):
+    if hasattr(type(value), "model_fields"):  # a pydantic model (asked of its class: pydantic 2.11)
         return {f: _plain(getattr(value, f), name_of) for f in type(value).model_fields}
     if hasattr(value, "items"):
         return {str(k): _plain(v, name_of) for k, v in value.items()}

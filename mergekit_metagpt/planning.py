@@ -63,7 +63,9 @@ def _check_models_load(config, options) -> None:
         for part, what in ((path, "no such folder"),
                            (model.lora.path if model.lora else "", "no such LoRA adapter folder")):
             if part and looks_local(part) and not os.path.exists(os.path.expanduser(part)):
-                raise MetaGPTError(f"model {model}: {what}")
+                where = "" if os.path.isabs(os.path.expanduser(part)) else (
+                    f" (a relative path, read from the folder the command runs in: {os.getcwd()})")
+                raise MetaGPTError(f"model {model}: {what}{where}")
         if model.lora and not options.lora_merge_cache:
             raise MetaGPTError(
                 f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "

@@ -96,6 +96,8 @@ def refuse_foreign_folders(root: str, names: Sequence[str] = NAMES) -> None:
     of something else (a real checkpoint: its config and weights would be overwritten)."""
     from mergekit_metagpt.errors import MetaGPTError
 
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise MetaGPTError(f"demo-models: {root} is a file; give a folder (DIRECTORY) to write the models in")
     for name in names:
         path = os.path.join(root, name)
         if os.path.exists(path) and not os.path.isdir(path):

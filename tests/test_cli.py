@@ -349,6 +349,10 @@ def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, 
     assert (real / "config.json").read_text() == '{"model_type": "mistral"}'
     assert sorted(os.listdir(real)) == ["config.json", "model.safetensors"]
     assert not (tmp_path / "models" / "base").exists()  # refused before writing any
+    (tmp_path / "a-file").write_text("x")
+    line = _one_error_line(main(["demo-models", str(tmp_path / "a-file")]), capfd.readouterr().err)
+    assert line.endswith(f"demo-models: {tmp_path / 'a-file'} is a file; give a folder (DIRECTORY) to write "
+                         f"the models in"), line
     assert main(["demo-models", str(tmp_path / "demo")]) == 0
     assert main(["demo-models", str(tmp_path / "demo")]) == 0  # its own folders: rewritten
     for name in ("base", "math", "code", "chat"):  # as an older demo-models left them, unmarked
