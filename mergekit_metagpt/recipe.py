@@ -17,6 +17,12 @@ def load_recipe(path: str):
     except OSError as error:
         raise MetaGPTError(f"cannot read recipe {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
+        if getattr(error, "problem", None) == "but found another document":
+            raise MetaGPTError(
+                f"recipe {path} holds several YAML documents (a mergekit-multi file); the CLI takes "
+                f"one recipe: put the one you want in a file of its own (an intermediate merge's "
+                f"output must exist for a later recipe to read it)"
+            ) from None
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(error, "problem", None) or "syntax error"

@@ -58,6 +58,8 @@ def test_bake_gives_a_stock_recipe_with_the_same_merge(method, stock, params, ll
 @pytest.mark.parametrize("content, message", [
     (None, "cannot read recipe"),
     ("merge_method: [unclosed", "not valid YAML"),
+    ("merge_method: metagpt\n---\nmerge_method: metagpt\n", "holds several YAML documents (a mergekit-multi file); "
+                                                           "the CLI takes one recipe"),
     ("merge_method: metagpt\nmodels:\n  - model: x\n", "needs a base_model"),
     ("merge_method: linear\nbase_model: b\nmodels:\n  - model: x\n", "not a metagpt method"),
     ("merge_method: metagpt\nbase_model: ./no-such-base\nmodels:\n  - model: ./no-such-model\n",
