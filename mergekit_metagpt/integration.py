@@ -162,6 +162,7 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.record import remove_stale_record
 
         if not _is_ours(getattr(config, "merge_method", None)):
+            _refuse_our_method_misspelt(getattr(config, "merge_method", None))
             remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
         from mergekit_metagpt.recipe_checks import check_config
@@ -195,6 +196,27 @@ def _attach_merge(module) -> None:
 
     run_merge._mergekit_metagpt_wrapper = True
     module.run_merge = run_merge
+
+
+def _refuse_our_method_misspelt(name) -> None:
+    """A merge method mergekit does not know that is one of ours in another spelling
+    (``MetaGPT``, ``metagpt-ties``): named, with the spelling meant (mergekit's own
+    message, mid-planning: "Unimplemented merge method MetaGPT")."""
+    from mergekit_metagpt.method import meant_variant
+
+    meant = meant_variant(name)
+    if meant is None:
+        return
+    try:
+        from mergekit.merge_methods import registry
+
+        registry.get(name)
+        return  # a method of that name is registered: mergekit's to run
+    except Exception:
+        pass
+    from mergekit_metagpt.errors import MetaGPTError
+
+    raise MetaGPTError(f"merge_method {name!r} is not a method mergekit knows; did you mean {meant!r}?")
 
 
 def _check_recipe_keys(config_source) -> None:

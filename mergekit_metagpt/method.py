@@ -47,6 +47,17 @@ VARIANTS = {
     "metagpt_ties": "ties",
     "metagpt_dare": "dare_linear",
 }
+
+
+def meant_variant(name) -> Optional[str]:
+    """The variant a merge_method spelt otherwise names (``MetaGPT``, ``metagpt-ties``), or
+    None."""
+    if not isinstance(name, str):
+        return None
+    meant = name.strip().lower().replace("-", "_").replace(" ", "_")
+    return meant if meant in VARIANTS and meant != name else None
+
+
 PRETTY = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE"}
 
 

@@ -40,10 +40,12 @@ def load_recipe(path: str):
 
 
 def check_metagpt(config, path: str = "recipe") -> None:
-    from mergekit_metagpt.method import VARIANTS
+    from mergekit_metagpt.method import VARIANTS, meant_variant
 
     if config.merge_method not in VARIANTS:
-        raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method")
+        meant = meant_variant(config.merge_method)
+        raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method"
+                           + (f"; did you mean {meant!r}?" if meant else ""))
     if config.base_model is None and not _every_slice_has_a_base(config):
         raise MetaGPTError(f"{path}: MetaGPT needs a base_model")
 

@@ -146,6 +146,10 @@ CASES = {
     # mergekit: "Repo id must use alphanumeric chars ..."
     "no such model folder": (lambda p: recipe({**p, "gone": p["good"] + "-gone"}, ["good", "gone"]),
                              r"model .*/good-gone: no such folder$"),
+    # mergekit: "Unimplemented merge method MetaGPT", mid-planning
+    "merge_method in another spelling": (lambda p: recipe(p, ["good"], method="MetaGPT-TIES"),
+                                         r"merge_method 'MetaGPT-TIES' is not a method mergekit knows; "
+                                         r"did you mean 'metagpt_ties'\?$"),
     # mergekit drops keys it does not know: lambda 1 would be merged, or alpha 0.5 everywhere
     "misspelt recipe key": (
         lambda p: {**recipe(p, ["good"]), "paramters": {"lambda": 0.5}},

@@ -62,6 +62,8 @@ def test_bake_gives_a_stock_recipe_with_the_same_merge(method, stock, params, ll
                                                            "the CLI takes one recipe"),
     ("merge_method: metagpt\nmodels:\n  - model: x\n", "needs a base_model"),
     ("merge_method: linear\nbase_model: b\nmodels:\n  - model: x\n", "not a metagpt method"),
+    ("merge_method: metagpt-dare\nbase_model: b\nmodels:\n  - model: x\n",
+     "merge_method is 'metagpt-dare', not a metagpt method; did you mean 'metagpt_dare'?"),
     ("merge_method: metagpt\nbase_model: ./no-such-base\nmodels:\n  - model: ./no-such-model\n",
      "model ./no-such-base: no such folder (a relative path, read from the folder the command runs in: /"),
 ])
