@@ -343,6 +343,8 @@ def _check_multimerge(config_source, loaded) -> None:
     except Exception:  # mergekit changed shape: each recipe is checked by run_merge
         return
     for doc in docs:
+        if isinstance(doc, dict):
+            _refuse_our_method_misspelt(doc.get("merge_method"))
         if isinstance(doc, dict) and _is_ours(doc.get("merge_method")):
             name = doc.get("name")
             check_recipe_keys({k: v for k, v in doc.items() if k != "name"},

@@ -306,6 +306,7 @@ def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
     ({"paramters": {"lambda": 0.5}}, "the recipe key 'paramters' of the final merge (at the top level) is not one "
                                      "mergekit reads: it would be ignored silently; did you mean 'parameters'?"),
     ({"parameters": {"lamda": 0.5}}, "Unknown parameter(s) for metagpt: lamda"),
+    ({"merge_method": "MetaGPT"}, "merge_method 'MetaGPT' is not a method mergekit knows; did you mean 'metagpt'?"),
 ])
 def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault, expected, family, tmp_path):
     """mergekit-multi merges its recipes one after the other; a bad final recipe stopped it
