@@ -175,6 +175,16 @@ def _check_writable(path: str, folder: bool, recipe: str) -> None:
         raise MetaGPTError(f"cannot write {path}: no folder {parent}")
     if os.path.exists(path) and os.path.samefile(path, recipe):
         raise MetaGPTError(f"{path} is the recipe itself; give another file to write")
+    try:  # a file the folder takes (permissions, a read-only or special file system)
+        if os.path.exists(path):
+            with open(path, "a", encoding="utf-8"):
+                pass
+        else:
+            with open(path, "x", encoding="utf-8"):
+                pass
+            os.remove(path)
+    except OSError as error:
+        raise MetaGPTError(f"cannot write {path}: {error.strerror or error}") from None
 
 
 def _bake(args) -> int:

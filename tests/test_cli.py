@@ -308,6 +308,9 @@ def test_coefficients_names_a_misspelt_module(llama_family, tmp_path, capsys):
     ("bake", "folder", "{out} is a folder; give the file to write"),
     ("bake", "r.yml", "{out} is the recipe itself"),
     ("inspect", "file", "{out} is a file, not a folder"),
+    # a folder that takes no file, even for root
+    pytest.param("bake", "/proc/baked.yml", "cannot write {out}: ",
+                 marks=pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")),
 ])
 def test_an_output_the_command_cannot_write_is_refused_before_reading(command, target, expected, llama_family,
                                                                       tmp_path, capfd):
