@@ -235,10 +235,67 @@ def _add_planning_flags(parser) -> None:
                             help=help_text)
 
 
+def version_text() -> str:
+    """This plugin's version, what it runs with, and whether its start-up hook is active in
+    this Python (without it, ``mergekit-yaml`` says "Unimplemented merge method metagpt")."""
+    import importlib.metadata
+    import platform
+
+    from mergekit_metagpt import __version__
+
+    def version_of(name: str) -> str:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    hook_dir = _hook_folder()
+    if hook_dir:
+        hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
+                "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties and "
+                "metagpt_dare without an import")
+    else:
+        hook = (f"start-up hook: NOT active in this Python ({sys.executable}): no "
+                "mergekit_metagpt.pth where it reads .pth files at start-up (python -S, or a "
+                "--target/PYTHONPATH install, whose .pth files Python does not read), so "
+                "mergekit-yaml will say 'Unimplemented merge method metagpt'; install with pip into "
+                "the environment that runs mergekit-yaml, or `import mergekit_metagpt` before "
+                "merging from Python")
+    return (f"mergekit-metagpt {__version__} (mergekit {version_of('mergekit')}, "
+            f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}")
+
+
+def _hook_folder() -> Optional[str]:
+    """The site-packages folder whose ``mergekit_metagpt.pth`` Python ran at start-up, or None
+    (run without ``site``, or the file is in no folder Python reads ``.pth`` files from)."""
+    import site
+
+    if sys.flags.no_site:
+        return None
+    folders = list(getattr(site, "getsitepackages", lambda: [])())
+    if site.ENABLE_USER_SITE:
+        folders.append(site.getusersitepackages())
+    for folder in folders:
+        if os.path.isfile(os.path.join(folder, "mergekit_metagpt.pth")):
+            return folder
+    return None
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mergekit-metagpt", description="MetaGPT tools for mergekit recipes"
     )
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the versions, and whether the start-up hook is active, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda, per model set")
     coeff.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")

@@ -177,3 +177,26 @@ def test_two_installs_register_once(tmp_path):
     """)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1"]
+
+
+def test_version_names_what_runs_and_whether_the_hook_is_active():
+    import importlib.metadata
+
+    import mergekit_metagpt
+
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
+    shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr
+    first, hook = shown.stdout.strip().splitlines()
+    assert first.startswith(f"mergekit-metagpt {mergekit_metagpt.__version__} "
+                            f"(mergekit {importlib.metadata.version('mergekit')}, ")
+    assert mergekit_metagpt.__version__ == importlib.metadata.version("mergekit-metagpt")
+    pth = os.path.join(sysconfig.get_paths()["purelib"], "mergekit_metagpt.pth")
+    assert hook.startswith(f"start-up hook: active ({pth})"), hook
+    # without site (as for a --target install on PYTHONPATH), the .pth line never runs:
+    # --version says so, and what mergekit-yaml will then say
+    paths = [p for p in sys.path if p]
+    bare = run_python("from mergekit_metagpt.cli import main; main(['--version'])", "-S", pythonpath=paths)
+    assert bare.returncode == 0, bare.stderr
+    assert "start-up hook: NOT active in this Python" in bare.stdout
+    assert "Unimplemented merge method metagpt" in bare.stdout
