@@ -213,7 +213,26 @@ def store(
     try:
         write_json(path, payload, fsync=True)
     except OSError as error:
-        LOG.warning("MetaGPT: could not write the norm cache at %s (%s); continuing without it", path, error)
+        _write_failed(path, error)
+
+
+_WARNED_FOLDERS = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _write_failed(path: str, error: OSError) -> None:
+    """One warning per cache folder and process (a read-only home would otherwise warn for
+    every entry of every merge); the later failures there are logged at debug level."""
+    folder = os.path.dirname(path)
+    with _WARNED_LOCK:
+        first = folder not in _WARNED_FOLDERS
+        _WARNED_FOLDERS.add(folder)
+    if first:
+        LOG.warning("MetaGPT: could not write the norm cache in %s (%s); continuing without it "
+                    "(set MERGEKIT_METAGPT_CACHE_DIR to a writable folder, or MERGEKIT_METAGPT_CACHE=0 "
+                    "to turn the cache off)", folder, error)
+    else:
+        LOG.debug("MetaGPT: could not write the norm cache entry %s (%s)", path, error)
 
 
 # -- inner products of pairs of task vectors (issue: see before you merge) -----------
@@ -267,4 +286,4 @@ def store_products(
     try:
         write_json(path, payload, fsync=True)
     except OSError as error:
-        LOG.warning("MetaGPT: could not write the norm cache at %s (%s); continuing without it", path, error)
+        _write_failed(path, error)

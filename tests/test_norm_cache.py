@@ -335,8 +335,12 @@ def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(blocker / "norms"))
     fresh_process_state()
     caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
-    run_recipe(recipe(paths, ["model1"]), str(tmp_path / "out"), merge_options)
-    assert any("could not write the norm cache" in r.getMessage() for r in caplog.records)
+    run_recipe(recipe(paths, ["model0", "model1", "model2"]), str(tmp_path / "out"), merge_options)
+    said = [r.getMessage() for r in caplog.records if "could not write the norm cache" in r.getMessage()]
+    # once for the folder, not once for each of the run's entries (3 models, 3 pairs)
+    assert len(said) == 1, said
+    assert str(blocker / "norms") in said[0] and "MERGEKIT_METAGPT_CACHE_DIR" in said[0]
+    assert any(name.endswith(".safetensors") for name in os.listdir(tmp_path / "out"))
 
 
 def test_disabled_cache_writes_nothing(llama_family, merge_options, tmp_path, monkeypatch):
