@@ -193,6 +193,8 @@ def _log_similarity(stats, which: str) -> None:
     LOG.info("MetaGPT task-vector cosine similarities%s:\n%s\n%s", which, stats.cosine_table(), stats.verdict())
     if stats.far_pairs():
         LOG.warning("MetaGPT%s: %s", which, stats.verdict())
+    if stats.missing_pairs and merge_products() != "never":
+        LOG.warning("MetaGPT%s: %s", which, stats.missing_text())
 
 
 def _announce(run) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 from mergekit_metagpt.coefficients import text_table
@@ -97,6 +97,8 @@ class SetStats:
     top_tensors: List[List[Tuple[str, float]]]  # per model: (tensor, ‖δ‖²), largest first
     note: Optional[str] = None  # why some cosines are missing
     alpha: float = 1.0  # the tempering exponent of `lambdas`
+    #: (a, b), a before b: pairs whose inner product was not computed (see `note`)
+    missing_pairs: List[Tuple[int, int]] = field(default_factory=list)
 
     def pairs(self):
         """((a, b), cosine) for every pair of models, a before b."""
@@ -112,12 +114,36 @@ class SetStats:
         return [(ab, c) for ab, c in self.pairs() if c is not None and abs(c) >= threshold]
 
     def verdict(self) -> str:
-        """Plain language: do the task vectors look orthogonal, as MetaGPT's λ assume?"""
+        """Plain language: do the task vectors look orthogonal, as MetaGPT's λ assume? Where
+        some pairs were not computed, it says which, and speaks only of the others."""
         if len(self.models) < 2:
             return "One model: no pair of task vectors to compare."
         largest = self.largest_cosine
         if largest is None:
             return "Cosine similarities not available" + (f" ({self.note})." if self.note else ".")
+        if not self.missing_pairs:
+            return self._verdict_of_known(largest)
+        unknown = self._missing_names()
+        of_known = self._verdict_of_known(largest)
+        return (f"Not computed for {len(self.missing_pairs)} of {len(self.pairs())} pairs ({unknown}): "
+                "nothing is known of their alignment, and no warning can be given for them "
+                "(`mergekit-metagpt inspect` computes every pair). Of the pairs computed: "
+                + (of_known[0].lower() + of_known[1:] if of_known.startswith(("Close", "Mostly")) else of_known))
+
+    def _missing_names(self) -> str:
+        names = short_names(self.models)
+        return ", ".join(f"{names[a]} and {names[b]}" for a, b in self.missing_pairs)
+
+    def missing_text(self) -> str:
+        """One line for the log: which pairs were not computed, why it matters, what computes them."""
+        unknown = self._missing_names()
+        return (f"cosine similarities not computed for {len(self.missing_pairs)} of {len(self.pairs())} "
+                f"pairs ({unknown}): their models' norms came from the norm cache, which held no inner "
+                "product for them, and a merge reads no tensor for a product alone, so a pair far from "
+                "orthogonal would go unwarned; `mergekit-metagpt inspect RECIPE.yml DIR` computes them "
+                "(later merges take them from the cache)")
+
+    def _verdict_of_known(self, largest) -> str:
         names = short_names(self.models)
         far = self.far_pairs()
         if far:
@@ -191,6 +217,7 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
     cosine: List[List[Optional[float]]] = [[1.0 if a == b else None for b in range(n)] for a in range(n)]
     layer_cosine: Dict[Tuple[int, int], List[Optional[float]]] = {}
     missing = False
+    missing_pairs: List[Tuple[int, int]] = []
     for a in range(n):
         for b in range(a + 1, n):
             products = set_norms.per_pair.get((models[a], models[b]))
@@ -198,6 +225,8 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
                 continue
             value, gap = _cosine(products, per_task[models[a]], per_task[models[b]])
             missing |= gap
+            if gap:
+                missing_pairs.append((a, b))
             cosine[a][b] = cosine[b][a] = value
             by_layer = []
             for layer in layers:
@@ -231,4 +260,5 @@ def set_stats(set_norms, top: int = 5) -> SetStats:
         top_tensors=top_tensors,
         note=note,
         alpha=coefficients.alpha,
+        missing_pairs=missing_pairs,
     )

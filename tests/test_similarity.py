@@ -220,6 +220,47 @@ def test_warm_merge_takes_cosines_from_the_cache_and_an_older_cache_is_a_miss(al
         assert close(json.load(f)["merges"][0]["cosine"][0][1], cos[("model0", "model1")])
 
 
+def test_pairs_a_warm_merge_could_not_compute_are_named_and_warned_of(aligned_family, merge_options, tmp_path,
+                                                                      caplog):
+    """model0 and model2 merged first (their norms and product cached), then model1 joins:
+    the pre-pass reads only model1, so its products with the others are not computed. The
+    verdict must not call the set orthogonal from model0·model2 alone (model0·model1 ≈ 0.5),
+    and a warning says which pairs are unknown; after `inspect`, a merge warns of model0·model1."""
+    import logging
+
+    paths, sds = aligned_family
+    _, cos, *_ = reference(sds)
+
+    def entry(out):
+        with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+            return json.load(f)["merges"][0]["cosine_similarity"]
+
+    run_recipe(recipe(paths, ["model0", "model2"]), str(tmp_path / "first"), merge_options)
+    prepass.clear_memo()
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    config = recipe(paths, MODELS)
+    run_recipe(config, str(tmp_path / "joined"), merge_options)
+    joined = entry(str(tmp_path / "joined"))
+    assert joined["matrix"][0][1] is None and joined["matrix"][1][2] is None
+    assert close(joined["matrix"][0][2], cos[("model0", "model2")]) and abs(joined["matrix"][0][2]) < 0.1
+    assert joined["verdict"].startswith("Not computed for 2 of 3 pairs (model0 and model1, model1 and model2)")
+    assert "Of the pairs computed: close to orthogonal" in joined["verdict"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "not computed" in r.getMessage()]
+    assert len(warned) == 1 and "2 of 3 pairs (model0 and model1, model1 and model2)" in warned[0]
+    assert "mergekit-metagpt inspect" in warned[0]
+
+    assert inspect(write_yaml(config, str(tmp_path / "r.yml")), str(tmp_path / "inspect")) == 0
+    prepass.clear_memo()
+    caplog.clear()
+    run_recipe(config, str(tmp_path / "after-inspect"), merge_options)
+    after = entry(str(tmp_path / "after-inspect"))
+    assert close(after["matrix"][0][1], cos[("model0", "model1")])
+    assert "far from orthogonal" in after["verdict"] and "Not computed" not in after["verdict"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("model0 and model1 task vectors have cosine" in w for w in warnings)
+    assert not any("not computed" in w for w in warnings)
+
+
 def test_layer_columns():
     from mergekit_metagpt.similarity import layer_of
 
