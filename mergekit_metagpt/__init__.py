@@ -1,7 +1,7 @@
 """MetaGPT (Model Exclusive Task Arithmetic) merge methods for mergekit.
 
-Importing this package registers ``metagpt`` in mergekit's merge-method registry
-(idempotently). With the package installed, a start-up hook does the same as soon
+Importing this package registers ``metagpt``, ``metagpt_ties`` and ``metagpt_dare`` in
+mergekit's merge-method registry (idempotently). With the package installed, a start-up hook does the same as soon
 as ``mergekit.merge_methods`` is imported, so ``mergekit-yaml`` needs no import.
 """
 

@@ -50,7 +50,8 @@ PLANNING_SETTINGS = {
     # checked before any adapter is merged (planning): mergekit makes the adapter's cache
     # folder before it reads the dtype, and a later run reuses that empty folder
     "lora_merge_dtype": ("DTYPE", None, "dtype in which LoRA adapters are merged: bfloat16, float16, float32 "
-                                        "or float64 (as mergekit-yaml's option)"),
+                                        "or float64 (as mergekit-yaml's option; checked when the recipe "
+                                        "has a LoRA adapter)"),
     "transformers_cache": ("DIR", None, "where hub models are stored (as mergekit-yaml's option)"),
 }
 

@@ -3,7 +3,7 @@ and pictures, without merging.
 
 Writes into OUT_DIR: ``metagpt-report.md`` (λ, cosine matrix and verdict, ‖δ‖² per layer,
 the largest-changed tensors, per-layer cosines), ``metagpt-inspect.json`` (the same
-numbers) and, with matplotlib (``pip install "mergekit-metagpt[plots]"``), the PNGs of
+numbers) and, with matplotlib (``pip install matplotlib``, the ``plots`` extra), the PNGs of
 ``plots``. OUT_DIR may be the merge's output folder: the model card then links the
 pictures (when they are of the same models and norms).
 """
@@ -23,7 +23,7 @@ PICTURES = (
     ("metagpt-lambdas", "λ per model"),
     ("metagpt-cosines", "cosine matrix"),
 )
-PLOTS_HINT = 'pictures need matplotlib: pip install "mergekit-metagpt[plots]"'
+PLOTS_HINT = "pictures need matplotlib: pip install matplotlib"
 
 
 def payload(run, recipe_path: str) -> dict:

@@ -127,11 +127,11 @@ def test_inspect_without_matplotlib_writes_report_and_json_and_says_how(llama_fa
     out = str(tmp_path / "inspect")
     assert inspect(config, out) == 0
     printed = capsys.readouterr().out
-    assert 'pip install "mergekit-metagpt[plots]"' in printed
+    assert 'pictures need matplotlib: pip install matplotlib' in printed
     assert sorted(os.listdir(out)) == ["metagpt-inspect.json", "metagpt-report.md"]
     assert "Close to orthogonal" in printed  # independent noise: cosines near 0
     report = open(os.path.join(out, "metagpt-report.md"), encoding="utf-8").read()
-    assert '(No pictures: pictures need matplotlib: pip install "mergekit-metagpt[plots]".)' in report
+    assert '(No pictures: pictures need matplotlib: pip install matplotlib.)' in report
 
 
 def test_inspect_no_pictures_says_so_not_to_install_matplotlib(llama_family, tmp_path, capsys):
