@@ -389,12 +389,16 @@ def attach(name: str, final: bool = True) -> None:
                 if name in REQUIRED_FOR_GRAPH_MERGES
                 else "Merges run; the warning about modules mergekit plans nothing of is off."
                 if name == "mergekit.plan"
+                else "Merges run, with their λ; the recipe's checks before anything is read, and "
+                     "the λ tables in the model card, are off."
+                if name == "mergekit.merge"
                 else "Merges run; mergekit-multi checks each recipe only when it merges it."
             )
-            warnings.warn(
+            from mergekit_metagpt_hook import warn
+
+            warn(
                 f"mergekit-metagpt: cannot attach to {name} ({error}); this mergekit "
                 f"version differs from the one the plugin supports (0.1.x). {consequence}",
-                RuntimeWarning,
                 stacklevel=3,
             )
             return

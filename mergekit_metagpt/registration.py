@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import threading
 
-_LOCK = threading.Lock()
+_LOCK = threading.RLock()
+#: set while this thread registers: a mergekit import made by the registration itself,
+#: which the start-up hook reports, must not register again inside it (the outer call
+#: finishes the work)
+_INSIDE = threading.local()
 _METHODS = None
 
 
@@ -21,13 +25,19 @@ def methods():
 def register_all() -> None:
     """Register every method whose name mergekit does not know yet (safe to repeat),
     and attach the plugin's wrappers to the mergekit modules already imported."""
+    if getattr(_INSIDE, "active", False):
+        return
     from mergekit.merge_methods import registry
 
     with _LOCK:
-        known = {method.spec.name for method in registry.registered_methods()}
-        for method in methods():
-            if method.spec.name not in known:
-                registry.register(method)
+        _INSIDE.active = True
+        try:
+            known = {method.spec.name for method in registry.registered_methods()}
+            for method in methods():
+                if method.spec.name not in known:
+                    registry.register(method)
+        finally:
+            _INSIDE.active = False
     from mergekit_metagpt import integration
 
     integration.attach_loaded()

@@ -59,7 +59,10 @@ class _AfterImport:
 
         def exec_module(module):
             original(module)
-            _loaded(fullname)
+            # a loader may serve many modules (one zipimporter for a whole archive keeps
+            # this wrapper for every later module): act only for the module it was set for
+            if getattr(module, "__name__", None) == fullname:
+                _loaded(fullname)
 
         try:
             loader.exec_module = exec_module
@@ -78,14 +81,23 @@ def _loaded(name):
 
         on_module_loaded(name)
     except Exception as error:  # never break the import of mergekit itself
-        import warnings
-
         what = "register the metagpt merge methods" if name == TARGET else f"attach to {name}"
-        warnings.warn(
-            f"mergekit-metagpt: could not {what}: {error!r}",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        warn(f"mergekit-metagpt: could not {what}: {error!r}", stacklevel=2)
+
+
+def warn(message, stacklevel=1):
+    """A RuntimeWarning that cannot break the mergekit import it is given in: where
+    warnings are errors (``-W error``, pytest's ``filterwarnings = error``), it is written
+    to stderr instead of raised (code that never uses MetaGPT imports mergekit too)."""
+    import warnings
+
+    try:
+        warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
+    except Warning:
+        try:
+            sys.stderr.write(f"RuntimeWarning: {message}\n")
+        except Exception:
+            pass
 
 
 def _register():

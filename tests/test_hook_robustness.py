@@ -200,3 +200,57 @@ def test_version_names_what_runs_and_whether_the_hook_is_active():
     assert bare.returncode == 0, bare.stderr
     assert "start-up hook: NOT active in this Python" in bare.stdout
     assert "Unimplemented merge method metagpt" in bare.stdout
+
+
+def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_path):
+    """One zipimporter loads every module of the archive: the hook's wrapper on it must act
+    only for the module it was set for (it fired 'merge_methods loaded' for each later
+    module, re-entered the registration and deadlocked `import mergekit.merge_methods`)."""
+    import zipfile
+
+    import mergekit
+
+    source = os.path.dirname(mergekit.__file__)
+    archive = tmp_path / "mergekit.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for folder, dirs, files in os.walk(source):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            for name in files:
+                path = os.path.join(folder, name)
+                zf.write(path, os.path.relpath(path, os.path.dirname(source)))
+    env = dict(os.environ, PYTHONPATH=str(archive))
+    code = textwrap.dedent("""
+        import warnings
+        warnings.simplefilter("error", RuntimeWarning)
+        import mergekit, mergekit.merge, mergekit.plan
+        from mergekit.merge_methods import registry
+        from mergekit_metagpt import integration
+        assert mergekit.__file__.startswith(%r), mergekit.__file__
+        print(registry.get("metagpt").spec.name, integration.attached("mergekit.merge"))
+    """ % str(archive))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["metagpt", "True"]
+
+
+def test_a_registration_re_entered_from_its_own_imports_returns(monkeypatch):
+    """An import made while registering that the hook reports as 'merge_methods loaded'
+    calls register_all again in the same thread: it must return, not wait on the lock
+    its own caller holds."""
+    import threading
+
+    from mergekit_metagpt import registration
+
+    original = registration.methods
+    inner = []
+
+    def methods_that_re_enter():
+        inner.append(registration.register_all())
+        return original()
+
+    monkeypatch.setattr(registration, "methods", methods_that_re_enter)
+    worker = threading.Thread(target=registration.register_all, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "register_all deadlocked on its own re-entry"
+    assert inner == [None]

@@ -351,3 +351,28 @@ def test_registering_a_run_while_the_collector_frees_an_old_one_does_not_hang():
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
+
+
+def test_run_merge_of_another_shape_warns_even_where_warnings_are_errors(llama_family, tmp_path):
+    """A mergekit whose run_merge has no ``merge_config``: the warning says what is off,
+    and it cannot break mergekit's import where warnings are errors (``-W error``, pytest's
+    ``filterwarnings = error``: it was raised from inside ``import mergekit.merge``); the
+    merge runs, exact."""
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    fake = reshaped_mergekit(tmp_path / "fake", (("merge.py",), "merge_config", "config"))
+    result = run_python(f"""
+        import mergekit.merge
+        assert mergekit.merge.__file__.startswith({fake!r}), mergekit.merge.__file__
+        print("imported", file=__import__("sys").stderr, flush=True)
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
+        from mergekit_metagpt import integration
+        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
+    """, "-W", "error::RuntimeWarning", pythonpath=[fake])
+    assert result.returncode == 0, result.stderr[-3000:]
+    before = result.stderr.split("imported")[0]
+    assert "cannot attach to mergekit.merge (run_merge has no parameter 'merge_config')" in before, before
+    assert "Merges run, with their λ; the recipe's checks before anything is read, and the λ tables" in before
+    assert result.stdout.splitlines()[-1] == (
+        "attached ['mergekit.graph', 'mergekit.merge_methods.task_adapter', 'mergekit.plan']")
+    assert_merged(out, sds)
