@@ -194,7 +194,9 @@ def _log_similarity(stats, which: str) -> None:
     if stats.far_pairs():
         LOG.warning("MetaGPT%s: %s", which, stats.verdict())
     if stats.missing_pairs and merge_products() != "never":
-        LOG.warning("MetaGPT%s: %s", which, stats.missing_text())
+        # info, not a warning: it holds for every merge of a new combination of cached
+        # models, and again for each until `inspect` computes the products
+        LOG.info("MetaGPT%s: %s", which, stats.missing_text())
 
 
 def _announce(run) -> None:
