@@ -139,8 +139,8 @@ class SetStats:
         unknown = self._missing_names()
         return (f"cosine similarities not computed for {len(self.missing_pairs)} of {len(self.pairs())} "
                 f"pairs ({unknown}): their models' norms came from the norm cache, which held no inner "
-                "product for them, and a merge reads no tensor for a product alone, so a pair far from "
-                "orthogonal would go unwarned; `mergekit-metagpt inspect RECIPE.yml DIR` computes them "
+                "product for them, and a merge reads no tensor for a product alone, so an aligned pair "
+                "among them would go unwarned; `mergekit-metagpt inspect RECIPE.yml DIR` computes them "
                 "(later merges take them from the cache)")
 
     def _verdict_of_known(self, largest) -> str:
