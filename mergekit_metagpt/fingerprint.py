@@ -8,7 +8,10 @@ For each shard file, in shard order:
 - any other file: its name, size, ``st_mtime_ns``, ``st_ctime_ns``, inode and device,
   its safetensors header, and its last 64 KiB. Rewriting a file in place changes its
   ctime, which no user tool can set back (``touch``/``os.utime`` restore mtime only);
-  a copy has another inode. Both miss, and the norms are computed again.
+  a copy has another inode. Both miss, and the norms are computed again;
+
+and the index's map of tensor names to shard files, in its order (an index edited alone
+changes which tensor mergekit reads for a name).
 
 The in-process memo and the on-disk norm cache use this same key.
 """
@@ -62,8 +65,14 @@ def file_key(path: str) -> str:
 
 
 def checkpoint_key(index) -> str:
-    """One hash over every shard's file key."""
+    """One hash over every shard's file key and the index's map of tensor names to files.
+
+    The map counts on its own: an ``index.json`` edited alone (a hub revision that only
+    changes it keeps every shard blob) changes which tensor mergekit reads for a name,
+    e.g. the tied ``embed_tokens`` for an ``lm_head`` the map no longer lists."""
     digest = hashlib.sha256()
     for path in checkpoint_files(index):
         digest.update(file_key(path).encode() + b"\n")
+    for name, filename in (getattr(index, "tensor_paths", None) or {}).items():
+        digest.update(f"{name}\0{filename}\n".encode())
     return digest.hexdigest()

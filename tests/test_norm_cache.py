@@ -65,6 +65,39 @@ def test_changed_checkpoint_misses(llama_family, merge_options, tmp_path):
     assert prepass.STATS.runs == runs + 1
 
 
+def test_an_index_edited_alone_misses(llama_family, merge_options, tmp_path):
+    """Only model.safetensors.index.json changes (a hub revision can keep every shard
+    blob): it no longer lists lm_head, so mergekit reads the tied embed_tokens in its
+    place. The cached norm (of the old lm_head) must not be reused."""
+    import shutil
+
+    paths, sds = llama_family
+    copy = str(tmp_path / "model0")
+    shutil.copytree(paths["model0"], copy)
+    paths = {**paths, "edited": copy}
+    run_recipe(recipe(paths, ["edited", "model1"]), str(tmp_path / "a"), merge_options)
+    index_path = os.path.join(copy, "model.safetensors.index.json")
+    with open(index_path) as f:
+        index = json.load(f)
+    del index["weight_map"]["lm_head.weight"]
+    with open(index_path, "w") as f:
+        json.dump(index, f)
+    from mergekit.io.tasks import LoaderCache
+
+    for ref in [r for r in LoaderCache.loaders if r.model.path == copy]:
+        del LoaderCache.loaders[ref]  # as in a new process: mergekit reads the index again
+    fresh_process_state()
+    run_recipe(recipe(paths, ["edited", "model1"]), str(tmp_path / "b"), merge_options)
+    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
+        rows = json.load(f)["merges"][0]["models"]
+    model, base = sds["model0"], sds["base"]
+    read = {k: (model["model.embed_tokens.weight"] if k == "lm_head.weight" else model[k]) for k in base}
+    expected = sum(float((read[k].double() - base[k].double()).pow(2).sum()) for k in base)
+    stale = sum(float((model[k].double() - base[k].double()).pow(2).sum()) for k in base)
+    assert abs(stale - expected) / expected > 1e-3  # the edit changes the norm
+    assert abs(rows[0]["squared_norm"] - expected) / expected < 1e-6, (rows[0]["squared_norm"], expected, stale)
+
+
 def test_an_entry_of_the_previous_format_is_not_read(llama_family, merge_options, tmp_path):
     """Format 2 entries could hold norms of reads whose rule is gone (the leading rows of
     resized vocabularies): an entry the previous version wrote for the same pair and the
