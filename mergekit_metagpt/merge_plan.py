@@ -122,7 +122,7 @@ class MergeRun:
         for merge_set in self.sets.values():
             if merge_set.models:  # a set of the base alone uses no alpha
                 merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
-            _refuse_one_checkpoint_twice(merge_set.models)
+            _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
         from mergekit_metagpt.checkpoint_files import check_files_open
 
         check_files_open(task for merge_set in self.sets.values() for task in merge_set.tasks)
@@ -144,14 +144,23 @@ def _checkpoint(model) -> Optional[tuple]:
     return _place(model.model), _place(getattr(model, "lora", None))
 
 
-def _refuse_one_checkpoint_twice(models) -> None:
+def _refuse_one_checkpoint_twice(models, base=None) -> None:
     """Two inputs of a model set that are one checkpoint under two spellings would each get
-    a λ (mergekit refuses only the same spelling twice)."""
+    a λ (mergekit refuses only the same spelling twice); the base under another spelling
+    would be a model with a zero task vector, counted by ``alpha: 0`` (mergekit takes the
+    base's own spelling among the models as the base)."""
+    base_key = _checkpoint(base) if base is not None else None
     seen: Dict[tuple, Hashable] = {}
     for model in models:
         key = _checkpoint(model)
         if key is None:
             continue
+        if key == base_key and model != base:
+            raise MetaGPTError(
+                f"MetaGPT: model {model} is the base model {base} under another spelling "
+                f"({key[0][0]}); write it as the base is written (mergekit then takes it as the "
+                f"base) or leave it out: as a model it would get a λ of its own"
+            )
         if key in seen and seen[key] != model:
             raise MetaGPTError(
                 f"MetaGPT: models {seen[key]} and {model} are one checkpoint ({key[0][0]}); "

@@ -129,6 +129,12 @@ CASES = {
         lambda p: {**recipe(p, ["good"]), "models": [{"model": p["good"]},
                                                      {"model": p["good"].rstrip("/") + "/./"}]},
         r"models .*/good and .*/good/\./ are one checkpoint \(.*/good\); list it once"),
+    # as a model, the base under another spelling got a λ of its own (1/3 with alpha 0)
+    "the base among the models under another spelling": (
+        lambda p: {**recipe(p, ["good"], parameters={"alpha": 0}),
+                   "models": [{"model": p["good"]}, {"model": p["base"].rstrip("/") + "/./"}]},
+        r"model .*/base/\./ is the base model .*/base under another spelling \(.*/base\); write it as the "
+        r"base is written"),
     "truncated safetensors shard": (
         lambda p: recipe(p, ["good", "truncated"]),
         r"cannot read model .*/truncated: its file .*/truncated/model-\d+-of-\d+\.safetensors \(holding "
