@@ -8,6 +8,10 @@ from typing import Dict, Hashable, Mapping, Tuple
 
 LOG = logging.getLogger("mergekit_metagpt")
 
+#: A squared norm under this is within reach of float32's underflow (squares below about
+#: 1e-38 lose digits, below 1e-45 vanish): the pre-pass sums squares in float32 chunks.
+TINY_SQUARED_NORM = 1e-30
+
 
 @dataclass(frozen=True)
 class Coefficients:
@@ -61,6 +65,10 @@ class Coefficients:
                 if value == 0 and self.alpha > 0:  # alpha 0: the plain average, λ 1/T
                     LOG.warning("MetaGPT: model %s equals the base (its task vector is zero): "
                                 "λ 0, it adds nothing to the merge", key)
+                elif 0 < value < TINY_SQUARED_NORM:
+                    LOG.warning("MetaGPT: model %s's task vector is tiny (||delta||^2 = %.3e): the "
+                                "squares of its elements are summed in float32, which loses them "
+                                "below about 1e-38, so its norm, and the λ, may be inexact", key, value)
 
 
 

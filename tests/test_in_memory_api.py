@@ -162,3 +162,22 @@ def test_norms_are_those_of_the_tensors_cast_to_the_merge_dtype():
     expected = torch.full((64,), 0.003).to(torch.bfloat16).float()  # λ_b = 1
     assert torch.equal(merged["y"], expected), merged["y"][:4]
     assert torch.equal(merged["x"], torch.ones(64))
+
+
+def test_task_vectors_too_small_for_float32_squares_are_warned_of(caplog):
+    """|δ| ~ 1e-23: the float32 squares underflow and the λ come out wrong (0.013 where the
+    closed form gives 0.101); the merge must say its λ may be inexact, naming the models."""
+    import logging
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.merge_methods import merge_state_dicts
+
+    gen = torch.Generator().manual_seed(0)
+    base = {name: torch.randn(64, 64, generator=gen) * 1e-20 for name in ("w", "v")}
+    models = {f"m{i}": {name: t + torch.randn(64, 64, generator=gen) * scale for name, t in base.items()}
+              for i, scale in enumerate([1e-23, 3e-23])}
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    merge_state_dicts({"base": base, **models}, "metagpt", base="base")
+    said = [r.getMessage() for r in caplog.records if "task vector is tiny" in r.getMessage()]
+    assert len(said) == 2 and "m0" in said[0] and "m1" in said[1], said
+    assert "may be inexact" in said[0]
