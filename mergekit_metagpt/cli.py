@@ -251,10 +251,18 @@ def version_text() -> str:
             return "not installed"
 
     hook_dir = _hook_folder()
-    if hook_dir:
+    # the finder's mark: set by the .pth line, or by this command's own import of the
+    # package (so the .pth file must be there too); unset where the hook failed to import
+    installed = getattr(sys, "_mergekit_metagpt_hook_installed", False)
+    if hook_dir and installed:
         hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
                 "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties and "
                 "metagpt_dare without an import")
+    elif hook_dir:
+        hook = (f"start-up hook: NOT active: {os.path.join(hook_dir, 'mergekit_metagpt.pth')} is "
+                "there, but its module mergekit_metagpt_hook did not install (another or a broken "
+                "copy first on sys.path?), so mergekit-yaml will say 'Unimplemented merge method "
+                "metagpt'; reinstall with pip, or `import mergekit_metagpt` before merging from Python")
     else:
         hook = (f"start-up hook: NOT active in this Python ({sys.executable}): no "
                 "mergekit_metagpt.pth where it reads .pth files at start-up (python -S, or a "

@@ -65,7 +65,7 @@ class Coefficients:
                 if value == 0 and self.alpha > 0:  # alpha 0: the plain average, λ 1/T
                     LOG.warning("MetaGPT: model %s equals the base (its task vector is zero): "
                                 "λ 0, it adds nothing to the merge", key)
-                elif 0 < value < TINY_SQUARED_NORM:
+                elif 0 < value < TINY_SQUARED_NORM and self.alpha > 0:  # alpha 0: λ 1/T, exact
                     LOG.warning("MetaGPT: model %s's task vector is tiny (||delta||^2 = %.3e): the "
                                 "squares of its elements are summed in float32, which loses them "
                                 "below about 1e-38, so its norm, and the λ, may be inexact", key, value)

@@ -394,8 +394,11 @@ def attach(name: str, final: bool = True) -> None:
                 if name == "mergekit.merge"
                 else "Merges run; mergekit-multi checks each recipe only when it merges it."
             )
-            from mergekit_metagpt_hook import warn
-
+            try:
+                from mergekit_metagpt_hook import warn
+            except ImportError:  # an older copy of the hook first on the path
+                def warn(message, stacklevel=1):
+                    warnings.warn(message, RuntimeWarning, stacklevel=stacklevel + 1)
             warn(
                 f"mergekit-metagpt: cannot attach to {name} ({error}); this mergekit "
                 f"version differs from the one the plugin supports (0.1.x). {consequence}",

@@ -221,12 +221,13 @@ _WARNED_LOCK = threading.Lock()
 
 
 def _write_failed(path: str, error: OSError) -> None:
-    """One warning per cache folder and process (a read-only home would otherwise warn for
-    every entry of every merge); the later failures there are logged at debug level."""
+    """One warning per cache folder, kind of error and process (a read-only home would
+    otherwise warn for every entry of every merge); the repeats are logged at debug level."""
     folder = os.path.dirname(path)
+    kind = (folder, type(error).__name__, getattr(error, "errno", None))  # e.g. no space, after no permission
     with _WARNED_LOCK:
-        first = folder not in _WARNED_FOLDERS
-        _WARNED_FOLDERS.add(folder)
+        first = kind not in _WARNED_FOLDERS
+        _WARNED_FOLDERS.add(kind)
     if first:
         LOG.warning("MetaGPT: could not write the norm cache in %s (%s); continuing without it "
                     "(set MERGEKIT_METAGPT_CACHE_DIR to a writable folder, or MERGEKIT_METAGPT_CACHE=0 "

@@ -179,7 +179,7 @@ def test_two_installs_register_once(tmp_path):
     assert result.stdout.split() == ["1", "1"]
 
 
-def test_version_names_what_runs_and_whether_the_hook_is_active():
+def test_version_names_what_runs_and_whether_the_hook_is_active(tmp_path):
     import importlib.metadata
 
     import mergekit_metagpt
@@ -200,6 +200,14 @@ def test_version_names_what_runs_and_whether_the_hook_is_active():
     assert bare.returncode == 0, bare.stderr
     assert "start-up hook: NOT active in this Python" in bare.stdout
     assert "Unimplemented merge method metagpt" in bare.stdout
+    # the .pth file is there but a broken copy of the hook's module comes first on sys.path
+    shadow = tmp_path / "shadow" / "mergekit_metagpt_hook"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('a broken copy')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "shadow"))
+    shadowed = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300, env=env)
+    assert shadowed.returncode == 0, shadowed.stderr
+    assert f"start-up hook: NOT active: {pth} is there, but its module" in shadowed.stdout, shadowed.stdout
 
 
 def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_path):
@@ -220,8 +228,7 @@ def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_pa
                 zf.write(path, os.path.relpath(path, os.path.dirname(source)))
     env = dict(os.environ, PYTHONPATH=str(archive))
     code = textwrap.dedent("""
-        import warnings
-        warnings.simplefilter("error", RuntimeWarning)
+        import mergekit.merge_methods  # this order deadlocked (others only warned)
         import mergekit, mergekit.merge, mergekit.plan
         from mergekit.merge_methods import registry
         from mergekit_metagpt import integration
@@ -231,6 +238,8 @@ def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_pa
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["metagpt", "True"]
+    # nor a warning (it fired for modules still being imported: a circular import)
+    assert "mergekit-metagpt:" not in result.stderr, result.stderr[-2000:]
 
 
 def test_a_registration_re_entered_from_its_own_imports_returns(monkeypatch):
