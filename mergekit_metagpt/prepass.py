@@ -178,12 +178,15 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
         if run.error is not None:
             raise run.error
         if run.result is None:
-            try:
-                run.result = compute(run, torch.device(device), method, products or merge_products())
-            except BaseException as error:
-                run.error = error
-                raise
-            _announce(run)
+            from mergekit_metagpt.progress import logs_above_bars
+
+            with logs_above_bars():  # mergekit's "Executing graph" bar is on screen
+                try:
+                    run.result = compute(run, torch.device(device), method, products or merge_products())
+                except BaseException as error:
+                    run.error = error
+                    raise
+                _announce(run)
         return run.result
 
 

@@ -22,8 +22,8 @@ PER_INPUT = ("InputModelDefinition", "InputSliceDefinition")
 
 WEIGHT_HELP = (
     "MetaGPT computes each model's weight (λ) from the task-vector norms; to set "
-    "weights by hand, `mergekit-metagpt bake RECIPE.yml OUT.yml` writes the equivalent "
-    "stock recipe with the λ as weights you can edit"
+    "weights by hand, remove `weight` and run `mergekit-metagpt bake RECIPE.yml OUT.yml`: "
+    "it writes the equivalent stock recipe with the λ as weights you can edit"
 )
 
 
