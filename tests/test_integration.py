@@ -105,6 +105,22 @@ def reshaped_mergekit(root, renamed=(("graph.py", "multigpu_executor.py"), "Task
     return str(root)
 
 
+def merge_with_reshaped(tmp_path, paths, out, module, renamed, *flags):
+    """A stock run_merge of a MetaGPT recipe into `out` with `module` of a reshaped mergekit
+    (see `reshaped_mergekit`); (the finished process, its stderr up to the import)."""
+    fake = reshaped_mergekit(tmp_path / "fake", renamed)
+    result = run_python(f"""
+        import {module}
+        assert {module}.__file__.startswith({fake!r}), {module}.__file__
+        print("imported", file=__import__("sys").stderr, flush=True)
+{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
+        from mergekit_metagpt import integration
+        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
+    """, *flags, pythonpath=[fake])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, result.stderr.split("imported")[0]
+
+
 def test_changed_mergekit_only_warns_and_graph_merge_refuses_to_guess(llama_family, tmp_path):
     paths, _ = llama_family
     out = str(tmp_path / "out")
@@ -143,17 +159,8 @@ def test_a_planner_of_another_shape_only_turns_the_module_check_off(llama_family
     plan_module warns that the check is off, and the merge runs, exact."""
     paths, sds = llama_family
     out = str(tmp_path / "out")
-    fake = reshaped_mergekit(tmp_path / "fake", (("plan.py",), "plan_module", "plan_output_module"))
-    result = run_python(f"""
-        import mergekit.plan
-        assert mergekit.plan.__file__.startswith({fake!r}), mergekit.plan.__file__
-        print("imported", file=__import__("sys").stderr, flush=True)
-{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
-        from mergekit_metagpt import integration
-        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
-    """, pythonpath=[fake])
-    assert result.returncode == 0, result.stderr
-    before = result.stderr.split("imported")[0]
+    result, before = merge_with_reshaped(tmp_path, paths, out, "mergekit.plan",
+                                         (("plan.py",), "plan_module", "plan_output_module"))
     assert "cannot attach to mergekit.plan (MergePlanner has no attribute 'plan_module')" in before, before
     assert "Merges run; the warning about modules mergekit plans nothing of is off." in before
     assert result.stdout.splitlines()[-1] == (
@@ -360,17 +367,8 @@ def test_run_merge_of_another_shape_warns_even_where_warnings_are_errors(llama_f
     merge runs, exact."""
     paths, sds = llama_family
     out = str(tmp_path / "out")
-    fake = reshaped_mergekit(tmp_path / "fake", (("merge.py",), "merge_config", "config"))
-    result = run_python(f"""
-        import mergekit.merge
-        assert mergekit.merge.__file__.startswith({fake!r}), mergekit.merge.__file__
-        print("imported", file=__import__("sys").stderr, flush=True)
-{textwrap.indent(textwrap.dedent(merge_code(paths, out)), " " * 8)}
-        from mergekit_metagpt import integration
-        print("attached", sorted(n for n in WRAPPED if integration.attached(n)))
-    """, "-W", "error::RuntimeWarning", pythonpath=[fake])
-    assert result.returncode == 0, result.stderr[-3000:]
-    before = result.stderr.split("imported")[0]
+    result, before = merge_with_reshaped(tmp_path, paths, out, "mergekit.merge",
+                                         (("merge.py",), "merge_config", "config"), "-W", "error::RuntimeWarning")
     assert "cannot attach to mergekit.merge (run_merge has no parameter 'merge_config')" in before, before
     assert "Merges run, with their λ; the recipe's checks before anything is read, and the λ tables" in before
     assert result.stdout.splitlines()[-1] == (
