@@ -63,8 +63,10 @@ class _LineAboveBars(logging.Handler):
             message = self.format(record)
             stream = self.original.stream
             with tqdm.tqdm.external_write_mode(file=stream):
-                open_line = any(getattr(bar, "fp", None) is not None and not getattr(bar, "disable", True)
-                                for bar in list(getattr(tqdm.tqdm, "_instances", ())))
+                open_line = any(  # a bar drawn on this stream (tqdm wraps its file)
+                    not getattr(bar, "disable", True)
+                    and getattr(getattr(bar, "fp", None), "_wrapped", getattr(bar, "fp", None)) is stream
+                    for bar in list(getattr(tqdm.tqdm, "_instances", ())))
                 terminal = getattr(stream, "isatty", lambda: False)()
                 stream.write(("\n" if open_line and not terminal else "") + message + "\n")
                 stream.flush()
