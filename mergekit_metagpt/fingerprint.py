@@ -6,7 +6,7 @@ For each shard file, in shard order:
   a snapshot symlink) is named by the hash of its content: the key is that name,
   exact, and the same wherever the cache is copied;
 - any other file: its name, size, ``st_mtime_ns``, ``st_ctime_ns``, inode and device,
-  its safetensors header, and its last 64 KiB. Rewriting a file in place changes its
+  its safetensors header, and its last 64 KiB (a file of 128 KiB or less: all of it). Rewriting a file in place changes its
   ctime, which no user tool can set back (``touch``/``os.utime`` restore mtime only);
   a copy has another inode. Both miss, and the norms are computed again;
 
@@ -53,6 +53,9 @@ def file_key(path: str) -> str:
         f"{st.st_ino}|{st.st_dev}\n".encode()
     )
     with open(path, "rb") as handle:
+        if st.st_size <= 2 * SAMPLE_BYTES:  # small: all of it (a same-size rewrite within
+            digest.update(handle.read())    # one tick of a coarse clock keeps the stat)
+            return f"file:{digest.hexdigest()}"
         if path.endswith(".safetensors") and st.st_size >= 8:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             digest.update(handle.read(min(header_len, st.st_size - 8)))

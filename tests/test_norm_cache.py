@@ -468,6 +468,29 @@ def test_rewritten_in_place_with_mtime_restored_misses(tmp_path, merge_options):
         assert torch.allclose(merged[key], tensor, atol=1e-6), key
 
 
+def test_a_small_file_rewritten_within_one_clock_tick_misses(tmp_path, monkeypatch):
+    """Where the file system's clock is coarse (1-2 s), a same-size rewrite can keep every
+    stat field; a small shard's data (under 64 KiB, past a header that stays the same) then
+    went unread by the key. Small files count whole."""
+    from safetensors.torch import save_file
+
+    from mergekit_metagpt import fingerprint
+
+    path = str(tmp_path / "model.safetensors")
+    save_file({"w": torch.zeros(64, 64)}, path)
+    frozen = os.stat(path)
+
+    def key():  # as if every stat field stayed the same
+        with monkeypatch.context() as patch:
+            patch.setattr(fingerprint.os, "stat", lambda p, *a, **k: frozen)
+            return fingerprint.file_key(path)
+
+    before = key()
+    save_file({"w": torch.ones(64, 64)}, path)  # same header, same size, other data
+    assert os.path.getsize(path) == frozen.st_size
+    assert key() != before
+
+
 def test_hub_cache_blobs_are_keyed_by_their_content_hash(tmp_path):
     """A Hugging Face cache blob is named by the hash of its content: exact, survives copies."""
     from mergekit_metagpt.fingerprint import file_key
