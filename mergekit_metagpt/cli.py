@@ -258,18 +258,16 @@ def version_text() -> str:
         hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
                 "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties and "
                 "metagpt_dare without an import")
-    elif hook_dir:
-        hook = (f"start-up hook: NOT active: {os.path.join(hook_dir, 'mergekit_metagpt.pth')} is "
-                "there, but its module mergekit_metagpt_hook did not install (another or a broken "
-                "copy first on sys.path?), so mergekit-yaml will say 'Unimplemented merge method "
-                "metagpt'; reinstall with pip, or `import mergekit_metagpt` before merging from Python")
     else:
-        hook = (f"start-up hook: NOT active in this Python ({sys.executable}): no "
-                "mergekit_metagpt.pth where it reads .pth files at start-up (python -S, or a "
-                "--target/PYTHONPATH install, whose .pth files Python does not read), so "
-                "mergekit-yaml will say 'Unimplemented merge method metagpt'; install with pip into "
-                "the environment that runs mergekit-yaml, or `import mergekit_metagpt` before "
-                "merging from Python")
+        why = (f": {os.path.join(hook_dir, 'mergekit_metagpt.pth')} is there, but its module "
+               "mergekit_metagpt_hook did not install (another or a broken copy first on sys.path?)"
+               if hook_dir else
+               f" in this Python ({sys.executable}): no mergekit_metagpt.pth where it reads .pth "
+               "files at start-up (python -S, or a --target/PYTHONPATH install, whose .pth files "
+               "Python does not read)")
+        hook = (f"start-up hook: NOT active{why}, so mergekit-yaml will say 'Unimplemented merge "
+                "method metagpt'; install with pip into the environment that runs mergekit-yaml, "
+                "or `import mergekit_metagpt` before merging from Python")
     return (f"mergekit-metagpt {__version__} (mergekit {version_of('mergekit')}, "
             f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}")
 

@@ -363,6 +363,16 @@ _ATTACHERS = {
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
+_REFUSED = "Graph merges with metagpt will refuse to run rather than guess their coefficients."
+#: What is off where a wrapper cannot be installed (said in the warning).
+WITHOUT_WRAPPER = {
+    "mergekit.graph": _REFUSED,
+    "mergekit.merge_methods.task_adapter": _REFUSED,
+    "mergekit.merge": "Merges run, with their λ; the recipe's checks before anything is read, and "
+                      "the λ tables in the model card, are off.",
+    "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off.",
+    "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
+}
 
 
 def attach(name: str, final: bool = True) -> None:
@@ -384,16 +394,7 @@ def attach(name: str, final: bool = True) -> None:
             if not final:
                 return  # still being imported: the start-up hook attaches it later
             PROBLEMS[name] = f"{type(error).__name__}: {error}"
-            consequence = (
-                "Graph merges with metagpt will refuse to run rather than guess their coefficients."
-                if name in REQUIRED_FOR_GRAPH_MERGES
-                else "Merges run; the warning about modules mergekit plans nothing of is off."
-                if name == "mergekit.plan"
-                else "Merges run, with their λ; the recipe's checks before anything is read, and "
-                     "the λ tables in the model card, are off."
-                if name == "mergekit.merge"
-                else "Merges run; mergekit-multi checks each recipe only when it merges it."
-            )
+            consequence = WITHOUT_WRAPPER[name]
             try:
                 from mergekit_metagpt_hook import warn
             except ImportError:  # an older copy of the hook first on the path
