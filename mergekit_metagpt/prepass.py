@@ -183,10 +183,11 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
             with logs_above_bars():  # mergekit's "Executing graph" bar is on screen
                 try:
                     run.result = compute(run, torch.device(device), method, products or merge_products())
+                    _announce(run)
                 except BaseException as error:
-                    run.error = error
+                    # no λ without their log and record: the other callers get the error
+                    run.result, run.error = None, error
                     raise
-                _announce(run)
         return run.result
 
 

@@ -164,6 +164,26 @@ def test_a_failed_prepass_is_not_run_again_by_other_callers(llama_family, monkey
     assert len(calls) == 1
 
 
+def test_a_prepass_whose_record_fails_gives_no_lambdas(llama_family, monkeypatch):
+    """Computing the norms is not all of the pre-pass: when logging them or writing the
+    record fails, later callers (the other threads of --multi-gpu) get that error too, not
+    λ of a merge that has no record."""
+    paths, _ = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    run, _ = _planned(paths, MODELS)
+    calls = []
+
+    def failing(run):
+        calls.append(1)
+        raise RuntimeError("record failed")
+
+    monkeypatch.setattr(prepass, "_announce", failing)
+    for _ in range(3):
+        with pytest.raises(RuntimeError, match="record failed"):
+            prepass.run_norms(run, torch.device("cpu"))
+    assert len(calls) == 1 and run.result is None
+
+
 def test_coefficients_are_computed_once_per_merge_set(llama_family, merge_options, tmp_path, monkeypatch):
     """Every output tensor asks for its λ: they are summed once per merge set, not once
     per tensor (which made a merge quadratic in its number of tensors)."""
