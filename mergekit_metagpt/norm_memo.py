@@ -22,12 +22,18 @@ def known(base_key: str, model_key: str) -> Dict[str, Optional[float]]:
 
     if not norm_cache.enabled():
         return {}
+    return _known(_MEMO, (base_key, model_key), lambda: norm_cache.load(base_key, model_key))
+
+
+def _known(memo, key, load) -> Dict[str, Optional[float]]:
+    """What `memo` holds under `key`, loaded from the cache (outside the lock) at its first
+    use; a value another thread stored meanwhile is kept, not overwritten by the load."""
     with _MEMO_LOCK:
-        hit = _MEMO.get((base_key, model_key))
+        hit = memo.get(key)
     if hit is None:
-        hit = norm_cache.load(base_key, model_key) or {}
+        loaded = load() or {}
         with _MEMO_LOCK:
-            _MEMO[(base_key, model_key)] = hit
+            hit = memo.setdefault(key, loaded)
     return dict(hit)
 
 
@@ -69,13 +75,7 @@ def known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[
     if not norm_cache.enabled():
         return {}
     triple = (base_key, a_key, b_key)
-    with _MEMO_LOCK:
-        hit = _PRODUCTS_MEMO.get(triple)
-    if hit is None:
-        hit = norm_cache.load_products(*triple) or {}
-        with _MEMO_LOCK:
-            _PRODUCTS_MEMO[triple] = hit
-    return dict(hit)
+    return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple))
 
 
 def remember_products(fingerprints, products, labels) -> None:

@@ -262,6 +262,32 @@ def test_two_threads_writing_one_entry_keep_both_reads(monkeypatch):
     assert norm_cache.load("base-key", "model-key") == {"a": 1.0, "b": 2.0}
 
 
+def test_a_first_lookup_does_not_overwrite_what_another_thread_stored(monkeypatch):
+    """A lookup reads the disk outside the memo's lock; values another thread stored in the
+    meantime stay in the memo (else later merges of the process read those tensors again)."""
+    import threading
+
+    real_load = norm_cache.load
+    loaded, go_on = threading.Event(), threading.Event()
+
+    def load(base, model, quiet=False):
+        found = real_load(base, model, quiet=quiet)
+        if not quiet:  # the lookup's own load, not the store's
+            loaded.set()
+            go_on.wait(10)
+        return found
+
+    monkeypatch.setattr(norm_cache, "load", load)
+    lookup = threading.Thread(target=norm_memo.known, args=("base-key", "model-key"))
+    lookup.start()
+    assert loaded.wait(10)
+    norm_memo.remember("base-key", "model-key", {"stored": 1.0}, ("b", "m"))
+    go_on.set()
+    lookup.join(10)
+    monkeypatch.setattr(norm_cache, "load", lambda *a, **k: pytest.fail("the memo holds this entry"))
+    assert norm_memo.known("base-key", "model-key") == {"stored": 1.0}
+
+
 OTHER_PROCESS = """
 import fcntl, os, sys
 from mergekit_metagpt import norm_cache
