@@ -270,8 +270,9 @@ def storage_view(tensor: torch.Tensor) -> tuple:
     )
 
 
-def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable, Dict[str, float]]:
-    """Squared norms over every group passed to one in-memory merge call.
+def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable, Dict[int, float]]:
+    """Squared norms over every group passed to one in-memory merge call, per model
+    {group index: ‖δ‖²}.
 
     A tensor pair (model's, base's) that shares its memory with a pair already counted
     (tied ``lm_head`` / ``embed_tokens`` of ``nn.Module`` inputs) is the same task
@@ -298,7 +299,7 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
         base_tensor = cast(base_tensor)
         if (BASE, base_view) not in seen:
             seen.add((BASE, base_view))
-            accumulator.add(BASE, name, base_check(base_tensor, scratch))
+            accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name)
         sparsifier = sparsifier_of(index) if sparsifier_of else None
         for entry in group.non_base:
             tensor = entry.tensor.detach()
@@ -306,8 +307,9 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
             if pair in seen:
                 continue
             seen.add(pair)
-            accumulator.add(
-                entry.id, name, squared_delta(cast(tensor), base_tensor, sparsifier, entry.id, scratch)
+            accumulator.add(  # keyed by position: two groups may share a name
+                entry.id, index, squared_delta(cast(tensor), base_tensor, sparsifier, entry.id, scratch),
+                name=name,
             )
     norms = accumulator.finish()
     del norms[BASE]

@@ -181,3 +181,21 @@ def test_task_vectors_too_small_for_float32_squares_are_warned_of(caplog):
     said = [r.getMessage() for r in caplog.records if "task vector is tiny" in r.getMessage()]
     assert len(said) == 2 and "m0" in said[0] and "m1" in said[1], said
     assert "may be inexact" in said[0]
+
+
+def test_groups_of_one_name_each_count_in_a_direct_call():
+    """A method called directly with tensor groups (its documented ``__call__``) may be
+    given two groups of one name: each counts in the norms, as in any other merge."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import TensorGroup
+
+    base = {"w1": torch.zeros(4), "w2": torch.zeros(3)}
+    a = {"w1": torch.tensor([3.0, 0, 0, 0]), "w2": torch.zeros(3)}  # ‖δ_a‖² = 9
+    b = {"w1": torch.zeros(4), "w2": torch.tensor([0, 1.0, 0])}  # ‖δ_b‖² = 1
+    groups = tuple(
+        TensorGroup.from_tensors([base[n], a[n], b[n]], ids=["base", "a", "b"], base_index=0, name="w")
+        for n in ("w1", "w2")
+    )
+    first, second = merge_methods.get("metagpt")(groups)
+    assert torch.allclose(first, torch.tensor([2.7, 0, 0, 0]))  # λ_a = 0.9
+    assert torch.allclose(second, torch.tensor([0, 0.1, 0]))  # λ_b = 0.1
