@@ -136,12 +136,27 @@ def _place(path) -> Optional[tuple]:
     return os.path.realpath(local) if os.path.isdir(local) else path.path, getattr(path, "revision", None)
 
 
+def _read_folder(model) -> Optional[str]:
+    """The folder mergekit's loader reads `model`'s weights from, resolved (a hub id's
+    snapshot folder: ``org/m``, ``org/m@main``, its commit and its snapshot's path are
+    one), or None where it has no loader here (the merge then reports why)."""
+    try:
+        from mergekit.io.tasks import LoaderCache
+
+        return os.path.realpath(LoaderCache().get(model).index.base_path)
+    except Exception:
+        return None
+
+
 def _checkpoint(model) -> Optional[tuple]:
     """Where a mergekit ModelReference's weights are (``./m/./a`` and ``m/a/`` are one), with
     its LoRA; None for the keys of in-memory merges."""
     if not isinstance(getattr(getattr(model, "model", None), "path", None), str):
         return None
-    return _place(model.model), _place(getattr(model, "lora", None))
+    lora = getattr(model, "lora", None)
+    # with a LoRA, the loader's folder is mergekit's merged copy, named after the spelling
+    folder = _read_folder(model) if lora is None else None
+    return ((folder, None) if folder else _place(model.model)), _place(lora)
 
 
 def _refuse_one_checkpoint_twice(models, base=None) -> None:

@@ -96,7 +96,31 @@ def open_loaders(config, options) -> None:
         try:
             cache.get(model)
         except Exception as error:
-            raise MetaGPTError(f"cannot load model {model}: {one_line(error)}") from None
+            raise MetaGPTError(
+                f"cannot load model {model}: {one_line(error)}{_cached_snapshot_hint(model, options)}"
+            ) from None
+
+
+def _cached_snapshot_hint(model, options) -> str:
+    """Where a hub model that did not load is in the hub cache: mergekit 0.1.5 asks the
+    hub for its list of files (``list_repo_files``) even when it is cached, so with no
+    network only the snapshot's folder loads."""
+    import os
+
+    path, lora = model.model.path, getattr(model, "lora", None)
+    if lora is not None or os.path.exists(os.path.expanduser(path)):
+        return ""
+    try:
+        import huggingface_hub
+
+        folder = huggingface_hub.snapshot_download(
+            path, revision=model.model.revision, cache_dir=getattr(options, "transformers_cache", None),
+            local_files_only=True,
+        )
+    except Exception:  # not in the cache
+        return ""
+    return (f" (mergekit asks the hub for a hub model's files even when it is cached; without "
+            f"the hub, give the cached snapshot's folder instead: {folder})")
 
 
 def check_models_open(config, options) -> None:

@@ -364,3 +364,103 @@ def test_a_base_too_large_for_float32_sums_is_not_called_nan():
     with pytest.raises(MetaGPTError, match=r"non-finite values \(NaN or Inf, or values too large for float32 "
                                            r"sums\) in tensor 'w' of the base model"):
         merge_state_dicts({"base": base, **models}, "metagpt", base="base")
+
+
+# mergekit 0.1.5 lists a hub model's files online even where the model is cached
+# (ModelReference.local_path calls list_repo_files): answered from the cache here, as a
+# reachable hub would answer
+HUB_MERGEKIT_YAML = """
+import os, sys
+import huggingface_hub
+
+def list_repo_files(repo_id, revision=None, repo_type=None, **kwargs):
+    folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
+    return [os.path.relpath(os.path.join(r, f), folder) for r, _, files in os.walk(folder) for f in files]
+
+huggingface_hub.list_repo_files = list_repo_files
+from mergekit.scripts.run_yaml import main
+main(sys.argv[1:])
+"""
+
+COMMIT_BASE, COMMIT_GOOD, COMMIT_OTHER = "b" * 40, "c" * 40, "d" * 40
+
+
+@pytest.fixture(scope="module")
+def hub(family, tmp_path_factory):
+    """A hub cache holding the family's base and good model, and another fine-tune."""
+    from checkpoints import hub_snapshot
+
+    paths, base = family
+    cache = str(tmp_path_factory.mktemp("hub"))
+    other = save_checkpoint(str(tmp_path_factory.mktemp("other") / "other"), perturbed(base, 0.05, 11))
+    snapshots = {"org/base": hub_snapshot(cache, "org/base", paths["base"], COMMIT_BASE),
+                 "org/good": hub_snapshot(cache, "org/good", paths["good"], COMMIT_GOOD),
+                 "org/other": hub_snapshot(cache, "org/other", other, COMMIT_OTHER)}
+    return cache, snapshots
+
+
+def run_hub_recipe(config, tmp_path, cache, hub_lists_files=True):
+    """mergekit-yaml with the hub cache `cache` and no network; `hub_lists_files`: as if
+    the hub answered mergekit's request for the list of a model's files."""
+    import subprocess
+    import sys
+
+    path = write_yaml(config, str(tmp_path / "recipe.yml"))
+    out = str(tmp_path / "out")
+    env = dict(os.environ, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1",
+               MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "norm-cache"))
+    command = ([sys.executable, "-c", HUB_MERGEKIT_YAML] if hub_lists_files
+               else [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")])
+    result = subprocess.run([*command, path, out, "--no-copy-tokenizer"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
+    return result, (lines[-1] if lines else ""), out
+
+
+def test_hub_models_merge_as_their_folders_do(hub, family, tmp_path):
+    """Hub ids resolved from the hub cache: the λ and weights of the closed form."""
+    cache, snapshots = hub
+    config = recipe({"base": "org/base", "good": "org/good", "other": f"org/other@{COMMIT_OTHER}"}, ["good", "other"])
+    result, last, out = run_hub_recipe(config, tmp_path, cache)
+    assert result.returncode == 0, result.stderr[-3000:]
+    models = [load_checkpoint(snapshots[m]) for m in ("org/good", "org/other")]
+    _, reference = closed_form(load_checkpoint(snapshots["org/base"]), models)
+    merged = load_checkpoint(out)
+    assert max((merged[n].double() - ref).abs().max().item() for n, ref in reference.items()) < 1e-5
+
+
+@pytest.mark.parametrize("spelling", ["snapshot folder", "@main", "@commit"])
+def test_a_hub_model_under_two_names_is_refused(spelling, hub, tmp_path):
+    """A hub model and its snapshot folder, or the model at its branch or commit, are one
+    checkpoint: each listing would get its own λ."""
+    cache, snapshots = hub
+    second = {"snapshot folder": snapshots["org/good"], "@main": "org/good@main",
+              "@commit": f"org/good@{COMMIT_GOOD}"}[spelling]
+    config = recipe({"base": "org/base", "good": "org/good", "second": second, "other": "org/other"},
+                    ["good", "second", "other"])
+    result, last, out = run_hub_recipe(config, tmp_path, cache)
+    assert result.returncode != 0
+    assert re.search(r"models org/good and \S+ are one checkpoint \(.*/snapshots/c{40}\); list it once", last), last
+    assert not os.path.exists(out) or not safetensors_in(out)
+
+
+def test_the_hub_base_under_another_name_is_refused(hub, tmp_path):
+    cache, _ = hub
+    config = recipe({"base": "org/base", "good": "org/good", "again": "org/base@main"}, ["again", "good"],
+                    parameters={"alpha": 0})
+    result, last, out = run_hub_recipe(config, tmp_path, cache)
+    assert result.returncode != 0
+    assert re.search(r"model org/base@main is the base model org/base under another spelling", last), last
+    assert not os.path.exists(out) or not safetensors_in(out)
+
+
+def test_a_cached_hub_model_without_the_hub_is_pointed_to_its_snapshot_folder(hub, tmp_path):
+    """mergekit 0.1.5 asks the hub for a hub model's files even when it is cached: with no
+    network the merge cannot start, and the error names the cached folder that works."""
+    cache, snapshots = hub
+    config = recipe({"base": "org/base", "good": "org/good"}, ["good"])
+    result, last, out = run_hub_recipe(config, tmp_path, cache, hub_lists_files=False)
+    assert result.returncode != 0
+    assert "cannot load model org/base: " in last, last
+    assert last.endswith(f"give the cached snapshot's folder instead: {snapshots['org/base']})"), last
+    assert not os.path.exists(out) or not safetensors_in(out)
