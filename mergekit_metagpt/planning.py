@@ -155,6 +155,13 @@ def plan_recipe(config, options):
     # mergekit 0.1.5's plan_in_memory cannot wrap its own merge tasks.
     tasks = [getattr(t, "tensor_task", None) for t in planner.plan_to_disk(out_path="unused")]
     mine = merge_plan.ours(tasks)
+    if not mine:  # a mergekit whose plan holds its merge tasks elsewhere: nothing to report
+        import importlib.metadata
+
+        raise MetaGPTError(
+            f"no {config.merge_method} task found in mergekit's plan of this recipe: the plugin "
+            f"knows the plans of mergekit 0.1.5, this is mergekit {importlib.metadata.version('mergekit')}"
+        )
     run = merge_plan.MergeRun(
         config.merge_method, mine, RunContext(out_path=None, config=config, options=options)
     )

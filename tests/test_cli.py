@@ -379,3 +379,18 @@ def test_the_pre_pass_shows_a_progress_bar_on_a_terminal(terminal, flags, shown,
     assert main(["coefficients", path, *flags]) == 0
     err = capfd.readouterr().err
     assert ("MetaGPT norm pre-pass: 100%" in err) == shown, err
+
+
+def test_a_plan_without_metagpt_tasks_is_refused_not_reported_empty(llama_family, tmp_path, capfd, monkeypatch):
+    """A mergekit whose plan holds its merge tasks where the plugin does not look: the
+    command says so (it printed an empty table, and bake failed unpacking nothing)."""
+    from mergekit_metagpt import merge_plan
+
+    monkeypatch.setattr(merge_plan, "ours", lambda tasks: [])
+    path = write_yaml(recipe(llama_family[0], MODELS), str(tmp_path / "r.yml"))
+    for command in (["coefficients", path], ["bake", path, str(tmp_path / "baked.yml")]):
+        capfd.readouterr()
+        line = _one_error_line(main(command), capfd.readouterr().err)
+        assert "no metagpt task found in mergekit's plan of this recipe: the plugin knows the plans of " \
+               "mergekit 0.1.5, this is mergekit 0.1.5" in line, line
+    assert not os.path.exists(tmp_path / "baked.yml")
