@@ -34,6 +34,13 @@ NORMALIZE_HELP = (
 )
 
 
+INT8_MASK_HELP = (
+    "int8_mask sets the dtype of TIES's sign election, which only metagpt_ties does (metagpt_dare "
+    "is mergekit's dare_linear, DARE without sign election; metagpt merges dense task vectors); "
+    "drop it from a recipe copied from ties or dare_ties"
+)
+
+
 def _settings(node: Any, seen: Set[int], context: Tuple[str, ...] = ()) -> Iterator[Tuple[str, Any, Optional[str], Tuple[str, ...]]]:
     """(name, setting, the input model it is given for or None, where it is given: e.g.
     ("layers 0-4", "slice 2")) for every parameter setting in a config tree."""
@@ -125,6 +132,8 @@ def check_config(config) -> None:
             message += f". {WEIGHT_HELP}"
         if "normalize" in unknown:
             message += f". {NORMALIZE_HELP}"
+        if "int8_mask" in unknown:
+            message += f". {INT8_MASK_HELP}"
         raise MetaGPTError(message)
     if misplaced:
         raise MetaGPTError(

@@ -98,6 +98,12 @@ CASES = {
         lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"normalize": True, "int8_mask": True}),
         r"Unknown parameter\(s\) for metagpt_ties: normalize .*MetaGPT's λ sum to 1 .*drop normalize from a "
         r"recipe copied from ties or dare$"),
+    # the most common DARE recipe is dare_ties with int8_mask: metagpt_dare elects no signs
+    "int8_mask from a dare_ties recipe": (
+        lambda p: recipe(p, ["good"], method="metagpt_dare", parameters={"density": 0.5, "int8_mask": True}),
+        r"Unknown parameter\(s\) for metagpt_dare: int8_mask .*only metagpt_ties does \(metagpt_dare is "
+        r"mergekit's dare_linear, DARE without sign election.*drop it from a recipe copied from ties or "
+        r"dare_ties$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
                                     r"Unknown parameter\(s\) for metagpt: density"),
