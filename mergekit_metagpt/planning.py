@@ -128,6 +128,34 @@ def check_models_open(config, options) -> None:
     line naming the model, before anything is read for the merge."""
     _check_models_load(config, options)
     open_loaders(config, options)
+    _check_card_can_name_models(config, options)
+
+
+def _check_card_can_name_models(config, options) -> None:
+    """A local folder written as a hub id would be (``fam/model``, ``model``): mergekit's
+    model card step asks the hub whether it is one (``repo_exists``), after every weight
+    is written, and with ``HF_HUB_OFFLINE=1`` that fails, ending the merge with an error
+    and no card; refused before (``./fam/model`` is taken as a folder)."""
+    import os
+
+    if not getattr(options, "write_model_card", False) or os.environ.get("HF_HUB_OFFLINE", "").lower() not in (
+            "1", "on", "yes", "true"):
+        return
+    from huggingface_hub.utils import validate_repo_id
+
+    for model in models_in_order(config):
+        for path in (model.model.path, model.lora.path if model.lora else None):
+            if not path or path[0] in "/~." or path.count("/") > 1 or not os.path.exists(path):
+                continue
+            try:
+                validate_repo_id(path)
+            except Exception:  # not a hub id: mergekit's card takes it for a folder
+                continue
+            raise MetaGPTError(
+                f"model {model}: the local folder {path} is written as a hub id would be, and "
+                f"mergekit's model card step asks the hub about it after the weights are written, "
+                f"which fails with HF_HUB_OFFLINE=1; write it as ./{path} (or pass --no-write-model-card)"
+            )
 
 
 def plan_recipe(config, options):

@@ -470,3 +470,29 @@ def test_a_cached_hub_model_without_the_hub_is_pointed_to_its_snapshot_folder(hu
     assert "cannot load model org/base: " in last, last
     assert last.endswith(f"give the cached snapshot's folder instead: {snapshots['org/base']})"), last
     assert not os.path.exists(out) or not safetensors_in(out)
+
+
+def test_a_local_folder_written_as_a_hub_id_is_refused_offline_before_the_merge(family, tmp_path):
+    """mergekit's model card step asks the hub about `fam/good` (a local folder written as
+    a hub id would be) after every weight is written: with HF_HUB_OFFLINE=1 the merge failed
+    at its end, with no card. Refused first; `./fam/good` merges, card included."""
+    import subprocess
+    import sys
+
+    paths, _ = family
+    os.makedirs(tmp_path / "fam")
+    os.symlink(paths["good"], tmp_path / "fam" / "good")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", MERGEKIT_METAGPT_CACHE="0")
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    for spelling, out in (("fam/good", "refused"), ("./fam/good", "merged")):
+        write_yaml(recipe({"base": paths["base"], "good": spelling}, ["good"]), str(tmp_path / f"{out}.yml"))
+        result = subprocess.run([script, f"{out}.yml", out, "--no-copy-tokenizer"], cwd=tmp_path, env=env,
+                                capture_output=True, text=True, timeout=600)
+        if out == "refused":
+            assert result.returncode != 0
+            assert ("the local folder fam/good is written as a hub id would be" in result.stderr
+                    and "write it as ./fam/good" in result.stderr), result.stderr[-2000:]
+            assert not os.path.exists(tmp_path / out) or not safetensors_in(str(tmp_path / out))
+        else:
+            assert result.returncode == 0, result.stderr[-2000:]
+            assert os.path.exists(tmp_path / out / "README.md")
