@@ -53,11 +53,13 @@ def baked_recipe(path: str, run, coefficients) -> str:
     data["parameters"] = params
     lambdas = coefficients.lambdas
     base = ModelReference.model_validate(data.get("base_model"))
+    pinned: dict = {}  # model as written -> its commit
     for entry in data["models"]:
         model = ModelReference.model_validate(entry["model"])  # every form mergekit accepts
-        if model == base:
-            continue
-        entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
+        if model != base:
+            entry["parameters"] = {**(entry.get("parameters") or {}), "weight": lambdas[model]}
+        entry["model"] = _pinned(entry["model"], model, pinned)
+    data["base_model"] = _pinned(data["base_model"], base, pinned)
     header = [
         f"# Baked by mergekit-metagpt {__version__} from {os.path.basename(path)} ({method}).",
         f"# The weights are MetaGPT coefficients, {formula([coefficients.alpha], ascii=True)}",
@@ -66,5 +68,29 @@ def baked_recipe(path: str, run, coefficients) -> str:
     ]
     header += [f"#   {model}: ||delta||^2 = {norm:.6e}, lambda = {lambdas[model]:.6f}"
                for model, norm in coefficients.squared_norms]
+    if pinned:
+        header.append("# Hub models pinned to the commits the weights were computed from: "
+                      + ", ".join(f"{model} -> {commit[:12]}" for model, commit in pinned.items()) + ".")
     header.append("# It runs on stock mergekit, without the plugin. Re-bake if any checkpoint changes.")
     return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
+
+
+def _pinned(written, model, pinned: dict):
+    """A hub model as ``org/name@<commit>``, the commit of the snapshot mergekit read for the
+    λ (its branch may move on); anything else as the recipe wrote it."""
+    import re
+
+    if model.lora is not None or os.path.exists(os.path.expanduser(model.model.path)):
+        return written
+    try:
+        from mergekit.io.tasks import LoaderCache
+
+        folder = LoaderCache().get(model).index.base_path
+    except Exception:  # not opened here: as written
+        return written
+    found = re.search(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]?$", folder)
+    if found is None or model.model.revision == found.group(1):
+        return written
+    commit = found.group(1)
+    pinned[str(model)] = commit
+    return str(model.model_copy(update={"model": model.model.model_copy(update={"revision": commit})}))

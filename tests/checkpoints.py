@@ -156,25 +156,3 @@ def damage_pickle(path: str) -> str:
             archive.writestr(info, data[: len(data) // 2] if info.filename.endswith("data.pkl") else data)
     return path
 
-
-def hub_snapshot(hub_cache: str, repo_id: str, folder: str, commit: str, branch: str = "main") -> str:
-    """Put the checkpoint in `folder` into a Hugging Face hub cache as `repo_id` at `commit`
-    (blobs named by content, the snapshot's files linked to them, `branch` pointing at the
-    commit), as huggingface_hub lays out a download; returns the snapshot folder."""
-    import hashlib
-
-    repo = os.path.join(hub_cache, "models--" + repo_id.replace("/", "--"))
-    snapshot = os.path.join(repo, "snapshots", commit)
-    os.makedirs(os.path.join(repo, "blobs"), exist_ok=True)
-    os.makedirs(os.path.join(repo, "refs"), exist_ok=True)
-    os.makedirs(snapshot, exist_ok=True)
-    for name in sorted(os.listdir(folder)):
-        with open(os.path.join(folder, name), "rb") as f:
-            data = f.read()
-        blob = hashlib.sha256(data).hexdigest()
-        with open(os.path.join(repo, "blobs", blob), "wb") as f:
-            f.write(data)
-        os.symlink(os.path.join("..", "..", "blobs", blob), os.path.join(snapshot, name))
-    with open(os.path.join(repo, "refs", branch), "w") as f:
-        f.write(commit)
-    return snapshot

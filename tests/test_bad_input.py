@@ -372,29 +372,13 @@ def test_a_base_too_large_for_float32_sums_is_not_called_nan():
         merge_state_dicts({"base": base, **models}, "metagpt", base="base")
 
 
-# mergekit 0.1.5 lists a hub model's files online even where the model is cached
-# (ModelReference.local_path calls list_repo_files): answered from the cache here, as a
-# reachable hub would answer
-HUB_MERGEKIT_YAML = """
-import os, sys
-import huggingface_hub
-
-def list_repo_files(repo_id, revision=None, repo_type=None, **kwargs):
-    folder = huggingface_hub.snapshot_download(repo_id, revision=revision, local_files_only=True)
-    return [os.path.relpath(os.path.join(r, f), folder) for r, _, files in os.walk(folder) for f in files]
-
-huggingface_hub.list_repo_files = list_repo_files
-from mergekit.scripts.run_yaml import main
-main(sys.argv[1:])
-"""
-
 COMMIT_BASE, COMMIT_GOOD, COMMIT_OTHER = "b" * 40, "c" * 40, "d" * 40
 
 
 @pytest.fixture(scope="module")
 def hub(family, tmp_path_factory):
     """A hub cache holding the family's base and good model, and another fine-tune."""
-    from checkpoints import hub_snapshot
+    from hub import hub_snapshot
 
     paths, base = family
     cache = str(tmp_path_factory.mktemp("hub"))
@@ -406,19 +390,12 @@ def hub(family, tmp_path_factory):
 
 
 def run_hub_recipe(config, tmp_path, cache, hub_lists_files=True):
-    """mergekit-yaml with the hub cache `cache` and no network; `hub_lists_files`: as if
-    the hub answered mergekit's request for the list of a model's files."""
-    import subprocess
-    import sys
+    from hub import run_offline
 
     path = write_yaml(config, str(tmp_path / "recipe.yml"))
     out = str(tmp_path / "out")
-    env = dict(os.environ, HF_HUB_CACHE=cache, HF_HUB_OFFLINE="1",
-               MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "norm-cache"))
-    command = ([sys.executable, "-c", HUB_MERGEKIT_YAML] if hub_lists_files
-               else [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")])
-    result = subprocess.run([*command, path, out, "--no-copy-tokenizer"],
-                            capture_output=True, text=True, timeout=600, env=env)
+    result = run_offline("mergekit-yaml", [path, out, "--no-copy-tokenizer"], cache,
+                         {"MERGEKIT_METAGPT_CACHE_DIR": str(tmp_path / "norm-cache")}, hub_lists_files)
     lines = [l for l in (result.stdout + result.stderr).splitlines() if l.strip()]
     return result, (lines[-1] if lines else ""), out
 

@@ -394,3 +394,36 @@ def test_a_plan_without_metagpt_tasks_is_refused_not_reported_empty(llama_family
         assert "no metagpt task found in mergekit's plan of this recipe: the plugin knows the plans of " \
                "mergekit 0.1.5, this is mergekit 0.1.5" in line, line
     assert not os.path.exists(tmp_path / "baked.yml")
+
+
+def test_bake_pins_hub_models_to_the_commits_of_their_lambdas(llama_family, tmp_path):
+    """A baked recipe's weights are the λ of the snapshots read: a hub model named by branch
+    (or none: main) is written at that commit, so that a branch moved on later does not take
+    the weights to other checkpoints; a commit, a folder, stay as written."""
+    from hub import hub_snapshot, run_offline
+
+    paths, _ = llama_family
+    cache = str(tmp_path / "hub")
+    commits = {m: c * 40 for m, c in (("base", "a"), ("model0", "b"), ("model1", "c"))}
+    for model, commit in commits.items():
+        hub_snapshot(cache, f"org/{model}", paths[model], commit)
+    written = {"base": "org/base", "model0": "org/model0@main", "model1": f"org/model1@{commits['model1']}",
+               "model2": paths["model2"]}
+    path = write_yaml(recipe(written, ["base", "model0", "model1", "model2"]), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "baked.yml")
+    result = run_offline("mergekit-metagpt", ["bake", path, out], cache, {"MERGEKIT_METAGPT_CACHE": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(out) as f:
+        text = f.read()
+    baked = yaml.safe_load(text)
+    pinned = {"base": f"org/base@{commits['base']}", "model0": f"org/model0@{commits['model0']}",
+              "model1": written["model1"], "model2": paths["model2"]}
+    assert baked["base_model"] == pinned["base"]
+    assert [entry["model"] for entry in baked["models"]] == [pinned[m] for m in ("base", "model0", "model1", "model2")]
+    assert "# Hub models pinned to the commits the weights were computed from: org/base -> aaaaaaaaaaaa, " \
+           "org/model0@main -> bbbbbbbbbbbb." in text
+    # the pinned recipe is one stock mergekit reads, with the base among the models as the base
+    from mergekit.config import MergeConfiguration
+
+    config = MergeConfiguration.model_validate(baked)
+    assert str(config.base_model) == pinned["base"]
