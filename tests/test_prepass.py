@@ -146,40 +146,24 @@ def test_concurrent_callers_of_run_norms_get_one_result(llama_family, monkeypatc
     assert abs(got - expected) / expected < 1e-5
 
 
-def test_a_failed_prepass_is_not_run_again_by_other_callers(llama_family, monkeypatch):
+@pytest.mark.parametrize("failing_step", ["compute", "_announce"])
+def test_a_failed_prepass_is_not_run_again_by_other_callers(failing_step, llama_family, monkeypatch):
     """Under --multi-gpu every worker thread waits on the run: after the first caller's
-    pre-pass fails, the others get its error at once instead of reading the model again."""
-    paths, _ = llama_family
-    run, _ = _planned(paths, MODELS)
-    calls = []
-
-    def failing(*args, **kwargs):
-        calls.append(1)
-        raise MetaGPTError("MetaGPT: non-finite values (NaN or Inf) in tensor 'x' of model m")
-
-    monkeypatch.setattr(prepass, "compute", failing)
-    for _ in range(3):
-        with pytest.raises(MetaGPTError, match="non-finite"):
-            prepass.run_norms(run, torch.device("cpu"))
-    assert len(calls) == 1
-
-
-def test_a_prepass_whose_record_fails_gives_no_lambdas(llama_family, monkeypatch):
-    """Computing the norms is not all of the pre-pass: when logging them or writing the
-    record fails, later callers (the other threads of --multi-gpu) get that error too, not
-    λ of a merge that has no record."""
+    pre-pass fails, the others get its error at once instead of reading the model again;
+    also where computing the norms went well but logging them or writing the record
+    failed (no λ of a merge that has no record)."""
     paths, _ = llama_family
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
     run, _ = _planned(paths, MODELS)
     calls = []
 
-    def failing(run):
+    def failing(*args, **kwargs):
         calls.append(1)
-        raise RuntimeError("record failed")
+        raise MetaGPTError(f"MetaGPT: {failing_step} failed")
 
-    monkeypatch.setattr(prepass, "_announce", failing)
+    monkeypatch.setattr(prepass, failing_step, failing)
     for _ in range(3):
-        with pytest.raises(RuntimeError, match="record failed"):
+        with pytest.raises(MetaGPTError, match=f"{failing_step} failed"):
             prepass.run_norms(run, torch.device("cpu"))
     assert len(calls) == 1 and run.result is None
 
