@@ -80,15 +80,12 @@ def _pinned(written, model, pinned: dict):
     λ (its branch may move on); anything else as the recipe wrote it."""
     import re
 
+    from mergekit_metagpt.merge_plan import read_folder
+
     if model.lora is not None or os.path.exists(os.path.expanduser(model.model.path)):
         return written
-    try:
-        from mergekit.io.tasks import LoaderCache
-
-        folder = LoaderCache().get(model).index.base_path
-    except Exception:  # not opened here: as written
-        return written
-    found = re.search(r"[\\/]snapshots[\\/]([0-9a-f]{40})[\\/]?$", folder)
+    folder = read_folder(model)  # None where not opened here: as written
+    found = re.search(r"[\\/]snapshots[\\/]([0-9a-f]{40})$", folder or "")
     if found is None or model.model.revision == found.group(1):
         return written
     commit = found.group(1)

@@ -136,7 +136,7 @@ def _place(path) -> Optional[tuple]:
     return os.path.realpath(local) if os.path.isdir(local) else path.path, getattr(path, "revision", None)
 
 
-def _read_folder(model) -> Optional[str]:
+def read_folder(model) -> Optional[str]:
     """The folder mergekit's loader reads `model`'s weights from, resolved (a hub id's
     snapshot folder: ``org/m``, ``org/m@main``, its commit and its snapshot's path are
     one), or None where it has no loader here (the merge then reports why)."""
@@ -155,7 +155,7 @@ def _checkpoint(model) -> Optional[tuple]:
         return None
     lora = getattr(model, "lora", None)
     # with a LoRA, the loader's folder is mergekit's merged copy, named after the spelling
-    folder = _read_folder(model) if lora is None else None
+    folder = read_folder(model) if lora is None else None
     return ((folder, None) if folder else _place(model.model)), _place(lora)
 
 
