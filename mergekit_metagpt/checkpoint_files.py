@@ -15,26 +15,15 @@ from __future__ import annotations
 
 import os
 import zipfile
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Hashable, Iterable, Optional, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError, one_line
-from mergekit_metagpt.plan_inputs import task_reads
-
-
-def read_name(read) -> Optional[str]:
-    """The checkpoint name mergekit reads for `read` (alias and tied names resolved), or
-    None where the model holds none of them (optional, or converted from other names)."""
-    resolve = getattr(read.leaf, "_resolve_name", None)
-    loader = read.loader
-    if callable(resolve):
-        return resolve(loader)
-    name = read.name
-    return name if name in loader.index.tensor_paths else None
 
 
 def shard_path(read) -> Optional[Tuple[str, str]]:
-    """(the file holding the tensor `read` reads, its name in the checkpoint), or None."""
-    name = read_name(read)
+    """(the file holding the tensor `read` reads, its name in the checkpoint), or None
+    where the checkpoint holds none of its names."""
+    name = read.checkpoint_name()
     if name is None:
         return None
     index = read.loader.index
@@ -79,13 +68,14 @@ def _read_pickle(path: str) -> None:
     torch.load(path, map_location="meta", weights_only=True, mmap=True)
 
 
-def check_files_open(tasks: Iterable[object]) -> None:
+def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
     """Refuse a plan one of whose checkpoint files is missing or damaged, naming the
-    model, the file and a tensor the merge reads from it. Reads that mergekit cannot
-    place (no loader, a name the checkpoint lacks) are left to the merge to report."""
+    model, the file and a tensor the merge reads from it. `task_reads`: each planned
+    task's reads (``plan_inputs.task_reads``). Reads that mergekit cannot place (no
+    loader, a name the checkpoint lacks) are left to the merge to report."""
     seen: Dict[str, None] = {}
-    for task in tasks:
-        for model, read in task_reads(task).items():
+    for reads in task_reads:
+        for model, read in reads.items():
             try:
                 found = shard_path(read)
             except Exception:  # no loader for it here: the merge reports it in its words

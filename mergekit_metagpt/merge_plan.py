@@ -58,14 +58,23 @@ class MergeRun:
         unread: Dict[Tuple[tuple, tuple], List[str]] = {}  # (named, read) -> tensors
         #: (base, models read) -> tensors whose input gathers no tensor of the base
         self._baseless: Dict[Tuple[Hashable, tuple], List[str]] = {}
+        #: id(task) -> what it reads of each model, or why that cannot be known
+        self._reads: Dict[int, object] = {}
+        from mergekit_metagpt.plan_inputs import task_reads
+
         for task in tasks:
-            read = task_models(task)
+            try:
+                reads = task_reads(task)
+            except MetaGPTError as error:  # raised by `check`, before anything is read
+                reads = error
+            read = tuple(task.model_order) if isinstance(reads, MetaGPTError) else task_models(task, reads)
             if task.base_model not in read:  # listed, but not read (mergekit's slices quirk)
                 self._baseless.setdefault((task.base_model, read), []).append(task.output_weight.name)
                 continue
             models = tuple(m for m in read if m != task.base_model)
             key = (task.method_name, task.base_model, frozenset(models))
             merge_set = self.sets.setdefault(key, MergeSet(task.base_model, models))
+            self._reads[id(task)] = reads
             self._set_of[id(task)] = merge_set
             self._index_of[id(task)] = len(merge_set.tasks)
             merge_set.tasks.append(task)
@@ -100,6 +109,14 @@ class MergeRun:
     def index_in_set(self, task) -> int:
         return self._index_of[id(task)]
 
+    def reads_of(self, task) -> dict:
+        """What `task` reads of each model (``plan_inputs.task_reads``), computed once per
+        plan; raises why where the pre-pass cannot read its inputs."""
+        reads = self._reads[id(task)]
+        if isinstance(reads, MetaGPTError):
+            raise reads
+        return reads
+
     def check(self) -> None:
         """Refuse a plan in which a tensor's inputs lack its base, no set merges any model
         besides its base, a set's tensors are given different ``alpha`` (its λ are one
@@ -125,7 +142,7 @@ class MergeRun:
             _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
         from mergekit_metagpt.checkpoint_files import check_files_open
 
-        check_files_open(task for merge_set in self.sets.values() for task in merge_set.tasks)
+        check_files_open(self.reads_of(task) for merge_set in self.sets.values() for task in merge_set.tasks)
 
 
 def _place(path) -> Optional[tuple]:
@@ -201,19 +218,12 @@ def uniform_alpha(values, where: str) -> float:
     return distinct[0] if distinct else 1.0
 
 
-def task_models(task, reads=None) -> Tuple[Hashable, ...]:
-    """The task's models (in its order) that its input task gathers (``reads``: its
-    ``plan_inputs.task_reads``, if known): what the merge receives. mergekit 0.1.5 plans
-    the post-weights of a ``slices:`` recipe (final norm, ``lm_head``) with the last
-    slice's models but as many inputs as the first slice has sources, so where the last
-    slice has more, the rest are named but never read."""
-    from mergekit_metagpt.plan_inputs import task_reads
-
-    if reads is None:
-        try:
-            reads = task_reads(task)
-        except MetaGPTError:  # an input the pre-pass cannot read: it says so when it runs
-            return tuple(task.model_order)
+def task_models(task, reads) -> Tuple[Hashable, ...]:
+    """The task's models (in its order) whose tensors its input task gathers (``reads``:
+    its ``plan_inputs.task_reads``): what the merge receives. mergekit 0.1.5 plans the
+    post-weights of a ``slices:`` recipe (final norm, ``lm_head``) with the last slice's
+    models but as many inputs as the first slice has sources, so where the last slice
+    has more, the rest are named but never read."""
     return tuple(m for m in task.model_order if m in reads)
 
 

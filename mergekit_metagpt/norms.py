@@ -55,13 +55,9 @@ def squared_delta(
     return squared_deltas([tensor], base, scratch)[0]
 
 
-def squared_deltas(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch, check_base: bool = False
-) -> List[torch.Tensor]:
-    """‖x − base‖² for each x of base's shape (see `task_vector_sums`); with
-    `check_base`, the sum of the base's elements comes last."""
-    norms, _, base_sum = task_vector_sums(tensors, base, scratch, check_base=check_base)
-    return norms + ([base_sum] if check_base else [])
+def squared_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch) -> List[torch.Tensor]:
+    """‖x − base‖² for each x of base's shape (see `task_vector_sums`)."""
+    return task_vector_sums(tensors, base, scratch)[0]
 
 
 #: Elements per block of the Gram products: float32 sums over 1024 elements, then

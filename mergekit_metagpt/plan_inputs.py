@@ -49,17 +49,25 @@ class TensorRead:
 
         return LoaderCache().get(model)
 
+    def checkpoint_name(self) -> Optional[str]:
+        """The name mergekit reads from the checkpoint (aliases and tied names resolved as
+        its ``LoadTensor`` resolves them), or None where the checkpoint holds none of them
+        (an optional tensor, or one mergekit converts from others)."""
+        resolve = getattr(self.leaf, "_resolve_name", None)
+        if callable(resolve):
+            return resolve(self.loader)
+        name = getattr(self.leaf, "tensor_name", None) or getattr(self.leaf, "tensor", None)
+        return name if name in self.loader.index.tensor_paths else None
+
     @property
     def name(self) -> str:
-        """The checkpoint's tensor name, as resolved by mergekit where it can say."""
-        label = None
-        group_label = getattr(self.leaf, "group_label", None)
-        if callable(group_label):
-            try:
-                label = group_label()
-            except Exception:
-                label = None
-        return label or getattr(self.leaf, "tensor", None) or getattr(self.leaf, "tensor_name", "?")
+        """The tensor's name for messages and ordering: the checkpoint's where mergekit
+        can say, else the name planned."""
+        try:
+            resolved = self.checkpoint_name()
+        except Exception:  # no loader for the model here: the merge reports it
+            resolved = None
+        return resolved or getattr(self.leaf, "tensor", None) or getattr(self.leaf, "tensor_name", "?")
 
     def order(self) -> tuple:
         """Sort key: shard file, then name (each shard is visited once per model)."""

@@ -45,7 +45,7 @@ from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
 from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import (
-    InputDigest, TensorRead, VocabularyAdapter, input_digest, task_reads, vocabulary_adapter,
+    InputDigest, TensorRead, VocabularyAdapter, input_digest, vocabulary_adapter,
 )
 from mergekit_metagpt.scratch import thread_scratch
 from mergekit_metagpt.set_norms import MISSING, RunNorms, SetNorms
@@ -95,20 +95,20 @@ def _check_shape(read: TensorRead, base_read: TensorRead, axis, tensor, base_ten
 
 @dataclass
 class _Planned:
-    """One planned task as the pre-pass sees it: its reads, and per model the key of
-    what is read (None where the task reads no base or no such model)."""
+    """One planned task as the pre-pass sees it: its reads, and for each model besides
+    the base the key of what is read."""
 
     task: object
     reads: Dict[Hashable, TensorRead]
     sparsifier: Optional[Sparsifier]
-    keys: Dict[Hashable, Optional[str]]
+    keys: Dict[Hashable, str]
     adapter: Optional[VocabularyAdapter] = None  # the plan's vocabulary alignment, if any
     adapter_values: Dict[str, object] = field(default_factory=dict)  # its other inputs' values
     pair_keys: Dict[Tuple[Hashable, Hashable], str] = field(default_factory=dict)  # dense tasks only
 
     @property
-    def base_read(self) -> Optional[TensorRead]:
-        return self.reads.get(self.task.base_model)
+    def base_read(self) -> TensorRead:  # a MergeRun holds no task that reads no base
+        return self.reads[self.task.base_model]
 
 
 class _AdapterInputs:
@@ -132,8 +132,8 @@ class _AdapterInputs:
 def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) -> _Planned:
     axis = task.output_weight.vocabulary_axis
     adapter = vocabulary_adapter(task)
-    base = reads.get(task.base_model)
-    keys: Dict[Hashable, Optional[str]] = {}
+    base = reads[task.base_model]  # a MergeRun holds no task that reads no base
+    keys: Dict[Hashable, str] = {}
     group, values, own = "", {}, {}
     if adapter is not None:  # what is read depends on the adapter, its inputs and every model of the task
         digests = {}
@@ -150,14 +150,12 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
     models = [m for m in task_models(task, reads) if m != task.base_model]
     for model in models:
         read = reads[model]
-        keys[model] = (None if base is None
-                       else f"{base.key}|{read.key}|{axis}{group}{own.get(task.base_model, '')}{own.get(model, '')}")
+        keys[model] = f"{base.key}|{read.key}|{axis}{group}{own.get(task.base_model, '')}{own.get(model, '')}"
     sparsifier = _sparsifier(task, method, models)
     pair_keys = {}
     if sparsifier is None:  # inner products of the dense task vectors, for each pair of models
         # each pair in one order whatever the recipe's (the cache's entry is per ordered triple)
-        counted = sorted((m for m, key in keys.items() if key is not None),
-                         key=lambda m: (checkpoint_of(m), keys[m], str(m)))
+        counted = sorted(keys, key=lambda m: (checkpoint_of(m), keys[m], str(m)))
         for i, a in enumerate(counted):
             for b in counted[i + 1:]:
                 pair_keys[(a, b)] = f"{keys[a]}#{keys[b]}"
@@ -237,14 +235,14 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     adapter_inputs = _AdapterInputs(checkpoint_of)
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
-            reads = task_reads(task)
+            reads = run.reads_of(task)
             if caching:
                 for model, read in reads.items():
                     if model not in ckpt_keys:
                         ckpt_keys[model] = checkpoint_key(read.loader.index)
             planned.append(_plan(task, reads, method, checkpoint_of, adapter_inputs))
 
-    aligned = sorted({(item.adapter.name, item.base_read.name) for item in planned if item.adapter and item.base_read})
+    aligned = sorted({(item.adapter.name, item.base_read.name) for item in planned if item.adapter})
     if aligned:
         LOG.info(
             "MetaGPT: norms of %s over mergekit's token-aligned tensors (%s), as the merge reads them",
@@ -262,8 +260,6 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
             pair = (task.base_model, model)
             if pair not in known:
                 known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model))
-            if key is None:
-                continue
             wanted.add(pair)
             if item.sparsifier is not None or key not in known[pair]:
                 need.add(model)
@@ -316,14 +312,10 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
                     else known_products.get(triple, {}).get(pair_key, MISSING)
                 )
             for model in merge_set.models:
-                key = item.keys.get(model)
-                if key is None:
-                    per_task[model].append(None)
-                    continue
                 if item.sparsifier is not None:
                     per_task[model].append(found.sparse.get((id(task), model)))
                 else:
-                    per_task[model].append(known[(task.base_model, model)].get(key))
+                    per_task[model].append(known[(task.base_model, model)].get(item.keys[model]))
         sets.append(SetNorms(merge_set, per_task, sparse=sparse, per_pair=per_pair))
     return RunNorms(sets)
 

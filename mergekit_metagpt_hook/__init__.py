@@ -71,10 +71,6 @@ class _AfterImport:
         return spec
 
 
-# Kept for code that looks the finder up by its old name.
-_RegisterAfterImport = _AfterImport
-
-
 def _loaded(name):
     try:
         from mergekit_metagpt.registration import on_module_loaded

@@ -20,11 +20,17 @@ def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_pa
     paths, sds = llama_family
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # no memo: a second pre-pass would read again
     prepass.clear_memo()
+    from mergekit_metagpt import plan_inputs
+
+    resolved = []  # each planned task's reads are resolved once, for the plan's checks and the pre-pass
+    real_task_reads = plan_inputs.task_reads
+    monkeypatch.setattr(plan_inputs, "task_reads", lambda task: resolved.append(task) or real_task_reads(task))
     runs, read = prepass.STATS.runs, prepass.STATS.tensors_read
     run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)
     assert prepass.STATS.runs == runs + 1
     # every tensor of the base and of each of the three models read once
     assert prepass.STATS.tensors_read - read == 4 * len(sds["base"])
+    assert len(resolved) == len(sds["base"]) and len({id(task) for task in resolved}) == len(resolved)
 
 
 def test_rewritten_checkpoints_get_fresh_norms(tmp_path, merge_options):
