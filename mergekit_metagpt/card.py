@@ -9,7 +9,9 @@ from typing import List
 
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.coefficients import formula
-from mergekit_metagpt.record import passed_through_text, per_tensor_count, per_tensor_of, record_payload
+from mergekit_metagpt.record import (
+    model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload,
+)
 
 LOG = logging.getLogger("mergekit_metagpt")
 CARD_MARK = "## MetaGPT coefficients"
@@ -40,11 +42,7 @@ def card_section(run) -> str:
         else:
             lines += ["| model | ‖δ‖² | λ |", "|---|---|---|"]
         for row in entry["models"]:
-            cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
-            if per_tensor:
-                spread = row["lambda_per_tensor"]
-                cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append("| " + " | ".join(model_row(row, bool(per_tensor))) + " |")
         lines += _card_cosines(entry, run.out_path)
     if payload["passed_through"]:
         lines += ["", passed_through_text(payload["passed_through"]) + "."]

@@ -104,20 +104,13 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
 def _table(entry) -> str:
     """One model set's plain-text table, from its record entry (the JSON's numbers)."""
     from mergekit_metagpt.coefficients import text_table
-    from mergekit_metagpt.record import per_tensor_count, per_tensor_of
+    from mergekit_metagpt.record import model_row, per_tensor_count, per_tensor_of
 
     per_tensor = per_tensor_count(entry)
     header = ["model", "||delta||^2", "lambda"]
     if per_tensor:
         header.append(f"lambda per tensor{per_tensor_of(entry)}: min / median / max")
-    rows = []
-    for row in entry["models"]:
-        cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
-        if per_tensor:
-            spread = row["lambda_per_tensor"]
-            cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
-        rows.append(cells)
-    return text_table(header, rows)
+    return text_table(header, [model_row(row, bool(per_tensor)) for row in entry["models"]])
 
 
 def coefficients_text(payload) -> str:

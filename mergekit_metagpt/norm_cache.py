@@ -166,9 +166,25 @@ def _values(mapping, nonnegative: bool) -> Optional[Dict[str, Optional[float]]]:
     return out
 
 
-def _corrupt(path: str, quiet: bool) -> None:
-    if not quiet:
-        LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+def _load_entry(path: str, field: str, nonnegative: bool, identity: dict, quiet: bool):
+    """The entry's `field` values, or None on a miss: absent, or (with a warning unless
+    `quiet`) corrupt, of another format or another identity (`identity`: its fields)."""
+    data = _read(path, quiet)
+    if data is None:
+        return None
+    values = _values(data.get(field), nonnegative) if isinstance(data, dict) else None
+    if values is None or any(data.get(name) != value for name, value in identity.items()):
+        if not quiet:
+            LOG.warning("MetaGPT: ignoring corrupt norm cache entry %s; recomputing", path)
+        return None
+    return values
+
+
+def _write_entry(path: str, payload: dict) -> None:
+    try:
+        write_json(path, payload, fsync=True)
+    except OSError as error:
+        _write_failed(path, error)
 
 
 def load(base_fingerprint: str, model_fingerprint: str, quiet: bool = False) -> Optional[Dict[str, Optional[float]]]:
@@ -176,20 +192,8 @@ def load(base_fingerprint: str, model_fingerprint: str, quiet: bool = False) -> 
     ``quiet``: no warning (a re-read before a write)."""
     if not enabled():
         return None
-    path = entry_path(base_fingerprint, model_fingerprint)
-    data = _read(path, quiet)
-    if data is None:
-        return None
-    norms = _values(data.get("norms"), nonnegative=True) if isinstance(data, dict) else None
-    if (
-        norms is None
-        or data.get("format") != FORMAT
-        or data.get("base") != base_fingerprint
-        or data.get("model") != model_fingerprint
-    ):
-        _corrupt(path, quiet)
-        return None
-    return norms
+    return _load_entry(entry_path(base_fingerprint, model_fingerprint), "norms", True,
+                       {"format": FORMAT, "base": base_fingerprint, "model": model_fingerprint}, quiet)
 
 
 def store(
@@ -201,19 +205,14 @@ def store(
     """Write the entry (callers pass everything known for the pair, old and new)."""
     if not enabled():
         return
-    path = entry_path(base_fingerprint, model_fingerprint)
-    payload = {
+    _write_entry(entry_path(base_fingerprint, model_fingerprint), {
         "format": FORMAT,
         "base": base_fingerprint,
         "model": model_fingerprint,
         "base_model": str(labels[0]),
         "model_name": str(labels[1]),
         "norms": norms,
-    }
-    try:
-        write_json(path, payload, fsync=True)
-    except OSError as error:
-        _write_failed(path, error)
+    })
 
 
 _WARNED_FOLDERS = set()
@@ -255,19 +254,9 @@ def load_products(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str,
     """{pair read key: ⟨δ_a, δ_b⟩ or None}, or None on a miss (absent, corrupt, other format)."""
     if not enabled():
         return None
-    path = products_path(base_fingerprint, a_fingerprint, b_fingerprint)
-    data = _read(path, quiet)
-    if data is None:
-        return None
-    products = _values(data.get("products"), nonnegative=False) if isinstance(data, dict) else None
-    if (
-        products is None
-        or data.get("format") != PRODUCTS_FORMAT
-        or data.get("checkpoints") != [base_fingerprint, a_fingerprint, b_fingerprint]
-    ):
-        _corrupt(path, quiet)
-        return None
-    return products
+    checkpoints = [base_fingerprint, a_fingerprint, b_fingerprint]
+    return _load_entry(products_path(*checkpoints), "products", False,
+                       {"format": PRODUCTS_FORMAT, "checkpoints": checkpoints}, quiet)
 
 
 def store_products(
@@ -277,14 +266,9 @@ def store_products(
     """Write the entry (callers pass everything known for the triple, old and new)."""
     if not enabled():
         return
-    path = products_path(base_fingerprint, a_fingerprint, b_fingerprint)
-    payload = {
+    _write_entry(products_path(base_fingerprint, a_fingerprint, b_fingerprint), {
         "format": PRODUCTS_FORMAT,
         "checkpoints": [base_fingerprint, a_fingerprint, b_fingerprint],
         "models": [str(label) for label in labels],
         "products": products,
-    }
-    try:
-        write_json(path, payload, fsync=True)
-    except OSError as error:
-        _write_failed(path, error)
+    })

@@ -123,6 +123,16 @@ def per_tensor_of(entry) -> str:
     return f" ({count} of {entry['tensors']} tensors)" if 0 < count < entry["tensors"] else ""
 
 
+def model_row(row, per_tensor: bool) -> List[str]:
+    """One model's cells in the λ tables (``coefficients`` and the model card): name,
+    ‖δ‖², λ and, with `per_tensor`, the spread of its λ per tensor."""
+    cells = [row["model"], f"{row['squared_norm']:.6e}", f"{row['lambda']:.6f}"]
+    if per_tensor:
+        spread = row["lambda_per_tensor"]
+        cells.append(f"{spread['min']:.6f} / {spread['median']:.6f} / {spread['max']:.6f}")
+    return cells
+
+
 def passed_through_entries(result) -> List[Dict[str, Any]]:
     """Per set of the base alone (a slice with only the base): how many tensors it gives."""
     return [{"base_model": str(s.merge_set.base), "tensors": len(s.merge_set.tasks)}
