@@ -83,22 +83,36 @@ def _check_models_load(config, options) -> None:
 
 
 def open_loaders(config, options) -> None:
-    """mergekit's loader of each model of the recipe, opened as mergekit's ``run_merge``
-    opens them before planning (a LoRA is merged into ``--lora-merge-cache``, a single
-    ``.bin`` file unpickled to list its tensors); a failure is one line naming the model
-    (mergekit's names none, and a damaged pickle ends ``mergekit-yaml`` with a bare
-    "Aborted!")."""
+    """mergekit's loader of each model of the recipe, opened afresh (``_forget_loader``) as
+    mergekit's ``run_merge`` opens them before planning (a LoRA is merged into
+    ``--lora-merge-cache``, a single ``.bin`` file unpickled to list its tensors); a
+    failure is one line naming the model (mergekit's names none, and a damaged pickle
+    ends ``mergekit-yaml`` with a bare "Aborted!")."""
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()
     cache.setup(options=options)
     for model in models_in_order(config):
+        _forget_loader(cache, model)
         try:
             cache.get(model)
         except Exception as error:
             raise MetaGPTError(
                 f"cannot load model {model}: {one_line(error)}{_cached_snapshot_hint(model, options)}"
             ) from None
+
+
+def _forget_loader(cache, model) -> None:
+    """Drop mergekit's loader of `model`, if an earlier merge of this process left one.
+    mergekit 0.1.5 keeps one loader per model for the whole process (``LoaderCache``),
+    holding the index of its files and its last shard open: a checkpoint rewritten since
+    would be read partly as it was (every method; a MetaGPT merge would also cache those
+    norms under the new files' key), and a changed sharding fails on files that are gone."""
+    loaders = getattr(cache, "loaders", None)
+    loader = loaders.pop(model, None) if isinstance(loaders, dict) else None
+    flush = getattr(loader, "flush", None)
+    if callable(flush):
+        flush()
 
 
 def _cached_snapshot_hint(model, options) -> str:

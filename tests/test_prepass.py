@@ -1,7 +1,9 @@
 """The streaming pre-pass: once per merge, never stale, thread-safe, shape checks."""
 
+import json
 import logging
 import re
+import shutil
 import threading
 
 import pytest
@@ -33,27 +35,34 @@ def test_prepass_runs_exactly_once_per_merge(llama_family, merge_options, tmp_pa
     assert len(resolved) == len(sds["base"]) and len({id(task) for task in resolved}) == len(resolved)
 
 
-def test_rewritten_checkpoints_get_fresh_norms(tmp_path, merge_options):
+@pytest.mark.parametrize("first_shards, second_shards", [(None, None), (None, "24KB"), ("24KB", None)],
+                         ids=["same-file", "then-sharded", "then-one-file"])
+def test_checkpoints_rewritten_between_merges_in_one_process_are_read_as_they_are(
+        first_shards, second_shards, tmp_path, merge_options):
+    """mergekit 0.1.5 keeps one loader per model for the whole process (LoaderCache), with
+    the index of its files and its last shard open: a pipeline that rewrites a checkpoint
+    between two run_merge calls got λ and weights partly of the old files (the old
+    handle's tensors), and those norms were cached under the new files' key; with the
+    sharding changed, an error blaming a missing file. A MetaGPT merge opens its models
+    afresh."""
     base = random_state_dict(1)
-    paths = {"base": save_checkpoint(str(tmp_path / "base"), base)}
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base, shard_size=None)}
     first = {f"m{i}": perturbed(base, s, i) for i, s in enumerate((0.01, 0.1))}
     for name, sd in first.items():
-        paths[name] = save_checkpoint(str(tmp_path / name), sd)
+        paths[name] = save_checkpoint(str(tmp_path / name), sd, shard_size=first_shards)
     run_recipe(recipe(paths, ["m0", "m1"]), str(tmp_path / "out1"), merge_options)
 
-    # mergekit 0.1.5 keeps each loader's last shard open across run_merge calls
-    # (LoaderCache is process-wide), so it would itself read stale weights for the
-    # tensors in that shard; flushing is what a pipeline must do between merges.
-    from mergekit.io.tasks import LoaderCache
-
-    LoaderCache().flush_all()
     # same paths (same ModelReferences), other weights: the scales swap
     second = {f"m{i}": perturbed(base, s, 10 + i) for i, s in enumerate((0.1, 0.01))}
     for name, sd in second.items():
-        save_checkpoint(str(tmp_path / name), sd)
+        if first_shards and not second_shards:  # transformers would leave the old index behind
+            shutil.rmtree(tmp_path / name)
+        save_checkpoint(str(tmp_path / name), sd, shard_size=second_shards)
     merged = run_recipe(recipe(paths, ["m0", "m1"]), str(tmp_path / "out2"), merge_options)
     lams, reference = closed_form(base, [second["m0"], second["m1"]])
     assert lams[0] > 0.9
+    record = json.loads((tmp_path / "out2" / "metagpt_coefficients.json").read_text())
+    assert [row["lambda"] for row in record["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
     for name, ref in reference.items():
         assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
 
