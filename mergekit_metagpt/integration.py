@@ -187,6 +187,12 @@ def _attach_merge(module) -> None:
         token = RUN_CONTEXT.set(context)
         try:
             result = original(*args, **kwargs)
+        except BaseException:
+            # the record is written before the weights: a merge that failed or was
+            # interrupted after its pre-pass leaves no record beside weights it did not write
+            if any(run.result is not None for run in context.runs):
+                remove_stale_record(context.out_path, "the unfinished merge's")
+            raise
         finally:
             RUN_CONTEXT.reset(token)
         if not any(run.result is not None for run in context.runs):  # no record of this run's

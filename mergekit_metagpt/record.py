@@ -154,12 +154,12 @@ def passed_through_text(entries, ascii: bool = False) -> str:
             + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 
-def remove_stale_record(out_path) -> None:
+def remove_stale_record(out_path, whose: str = "the earlier run's") -> None:
     """Before a merge into `out_path`: remove an earlier run's record, so that the folder
-    never holds λ that the model in it was not merged with (the merge writes its own).
-    Called by the ``run_merge`` wrapper and, for merges planned without it
-    (``mergekit-pytorch``), when the plan's task universe is made
-    (``merge_plan.register_universe``)."""
+    never holds λ that the model in it was not merged with (the merge writes its own);
+    after a merge that failed or was interrupted, its own. Called by the ``run_merge``
+    wrapper and, for merges planned without it (``mergekit-pytorch``), when the plan's
+    task universe is made (``merge_plan.register_universe``)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)
@@ -170,7 +170,7 @@ def remove_stale_record(out_path) -> None:
     except OSError as error:
         LOG.warning("MetaGPT: could not remove the earlier record %s: %s", path, error)
         return
-    LOG.info("MetaGPT: removed the earlier run's %s", path)
+    LOG.info("MetaGPT: removed %s %s", whose, path)
 
 
 def write_record(run) -> Optional[str]:

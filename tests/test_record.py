@@ -112,6 +112,33 @@ def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_fam
     assert safetensors_in(out)
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, llama_family, merge_options, tmp_path,
+                                                            monkeypatch):
+    """Ctrl-C (or a full disk) mid-merge, after the pre-pass wrote the new run's record:
+    the folder still holds the earlier run's finished model, which the new λ do not
+    describe; the record goes."""
+    from mergekit.io.tasks import SaveTensor
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    written = []
+
+    def write_some(self, *args, **kwargs):
+        written.append(self)
+        if len(written) > 3:
+            raise stop("stopped mid-merge")
+        return real_write(self, *args, **kwargs)
+
+    real_write = SaveTensor.execute
+    monkeypatch.setattr(SaveTensor, "execute", write_some)
+    with pytest.raises(stop, match="stopped mid-merge"):
+        run_recipe(recipe(paths, ["model0", "model1"]), out, merge_options)
+    assert len(written) == 4  # the record was written before these tensors (the pre-pass ends first)
+    assert not os.path.exists(os.path.join(out, RECORD))
+
+
 # -- entry points that do not go through run_merge ------------------------------------
 def _bin(name):
     import sys
