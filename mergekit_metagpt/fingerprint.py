@@ -6,7 +6,8 @@ For each shard file, in shard order:
   a snapshot symlink) is named by the hash of its content: the key is that name,
   exact, and the same wherever the cache is copied;
 - any other file: its name, size, ``st_mtime_ns``, ``st_ctime_ns``, inode and device,
-  its safetensors header, and its last 64 KiB (a file of 128 KiB or less: all of it). Rewriting a file in place changes its
+  its safetensors header (for other formats, e.g. ``.bin``, its first 64 KiB), and its
+  last 64 KiB (a file of 128 KiB or less: all of it). Rewriting a file in place changes its
   ctime, which no user tool can set back (``touch``/``os.utime`` restore mtime only);
   a copy has another inode. Both miss, and the norms are computed again;
 

@@ -51,8 +51,12 @@ def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
 
 
 #: How long a write waits for another process's write (milliseconds each, normally); after
-#: that (a process stopped while writing) it writes without the lock, as if there were none.
+#: that (a process stopped while writing) it writes without the lock, as if there were none,
+#: and so do the process's next writes to that folder for LOCK_GIVE_UP_S without waiting (a
+#: merge writes T + T(T−1)/2 entries: 10 s each would add minutes).
 LOCK_WAIT_S = 10.0
+LOCK_GIVE_UP_S = 120.0
+_GAVE_UP: Dict[str, float] = {}  # cache folder -> until when its writes do not wait
 
 
 @contextlib.contextmanager
@@ -87,15 +91,21 @@ def _flock():
             handle = os.open(os.path.join(cache_dir(), ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
             with _HELD_LOCK:
                 _HELD.add(handle)
-            deadline = time.monotonic() + LOCK_WAIT_S
+            folder = cache_dir()
+            gave_up = _GAVE_UP.get(folder, 0.0) > time.monotonic()
+            deadline = time.monotonic() + (0.0 if gave_up else LOCK_WAIT_S)
             while True:
                 try:
                     fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    _GAVE_UP.pop(folder, None)
                     break
                 except BlockingIOError:
                     if time.monotonic() >= deadline:
-                        LOG.warning("MetaGPT: the norm cache at %s stayed locked for %.0f s; writing without the lock",
-                                    cache_dir(), LOCK_WAIT_S)
+                        if not gave_up:
+                            LOG.warning("MetaGPT: the norm cache at %s stayed locked for %.0f s; writing without "
+                                        "the lock (and without waiting for it for the next %.0f s)",
+                                        folder, LOCK_WAIT_S, LOCK_GIVE_UP_S)
+                        _GAVE_UP[folder] = time.monotonic() + LOCK_GIVE_UP_S
                         break
                     time.sleep(0.01)
         except OSError:  # unwritable folder, no locks here: the write itself warns if it fails
@@ -132,15 +142,21 @@ if hasattr(os, "register_at_fork"):
 
 
 def _read(path: str, quiet: bool = False):
-    """The entry's JSON, or None if absent or unreadable (with a warning)."""
+    """The entry's JSON, or None if absent or unreadable (with a warning: for an entry
+    that is not JSON, each time; for one the system cannot read, e.g. a cache folder that
+    is not a folder, once per folder and kind of error)."""
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as error:
+    except ValueError as error:
         if not quiet:
             LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
+        return None
+    except OSError as error:
+        if not quiet:
+            _warn_once(path, error, "MetaGPT: could not read the norm cache in %s (%s); computing the norms")
         return None
 
 
@@ -220,19 +236,24 @@ _WARNED_LOCK = threading.Lock()
 
 
 def _write_failed(path: str, error: OSError) -> None:
-    """One warning per cache folder, kind of error and process (a read-only home would
-    otherwise warn for every entry of every merge); the repeats are logged at debug level."""
+    _warn_once(path, error, "MetaGPT: could not write the norm cache in %s (%s); continuing without it "
+               "(set MERGEKIT_METAGPT_CACHE_DIR to a writable folder, or MERGEKIT_METAGPT_CACHE=0 "
+               "to turn the cache off)")
+
+
+def _warn_once(path: str, error: OSError, message: str) -> None:
+    """One warning per cache folder, message, kind of error and process (a read-only home
+    would otherwise warn for every entry of every merge); the repeats are logged at debug
+    level. `message` takes the folder and the error."""
     folder = os.path.dirname(path)
-    kind = (folder, type(error).__name__, getattr(error, "errno", None))  # e.g. no space, after no permission
+    kind = (folder, message, type(error).__name__, getattr(error, "errno", None))  # e.g. no space, after no permission
     with _WARNED_LOCK:
         first = kind not in _WARNED_FOLDERS
         _WARNED_FOLDERS.add(kind)
     if first:
-        LOG.warning("MetaGPT: could not write the norm cache in %s (%s); continuing without it "
-                    "(set MERGEKIT_METAGPT_CACHE_DIR to a writable folder, or MERGEKIT_METAGPT_CACHE=0 "
-                    "to turn the cache off)", folder, error)
+        LOG.warning(message, folder, error)
     else:
-        LOG.debug("MetaGPT: could not write the norm cache entry %s (%s)", path, error)
+        LOG.debug("MetaGPT: norm cache entry %s: %s", path, error)
 
 
 # -- inner products of pairs of task vectors (issue: see before you merge) -----------

@@ -155,11 +155,12 @@ def passed_through_text(entries, ascii: bool = False) -> str:
 
 
 def remove_stale_record(out_path, whose: str = "the earlier run's") -> None:
-    """Before a merge into `out_path`: remove an earlier run's record, so that the folder
-    never holds λ that the model in it was not merged with (the merge writes its own);
-    after a merge that failed or was interrupted, its own. Called by the ``run_merge``
-    wrapper and, for merges planned without it (``mergekit-pytorch``), when the plan's
-    task universe is made (``merge_plan.register_universe``)."""
+    """Remove the record in `out_path`, so that the folder never holds λ that the model in
+    it was not merged with: an earlier run's, before a merge of another method (or, for a
+    MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or was
+    interrupted once written. Called by the ``run_merge`` wrapper and, for merges planned
+    without it (``mergekit-pytorch``), when the plan's task universe is made
+    (``merge_plan.register_universe``)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)
