@@ -13,15 +13,24 @@ SCALES = (0.01, 0.03, 0.1)
 
 @pytest.fixture(autouse=True)
 def _isolated_environment(monkeypatch, tmp_path):
-    """No progress bars, a norm cache of the test's own (never the user's), and an
-    empty in-process memo before and after: no test leans on norms another computed."""
+    """No progress bars, a norm cache of the test's own (never the user's), an empty
+    in-process memo before and after, and none of mergekit's loaders (it keeps one per
+    model for the whole process): no test leans on what another read or computed."""
+    from mergekit.io.tasks import LoaderCache
+
     from mergekit_metagpt import prepass
+
+    def forget_loaders():
+        LoaderCache().flush_all()
+        LoaderCache.loaders.clear()
 
     monkeypatch.setenv("MERGEKIT_METAGPT_PROGRESS", "0")
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "norm-cache"))
     prepass.clear_memo()
+    forget_loaders()
     yield
     prepass.clear_memo()
+    forget_loaders()
 
 
 def _family(root, dtype, scales=SCALES, seed=0):

@@ -338,16 +338,21 @@ def test_two_concurrent_merges_each_write_their_own_record(llama_family, merge_o
 def test_per_tensor_record_gives_each_models_lambda_spread(llama_family, merge_options, tmp_path):
     paths, sds = llama_family
     out = str(tmp_path / "out")
-    run_recipe(recipe(paths, MODELS, parameters={"granularity": "per_tensor"}), out, merge_options)
+    merged = run_recipe(recipe(paths, MODELS, parameters={"granularity": "per_tensor"}), out, merge_options)
     (merge,) = read_record(out)["merges"]
     assert merge["granularity"] == "per_tensor"
     names = list(sds["base"])
     # independent closed form: per tensor, λ_t = ‖δ_t‖² / Σ_k ‖δ_k‖² of that tensor alone
     per_tensor = {m: [] for m in MODELS}
+    base = sds["base"]
     for name in names:
         norms = squared_norms(sds, MODELS, [name])
+        expected = base[name].double().clone()
         for model, lam in zip(MODELS, lambdas_of(norms)):
             per_tensor[model].append(lam)
+            expected += lam * (sds[model][name].double() - base[name].double())
+        # the weights too: each tensor merged with its own λ
+        assert (merged[name].double() - expected).abs().max().item() < 1e-6, name
     assert merge["tensors"] == len(names)
     card = read_card(out)
     assert "λ per tensor: min / median / max" in card

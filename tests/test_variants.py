@@ -22,7 +22,10 @@ def stock_recipe(paths, method, lams, density, **params):
 @pytest.mark.parametrize("ours, stock, extra", [
     ("metagpt_ties", "ties", {}),
     ("metagpt_dare", "dare_linear", {}),
-])
+    ("metagpt_ties", "ties", {"lambda": 0.6}),
+    ("metagpt_dare", "dare_linear", {"lambda": 0.6}),
+    ("metagpt_dare", "dare_linear", {"rescale": False}),
+], ids=["ties", "dare", "ties-lambda", "dare-lambda", "dare-no-rescale"])
 def test_variant_equals_stock_method_with_lambda_weights(ours, stock, extra, llama_family, tmp_path):
     from mergekit.options import MergeOptions
 
