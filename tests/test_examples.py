@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 import mergekit_metagpt  # noqa: F401
-from checkpoints import load_checkpoint
+from checkpoints import closed_form, load_checkpoint
 from mergekit.config import MergeConfiguration
 from mergekit_metagpt.cli import main
 
@@ -60,6 +60,11 @@ def test_tiny_example_runs_on_demo_models(name, tmp_path, monkeypatch, merge_opt
     assert record["merge_method"] == recipe["merge_method"]
     assert [m["model"] for m in entry["models"]] == [m["model"] for m in recipe["models"]]
     assert abs(sum(m["lambda"] for m in entry["models"]) - 1.0) < 1e-9
+    # λ of the dense task vectors, tempered by the recipe's alpha, in float64 from the files
+    base = load_checkpoint("./tiny-models/base")
+    lams, _ = closed_form(base, [load_checkpoint(m["model"]) for m in recipe["models"]],
+                          alpha=(recipe.get("parameters") or {}).get("alpha", 1.0))
+    assert [m["lambda"] for m in entry["models"]] == pytest.approx(lams, abs=1e-7)
     # the CLI reads the same example the same way
     capsys.readouterr()
     assert main(["coefficients", path, "--json"]) == 0

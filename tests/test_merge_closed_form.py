@@ -1,5 +1,6 @@
 """Graph merges (run_merge / mergekit-yaml) against an independent closed form."""
 
+import json
 import logging
 import os
 
@@ -79,6 +80,11 @@ def test_model_identical_to_base_gets_lambda_zero(llama_family, merge_options, t
     lams, reference = closed_form(sds["base"], [sds["base"], sds["model0"], sds["model2"]])
     assert lams[0] == 0.0
     assert_matches(merged, reference, atol=1e-5)
+    # the record says so too (the weights cannot: the twin's task vector is zero)
+    with open(tmp_path / "out" / "metagpt_coefficients.json") as f:
+        rows = json.load(f)["merges"][0]["models"]
+    assert rows[0]["lambda"] == 0.0 and rows[0]["squared_norm"] == 0.0
+    assert [row["lambda"] for row in rows[1:]] == pytest.approx(lams[1:], abs=1e-7)
 
 
 def test_merged_model_loads_and_runs_in_transformers(llama_family, merge_options, tmp_path):
