@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from checkpoints import closed_form, save_checkpoint, shard_count
+from checkpoints import closed_form, random_state_dict, save_checkpoint, shard_count
 from merging import recipe, run_recipe
 
 MODELS = ("model0", "model1", "model2")
@@ -116,3 +116,24 @@ def test_pytorch_bin_checkpoints(lazy_unpickle, llama_family, merge_options, tmp
     merged = run_recipe(recipe(bin_paths, ["model0", "model2"]), str(tmp_path / "out"), merge_options)
     _, reference = closed_form(sds["base"], [sds["model0"], sds["model2"]])
     assert_matches(merged, reference, atol=1e-5)
+
+
+def test_norms_are_those_of_the_inputs_cast_to_the_recipe_dtype(merge_options, tmp_path):
+    """`dtype: bfloat16` over float32 checkpoints: mergekit casts each input before the merge,
+    and the norms are those of the cast tensors. Model a scales every weight by 1 + 2^-10,
+    which bfloat16 rounds away (its cast task vector is zero: λ_a = 0); model b sets one
+    norm weight, 0 in the base, to 0.003 (kept). From the float32 files λ_a would be large."""
+    base = {k: v.to(torch.bfloat16).float() for k, v in random_state_dict(3).items()}
+    name = "model.layers.0.input_layernorm.weight"
+    base[name] = torch.zeros_like(base[name])
+    a = {k: v * (1 + 2 ** -10) for k, v in base.items()}
+    b = dict(base, **{name: torch.full_like(base[name], 0.003)})
+    assert all(torch.equal(a[k].to(torch.bfloat16), base[k].to(torch.bfloat16)) for k in base)
+    float32_lams, _ = closed_form(base, [a, b])
+    assert float32_lams[0] > 0.3  # the float32 reading would differ
+    paths = {n: save_checkpoint(str(tmp_path / n), sd) for n, sd in (("base", base), ("a", a), ("b", b))}
+    merged = run_recipe(recipe(paths, ["a", "b"], dtype="bfloat16"), str(tmp_path / "out"), merge_options)
+    with open(tmp_path / "out" / "metagpt_coefficients.json") as f:
+        rows = json.load(f)["merges"][0]["models"]
+    assert [row["lambda"] for row in rows] == [0.0, 1.0]
+    assert torch.equal(merged[name], torch.full_like(merged[name], 0.003).to(merged[name].dtype))
