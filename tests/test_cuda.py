@@ -2,9 +2,12 @@
 skipped without a GPU; the checks of the CUDA-only code that a CPU can run (the pinned
 staging's allocations) run everywhere."""
 
+import json
+
 import pytest
 import torch
 
+from checkpoints import closed_form
 from merging import recipe, run_recipe
 from mergekit.io.tasks import LoaderCache
 from mergekit_metagpt import prepass
@@ -50,7 +53,7 @@ def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, multi_gpu, llama_fa
     # no norm cache, no memo: the GPU merge must run its own pre-pass, on the GPU
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
     prepass.clear_memo()
-    paths, _ = llama_family_bf16
+    paths, sds = llama_family_bf16
     config = recipe(paths, MODELS, dtype="bfloat16")
     runs = prepass.STATS.runs
     cpu = run_recipe(config, str(tmp_path / "cpu"), MergeOptions(copy_tokenizer=False, quiet=True))
@@ -68,8 +71,16 @@ def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, multi_gpu, llama_fa
         assert pinned == [], "pinned host buffers allocated although no tensor was staged"
     else:  # each slot pinned once, on the CPU
         assert 0 < len(pinned) <= staging.SLOTS and set(pinned) == {("cpu", True)}, pinned
-    for name in cpu:
-        assert torch.allclose(cpu[name].float(), gpu[name].float(), atol=1e-2, rtol=1e-2), name
+    # both against the float64 closed form: λ in the record, weights within one bf16 ulp
+    lams, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    for out, merged in (("cpu", cpu), ("gpu", gpu)):
+        with open(tmp_path / out / "metagpt_coefficients.json") as f:
+            rows = json.load(f)["merges"][0]["models"]
+        assert [row["lambda"] for row in rows] == pytest.approx(lams, abs=1e-6), out
+        for name, ref in reference.items():
+            expected = ref.to(torch.bfloat16).float()
+            ulp = expected.abs().clamp(min=1e-6) * 2 ** -7
+            assert bool(((merged[name].float() - expected).abs() <= ulp).all()), (out, name)
 
 
 def planned_norms(paths, device):
