@@ -177,10 +177,19 @@ def test_card_does_not_link_pictures_of_other_models(aligned_family, llama_famil
 
 
 def test_orthogonal_models_merge_without_warning(llama_family, tmp_path):
-    paths, _ = llama_family
+    paths, sds = llama_family
     result = run_mergekit_yaml(write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml")), str(tmp_path / "out"))
     assert result.returncode == 0, result.stderr
     assert "orthogonal" not in result.stderr
+    # computed, not skipped: the record's cosines are the float64 ones, and say orthogonal
+    _, cos, *_ = reference(sds)
+    with open(tmp_path / "out" / "metagpt_coefficients.json") as f:
+        similarity = json.load(f)["merges"][0]["cosine_similarity"]
+    for i, a in enumerate(MODELS):
+        for j, b in enumerate(MODELS[i + 1:], i + 1):
+            assert abs(similarity["matrix"][i][j] - cos[(a, b)]) < 1e-6, (a, b)
+            assert abs(cos[(a, b)]) < 0.05
+    assert similarity["verdict"].startswith("Close to orthogonal"), similarity["verdict"]
 
 
 def test_warm_merge_takes_cosines_from_the_cache_and_an_older_cache_is_a_miss(aligned_family, merge_options, tmp_path):
