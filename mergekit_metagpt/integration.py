@@ -190,12 +190,12 @@ def _attach_merge(module) -> None:
         except BaseException:
             # the record is written before the weights: a merge that failed or was
             # interrupted after its pre-pass leaves no record beside weights it did not write
-            if any(run.result is not None for run in context.runs):
+            if any(run.record_written for run in context.runs):
                 remove_stale_record(context.out_path, "the unfinished merge's")
             raise
         finally:
             RUN_CONTEXT.reset(token)
-        if not any(run.result is not None for run in context.runs):  # no record of this run's
+        if not any(run.record_written for run in context.runs):  # no record of this run's
             remove_stale_record(context.out_path)
         add_card_sections(context)
         return result

@@ -94,6 +94,7 @@ class MergeRun:
         self.lock = threading.Lock()
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
+        self.record_written = False  # whether its record is in the output folder
 
     @property
     def options(self):

@@ -8,6 +8,9 @@ resolves and validates every parameter. The MetaGPT tasks of the plan make the
 
 from __future__ import annotations
 
+import os
+import weakref
+
 from mergekit_metagpt.errors import MetaGPTError, one_line
 
 
@@ -53,8 +56,6 @@ def _check_lora_merge_dtype(options) -> None:
 
 def _check_models_load(config, options) -> None:
     """Each referenced model's config loads, or one line naming that model."""
-    import os
-
     def looks_local(path: str) -> bool:
         return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
@@ -83,44 +84,81 @@ def _check_models_load(config, options) -> None:
 
 
 def open_loaders(config, options) -> None:
-    """mergekit's loader of each model of the recipe, opened afresh (``_forget_loader``) as
-    mergekit's ``run_merge`` opens them before planning (a LoRA is merged into
-    ``--lora-merge-cache``, a single ``.bin`` file unpickled to list its tensors); a
-    failure is one line naming the model (mergekit's names none, and a damaged pickle
-    ends ``mergekit-yaml`` with a bare "Aborted!")."""
+    """mergekit's loader of each model of the recipe, opened as mergekit's ``run_merge``
+    opens them before planning (a LoRA is merged into ``--lora-merge-cache``, a single
+    ``.bin`` file unpickled to list its tensors), and reading the files as they are now
+    (``_current_loader``); a failure is one line naming the model (mergekit's names none,
+    and a damaged pickle ends ``mergekit-yaml`` with a bare "Aborted!")."""
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()
     cache.setup(options=options)
     for model in models_in_order(config):
-        _forget_loader(cache, model)
         try:
-            cache.get(model)
+            _current_loader(cache, model)
         except Exception as error:
             raise MetaGPTError(
                 f"cannot load model {model}: {one_line(error)}{_cached_snapshot_hint(model, options)}"
             ) from None
 
 
-def _forget_loader(cache, model) -> None:
-    """Drop mergekit's loader of `model`, if an earlier merge of this process left one.
+#: Each loader's checkpoint key (``fingerprint``) when the plugin opened or replaced it.
+_OPENED_AT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _current_loader(cache, model) -> None:
+    """Make mergekit's loader of `model` one that reads its files as they are now.
     mergekit 0.1.5 keeps one loader per model for the whole process (``LoaderCache``),
     holding the index of its files and its last shard open: a checkpoint rewritten since
-    would be read partly as it was (every method; a MetaGPT merge would also cache those
-    norms under the new files' key), and a changed sharding fails on files that are gone."""
+    an earlier merge would be read partly as it was (every method; a MetaGPT merge would
+    also cache those norms under the new files' key), and a changed sharding fails on
+    files that are gone. A loader the plugin did not open, or whose files changed since
+    it did, is replaced by a new one, in one assignment (a merge running meanwhile in
+    another thread always finds a loader, the old or the new); an unchanged one is kept
+    (for a hub model, mergekit asks the hub again for every new loader)."""
     loaders = getattr(cache, "loaders", None)
-    loader = loaders.pop(model, None) if isinstance(loaders, dict) else None
-    flush = getattr(loader, "flush", None)
-    if callable(flush):
-        flush()
+    existing = loaders.get(model) if isinstance(loaders, dict) else None
+    if existing is None:
+        loader = cache.get(model)
+    else:
+        try:
+            if _OPENED_AT.get(existing) == _files_key(existing):
+                return
+        except Exception:  # a file its index names is gone: replaced
+            pass
+        loader = _new_loader(cache, model)
+        if loader is None:  # a mergekit of another shape: its loader as it is
+            return
+        loaders[model] = loader
+    try:
+        _OPENED_AT[loader] = _files_key(loader)
+    except Exception:  # not keyed: replaced at the next merge
+        pass
+
+
+def _files_key(loader) -> tuple:
+    """The loader's files as they are (``fingerprint``), and the names in their folder (a
+    model sharded since, or written as one file, has other files beside the old ones)."""
+    from mergekit_metagpt.fingerprint import checkpoint_key
+
+    return checkpoint_key(loader.index), tuple(sorted(os.listdir(loader.index.base_path)))
+
+
+def _new_loader(cache, model):
+    """A new loader of `model` made as mergekit's ``LoaderCache.get`` makes one, with the
+    cache's settings, or None where mergekit's loader cache has another shape."""
+    settings = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code", "lora_merge_dtype")
+    if not all(hasattr(cache, name) for name in settings) or not hasattr(model, "merged"):
+        return None
+    merged = model.merged(cache_dir=cache.lora_cache_dir, trust_remote_code=cache.trust_remote_code,
+                          lora_merge_dtype=cache.lora_merge_dtype)
+    return merged.lazy_loader(cache_dir=cache.hf_cache_dir, lazy_unpickle=cache.lazy_unpickle)
 
 
 def _cached_snapshot_hint(model, options) -> str:
     """Where a hub model that did not load is in the hub cache: mergekit 0.1.5 asks the
     hub for its list of files (``list_repo_files``) even when it is cached, so with no
     network only the snapshot's folder loads."""
-    import os
-
     path, lora = model.model.path, getattr(model, "lora", None)
     if lora is not None or os.path.exists(os.path.expanduser(path)):
         return ""
@@ -150,8 +188,6 @@ def _check_card_can_name_models(config, options) -> None:
     model card step asks the hub whether it is one (``repo_exists``), after every weight
     is written, and with ``HF_HUB_OFFLINE=1`` that fails, ending the merge with an error
     and no card; refused before (``./fam/model`` is taken as a folder)."""
-    import os
-
     if not getattr(options, "write_model_card", False) or os.environ.get("HF_HUB_OFFLINE", "").lower() not in (
             "1", "on", "yes", "true"):
         return

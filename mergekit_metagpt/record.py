@@ -184,4 +184,5 @@ def write_record(run) -> Optional[str]:
     except OSError as error:
         LOG.warning("MetaGPT: could not write %s: %s", path, error)
         return None
+    run.record_written = True
     return path

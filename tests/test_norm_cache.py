@@ -362,7 +362,7 @@ def test_a_lock_held_too_long_only_delays_the_write(monkeypatch, caplog):
         waited = time.monotonic() - started
     assert [norm_cache.load("base-key", m) for m in ("m0", "m1", "m2")] == [{"ours": 1.0}] * 3
     assert sum("stayed locked" in r.getMessage() for r in caplog.records) == 1
-    assert 1.0 <= waited < 1.9  # one wait, not three
+    assert 1.0 <= waited < 2.5  # one wait, not three (3 s)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")

@@ -67,6 +67,56 @@ def test_checkpoints_rewritten_between_merges_in_one_process_are_read_as_they_ar
         assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
 
 
+def test_an_unchanged_checkpoint_keeps_its_loader_and_a_merge_meanwhile_always_finds_one(tmp_path):
+    """A MetaGPT merge replaces mergekit's loader of a model only when its files changed
+    (a new loader of a hub model asks the hub again), and in one assignment: another
+    merge of the process, in another thread and of any method, looking the loader up
+    meanwhile, always finds one (a pop, then a new loader, left a gap: KeyError)."""
+    import os
+    import time
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.planning import open_loaders
+
+    base = random_state_dict(1)
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base, shard_size=None),
+             "m0": save_checkpoint(str(tmp_path / "m0"), perturbed(base, 0.01, 0), shard_size=None)}
+    config = MergeConfiguration.model_validate(recipe(paths, ["m0"]))
+    options = MergeOptions(quiet=True)
+    model = next(m for m in config.referenced_models() if str(m) == paths["m0"])
+    open_loaders(config, options)
+    first = LoaderCache.loaders[model]
+    open_loaders(config, options)
+    assert LoaderCache.loaders[model] is first  # unchanged files: the same loader
+
+    failures, stop = [], threading.Event()
+
+    def other_merge():  # what mergekit's LoadTensor does for each tensor
+        while not stop.is_set():
+            try:
+                LoaderCache().get(model)
+            except Exception as error:  # noqa: BLE001
+                failures.append(error)
+
+    thread = threading.Thread(target=other_merge)
+    thread.start()
+    try:
+        shard = os.path.join(paths["m0"], "model.safetensors")
+        seen = {id(first)}
+        for step in range(40):  # each time "rewritten": another mtime, another loader
+            os.utime(shard, ns=(time.time_ns(), time.time_ns() + step * 10**9))
+            open_loaders(config, options)
+            seen.add(id(LoaderCache.loaders[model]))
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures, failures[:3]
+    assert len(seen) > 1  # replaced when the files changed
+
+
 def _planned(paths, models):
     """A recipe planned by mergekit's own planner and made one task universe (as the
     executor does), so that its MetaGPT tasks know their MergeRun."""

@@ -139,6 +139,28 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, llama_family, 
     assert not os.path.exists(os.path.join(out, RECORD))
 
 
+def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
+                                                                    monkeypatch, caplog):
+    """The merge goes on when its record cannot be written (a warning); the earlier run's
+    record, which does not describe the new weights, goes."""
+    import logging
+
+    from mergekit_metagpt import record
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+
+    def no_space(path, *args, **kwargs):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(record, "write_json", no_space)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    run_recipe(recipe(paths, ["model0", "model1"]), out, merge_options)
+    assert any("could not write" in r.getMessage() and RECORD in r.getMessage() for r in caplog.records)
+    assert not os.path.exists(os.path.join(out, RECORD))
+
+
 # -- entry points that do not go through run_merge ------------------------------------
 def _bin(name):
     import sys
