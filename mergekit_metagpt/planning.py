@@ -102,7 +102,7 @@ def open_loaders(config, options) -> None:
             ) from None
 
 
-#: Each loader's checkpoint key (``fingerprint``) when the plugin opened or replaced it.
+#: Each loader's files (``_files_key``) when the plugin opened or replaced it.
 _OPENED_AT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
