@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     bake.set_defaults(run=_bake)
     inspect = sub.add_parser(
         "inspect",
-        help="without merging: λ, cosine similarity of the task vectors, ||delta||^2 per layer; "
+        help="without merging: lambda, cosine similarity of the task vectors, ||delta||^2 per layer; "
              "writes a report, JSON and pictures to OUT_DIR",
     )
     inspect.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
