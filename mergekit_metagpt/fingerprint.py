@@ -26,6 +26,9 @@ import struct
 from typing import Tuple
 
 SAMPLE_BYTES = 64 * 1024
+#: The most of a safetensors header read (the format's own limit is 100 MB; a damaged
+#: length field would otherwise have the whole file read into memory).
+HEADER_LIMIT = 100_000_000
 _BLOB = re.compile(r"^[0-9a-f]{40}$|^[0-9a-f]{64}$")
 
 
@@ -59,7 +62,7 @@ def file_key(path: str) -> str:
             return f"file:{digest.hexdigest()}"
         if path.endswith(".safetensors") and st.st_size >= 8:
             (header_len,) = struct.unpack("<Q", handle.read(8))
-            digest.update(handle.read(min(header_len, st.st_size - 8)))
+            digest.update(handle.read(min(header_len, st.st_size - 8, HEADER_LIMIT)))
         else:
             digest.update(handle.read(SAMPLE_BYTES))
         if st.st_size > SAMPLE_BYTES:

@@ -189,8 +189,9 @@ def _attach_merge(module) -> None:
             result = original(*args, **kwargs)
         except BaseException:
             # the record is written before the weights: a merge that failed or was
-            # interrupted after its pre-pass leaves no record beside weights it did not write
-            if any(run.record_written for run in context.runs):
+            # interrupted after its pre-pass (it may have written weights, or its record
+            # not) leaves no record beside weights it did not write
+            if any(run.record_written or run.result is not None for run in context.runs):
                 remove_stale_record(context.out_path, "the unfinished merge's")
             raise
         finally:

@@ -102,27 +102,32 @@ def open_loaders(config, options) -> None:
             ) from None
 
 
-#: Each loader's files (``_files_key``) when the plugin opened or replaced it.
+#: Each loader's files and settings (``_loader_key``) when the plugin opened or replaced it.
 _OPENED_AT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+#: The settings of mergekit's loader cache a loader is made with.
+_SETTINGS = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code", "lora_merge_dtype")
 
 
 def _current_loader(cache, model) -> None:
-    """Make mergekit's loader of `model` one that reads its files as they are now.
-    mergekit 0.1.5 keeps one loader per model for the whole process (``LoaderCache``),
-    holding the index of its files and its last shard open: a checkpoint rewritten since
-    an earlier merge would be read partly as it was (every method; a MetaGPT merge would
-    also cache those norms under the new files' key), and a changed sharding fails on
-    files that are gone. A loader the plugin did not open, or whose files changed since
-    it did, is replaced by a new one, in one assignment (a merge running meanwhile in
-    another thread always finds a loader, the old or the new); an unchanged one is kept
-    (for a hub model, mergekit asks the hub again for every new loader)."""
+    """Make mergekit's loader of `model` one that reads its files as they are now, with
+    this merge's settings. mergekit 0.1.5 keeps one loader per model for the whole
+    process (``LoaderCache``), holding the index of its files and its last shard open: a
+    checkpoint rewritten since an earlier merge would be read partly as it was (every
+    method; a MetaGPT merge would also cache those norms under the new files' key), a
+    changed sharding fails on files that are gone, and a later merge's options (another
+    ``--lora-merge-cache``, ``--lazy-unpickle`` …) would not apply. A loader the plugin
+    did not open, or whose files or settings changed since it did, is replaced by a new
+    one, in one assignment (a merge running meanwhile in another thread always finds a
+    loader, the old or the new); an unchanged one is kept (for a hub model, mergekit
+    asks the hub again for every new loader)."""
     loaders = getattr(cache, "loaders", None)
     existing = loaders.get(model) if isinstance(loaders, dict) else None
     if existing is None:
         loader = cache.get(model)
     else:
         try:
-            if _OPENED_AT.get(existing) == _files_key(existing):
+            if _OPENED_AT.get(existing) == _loader_key(cache, existing):
                 return
         except Exception:  # a file its index names is gone: replaced
             pass
@@ -131,24 +136,28 @@ def _current_loader(cache, model) -> None:
             return
         loaders[model] = loader
     try:
-        _OPENED_AT[loader] = _files_key(loader)
+        _OPENED_AT[loader] = _loader_key(cache, loader)
     except Exception:  # not keyed: replaced at the next merge
         pass
 
 
-def _files_key(loader) -> tuple:
-    """The loader's files as they are (``fingerprint``), and the names in their folder (a
-    model sharded since, or written as one file, has other files beside the old ones)."""
-    from mergekit_metagpt.fingerprint import checkpoint_key
+def _loader_key(cache, loader) -> tuple:
+    """The loader's files as they are (``fingerprint``: its shards and its map of names),
+    the names in their folder and the key of each index file there (a model sharded since,
+    written as one file, or whose index alone was rewritten), and the cache's settings."""
+    from mergekit_metagpt.fingerprint import checkpoint_key, file_key
 
-    return checkpoint_key(loader.index), tuple(sorted(os.listdir(loader.index.base_path)))
+    folder = loader.index.base_path
+    names = tuple(sorted(os.listdir(folder)))
+    indexes = tuple(file_key(os.path.join(folder, name)) for name in names if name.endswith(".index.json"))
+    return (checkpoint_key(loader.index), names, indexes,
+            tuple(repr(getattr(cache, name, None)) for name in _SETTINGS))
 
 
 def _new_loader(cache, model):
     """A new loader of `model` made as mergekit's ``LoaderCache.get`` makes one, with the
     cache's settings, or None where mergekit's loader cache has another shape."""
-    settings = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code", "lora_merge_dtype")
-    if not all(hasattr(cache, name) for name in settings) or not hasattr(model, "merged"):
+    if not all(hasattr(cache, name) for name in _SETTINGS) or not hasattr(model, "merged"):
         return None
     merged = model.merged(cache_dir=cache.lora_cache_dir, trust_remote_code=cache.trust_remote_code,
                           lora_merge_dtype=cache.lora_merge_dtype)

@@ -117,6 +117,36 @@ def test_an_unchanged_checkpoint_keeps_its_loader_and_a_merge_meanwhile_always_f
     assert len(seen) > 1  # replaced when the files changed
 
 
+def test_a_loader_is_replaced_when_only_its_index_or_its_options_changed(tmp_path):
+    """The index rewritten alone (same shards: it may map lm_head elsewhere), or another
+    merge option of mergekit's loaders (--lazy-unpickle …): a new loader."""
+    import os
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.planning import open_loaders
+
+    base = random_state_dict(1)
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base),
+             "m0": save_checkpoint(str(tmp_path / "m0"), perturbed(base, 0.01, 0))}
+    config = MergeConfiguration.model_validate(recipe(paths, ["m0"]))
+    model = next(m for m in config.referenced_models() if str(m) == paths["m0"])
+    open_loaders(config, MergeOptions(quiet=True))
+    first = LoaderCache.loaders[model]
+    index = os.path.join(paths["m0"], "model.safetensors.index.json")
+    data = json.loads(open(index).read())
+    with open(index + ".new", "w") as f:
+        json.dump(data, f, indent=4)  # the same map, another file
+    os.replace(index + ".new", index)
+    open_loaders(config, MergeOptions(quiet=True))
+    second = LoaderCache.loaders[model]
+    assert second is not first
+    open_loaders(config, MergeOptions(quiet=True, lazy_unpickle=True))
+    assert LoaderCache.loaders[model] is not second and LoaderCache.loaders[model].lazy_unpickle
+
+
 def _planned(paths, models):
     """A recipe planned by mergekit's own planner and made one task universe (as the
     executor does), so that its MetaGPT tasks know their MergeRun."""

@@ -112,17 +112,25 @@ def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_fam
     assert safetensors_in(out)
 
 
-@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
-def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, llama_family, merge_options, tmp_path,
-                                                            monkeypatch):
-    """Ctrl-C (or a full disk) mid-merge, after the pre-pass wrote the new run's record:
-    the folder still holds the earlier run's finished model, which the new λ do not
-    describe; the record goes."""
+@pytest.mark.parametrize("stop, record_fails", [(KeyboardInterrupt, False), (OSError, False), (OSError, True)])
+def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, llama_family, merge_options,
+                                                            tmp_path, monkeypatch):
+    """Ctrl-C (or a full disk) mid-merge, after the pre-pass: the folder still holds the
+    earlier run's finished model, partly overwritten, which neither the new λ (the new
+    record) nor the old (the earlier record, where the new one could not be written)
+    describe; no record stays."""
     from mergekit.io.tasks import SaveTensor
+
+    from mergekit_metagpt import record
 
     paths, _ = llama_family
     out = str(tmp_path / "out")
     run_recipe(recipe(paths, MODELS), out, merge_options)
+    if record_fails:
+        def no_space(path, *args, **kwargs):
+            raise OSError(28, "No space left on device", path)
+
+        monkeypatch.setattr(record, "write_json", no_space)
     written = []
 
     def write_some(self, *args, **kwargs):
