@@ -38,7 +38,7 @@ def test_coefficients_table_and_json(llama_family, tmp_path, capsys):
     ("metagpt_ties", "ties", {"density": 0.55}),
 ])
 def test_bake_gives_a_stock_recipe_with_the_same_merge(method, stock, params, llama_family, merge_options, tmp_path):
-    paths, _ = llama_family
+    paths, sds = llama_family
     original = recipe(paths, MODELS, method=method, parameters=params)
     source = write_yaml(original, str(tmp_path / "r.yml"))
     baked_path = str(tmp_path / "baked.yml")
@@ -47,7 +47,11 @@ def test_bake_gives_a_stock_recipe_with_the_same_merge(method, stock, params, ll
     assert "arXiv 2406.11385" in text and text.startswith("# Baked by mergekit-metagpt")
     baked = yaml.safe_load(text)
     assert baked["merge_method"] == stock
-    assert all("weight" in m["parameters"] for m in baked["models"])
+    # the closed-form λ as weights, and the recipe's other parameters carried over
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    assert [m["parameters"]["weight"] for m in baked["models"]] == pytest.approx(lams, abs=1e-7)
+    for key, value in params.items():
+        assert baked["parameters"][key] == value, key
     a = run_recipe(original, str(tmp_path / "a"), merge_options)
     LoaderCache().flush_all()
     b = run_recipe(baked, str(tmp_path / "b"), merge_options)
