@@ -191,8 +191,9 @@ def _attach_merge(module) -> None:
             # the record is written before the weights: a merge that failed or was
             # interrupted after its pre-pass (it may have written weights, or its record
             # not) leaves no record beside weights it did not write
-            if any(run.record_written or run.result is not None for run in context.runs):
-                remove_stale_record(context.out_path, "the unfinished merge's")
+            written = any(run.record_written for run in context.runs)
+            if written or any(run.result is not None for run in context.runs):
+                remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's")
             raise
         finally:
             RUN_CONTEXT.reset(token)

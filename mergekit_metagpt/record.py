@@ -169,7 +169,7 @@ def remove_stale_record(out_path, whose: str = "the earlier run's") -> None:
     except FileNotFoundError:
         return
     except OSError as error:
-        LOG.warning("MetaGPT: could not remove the earlier record %s: %s", path, error)
+        LOG.warning("MetaGPT: could not remove %s %s: %s", whose, path, error)
         return
     LOG.info("MetaGPT: removed %s %s", whose, path)
 
