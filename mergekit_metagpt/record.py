@@ -9,7 +9,8 @@ One shape, written by a merge and printed by ``mergekit-metagpt coefficients --j
 
 Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
 ``lambda`` (the overall scale), ``alpha`` (the tempering exponent of the λ; 1 unless the
-recipe sets it), ``lambda_from`` and ``density`` (variants), and
+recipe sets it), ``lambda_from`` and ``density`` (variants), ``int8_mask`` (``metagpt_ties``) and ``rescale``
+(``metagpt_dare``) as the merge took them, and
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
 ``{tensors, min, median, max}`` over the tensors with ``granularity: per_tensor``), and ``cosine_similarity``:
 ``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not
@@ -30,6 +31,7 @@ from mergekit_metagpt import PAPER_URL
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
 RECORD_FORMAT = 2
+VARIANT_FLAGS = ("int8_mask", "rescale")
 
 
 def _uniform(values: List[Any]):
@@ -63,6 +65,10 @@ def set_entry(set_norms) -> Dict[str, Any]:
             ])
             for m in merge_set.models
         }
+    for name in VARIANT_FLAGS:  # as the method takes them: int8_mask (ties), rescale (dare)
+        values = [v for v in (_param(t, name) for t in tasks) if v is not None]
+        if values:
+            entry[name] = _uniform([bool(v) for v in values])
     models = []
     lambdas = coefficients.lambdas
     # tensors merged with their own λ (granularity: per_tensor, for some or all of the set's tensors)

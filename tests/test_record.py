@@ -472,14 +472,14 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges",
           "passed_through"}
 ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
-                "models"}
+                "int8_mask", "models"}
 
 
 def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_options, tmp_path, capsys):
     from mergekit_metagpt import __version__
 
     paths, sds = llama_family
-    config = recipe(paths, MODELS, method="metagpt_ties", parameters={"lambda": 0.7})
+    config = recipe(paths, MODELS, method="metagpt_ties", parameters={"lambda": 0.7, "int8_mask": True})
     config["models"] = [{"model": paths[m], "parameters": {"density": d}} for m, d in zip(MODELS, (0.4, 0.5, 0.6))]
     path = write_yaml(config, str(tmp_path / "r.yml"))
     assert main(["coefficients", path, "--json"]) == 0
@@ -499,7 +499,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
         assert cosine["models"] == [paths[m] for m in MODELS] and cosine["note"] is None
         assert all(v is not None for row in cosine["matrix"] for v in row)
         assert entry["base_model"] == paths["base"] and entry["lambda"] == 0.7 and entry["alpha"] == 1.0
-        assert entry["granularity"] == "global" and entry["lambda_from"] == "dense"
+        assert entry["granularity"] == "global" and entry["lambda_from"] == "dense" and entry["int8_mask"] is True
         assert entry["density"] == {paths[m]: d for m, d in zip(MODELS, (0.4, 0.5, 0.6))}
         lams = lambdas_of(squared_norms(sds, MODELS))
         for row, model, lam in zip(entry["models"], MODELS, lams):
@@ -509,6 +509,24 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     for a, b in zip(record["merges"][0]["models"], printed["merges"][0]["models"]):
         assert a["model"] == b["model"] and a["squared_norm"] == pytest.approx(b["squared_norm"], rel=1e-9)
     assert {k: v for k, v in record.items() if k != "merges"} == {k: v for k, v in printed.items() if k != "merges"}
+
+
+@pytest.mark.parametrize("method, parameters, flags", [
+    ("metagpt_dare", {"rescale": False}, {"rescale": False}),
+    ("metagpt_dare", {}, {"rescale": True}),
+    ("metagpt_ties", {}, {"int8_mask": False}),
+    ("metagpt", {}, {}),
+])
+def test_record_says_how_the_variant_sparsified(method, parameters, flags, llama_family, tmp_path, capsys):
+    """`rescale` (DARE) and `int8_mask` (TIES) change the merge; the record gives them as the
+    merge took them, and only for the variant that takes them."""
+    paths, _ = llama_family
+    if method != "metagpt":
+        parameters = dict(parameters, density=0.5)
+    config = recipe(paths, MODELS[:2], method=method, parameters=parameters)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml")), "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)["merges"]
+    assert {k: entry[k] for k in ("rescale", "int8_mask") if k in entry} == flags
 
 
 @pytest.mark.parametrize("stray", ['[]', '{"merges": 5}', '{"merges": [3, {"models": [], "lambdas": "x"}]}'])
