@@ -45,14 +45,14 @@ PLANNING_FLAGS = {
 #: ``--lora-merge-dtype`` (which changes the merged weights, and so λ); hub models are found
 #: under ``--transformers-cache``.
 PLANNING_SETTINGS = {
-    "lora_merge_cache": ("DIR", None, "where mergekit stores models merged with their LoRA adapters "
+    "lora_merge_cache": ("DIR", "where mergekit stores models merged with their LoRA adapters "
                                       "(as mergekit-yaml's option; needed for `model+adapter` references)"),
     # checked before any adapter is merged (planning): mergekit makes the adapter's cache
     # folder before it reads the dtype, and a later run reuses that empty folder
-    "lora_merge_dtype": ("DTYPE", None, "dtype in which LoRA adapters are merged: bfloat16, float16, float32 "
+    "lora_merge_dtype": ("DTYPE", "dtype in which LoRA adapters are merged: bfloat16, float16, float32 "
                                         "or float64 (as mergekit-yaml's option; checked when the recipe "
                                         "has a LoRA adapter)"),
-    "transformers_cache": ("DIR", None, "where hub models are stored (as mergekit-yaml's option)"),
+    "transformers_cache": ("DIR", "where hub models are stored (as mergekit-yaml's option)"),
 }
 
 
@@ -224,9 +224,8 @@ def _add_planning_flags(parser) -> None:
                         help="no progress bar (shown on a terminal while the pre-pass reads the models)")
     for name, help_text in PLANNING_FLAGS.items():
         parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=help_text)
-    for name, (metavar, choices, help_text) in PLANNING_SETTINGS.items():
-        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar, choices=choices, default=None,
-                            help=help_text)
+    for name, (metavar, help_text) in PLANNING_SETTINGS.items():
+        parser.add_argument("--" + name.replace("_", "-"), metavar=metavar, default=None, help=help_text)
 
 
 def version_text() -> str:
@@ -332,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+DEBUG_SWITCH = "MERGEKIT_METAGPT_DEBUG"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -348,9 +350,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 1
     except Exception as error:  # every error is one line; mergekit's and pydantic's too
-        from mergekit_metagpt.errors import one_line
+        from mergekit_metagpt.env import switched_on
+        from mergekit_metagpt.errors import one_line, reported_as_bug
 
-        print(f"mergekit-metagpt: error: {one_line(error)}", file=sys.stderr)
+        if switched_on(DEBUG_SWITCH):
+            import traceback
+
+            traceback.print_exc()
+        hint = f" (not an input error: {DEBUG_SWITCH}=1 prints the traceback)" if reported_as_bug(error) else ""
+        print(f"mergekit-metagpt: error: {one_line(error)}{hint}", file=sys.stderr)
         return 1
 
 

@@ -5,6 +5,30 @@ class MetaGPTError(ValueError):
     """Bad input for a MetaGPT merge: the message names the model and tensor."""
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Out of host or GPU memory: not bad input, so never re-raised as a MetaGPTError."""
+    if isinstance(error, MemoryError):
+        return True
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+def reported_as_bug(error: BaseException) -> bool:
+    """An error no input explains (a TypeError, AttributeError, ... of this plugin's or
+    mergekit's code), as opposed to bad recipes, files, models and settings, which mergekit
+    and the plugin raise as ValueError (pydantic's ValidationError, MetaGPTError), OSError,
+    KeyError, RuntimeError or a YAML error."""
+    expected = (ValueError, OSError, KeyError, RuntimeError, MemoryError)
+    try:
+        import yaml
+
+        expected += (yaml.YAMLError,)
+    except ImportError:  # pragma: no cover - mergekit depends on PyYAML
+        pass
+    return not isinstance(error, expected)
+
+
 def one_line(error: BaseException) -> str:
     """The error as one line for the CLI: ours as written, pydantic's validation errors
     as 'where: message (got value)', others prefixed with their type."""

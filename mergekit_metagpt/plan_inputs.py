@@ -82,8 +82,10 @@ class TensorRead:
         except MetaGPTError:
             raise
         except Exception as error:
-            from mergekit_metagpt.errors import one_line
+            from mergekit_metagpt.errors import one_line, out_of_memory
 
+            if out_of_memory(error):
+                raise
             raise MetaGPTError(
                 f"MetaGPT: cannot read tensor {self.name!r} of model {self.model}: {one_line(error)}"
             ) from error

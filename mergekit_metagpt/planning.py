@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import weakref
 
+from mergekit_metagpt.env import switched_on
 from mergekit_metagpt.errors import MetaGPTError, one_line
 
 
@@ -77,7 +78,7 @@ def _check_models_load(config, options) -> None:
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
-            hint = "" if os.path.exists(os.path.expanduser(path)) or os.environ.get("HF_HUB_OFFLINE") else (
+            hint = "" if os.path.exists(os.path.expanduser(path)) or switched_on("HF_HUB_OFFLINE") else (
                 " (set HF_HUB_OFFLINE=1 to fail at once without network)"
             )
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
@@ -197,8 +198,7 @@ def _check_card_can_name_models(config, options) -> None:
     model card step asks the hub whether it is one (``repo_exists``), after every weight
     is written, and with ``HF_HUB_OFFLINE=1`` that fails, ending the merge with an error
     and no card; refused before (``./fam/model`` is taken as a folder)."""
-    if not getattr(options, "write_model_card", False) or os.environ.get("HF_HUB_OFFLINE", "").lower() not in (
-            "1", "on", "yes", "true"):
+    if not getattr(options, "write_model_card", False) or not switched_on("HF_HUB_OFFLINE"):
         return
     from huggingface_hub.utils import validate_repo_id
 

@@ -103,6 +103,8 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
 
 def _save(fig, plt, out_dir, stem, suffix) -> str:
     path = os.path.join(out_dir, f"{stem}{suffix}.png")
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=DPI)
+    finally:
+        plt.close(fig)
     return path

@@ -39,7 +39,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 
 from mergekit_metagpt.env import switched_off
-from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.errors import MetaGPTError, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
@@ -481,6 +481,8 @@ def _load_aligned(item: _Planned, bar) -> Dict[Hashable, torch.Tensor]:
     except MetaGPTError:
         raise
     except Exception as error:
+        if out_of_memory(error):
+            raise
         raise MetaGPTError(
             f"MetaGPT: mergekit's {item.adapter.name} failed on tensor {item.base_read.name!r}: {error}"
         ) from error

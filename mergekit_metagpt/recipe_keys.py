@@ -101,7 +101,8 @@ def check_recipe_keys(data: Any, source: Optional[str] = None) -> None:
     try:
         problems = unknown_keys(data)
     except Exception as error:  # pragma: no cover - mergekit's classes changed shape
-        LOG.debug("MetaGPT: recipe keys not checked: %s", error)
+        LOG.warning("MetaGPT: the recipe's keys were not checked for misspellings (%s: %s)",
+                    type(error).__name__, error)
         return
     of = f" of {source}" if source else ""
     for where, key, known in problems:

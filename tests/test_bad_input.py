@@ -304,6 +304,46 @@ def test_a_read_that_fails_in_the_pre_pass_names_the_model_and_tensor():
         TensorRead("./m/math", Leaf()).load()
 
 
+@pytest.mark.parametrize("error", [torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                   MemoryError()])
+def test_running_out_of_memory_in_the_pre_pass_is_not_called_bad_input(error):
+    """Out of GPU or host memory is the machine's limit, not a bad model: it comes through as
+    itself, not as a MetaGPTError (a ValueError, "bad input") blaming the model."""
+    from mergekit_metagpt.plan_inputs import TensorRead
+
+    class Leaf:
+        tensor = "model.embed_tokens.weight"
+
+        def execute(self):
+            raise error
+
+    with pytest.raises(type(error)) as raised:
+        TensorRead("./m/math", Leaf()).load()
+    assert raised.value is error
+
+
+@pytest.mark.parametrize("offline, hinted", [("", True), ("0", True), ("false", True), ("1", False), ("TRUE", False)])
+def test_the_offline_hint_reads_HF_HUB_OFFLINE_as_the_hub_does(offline, hinted, monkeypatch):
+    """A hub model that cannot be loaded: the hint to set HF_HUB_OFFLINE=1 is given unless it
+    is on, and huggingface_hub takes "0" and "false" as off."""
+    from mergekit.common import ModelReference
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.planning import _check_models_load
+
+    def unreachable(self, trust_remote_code=False):
+        raise OSError("cannot reach huggingface.co")
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    monkeypatch.setattr(ModelReference, "config", unreachable)
+    config = MergeConfiguration.model_validate(
+        {"merge_method": "metagpt", "base_model": "org/base", "models": [{"model": "org/a"}]})
+    with pytest.raises(MetaGPTError, match="cannot load model org/base: OSError: cannot reach") as raised:
+        _check_models_load(config, MergeOptions())
+    assert ("set HF_HUB_OFFLINE=1 to fail at once" in str(raised.value)) == hinted
+
+
 def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
     """A key that misspells none mergekit reads (a note on a shared recipe) is merged, with
     a warning that mergekit ignores it."""

@@ -110,7 +110,36 @@ def _one_error_line(rc, stderr):
     assert "Traceback" not in stderr, stderr
     lines = [l for l in stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("mergekit-metagpt: error: "), stderr
+    assert "MERGEKIT_METAGPT_DEBUG" not in lines[0], stderr  # an input error is not a bug
     return lines[0]
+
+
+@pytest.mark.parametrize("debug", [None, "1"])
+def test_an_error_no_input_explains_says_how_to_see_its_traceback(debug, llama_family, tmp_path, monkeypatch,
+                                                                   capfd):
+    """A bug (here a TypeError inside a command) is still one line, saying it is not an
+    input error; MERGEKIT_METAGPT_DEBUG=1 prints its traceback first."""
+    from mergekit_metagpt import cli
+
+    def buggy(args):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'NoneType'")
+
+    monkeypatch.setattr(cli, "_coefficients", buggy)
+    if debug:
+        monkeypatch.setenv("MERGEKIT_METAGPT_DEBUG", debug)
+    else:
+        monkeypatch.delenv("MERGEKIT_METAGPT_DEBUG", raising=False)
+    path = write_yaml(recipe(llama_family[0], ["model0"]), str(tmp_path / "r.yml"))
+    capfd.readouterr()
+    assert main(["coefficients", path]) == 1
+    err = capfd.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last == ("mergekit-metagpt: error: TypeError: unsupported operand type(s) for +: 'int' and 'NoneType' "
+                    "(not an input error: MERGEKIT_METAGPT_DEBUG=1 prints the traceback)"), err
+    if debug:
+        assert "Traceback (most recent call last)" in err and "in buggy" in err, err
+    else:
+        assert len(err.strip().splitlines()) == 1, err
 
 
 @pytest.mark.parametrize("command", ["coefficients", "bake"])
