@@ -62,7 +62,7 @@ class PrepassStats:
         self.tensors_read = 0
         self.bytes_read = 0
         self.seconds = 0.0
-        self.devices: List[str] = []  # device of each pre-pass that read tensors
+        self.last_device = ""  # device of the last pre-pass that read tensors
 
 
 STATS = PrepassStats()
@@ -369,7 +369,7 @@ def _stream(run, device, todo, found: _Found) -> None:
     quiet = bool(getattr(run.options, "quiet", False))
     started = time.perf_counter()
     STATS.runs += 1
-    STATS.devices.append(str(device))
+    STATS.last_device = str(device)
     models = {m for _, ms, _ in todo for m in ms}
     LOG.info(
         "MetaGPT pre-pass: reading %d planned tensors of the base and %d model(s) on %s",

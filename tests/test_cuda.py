@@ -57,7 +57,7 @@ def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, multi_gpu, llama_fa
     config = recipe(paths, MODELS, dtype="bfloat16")
     runs = prepass.STATS.runs
     cpu = run_recipe(config, str(tmp_path / "cpu"), MergeOptions(copy_tokenizer=False, quiet=True))
-    assert prepass.STATS.runs == runs + 1 and prepass.STATS.devices[-1] == "cpu"
+    assert prepass.STATS.runs == runs + 1 and prepass.STATS.last_device == "cpu"
     LoaderCache().flush_all()
     torch.cuda.reset_peak_memory_stats()
     pinned = spy_pinned(monkeypatch)
@@ -66,7 +66,7 @@ def test_cuda_merge_matches_cpu(read_to_gpu, low_cpu_memory, multi_gpu, llama_fa
         multi_gpu=multi_gpu,
     ))
     assert prepass.STATS.runs == runs + 2, "the GPU merge did not run its own pre-pass"
-    assert prepass.STATS.devices[-1].startswith("cuda"), prepass.STATS.devices[-2:]
+    assert prepass.STATS.last_device.startswith("cuda"), prepass.STATS.last_device
     if read_to_gpu:  # every tensor is read onto the GPU: nothing goes through the staging
         assert pinned == [], "pinned host buffers allocated although no tensor was staged"
     else:  # each slot pinned once, on the CPU
@@ -125,7 +125,7 @@ def test_prepass_on_gpu_uses_a_few_tensors_of_memory(tmp_path, monkeypatch):
     start = torch.cuda.memory_allocated()
     runs = prepass.STATS.runs
     norms = planned_norms(paths, "cuda")
-    assert prepass.STATS.runs == runs + 1 and prepass.STATS.devices[-1].startswith("cuda")
+    assert prepass.STATS.runs == runs + 1 and prepass.STATS.last_device.startswith("cuda")
     peak = torch.cuda.max_memory_allocated() - start
 
     # What the pre-pass holds (prepass._task_norms, norms.task_vector_sums, scratch):
@@ -262,7 +262,7 @@ def test_inspect_on_gpu_matches_cpu(llama_family, tmp_path, monkeypatch):
         assert main(["inspect", config, str(tmp_path / device), "--no-pictures", *flags]) == 0
         with open(tmp_path / device / "metagpt-inspect.json") as f:
             (found[device],) = json.load(f)["merges"]
-    assert prepass.STATS.devices[-1].startswith("cuda")
+    assert prepass.STATS.last_device.startswith("cuda")
     cpu, gpu = found["cpu"], found["cuda"]
     for a, b in zip(cpu["squared_norms"], gpu["squared_norms"]):
         assert abs(a - b) <= 1e-5 * a
