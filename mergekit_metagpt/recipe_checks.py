@@ -41,6 +41,19 @@ INT8_MASK_HELP = (
 )
 
 
+RESCALE_HELP = (
+    "rescale sets whether DARE rescales the entries it keeps, which only metagpt_dare does "
+    "(metagpt_ties is TIES, which does not rescale; metagpt merges dense task vectors); "
+    "drop it from a recipe copied from dare_linear or dare_ties"
+)
+
+
+DENSITY_HELP = (
+    "metagpt merges the dense task vectors; for TIES or DARE sparsification with MetaGPT's λ, "
+    "use merge_method: metagpt_ties or metagpt_dare"
+)
+
+
 def _settings(node: Any, seen: Set[int], context: Tuple[str, ...] = ()) -> Iterator[Tuple[str, Any, Optional[str], Tuple[str, ...]]]:
     """(name, setting, the input model it is given for or None, where it is given: e.g.
     ("layers 0-4", "slice 2")) for every parameter setting in a config tree."""
@@ -134,6 +147,10 @@ def check_config(config) -> None:
             message += f". {NORMALIZE_HELP}"
         if "int8_mask" in unknown:
             message += f". {INT8_MASK_HELP}"
+        if "rescale" in unknown:
+            message += f". {RESCALE_HELP}"
+        if "density" in unknown:
+            message += f". {DENSITY_HELP}"
         raise MetaGPTError(message)
     if misplaced:
         raise MetaGPTError(

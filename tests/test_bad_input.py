@@ -104,9 +104,14 @@ CASES = {
         r"Unknown parameter\(s\) for metagpt_dare: int8_mask .*only metagpt_ties does \(metagpt_dare is "
         r"mergekit's dare_linear, DARE without sign election.*drop it from a recipe copied from ties or "
         r"dare_ties$"),
+    "rescale from a dare_linear recipe": (
+        lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"density": 0.5, "rescale": False}),
+        r"Unknown parameter\(s\) for metagpt_ties: rescale .*only metagpt_dare does \(metagpt_ties is TIES, which "
+        r"does not rescale.*drop it from a recipe copied from dare_linear or dare_ties$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
-                                    r"Unknown parameter\(s\) for metagpt: density"),
+                                    r"Unknown parameter\(s\) for metagpt: density .*for TIES or DARE sparsification "
+                                    r"with MetaGPT's λ, use merge_method: metagpt_ties or metagpt_dare$"),
     "negative lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": -0.5}),
                         r"lambda must be a number in \[0, 3.4e38\]"),
     "non-numeric lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": "big"}),
