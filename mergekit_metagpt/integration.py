@@ -342,6 +342,7 @@ def _check_multimerge(config_source, loaded) -> None:
     it. The models are not opened here (intermediate merges do not exist yet)."""
     import yaml
 
+    from mergekit_metagpt.errors import MetaGPTError
     from mergekit_metagpt.recipe_checks import check_config
     from mergekit_metagpt.recipe_keys import check_recipe_keys
 
@@ -357,9 +358,14 @@ def _check_multimerge(config_source, loaded) -> None:
             name = doc.get("name")
             check_recipe_keys({k: v for k, v in doc.items() if k != "name"},
                               f"merge {name!r}" if name is not None else "the final merge")
-    for config in getattr(configs, "values", lambda: [])():
+    for name, config in getattr(configs, "items", lambda: [])():
         if _is_ours(getattr(config, "merge_method", None)):
-            check_config(config)
+            try:
+                check_config(config)
+            except MetaGPTError as error:  # which of the file's recipes
+                where = f"merge {name!r}" if name is not None else "the final merge"
+                text = str(error).removeprefix("MetaGPT: ")
+                raise MetaGPTError(f"MetaGPT: {where} of the mergekit-multi file: {text}") from None
 
 
 _ATTACHERS = {

@@ -359,23 +359,31 @@ def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
     assert safetensors_in(out)
 
 
-@pytest.mark.parametrize("fault, expected", [
-    ({"paramters": {"lambda": 0.5}}, "the recipe key 'paramters' of the final merge (at the top level) is not one "
-                                     "mergekit reads: it would be ignored silently; did you mean 'parameters'?"),
-    ({"parameters": {"lamda": 0.5}}, "Unknown parameter(s) for metagpt: lamda"),
-    ({"merge_method": "MetaGPT"}, "merge_method 'MetaGPT' is not a method mergekit knows; did you mean 'metagpt'?"),
+@pytest.mark.parametrize("fault, in_step1, expected", [
+    ({"paramters": {"lambda": 0.5}}, False,
+     "the recipe key 'paramters' of the final merge (at the top level) is not one "
+     "mergekit reads: it would be ignored silently; did you mean 'parameters'?"),
+    ({"parameters": {"lamda": 0.5}}, False,
+     "MetaGPT: the final merge of the mergekit-multi file: Unknown parameter(s) for metagpt: lamda"),
+    ({"parameters": {"lambda": -1}}, True,
+     "MetaGPT: merge 'step1' of the mergekit-multi file: parameter lambda must be a number in [0, 3.4e38] (got -1)"),
+    ({"merge_method": "MetaGPT"}, False,
+     "merge_method 'MetaGPT' is not a method mergekit knows; did you mean 'metagpt'?"),
 ])
-def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault, expected, family, tmp_path):
+def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault, in_step1, expected, family,
+                                                                          tmp_path):
     """mergekit-multi merges its recipes one after the other; a bad final recipe stopped it
-    only after the intermediate merge (minutes to hours on real models)."""
+    only after the intermediate merge (minutes to hours on real models). The message names
+    the recipe of the file."""
     import subprocess
     import sys
 
     import yaml
 
     paths, _ = family
-    docs = [{"name": "step1", **recipe(paths, ["good", "twin1"])},
-            {**recipe(paths, ["good"]), "models": [{"model": "step1"}, {"model": paths["good"]}], **fault}]
+    docs = [{"name": "step1", **recipe(paths, ["good", "twin1"]), **(fault if in_step1 else {})},
+            {**recipe(paths, ["good"]), "models": [{"model": "step1"}, {"model": paths["good"]}],
+             **({} if in_step1 else fault)}]
     config = str(tmp_path / "multi.yml")
     with open(config, "w") as f:
         yaml.safe_dump_all(docs, f)
