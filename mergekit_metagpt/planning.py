@@ -8,11 +8,14 @@ resolves and validates every parameter. The MetaGPT tasks of the plan make the
 
 from __future__ import annotations
 
+import logging
 import os
 import weakref
 
 from mergekit_metagpt.env import switched_on
 from mergekit_metagpt.errors import MetaGPTError, one_line
+
+LOG = logging.getLogger("mergekit_metagpt")
 
 
 def models_in_order(config) -> list:
@@ -197,10 +200,14 @@ def _check_card_can_name_models(config, options) -> None:
     """A local folder written as a hub id would be (``fam/model``, ``model``): mergekit's
     model card step asks the hub whether it is one (``repo_exists``), after every weight
     is written, and with ``HF_HUB_OFFLINE=1`` that fails, ending the merge with an error
-    and no card; refused before (``./fam/model`` is taken as a folder)."""
-    if not getattr(options, "write_model_card", False) or not switched_on("HF_HUB_OFFLINE"):
+    and no card: refused before (``./fam/model`` is taken as a folder). Otherwise a warning:
+    the same question fails without network, and a hub model of that name would be the one
+    the card names."""
+    if not getattr(options, "write_model_card", False):
         return
     from huggingface_hub.utils import validate_repo_id
+
+    offline = switched_on("HF_HUB_OFFLINE")
 
     for model in models_in_order(config):
         for path in (model.model.path, model.lora.path if model.lora else None):
@@ -210,11 +217,17 @@ def _check_card_can_name_models(config, options) -> None:
                 validate_repo_id(path)
             except Exception:  # not a hub id: mergekit's card takes it for a folder
                 continue
-            raise MetaGPTError(
-                f"model {model}: the local folder {path} is written as a hub id would be, and "
-                f"mergekit's model card step asks the hub about it after the weights are written, "
-                f"which fails with HF_HUB_OFFLINE=1; write it as ./{path} (or pass --no-write-model-card)"
-            )
+            if offline:
+                raise MetaGPTError(
+                    f"model {model}: the local folder {path} is written as a hub id would be, and "
+                    f"mergekit's model card step asks the hub about it after the weights are written, "
+                    f"which fails with HF_HUB_OFFLINE=1; write it as ./{path} (or pass --no-write-model-card)"
+                )
+            LOG.warning(
+                "MetaGPT: model %s: the local folder %s is written as a hub id would be; mergekit's model card "
+                "step asks the hub about it after the weights are written, which fails without network (and a "
+                "hub model of that name would be the one the card names); write it as ./%s (or pass "
+                "--no-write-model-card)", model, path, path)
 
 
 def plan_recipe(config, options):

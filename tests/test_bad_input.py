@@ -502,6 +502,35 @@ def test_a_cached_hub_model_without_the_hub_is_pointed_to_its_snapshot_folder(hu
     assert not os.path.exists(out) or not safetensors_in(out)
 
 
+@pytest.mark.parametrize("offline, card", [("", True), ("0", True), ("", False)])
+def test_a_local_folder_written_as_a_hub_id_is_warned_of_when_online(offline, card, family, tmp_path, monkeypatch,
+                                                                    caplog):
+    """Without HF_HUB_OFFLINE, mergekit's card step still asks the hub about `fam/good` after
+    the weights: that fails without network (and a hub model of that name would be named
+    in the card). A warning at planning, not a refusal; none without a card."""
+    import logging
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from mergekit_metagpt.planning import _check_card_can_name_models
+
+    paths, _ = family
+    os.makedirs(tmp_path / "fam")
+    os.symlink(paths["good"], tmp_path / "fam" / "good")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    for spelling in ("fam/good", "./fam/good"):
+        config = MergeConfiguration.model_validate(recipe({"base": paths["base"], "good": spelling}, ["good"]))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+            _check_card_can_name_models(config, MergeOptions(write_model_card=card))
+        warned = [r.getMessage() for r in caplog.records if "written as a hub id would be" in r.getMessage()]
+        if card and spelling == "fam/good":
+            assert len(warned) == 1 and "fails without network" in warned[0] and "write it as ./fam/good" in warned[0]
+        else:
+            assert warned == []
+
+
 def test_a_local_folder_written_as_a_hub_id_is_refused_offline_before_the_merge(family, tmp_path):
     """mergekit's model card step asks the hub about `fam/good` (a local folder written as
     a hub id would be) after every weight is written: with HF_HUB_OFFLINE=1 the merge failed
