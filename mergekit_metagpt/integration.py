@@ -197,6 +197,9 @@ def _attach_merge(module) -> None:
             raise
         finally:
             RUN_CONTEXT.reset(token)
+            from mergekit_metagpt.scratch import release_thread_scratch
+
+            release_thread_scratch()
         if not any(run.record_written for run in context.runs):  # no record of this run's
             remove_stale_record(context.out_path)
         add_card_sections(context)

@@ -54,3 +54,10 @@ def thread_scratch() -> Scratch:
     if scratch is None:
         scratch = _LOCAL.scratch = Scratch()
     return scratch
+
+
+def release_thread_scratch() -> None:
+    """Drop the calling thread's buffers (when its merge ends: a process that goes on, a
+    notebook or a pipeline, keeps no GPU or host memory of them; other threads' buffers
+    go with their threads)."""
+    _LOCAL.__dict__.pop("scratch", None)

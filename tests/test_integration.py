@@ -296,14 +296,15 @@ def test_python_dash_S_then_import_attaches_and_run_merge_works(llama_family, tm
 
 def test_a_finished_merge_leaves_nothing_behind(llama_family, tmp_path, monkeypatch):
     """After run_merge returns, its MergeRun (tasks, config, norms) can be collected: a
-    notebook or mergekit-multi running many merges does not keep every one of them."""
+    notebook or mergekit-multi running many merges does not keep every one of them; nor
+    the work buffers of the thread that merged (GPU memory, with --cuda)."""
     import gc
     import weakref
 
     from mergekit.options import MergeOptions
 
     from merging import recipe, run_recipe
-    from mergekit_metagpt import merge_plan
+    from mergekit_metagpt import merge_plan, scratch
 
     paths, _ = llama_family
     runs, tasks = [], []
@@ -320,6 +321,7 @@ def test_a_finished_merge_leaves_nothing_behind(llama_family, tmp_path, monkeypa
                    MergeOptions(copy_tokenizer=False, quiet=True))
         gc.collect()
         assert runs[number]() is None
+        assert getattr(scratch._LOCAL, "scratch", None) is None
         with merge_plan._REGISTRY_LOCK:  # mergekit's planner cache may keep the tasks
             assert all(run_ref() is None for _, run_ref in merge_plan._REGISTRY.values())
     # the second merge found every earlier run gone and dropped their entries
