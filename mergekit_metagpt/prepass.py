@@ -11,9 +11,11 @@ whole float32 tensor only for ``lambda_from: sparse``), each base chunk converte
 for all models and checked for NaN/Inf in the same pass, which also takes the inner
 products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similarities of
 ``similarity``). On CUDA, tensors loaded on the CPU go over through pinned buffers
-(``staging``). Reads go in the base's shard order; on CPU, the
-safetensors shards a task read are closed after it, so that mapped pages do not pile
-up in RSS (``.bin`` shards stay loaded: unpickling them costs).
+(``staging``). Reads go in the base's shard order; on CPU, a model's safetensors shard
+is closed once RELEASE_BYTES (16 MiB) of its tensors were read since it was opened, and
+every shard at the end, so that mapped pages do not pile up in RSS while a shard of many
+small tensors is not reopened per tensor (``.bin`` shards stay loaded: unpickling them
+costs).
 
 Where the plan aligns vocabularies (``tokenizer_source``: mergekit's
 ``PermutedVocabulary``; ``--unsafe-truncate-embeddings``: ``TruncatedVocabulary``),
@@ -163,7 +165,7 @@ def _plan(task, reads, method, checkpoint_of, adapter_inputs: _AdapterInputs) ->
 
 
 def merge_products() -> str:
-    """What a merge computes of the inner products: "when read", or "never" with
+    """What a merge computes of the inner products: "when read" (see `compute`), or "never" with
     ``MERGEKIT_METAGPT_COSINES=0`` (T(T−1)/2 products cost the pre-pass more as T grows)."""
     return "never" if switched_off("MERGEKIT_METAGPT_COSINES") else "when read"
 
@@ -218,9 +220,10 @@ def _announce(run) -> None:
 def compute(run, device: torch.device, method=None, products: str = "when read") -> RunNorms:
     """Norms of every merge set of `run` (see the module docstring), and the inner
     products of each pair of dense task vectors: with ``products="when read"`` (merges),
-    of the pairs whose two tensors the pre-pass reads anyway for their norms, the others
-    from the cache where an earlier run put them (never a read for a product alone);
-    with ``"always"`` (``inspect``), all of them; with ``"never"``, none but the cached."""
+    of the pairs of which the pre-pass reads at least one tensor anyway for its norm (the
+    other model's tensor is then read too), the others from the cache where an earlier run
+    put them (never a read where no norm needs one); with ``"always"`` (``inspect``), all
+    of them; with ``"never"``, none but the cached."""
     from mergekit_metagpt import norm_cache
     from mergekit_metagpt.fingerprint import checkpoint_key
 
@@ -269,10 +272,12 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
             triple = (task.base_model, a, b)
             if triple not in known_products:
                 known_products[triple] = norm_memo.known_products(*(checkpoint_of(m) for m in triple))
-            # a merge ("when read") takes the products of the models it reads anyway;
-            # "always" also reads models whose norms are known, for their products
+            # a merge ("when read") takes the products of a model it reads anyway with each
+            # other model, reading that one's tensor too where its norm is known (a cached
+            # model merged with a new one); "always" also reads models whose norms are all
+            # known, for their products
             if pair_key not in known_products[triple] and (
-                products == "always" or (products == "when read" and a in need and b in need)
+                products == "always" or (products == "when read" and (a in need or b in need))
             ):
                 pairs.append((a, b))
         read = need | {m for pair in pairs for m in pair}
@@ -330,13 +335,31 @@ class _Found:
     products: Dict[Tuple[Hashable, Hashable, Hashable], Dict[str, Optional[float]]] = field(default_factory=dict)
 
 
-def _release(item: _Planned) -> None:
-    """Close the safetensors shards a task mapped (mergekit's own flush, under the
-    loader's lock), so that mapped pages do not pile up in RSS on CPU."""
-    for read in item.reads.values():
-        loader = read.loader
-        if loader.index.is_safetensors:
+#: Bytes a model's safetensors shard may have mapped before the pre-pass closes it.
+RELEASE_BYTES = 16 * 1024 * 1024
+
+
+class _Releaser:
+    """Closes the safetensors shards the pre-pass mapped (mergekit's own flush, under the
+    loader's lock) once RELEASE_BYTES of a loader's tensors were read since it was last
+    closed, and all of them at the end, so that mapped pages do not pile up in RSS on CPU,
+    while a shard of many small tensors is not reopened (its header parsed) per tensor."""
+
+    def __init__(self):
+        self.mapped = {}  # id(loader) -> [loader, bytes read since it was closed]
+
+    def count(self, read, nbytes: int) -> None:
+        if read.loader.index.is_safetensors:
+            self.mapped.setdefault(id(read.loader), [read.loader, 0])[1] += nbytes
+
+    def after_task(self) -> None:
+        for key in [k for k, (_, n) in self.mapped.items() if n >= RELEASE_BYTES]:
+            self.mapped.pop(key)[0].flush()
+
+    def close(self) -> None:
+        for loader, _ in self.mapped.values():
             loader.flush()
+        self.mapped.clear()
 
 
 #: On CUDA, CPU-loaded tensors go over through pinned buffers (see ``staging``);
@@ -363,7 +386,7 @@ def _stream(run, device, todo, found: _Found) -> None:
 
     scratch = thread_scratch()
     move, end_moves = _mover(device)
-    release = device.type == "cpu"
+    releaser = _Releaser() if device.type == "cpu" else None
     accumulator = NormAccumulator([BASE], {})
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
     quiet = bool(getattr(run.options, "quiet", False))
@@ -377,9 +400,11 @@ def _stream(run, device, todo, found: _Found) -> None:
     )
     with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
         try:
-            _stream_tasks(todo, move, scratch, accumulator, found, release, bar)
+            _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar)
         finally:
             end_moves()
+            if releaser is not None:
+                releaser.close()
     values = accumulator.finish()
     values.pop(BASE, None)
     for model, by_slot in values.items():
@@ -395,7 +420,7 @@ def _stream(run, device, todo, found: _Found) -> None:
     STATS.seconds += time.perf_counter() - started
 
 
-def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool, bar) -> None:
+def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar) -> None:
     done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
     for item, to_read, pairs in todo:
         task, sparsifier = item.task, item.sparsifier
@@ -411,7 +436,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             continue
         base_read = item.base_read
         if item.adapter is not None:
-            aligned = _load_aligned(item, bar)
+            aligned = _load_aligned(item, bar, releaser)
 
             def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
@@ -421,9 +446,9 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             del aligned
         else:
             def fetch(model, item=item):
-                return _load(item.reads[model], move, bar, 0)
+                return _load(item.reads[model], move, bar, 0, releaser)
 
-            base_tensor = _load(base_read, move, bar, 1)
+            base_tensor = _load(base_read, move, bar, 1, releaser)
         if base_tensor is None:
             raise MetaGPTError(
                 f"MetaGPT: the base model {task.base_model} has no tensor "
@@ -441,14 +466,16 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, release: bool
             accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
             _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, found, done)
         del base_tensor, fetch
-        if release:
-            _release(item)
+        if releaser is not None:
+            releaser.after_task()
 
 
-def _load(read: TensorRead, move, bar, step: int) -> Optional[torch.Tensor]:
+def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Tensor]:
     tensor = read.load()
     if tensor is None:
         return None
+    if releaser is not None:
+        releaser.count(read, tensor.nbytes)
     tensor = move(tensor)
     STATS.tensors_read += 1
     STATS.bytes_read += tensor.nbytes
@@ -456,7 +483,7 @@ def _load(read: TensorRead, move, bar, step: int) -> Optional[torch.Tensor]:
     return tensor
 
 
-def _load_aligned(item: _Planned, bar) -> Dict[Hashable, torch.Tensor]:
+def _load_aligned(item: _Planned, bar, releaser) -> Dict[Hashable, torch.Tensor]:
     """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
     a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
     blamed on its own model before the adapter copies it), then aligned by the plan's
@@ -468,6 +495,8 @@ def _load_aligned(item: _Planned, bar) -> Dict[Hashable, torch.Tensor]:
         tensor = read.load()
         if tensor is None:  # an optional tensor this model lacks
             continue
+        if releaser is not None:
+            releaser.count(read, tensor.nbytes)
         STATS.tensors_read += 1
         STATS.bytes_read += tensor.nbytes
         bar.update(0, nbytes=tensor.nbytes)

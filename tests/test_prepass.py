@@ -352,3 +352,49 @@ def test_other_shape_mismatch_is_an_error_naming_model_and_tensor(tmp_path, merg
     }
     with pytest.raises(MetaGPTError, match=r"shape mismatch for tensor 'model\.layers\.0\.mlp\.\w+_proj\.weight'.*wider"):
         run_recipe(recipe(paths, ["wider"]), str(tmp_path / "out"), merge_options)
+
+
+def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its_end(tmp_path, monkeypatch):
+    """Mapped safetensors pages count in RSS: the pre-pass closes a model's shard once
+    RELEASE_BYTES of its tensors were read since it was opened (so at most that and one
+    tensor more stay mapped), and every shard at its end; a shard of many small tensors is
+    not reopened, its header parsed again, for every tensor."""
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+
+    from merging import write_yaml
+    from mergekit_metagpt.cli import main
+
+    base = random_state_dict(0)
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base, shard_size=None)}
+    for i, scale in enumerate((0.01, 0.05)):
+        paths[f"model{i}"] = save_checkpoint(str(tmp_path / f"model{i}"), perturbed(base, scale, seed=i),
+                                             shard_size=None)
+    largest = max(t.nbytes for t in base.values())
+    total = sum(t.nbytes for t in base.values())
+    monkeypatch.setattr(prepass, "RELEASE_BYTES", total // 4)
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    mapped, most, flushes, loaders = {}, {}, [0], {}
+    get_tensor, flush = LazyTensorLoader.get_tensor, LazyTensorLoader.flush
+
+    def counting_get(self, key, *args, **kwargs):
+        tensor = get_tensor(self, key, *args, **kwargs)
+        loaders[id(self)] = self
+        mapped[id(self)] = mapped.get(id(self), 0) + tensor.nbytes
+        most[id(self)] = max(most.get(id(self), 0), mapped[id(self)])
+        return tensor
+
+    def counting_flush(self):
+        flushes[0] += 1
+        mapped[id(self)] = 0
+        flush(self)
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", counting_get)
+    monkeypatch.setattr(LazyTensorLoader, "flush", counting_flush)
+    path = write_yaml(recipe(paths, ["model0", "model1"]), str(tmp_path / "r.yml"))
+    runs = prepass.STATS.runs
+    assert main(["coefficients", path]) == 0
+    assert prepass.STATS.runs == runs + 1 and len(loaders) == 3
+    assert max(most.values()) <= total // 4 + largest, (most, total, largest)
+    # about 4 closes per model (and one at the end), not one per tensor (len(base) each)
+    assert flushes[0] <= 3 * 6 < 3 * len(base), flushes
+    assert all(loader.current_shard is None for loader in loaders.values())

@@ -229,33 +229,65 @@ def test_warm_merge_takes_cosines_from_the_cache_and_an_older_cache_is_a_miss(al
         assert close(json.load(f)["merges"][0]["cosine"][0][1], cos[("model0", "model1")])
 
 
-def test_pairs_a_warm_merge_could_not_compute_are_named(aligned_family, merge_options, tmp_path,
-                                                                      caplog):
+def _cosine_entry(out):
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        return json.load(f)["merges"][0]["cosine_similarity"]
+
+
+def test_a_cached_model_merged_with_a_new_one_is_read_again_for_their_products(aligned_family, merge_options,
+                                                                                tmp_path, caplog):
     """model0 and model2 merged first (their norms and product cached), then model1 joins:
-    the pre-pass reads only model1, so its products with the others are not computed. The
-    verdict must not call the set orthogonal from model0·model2 alone (model0·model1 ≈ 0.5),
-    and the log says which pairs are unknown; after `inspect`, a merge warns of model0·model1."""
+    the pre-pass reads model1 for its norms, and model0's and model2's tensors too for
+    model1's products with them, so the merge warns of model0·model1 (≈ 0.5) at once; it
+    does not compute model0·model2 again."""
     import logging
 
     paths, sds = aligned_family
     _, cos, *_ = reference(sds)
-
-    def entry(out):
-        with open(os.path.join(out, "metagpt_coefficients.json")) as f:
-            return json.load(f)["merges"][0]["cosine_similarity"]
-
     run_recipe(recipe(paths, ["model0", "model2"]), str(tmp_path / "first"), merge_options)
     prepass.clear_memo()
     caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    read = prepass.STATS.tensors_read
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "joined"), merge_options)
+    tensors = len(sds["base"])
+    assert prepass.STATS.tensors_read - read == 4 * tensors  # the base and the three models
+    joined = _cosine_entry(str(tmp_path / "joined"))
+    for (a, b), value in cos.items():
+        assert close(joined["matrix"][MODELS.index(a)][MODELS.index(b)], value), (a, b)
+    assert "far from orthogonal" in joined["verdict"] and "Not computed" not in joined["verdict"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("model0 and model1 task vectors have cosine" in w for w in warnings)
+    assert not any("not computed" in r.getMessage() for r in caplog.records)
+
+
+def test_pairs_a_warm_merge_could_not_compute_are_named(aligned_family, merge_options, tmp_path,
+                                                                      caplog):
+    """model0 + model2, then model1 + model2 merged first: every norm is cached, and
+    model0·model1 is not, so the merge of all three reads nothing and cannot compute it.
+    The verdict must not call the set orthogonal from the other pairs alone (model0·model1
+    ≈ 0.5), and the log says which pair is unknown; after `inspect`, a merge warns of it."""
+    import logging
+
+    paths, sds = aligned_family
+    _, cos, *_ = reference(sds)
+    entry = _cosine_entry
+
+    run_recipe(recipe(paths, ["model0", "model2"]), str(tmp_path / "first"), merge_options)
+    run_recipe(recipe(paths, ["model1", "model2"]), str(tmp_path / "second"), merge_options)
+    prepass.clear_memo()
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
     config = recipe(paths, MODELS)
+    read = prepass.STATS.tensors_read
     run_recipe(config, str(tmp_path / "joined"), merge_options)
+    assert prepass.STATS.tensors_read == read  # no norm to read: no read for a product alone
     joined = entry(str(tmp_path / "joined"))
-    assert joined["matrix"][0][1] is None and joined["matrix"][1][2] is None
+    assert joined["matrix"][0][1] is None
     assert close(joined["matrix"][0][2], cos[("model0", "model2")]) and abs(joined["matrix"][0][2]) < 0.1
-    assert joined["verdict"].startswith("Not computed for 2 of 3 pairs (model0 and model1, model1 and model2)")
+    assert close(joined["matrix"][1][2], cos[("model1", "model2")]) and abs(joined["matrix"][1][2]) < 0.1
+    assert joined["verdict"].startswith("Not computed for 1 of 3 pairs (model0 and model1)")
     assert "Of the pairs computed: close to orthogonal" in joined["verdict"]
     said = [r for r in caplog.records if "cosine similarities not computed" in r.getMessage()]
-    assert len(said) == 1 and "2 of 3 pairs (model0 and model1, model1 and model2)" in said[0].getMessage()
+    assert len(said) == 1 and "1 of 3 pairs (model0 and model1)" in said[0].getMessage()
     assert "mergekit-metagpt inspect" in said[0].getMessage()
     assert said[0].levelno == logging.INFO  # every new combination of cached models: not a warning
 
