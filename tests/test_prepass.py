@@ -1,7 +1,6 @@
 """The streaming pre-pass: once per merge, never stale, thread-safe, shape checks."""
 
 import json
-import logging
 import re
 import shutil
 import threading
