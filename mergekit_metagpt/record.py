@@ -3,7 +3,7 @@
 One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
 
     {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ..., "dtype": ...,
-     "norms": "...", "merges": [ one entry per merge set (per set of models merged) ],
+     "out_dtype": ... (null unless the recipe sets it), "norms": "...", "merges": [ one entry per merge set (per set of models merged) ],
      "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base
                          alone passes through, unmerged ]}
 
@@ -35,8 +35,11 @@ VARIANT_FLAGS = ("int8_mask", "rescale")
 
 
 def _uniform(values: List[Any]):
-    """One value if all agree, else the sorted distinct values."""
-    distinct = sorted(set(values), key=repr)
+    """One value if all agree, else the distinct values, sorted (floats to 12 significant
+    digits: a gradient's interpolation gives 0.5666666666666665 and ...667 for one value)."""
+    distinct = list({float(f"{v:.12g}") if isinstance(v, float) else v for v in values})
+    numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct)
+    distinct.sort(key=(lambda v: v) if numbers else repr)
     return distinct[0] if len(distinct) == 1 else distinct
 
 
@@ -105,6 +108,7 @@ def record_payload(run) -> Dict[str, Any]:
         "paper": PAPER_URL,
         "plugin_version": __version__,
         "dtype": dtype,
+        "out_dtype": getattr(config, "out_dtype", None),
         "norms": (
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"

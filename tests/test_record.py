@@ -469,7 +469,7 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 
 
 # -- the record and `coefficients --json` are one shape ----------------------------------
-FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "norms", "merges",
+FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "out_dtype", "norms", "merges",
           "passed_through"}
 ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
                 "int8_mask", "models"}
@@ -490,7 +490,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     record = read_record(out)
     assert set(record) == set(printed) == FIELDS
     for data in (record, printed):
-        assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32"
+        assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32" and data["out_dtype"] is None
         assert data["plugin_version"] == __version__ and data["format"] == 2
         (entry,) = data["merges"]
         assert data["passed_through"] == []
@@ -509,6 +509,23 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     for a, b in zip(record["merges"][0]["models"], printed["merges"][0]["models"]):
         assert a["model"] == b["model"] and a["squared_norm"] == pytest.approx(b["squared_norm"], rel=1e-9)
     assert {k: v for k, v in record.items() if k != "merges"} == {k: v for k, v in printed.items() if k != "merges"}
+
+
+def test_record_gives_the_out_dtype_the_weights_were_written_in(llama_family, tmp_path, capsys):
+    paths, _ = llama_family
+    config = dict(recipe(paths, MODELS[:2]), out_dtype="float16")
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml")), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["dtype"] == "float32" and printed["out_dtype"] == "float16"
+
+
+def test_a_value_that_varies_is_listed_once_per_value_in_numeric_order():
+    """A gradient's interpolation gives one value as 0.5666666666666665 and ...667."""
+    from mergekit_metagpt.record import _uniform
+
+    assert _uniform([0.5666666666666665, 0.5666666666666667]) == 0.566666666667
+    assert _uniform([10.0, 0.5666666666666665, 9.0, 0.5666666666666667]) == [0.566666666667, 9.0, 10.0]
+    assert _uniform(["sparse", "dense", "sparse"]) == ["dense", "sparse"]
 
 
 @pytest.mark.parametrize("method, parameters, flags", [
