@@ -81,9 +81,13 @@ def _check_models_load(config, options) -> None:
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
-            hint = "" if os.path.exists(os.path.expanduser(path)) or switched_on("HF_HUB_OFFLINE") else (
-                " (set HF_HUB_OFFLINE=1 to fail at once without network)"
-            )
+            hints = []
+            if not os.path.exists(os.path.expanduser(path)):
+                # `models/foo` is a hub id to mergekit: a local folder misspelt ends here
+                hints.append(f"read as a hub id: there is no folder {path} in {os.getcwd()}")
+                if not switched_on("HF_HUB_OFFLINE"):
+                    hints.append("set HF_HUB_OFFLINE=1 to fail at once without network")
+            hint = f" ({'; '.join(hints)})" if hints else ""
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
 
 

@@ -347,6 +347,8 @@ def test_the_offline_hint_reads_HF_HUB_OFFLINE_as_the_hub_does(offline, hinted, 
     with pytest.raises(MetaGPTError, match="cannot load model org/base: OSError: cannot reach") as raised:
         _check_models_load(config, MergeOptions())
     assert ("set HF_HUB_OFFLINE=1 to fail at once" in str(raised.value)) == hinted
+    # `org/base` may be a local folder misspelt: the message says where it was looked for
+    assert f"read as a hub id: there is no folder org/base in {os.getcwd()}" in str(raised.value)
 
 
 def test_a_key_mergekit_ignores_is_warned_of(family, tmp_path):
