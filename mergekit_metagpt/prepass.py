@@ -12,8 +12,8 @@ for all models and checked for NaN/Inf in the same pass, which also takes the in
 products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similarities of
 ``similarity``). On CUDA, tensors loaded on the CPU go over through pinned buffers
 (``staging``). Reads go in the base's shard order; on CPU, a model's safetensors shard
-is closed once RELEASE_BYTES (16 MiB) of its tensors were read since it was opened, and
-every shard at the end, so that mapped pages do not pile up in RSS while a shard of many
+is closed once RELEASE_BYTES (16 MiB) of its tensors were read since the pre-pass last
+closed it, and every shard at the end, so that mapped pages do not pile up in RSS while a shard of many
 small tensors is not reopened per tensor (``.bin`` shards stay loaded: unpickling them
 costs).
 
@@ -60,7 +60,7 @@ class PrepassStats:
 
     def __init__(self):
         self.runs = 0  # pre-passes that read tensors
-        self.cache_hits = 0  # (base, model) pairs whose every read came from memo or cache
+        self.cache_hits = 0  # (base, model) pairs whose norms came from memo or cache, and not read
         self.tensors_read = 0
         self.bytes_read = 0
         self.seconds = 0.0
@@ -257,6 +257,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     known_products: Dict[Tuple[Hashable, Hashable, Hashable], dict] = {}
     todo: List[Tuple[_Planned, List[Hashable], List[Tuple[Hashable, Hashable]]]] = []
     wanted, pending = set(), set()  # (base, model) pairs read by some task / still to read
+    reread = set()  # (base, model) pairs whose norms are known, read for inner products
     for item in planned:
         task, need = item.task, set()
         for model, key in item.keys.items():
@@ -281,10 +282,15 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
             ):
                 pairs.append((a, b))
         read = need | {m for pair in pairs for m in pair}
+        reread.update((task.base_model, m) for m in read - need)
         if read:
             todo.append((item, [m for m in item.keys if m in read], pairs))
 
     for pair in wanted - pending:
+        if pair in reread:
+            LOG.info("MetaGPT: norms of %s from the norm cache; its tensors read again for its inner "
+                     "products with the models read for their norms", pair[1])
+            continue
         STATS.cache_hits += 1
         LOG.info("MetaGPT: norms of %s from the norm cache", pair[1])
 
@@ -341,12 +347,19 @@ RELEASE_BYTES = 16 * 1024 * 1024
 
 class _Releaser:
     """Closes the safetensors shards the pre-pass mapped (mergekit's own flush, under the
-    loader's lock) once RELEASE_BYTES of a loader's tensors were read since it was last
-    closed, and all of them at the end, so that mapped pages do not pile up in RSS on CPU,
-    while a shard of many small tensors is not reopened (its header parsed) per tensor."""
+    loader's lock) once RELEASE_BYTES of a loader's tensors were read since the pre-pass
+    last closed it (or first used it), and all of them at the end, a failed read's too, so
+    that mapped pages do not pile up in RSS on CPU, while a shard of many small tensors is
+    not reopened (its header parsed) per tensor."""
 
     def __init__(self):
         self.mapped = {}  # id(loader) -> [loader, bytes read since it was closed]
+
+    def track(self, item: "_Planned") -> None:
+        """The loaders a task is about to read (closed at the end even if a read fails)."""
+        for read in item.reads.values():
+            if read.loader.index.is_safetensors:
+                self.mapped.setdefault(id(read.loader), [read.loader, 0])
 
     def count(self, read, nbytes: int) -> None:
         if read.loader.index.is_safetensors:
@@ -435,6 +448,8 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             bar.update(1)
             continue
         base_read = item.base_read
+        if releaser is not None:
+            releaser.track(item)
         if item.adapter is not None:
             aligned = _load_aligned(item, bar, releaser)
 

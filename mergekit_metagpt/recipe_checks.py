@@ -124,6 +124,7 @@ def check_config(config) -> None:
     from mergekit.merge_methods.base import ParameterScope
 
     _check_dtypes(config)
+    _check_slices_have_sources(config)
     method_name = getattr(config, "merge_method", None)
     spec = registry.get(method_name).spec
     specs = {p.name: p for p in spec.parameters}
@@ -185,6 +186,17 @@ def _check_dtypes(config) -> None:
         except RuntimeError:
             raise MetaGPTError(f"the recipe's {key} {value!r} is not a dtype mergekit knows "
                                f"(bfloat16, float16, float32, float64)") from None
+
+
+def _check_slices_have_sources(config) -> None:
+    """A slice with ``sources: []``: mergekit's own message is an IndexError at planning."""
+    modules = getattr(config, "modules", None) or {}
+    owners = [("", config)] + [(f" of module {name}", module) for name, module in modules.items()]
+    for where, owner in owners:
+        for index, output_slice in enumerate(getattr(owner, "slices", None) or []):
+            if not getattr(output_slice, "sources", None):
+                raise MetaGPTError(f"slice {index + 1}{where} has no sources: give it at least the base "
+                                   f"model's layers (sources: [{{model: BASE, layer_range: [START, END]}}])")
 
 
 def _bases(config) -> Iterator[Any]:

@@ -57,7 +57,9 @@ def thread_scratch() -> Scratch:
 
 
 def release_thread_scratch() -> None:
-    """Drop the calling thread's buffers (when its merge ends: a process that goes on, a
-    notebook or a pipeline, keeps no GPU or host memory of them; other threads' buffers
-    go with their threads)."""
+    """Drop the calling thread's buffers when its merge ends, so that a process that goes
+    on (a notebook, a pipeline) holds none of them: on CPU their memory is freed; on a GPU
+    it goes back to PyTorch's caching allocator, as mergekit's own tensors do
+    (``torch.cuda.empty_cache()`` hands it to the driver). Other threads' buffers go with
+    their threads."""
     _LOCAL.__dict__.pop("scratch", None)

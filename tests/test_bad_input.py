@@ -292,6 +292,28 @@ parameters: {lambda: [{filter: mlp, value: -1}, {value: 1.0}]}
 """))
 
 
+def test_a_slice_without_sources_is_named():
+    """mergekit's own message for `sources: []` is an IndexError while it plans."""
+    import yaml
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    config = MergeConfiguration.model_validate(yaml.safe_load("""
+merge_method: metagpt
+base_model: ./base
+modules:
+  text:
+    slices:
+      - sources: [{model: ./base, layer_range: [0, 2]}, {model: ./a, layer_range: [0, 2]}]
+      - sources: []
+"""))
+    with pytest.raises(MetaGPTError, match=r"^slice 2 of module text has no sources"):
+        check_config(config)
+
+
 def test_a_read_that_fails_in_the_pre_pass_names_the_model_and_tensor():
     """A file that goes bad after the plan's check (removed, unreadable) mid-pre-pass: the
     error names the tensor and model, not only the loader's own words."""

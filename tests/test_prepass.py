@@ -397,3 +397,31 @@ def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its
     # about 4 closes per model (and one at the end), not one per tensor (len(base) each)
     assert flushes[0] <= 3 * 6 < 3 * len(base), flushes
     assert all(loader.current_shard is None for loader in loaders.values())
+
+
+def test_a_read_that_fails_mid_pre_pass_leaves_no_shard_mapped(llama_family, tmp_path, monkeypatch):
+    """A read that opened its shard and then failed (a damaged tensor, mergekit's dtype
+    check) leaves that shard closed too, as every other."""
+    from mergekit.io.lazy_tensor_loader import LazyTensorLoader
+
+    from merging import write_yaml
+    from mergekit_metagpt.cli import main
+
+    paths, _ = llama_family
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    calls, loaders = [0], {}
+    get_tensor = LazyTensorLoader.get_tensor
+
+    def failing_get(self, key, *args, **kwargs):
+        tensor = get_tensor(self, key, *args, **kwargs)  # the shard is open now
+        loaders[id(self)] = self
+        calls[0] += 1
+        if calls[0] == 3:  # the first read of the third loader
+            raise OSError("damaged tensor data")
+        return tensor
+
+    monkeypatch.setattr(LazyTensorLoader, "get_tensor", failing_get)
+    path = write_yaml(recipe(paths, ["model0", "model1"]), str(tmp_path / "r.yml"))
+    assert main(["coefficients", path]) == 1
+    assert calls[0] == 3 and len(loaders) == 3
+    assert all(loader.current_shard is None for loader in loaders.values())

@@ -247,10 +247,14 @@ def test_a_cached_model_merged_with_a_new_one_is_read_again_for_their_products(a
     run_recipe(recipe(paths, ["model0", "model2"]), str(tmp_path / "first"), merge_options)
     prepass.clear_memo()
     caplog.set_level(logging.INFO, logger="mergekit_metagpt")
-    read = prepass.STATS.tensors_read
+    read, hits = prepass.STATS.tensors_read, prepass.STATS.cache_hits
     run_recipe(recipe(paths, MODELS), str(tmp_path / "joined"), merge_options)
     tensors = len(sds["base"])
     assert prepass.STATS.tensors_read - read == 4 * tensors  # the base and the three models
+    assert prepass.STATS.cache_hits == hits  # their norms are cached, but they were read
+    for model in ("model0", "model2"):
+        said = [r.getMessage() for r in caplog.records if f"norms of {paths[model]} from the norm cache" in r.getMessage()]
+        assert len(said) == 1 and "read again for its inner products" in said[0], said
     joined = _cosine_entry(str(tmp_path / "joined"))
     for (a, b), value in cos.items():
         assert close(joined["matrix"][MODELS.index(a)][MODELS.index(b)], value), (a, b)
