@@ -71,6 +71,24 @@ def _suffix(number: int, count: int) -> str:
     return f"-{number}" if count > 1 else ""
 
 
+def _per_tensor(set_norms) -> int:
+    """How many of the set's tensors are merged with their own λ (granularity: per_tensor)."""
+    return sum(1 for t in set_norms.merge_set.tasks
+               if dict(t.parameters.items()).get("granularity") == "per_tensor")
+
+
+def _context(set_norms, number: int, count: int) -> List[str]:
+    """What a picture's title must add: which model set, and what its λ are not."""
+    lines = []
+    if count > 1:
+        lines.append(f"model set {number} of {count} ({len(set_norms.merge_set.tasks)} tensors)")
+    per_tensor = _per_tensor(set_norms)
+    if per_tensor:
+        lines.append(f"granularity: per_tensor ({per_tensor} of {len(set_norms.merge_set.tasks)} tensors): "
+                     "merged with each tensor's own λ; these are over the whole set")
+    return lines
+
+
 def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[str]:
     """Write the report, JSON and (if matplotlib is there) pictures; returns the paths."""
     from mergekit_metagpt import plots
@@ -83,7 +101,8 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     drawn = pictures and plots.available()
     if drawn:
         for number, set_norms in enumerate(run.result.merging, 1):
-            written += plots.write_pictures(set_norms.stats, out_dir, _suffix(number, count))
+            written += plots.write_pictures(set_norms.stats, out_dir, _suffix(number, count),
+                                            _context(set_norms, number, count), sparse=set_norms.sparse)
     path = os.path.join(out_dir, JSON_NAME)
     write_json(path, data, indent=2)
     written.append(path)
@@ -106,9 +125,14 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
     from mergekit_metagpt.record import passed_through_entries, passed_through_text
 
     sets = run.result.merging
+    sparse = any(s.sparse for s in sets)
+    delta = ("δ_t the sparsified θ_t − θ₀ (lambda_from: sparse: ‖δ‖², λ and the layers below are of the "
+             "sparsified task vectors" + ("; DARE's masks are random, so these are one draw"
+                                          if run.method_name == "metagpt_dare" else "") + ")" if sparse
+             else "δ_t = θ_t − θ₀")
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",
              f"Merge method `{run.method_name}`; {len(sets)} model set(s). {formula(s.stats.alpha for s in sets)}, "
-             "δ_t = θ_t − θ₀, norms over every tensor the merge reads. MetaGPT's λ assume that the "
+             f"{delta}, norms over every tensor the merge reads. MetaGPT's λ assume that the "
              f"task vectors are close to orthogonal; a pair with |cosine| >= {COSINE_WARNING} is "
              "called far from it.", ""]
     passed = passed_through_text(passed_through_entries(run.result))
@@ -124,18 +148,28 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         lines += [f"## {title}base `{set_norms.merge_set.base}`, {len(set_norms.merge_set.tasks)} tensors", ""]
         lines += ["### Verdict", "", stats.verdict(), ""]
         lines += ["### λ", ""]
+        per_tensor = _per_tensor(set_norms)
+        if per_tensor:
+            lines += [f"`granularity: per_tensor` ({per_tensor} of {len(set_norms.merge_set.tasks)} tensors): "
+                      "the merge takes each such tensor's own λ (the ‖δ‖² of that tensor alone); the λ here "
+                      "are over the whole set, as the merge takes them for its other tensors "
+                      "(`mergekit-metagpt coefficients` gives the spread per tensor).", ""]
         lines += _md_table(["model", "‖δ‖²", "λ"], [
             [f"`{m}`", f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
         ])
         if drawn:
             lines += ["", f"![λ per model](metagpt-lambdas{suffix}.png)"]
         lines += ["", "### Cosine similarity of the task vectors", ""]
-        lines += _md_table(["", *names], [
-            [names[a], *("–" if v is None else f"{v:+.4f}" for v in row)] for a, row in enumerate(stats.cosine)
-        ])
-        if stats.note:
-            lines += ["", f"Missing values: {stats.note}."]
-        if drawn:
+        computed = any(v is not None for _, v in stats.pairs())
+        if computed or not stats.pairs():
+            lines += _md_table(["", *names], [
+                [names[a], *("–" if v is None else f"{v:+.4f}" for v in row)] for a, row in enumerate(stats.cosine)
+            ])
+            if stats.note:
+                lines += ["", f"Missing values: {stats.note}."]
+        elif stats.note:  # none computed: no table of dashes
+            lines.append(f"{stats.note[0].upper()}{stats.note[1:]}.")
+        if drawn and computed:
             lines += ["", f"![cosine matrix](metagpt-cosines{suffix}.png)"]
         lines += ["", "### Where each fine-tune changed the model (‖δ‖² per layer)", "",
                   "Layers: `embed` (embeddings), the blocks by number (by stack and number where the model has several stacks, e.g. a vision tower), `other` (the final norm and any "
@@ -151,16 +185,25 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
             total = stats.squared_norms[i] or 1.0
             lines.append(f"- **{name}**: " + "; ".join(
                 f"`{t}` {v:.3e} ({v / total:.1%})" for t, v in stats.top_tensors[i]))
-        if stats.layer_cosine:
+        if any(v is not None for values in stats.layer_cosine.values() for v in values):
             lines += ["", "### Cosine per layer", "",
                       f"The warning at |cosine| >= {COSINE_WARNING} is of the whole model; a layer's "
                       "cosine shows where two task vectors overlap.", ""]
             pairs = sorted(stats.layer_cosine)
-            lines += _md_table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
-                [layer, *("–" if stats.layer_cosine[p][j] is None else f"{stats.layer_cosine[p][j]:+.3f}"
-                          for p in pairs)]
-                for j, layer in enumerate(stats.layers)
-            ])
+
+            def cell(pair, j):
+                value = stats.layer_cosine[pair][j]
+                return "–" if value is None else f"{value:+.3f}"
+
+            if len(pairs) > len(stats.layers):  # many models, few layers: a row per pair
+                lines += _md_table(["pair", *stats.layers], [
+                    [f"{names[a]} / {names[b]}", *(cell((a, b), j) for j in range(len(stats.layers)))]
+                    for a, b in pairs
+                ])
+            else:
+                lines += _md_table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
+                    [layer, *(cell(p, j) for p in pairs)] for j, layer in enumerate(stats.layers)
+                ])
         lines.append("")
     return "\n".join(lines)
 

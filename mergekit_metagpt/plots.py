@@ -1,14 +1,14 @@
 """The pictures of ``mergekit-metagpt inspect`` (matplotlib: the ``plots`` extra).
 
-Three PNGs per model set, at 100 dpi so that their pixel size follows their figure size:
-a heatmap of ‖δ_t‖² per layer (rows: models; columns: embeddings, blocks, final norm,
-head), a bar chart of λ, and the cosine matrix of the task vectors.
+Three PNGs per model set, at 100 dpi, cropped to what is drawn: a heatmap of ‖δ_t‖² per
+layer (rows: models; columns: embeddings, blocks, final norm, head), a bar chart of λ, and
+the cosine matrix of the task vectors (not drawn where no pair was computed).
 """
 
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import List, Sequence
 
 DPI = 100
 FONT = 11
@@ -32,9 +32,16 @@ def _pyplot():
     return plt
 
 
+#: Most layer columns labelled on the heatmap (every k-th beyond it) and its widest figure.
+LAYER_LABELS = 60
+MAX_WIDTH = 16.0
+#: Longest model label on a picture (longer ones are shortened in the middle).
+LABEL_CHARS = 28
+
+
 def layer_norms_size(stats) -> tuple:
-    """Figure size in inches (pixels / 100) of the heatmap."""
-    return (max(8.0, 0.38 * len(stats.layers) + 4.5), max(3.0, 0.55 * len(stats.models) + 2.2))
+    """Figure size in inches (about pixels / 100) of the heatmap."""
+    return (min(MAX_WIDTH, max(8.0, 0.38 * len(stats.layers) + 4.5)), max(3.0, 0.55 * len(stats.models) + 2.2))
 
 
 def lambdas_size(stats) -> tuple:
@@ -46,15 +53,30 @@ def cosines_size(stats) -> tuple:
     return (side + 1.0, side)
 
 
-def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
-    """Write the three PNGs of one model set; returns their paths."""
-    from matplotlib.colors import LogNorm
-
-    from mergekit_metagpt.coefficients import formula
+def picture_labels(models) -> List[str]:
+    """`short_names`, with names over LABEL_CHARS shortened in the middle."""
     from mergekit_metagpt.similarity import short_names
 
+    half = (LABEL_CHARS - 1) // 2
+    return [n if len(n) <= LABEL_CHARS else n[:half] + "…" + n[-(LABEL_CHARS - 1 - half):]
+            for n in short_names(models)]
+
+
+def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str] = (),
+                   sparse: bool = False) -> List[str]:
+    """Write the PNGs of one model set; returns their paths. `context`: lines added under
+    each title (which model set, what the λ are); `sparse`: the norms are of the
+    sparsified task vectors. The cosine matrix is drawn only where some pair was computed
+    (an earlier picture of that name is removed otherwise)."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    from mergekit_metagpt.coefficients import formula
+    from mergekit_metagpt.similarity import COSINE_WARNING
+
     plt = _pyplot()
-    names = short_names(stats.models)
+    names = picture_labels(stats.models)
+    below = "".join("\n" + line for line in context)
     paths = []
 
     # 1. ‖δ‖² per layer
@@ -64,13 +86,16 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive and min(positive) < max(positive) else None
     image = ax.imshow([[v if v > 0 else float("nan") for v in row] for row in values],
                       aspect="auto", cmap="viridis", norm=norm)
-    ax.set_xticks(range(len(stats.layers)), stats.layers, rotation=90 if len(stats.layers) > 24 else 0)
+    step = -(-len(stats.layers) // LAYER_LABELS)
+    ticks = list(range(0, len(stats.layers), step))
+    ax.set_xticks(ticks, [stats.layers[i] for i in ticks], rotation=90 if len(ticks) > 24 else 0)
     ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("layer (embed: embeddings; other: final norm etc.; head: output head)")
+    ax.set_xlabel("layer (embed: embeddings; other: final norm etc.; head: output head)"
+                  + (f"; one in {step} labelled" if step > 1 else ""))
     ax.set_ylabel("model")
-    ax.set_title("Where each fine-tune changed the model: ‖θ_t − θ₀‖² per layer")
-    fig.colorbar(image, ax=ax, label="‖δ‖² of the layer (log scale)")
-    fig.tight_layout()
+    what = "‖sparsified δ_t‖²" if sparse else "‖θ_t − θ₀‖²"
+    ax.set_title(f"Where each fine-tune changed the model: {what} per layer{below}")
+    fig.colorbar(image, ax=ax, label="‖δ‖² of the layer (log scale)", fraction=0.03, pad=0.01)
     paths.append(_save(fig, plt, out_dir, "metagpt-layer-norms", suffix))
 
     # 2. λ
@@ -78,25 +103,40 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
     bars = ax.bar(names, stats.lambdas, color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in stats.lambdas], padding=2)
     ax.set_ylim(0, max(stats.lambdas + [0.0]) * 1.15 or 1.0)
+    if len(names) > 6 or max(len(n) for n in names) > 10:
+        ax.tick_params(axis="x", labelrotation=30)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
     ax.set_xlabel("model")
     ax.set_ylabel(formula([stats.alpha]))
-    ax.set_title("MetaGPT coefficients")
-    fig.tight_layout()
+    ax.set_title(f"MetaGPT coefficients{' (of the sparsified task vectors)' if sparse else ''}{below}")
     paths.append(_save(fig, plt, out_dir, "metagpt-lambdas", suffix))
 
     # 3. cosine matrix
+    path = os.path.join(out_dir, f"metagpt-cosines{suffix}.png")
+    if all(v is None for _, v in stats.pairs()):
+        if os.path.exists(path):  # an earlier run's: the card would link it
+            os.remove(path)
+        return paths
     fig, ax = plt.subplots(figsize=cosines_size(stats), dpi=DPI)
-    matrix = [[float("nan") if v is None else v for v in row] for row in stats.cosine]
-    image = ax.imshow(matrix, cmap="RdBu_r", vmin=-1.0, vmax=1.0)
+    matrix = [[float("nan") if v is None or a == b else v for b, v in enumerate(row)]
+              for a, row in enumerate(stats.cosine)]
+    cmap = plt.get_cmap("RdBu_r").copy()
+    cmap.set_bad("#e6e6e6")
+    image = ax.imshow(matrix, cmap=cmap, vmin=-1.0, vmax=1.0)
     for a, row in enumerate(stats.cosine):
         for b, v in enumerate(row):
+            if a == b:
+                continue
             ax.text(b, a, "n/a" if v is None else f"{v:.3f}".replace("-0.000", "0.000"), ha="center", va="center",
                     color="white" if v is not None and abs(v) > 0.6 else "black")
+            if v is not None and abs(v) >= COSINE_WARNING:
+                ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_yticks(range(len(names)), names)
-    ax.set_title("Cosine similarity of the task vectors")
-    fig.colorbar(image, ax=ax, label="cosine (MetaGPT assumes ~0 off the diagonal)")
-    fig.tight_layout()
+    ax.set_title(f"Cosine similarity of the task vectors{below}")
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                 label=f"cosine (MetaGPT assumes ~0; outlined: |cosine| ≥ {COSINE_WARNING})")
     paths.append(_save(fig, plt, out_dir, "metagpt-cosines", suffix))
     return paths
 
@@ -104,7 +144,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "") -> List[str]:
 def _save(fig, plt, out_dir, stem, suffix) -> str:
     path = os.path.join(out_dir, f"{stem}{suffix}.png")
     try:
-        fig.savefig(path, dpi=DPI)
+        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # nothing cut off at the edges
     finally:
         plt.close(fig)
     return path

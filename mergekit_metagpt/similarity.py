@@ -77,8 +77,17 @@ def layer_columns(names: Sequence[str]) -> Tuple[List[str], List[str]]:
 
 
 def short_names(models: Sequence[Hashable]) -> List[str]:
-    """Readable labels: each model's folder name (or its full name where two clash)."""
-    names = [os.path.basename(str(m).rstrip("/")) or str(m) for m in models]
+    """Readable labels: each model's folder name, or where two clash the shortest ending of
+    their paths that tells them apart (``a/model``, ``b/model``); the full name if none does."""
+    parts = [[p for p in str(m).rstrip("/").split("/") if p not in ("", ".")] or [str(m)] for m in models]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        if not clashing:
+            break
+        for i in clashing:
+            depth[i] += 1
     return [n if names.count(n) == 1 else str(m) for n, m in zip(names, models)]
 
 
