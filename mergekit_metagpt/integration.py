@@ -14,7 +14,9 @@ the plugin wraps, without changing what they do:
   writer task writes to, whatever the merge's method.
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
-  the method can find its plan.
+  the method can find its plan; for a merge planned outside ``run_merge``, writes the
+  record once the plan's last MetaGPT task has merged (no wrapper would remove it after
+  a merge stopped midway).
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
@@ -138,9 +140,17 @@ def _attach_task_adapter(module) -> None:
             return original(self, *args, **kwargs)
         token = CURRENT_TASK.set(self)
         try:
-            return original(self, *args, **kwargs)
+            result = original(self, *args, **kwargs)
         finally:
             CURRENT_TASK.reset(token)
+        from mergekit_metagpt.merge_plan import run_for_task
+
+        run = run_for_task(self)
+        if run is not None and run.record_at_end and run.merged(self):
+            from mergekit_metagpt.record import write_record
+
+            write_record(run)
+        return result
 
     execute._mergekit_metagpt_wrapper = True
     task_cls.execute = execute

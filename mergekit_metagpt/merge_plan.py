@@ -95,6 +95,19 @@ class MergeRun:
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
+        #: planned without run_merge (mergekit-pytorch): no wrapper removes the record of a
+        #: merge stopped midway, so it is written only once every tensor is merged
+        self.record_at_end = context is None
+        self._merged: set = set()
+        self._merged_lock = threading.Lock()
+
+    def merged(self, task) -> bool:
+        """Note that `task` was merged; True once: when the last of the plan's tasks was."""
+        with self._merged_lock:
+            if id(task) not in self._set_of or id(task) in self._merged:
+                return False
+            self._merged.add(id(task))
+            return len(self._merged) == len(self._set_of)
 
     @property
     def options(self):

@@ -214,7 +214,8 @@ def _announce(run) -> None:
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
-    write_record(run)
+    if not run.record_at_end:  # else when its last tensor is merged (integration)
+        write_record(run)
 
 
 def compute(run, device: torch.device, method=None, products: str = "when read") -> RunNorms:

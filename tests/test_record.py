@@ -226,6 +226,46 @@ def test_mergekit_pytorch_stock_merge_removes_the_earlier_record(llama_family, t
     assert read_record(out)["merge_method"] == "metagpt"
 
 
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_mergekit_pytorch_stopped_mid_merge_leaves_no_record(stop, llama_family, tmp_path, monkeypatch):
+    """mergekit-pytorch has no run_merge whose wrapper could remove the record of a merge
+    stopped midway: its record is written once the last tensor is merged, so a merge stopped
+    before leaves none (the earlier run's went when the plan was made)."""
+    import click
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
+
+    from mergekit_metagpt.method import MetaGPTMerge
+
+    _, sds = llama_family
+    raw = _raw_files(sds, str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    config = write_yaml({"merge_method": "metagpt", "base_model": raw["base"], "dtype": "float32",
+                         "models": [{"model": raw[m]} for m in MODELS]}, str(tmp_path / "r.yml"))
+    merged = []
+    merge = MetaGPTMerge.merge_with_lambdas
+
+    def stopping(self, *args, **kwargs):
+        if len(merged) == 5:
+            raise stop("stopped")
+        merged.append(1)
+        return merge(self, *args, **kwargs)
+
+    os.makedirs(out)
+    with open(os.path.join(out, RECORD), "w") as f:
+        f.write('{"merge_method": "metagpt", "earlier": true}')
+    monkeypatch.setattr(MetaGPTMerge, "merge_with_lambdas", stopping)
+    with pytest.raises((stop, click.exceptions.Abort)):  # click turns Ctrl-C into Abort
+        mergekit_pytorch.main([config, out, "--quiet"], standalone_mode=False)
+    assert len(merged) == 5 and not os.path.exists(os.path.join(out, RECORD))
+    # the same merge run to its end writes it
+    monkeypatch.setattr(MetaGPTMerge, "merge_with_lambdas", merge)
+    prepass.clear_memo()
+    mergekit_pytorch.main([config, out, "--quiet"], standalone_mode=False)
+    expected = lambdas_of(squared_norms(sds, MODELS))
+    lams = [row["lambda"] for row in read_record(out)["merges"][0]["models"]]
+    assert max(abs(a - b) for a, b in zip(lams, expected)) < 1e-7
+
+
 def test_a_plan_that_writes_but_does_not_merge_leaves_the_record(tmp_path):
     """Only a merge's plan removes the record: a task universe with a tensor writer but no
     merge task (e.g. mergekit-extract-lora's) leaves the folder alone."""
