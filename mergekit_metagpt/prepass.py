@@ -13,9 +13,9 @@ products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similar
 ``similarity``). On CUDA, tensors loaded on the CPU go over through pinned buffers
 (``staging``). Reads go in the base's shard order; on CPU, a model's safetensors shard
 is closed once RELEASE_BYTES (16 MiB) of its tensors were read since the pre-pass last
-closed it, and every shard at the end, so that mapped pages do not pile up in RSS while a shard of many
-small tensors is not reopened per tensor (``.bin`` shards stay loaded: unpickling them
-costs).
+closed it, and every shard at the end, so that mapped pages do not pile up in RSS while
+a shard of many small tensors is not reopened per tensor (``.bin`` shards stay loaded:
+unpickling them costs).
 
 Where the plan aligns vocabularies (``tokenizer_source``: mergekit's
 ``PermutedVocabulary``; ``--unsafe-truncate-embeddings``: ``TruncatedVocabulary``),
