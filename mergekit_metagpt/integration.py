@@ -14,9 +14,11 @@ the plugin wraps, without changing what they do:
   writer task writes to, whatever the merge's method.
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
-  the method can find its plan; for a merge planned outside ``run_merge``, writes the
-  record once the plan's last MetaGPT task has merged (no wrapper would remove it after
-  a merge stopped midway).
+  the method can find its plan.
+- ``mergekit.io.tasks.FinalizeModel.execute``: for a merge planned outside ``run_merge``
+  (``mergekit-pytorch``), writes the record once mergekit has written the model (no
+  wrapper would remove it after a merge stopped midway); where that wrapper is missing,
+  once the plan's last MetaGPT task has merged.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
@@ -146,7 +148,32 @@ def _attach_task_adapter(module) -> None:
         from mergekit_metagpt.merge_plan import run_for_task
 
         run = run_for_task(self)
-        if run is not None and run.record_at_end and run.merged(self):
+        if run is not None and run.record_at_end and not run.finalizers and run.merged(self):
+            from mergekit_metagpt.record import write_record
+
+            write_record(run)  # no FinalizeModel known: once the last tensor is merged
+        return result
+
+    execute._mergekit_metagpt_wrapper = True
+    task_cls.execute = execute
+
+
+def _attach_io_tasks(module) -> None:
+    """``FinalizeModel.execute`` (mergekit writes the model's last shard and its index):
+    a merge planned without ``run_merge`` (``mergekit-pytorch``) writes its record then,
+    so that a merge stopped or failed before leaves none beside its partial output."""
+    task_cls = _need(module, "FinalizeModel", module.__name__)
+    original = _unwrapped(_need(task_cls, "execute", "FinalizeModel"))
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def execute(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        from mergekit_metagpt.merge_plan import run_for_task
+
+        run = run_for_task(self)
+        if run is not None and run.record_at_end:
             from mergekit_metagpt.record import write_record
 
             write_record(run)
@@ -387,6 +414,7 @@ _ATTACHERS = {
     "mergekit.merge": _attach_merge,
     "mergekit.plan": _attach_plan,
     "mergekit.scripts.multimerge": _attach_multimerge,
+    "mergekit.io.tasks": _attach_io_tasks,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -399,6 +427,8 @@ WITHOUT_WRAPPER = {
                       "the λ tables in the model card, are off.",
     "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off.",
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
+    "mergekit.io.tasks": "Merges run; mergekit-pytorch writes its record once the last tensor is merged, "
+                         "before mergekit writes the last weights.",
 }
 
 

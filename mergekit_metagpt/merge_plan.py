@@ -96,8 +96,10 @@ class MergeRun:
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
         #: planned without run_merge (mergekit-pytorch): no wrapper removes the record of a
-        #: merge stopped midway, so it is written only once every tensor is merged
+        #: merge stopped midway, so it is written only once the model is (when the plan's
+        #: `finalizers`, mergekit's FinalizeModel tasks, have run; else its last merge task)
         self.record_at_end = context is None
+        self.finalizers: list = []
         self._merged: set = set()
         self._merged_lock = threading.Lock()
 
@@ -284,6 +286,8 @@ def register_universe(universe, context=None) -> Optional[MergeRun]:
         return None
     if context is not None:
         context.runs.append(run)
+    elif _finalize_watched():
+        run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"]
     universe._mergekit_metagpt_run = run  # the universe keeps the run alive
     register(run)
     return run
@@ -320,6 +324,13 @@ def merge_out_paths(tasks) -> List[str]:
     return _writer_paths(tasks)
 
 
+def _finalize_watched() -> bool:
+    """Whether the plugin's wrapper on mergekit's FinalizeModel is installed."""
+    from mergekit_metagpt.integration import attached
+
+    return attached("mergekit.io.tasks")
+
+
 def register(run: MergeRun) -> None:
     """Make `run` findable from its tasks, for as long as something else holds it."""
     run_ref = weakref.ref(run)
@@ -331,6 +342,8 @@ def register(run: MergeRun) -> None:
         for merge_set in run.sets.values():
             for task in merge_set.tasks:
                 _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
+        for task in getattr(run, "finalizers", ()):
+            _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
 
 
 def run_for_task(task) -> Optional[MergeRun]:

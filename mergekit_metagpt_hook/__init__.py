@@ -11,7 +11,9 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
 - ``mergekit.plan``: a wrapper on the planner that warns when mergekit plans none of
   a module's weights;
 - ``mergekit.scripts.multimerge``: ``mergekit-multi`` checks every MetaGPT recipe of
-  its file before the first merge.
+  its file before the first merge;
+- ``mergekit.io.tasks``: a merge planned without ``run_merge`` (``mergekit-pytorch``)
+  writes its record once mergekit has written the model.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.
@@ -27,6 +29,7 @@ WATCHED = (
     "mergekit.merge_methods.task_adapter",
     "mergekit.plan",
     "mergekit.scripts.multimerge",
+    "mergekit.io.tasks",
 )
 _MARK = "_mergekit_metagpt_hook_installed"
 

@@ -266,6 +266,27 @@ def test_mergekit_pytorch_stopped_mid_merge_leaves_no_record(stop, llama_family,
     assert max(abs(a - b) for a, b in zip(lams, expected)) < 1e-7
 
 
+def test_mergekit_pytorch_that_fails_writing_the_model_leaves_no_record(llama_family, tmp_path, monkeypatch):
+    """Every tensor merged, but mergekit cannot write the model (a full disk at its last
+    shard): the record is written only once the model is, so none is left."""
+    from mergekit.io.tensor_writer import TensorWriter
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
+
+    _, sds = llama_family
+    raw = _raw_files(sds, str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    config = write_yaml({"merge_method": "metagpt", "base_model": raw["base"], "dtype": "float32",
+                         "models": [{"model": raw[m]} for m in MODELS]}, str(tmp_path / "r.yml"))
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(TensorWriter, "finalize", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        mergekit_pytorch.main([config, out, "--quiet"], standalone_mode=False)
+    assert not os.path.exists(os.path.join(out, RECORD))
+
+
 def test_a_plan_that_writes_but_does_not_merge_leaves_the_record(tmp_path):
     """Only a merge's plan removes the record: a task universe with a tensor writer but no
     merge task (e.g. mergekit-extract-lora's) leaves the folder alone."""
