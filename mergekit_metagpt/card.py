@@ -58,11 +58,15 @@ def _card_cosines(entry, out_path) -> List[str]:
     if len(cos["models"]) < 2:
         return []
     names = short_names(cos["models"])
-    lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for name, row in zip(names, cos["matrix"]):
-        lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:+.4f}" for v in row) + " |")
-    lines += ["", cos["verdict"]]
+    off_diagonal = [v for a, row in enumerate(cos["matrix"]) for b, v in enumerate(row) if a != b]
+    if all(v is None for v in off_diagonal):  # none computed: the verdict says why, no table of dashes
+        lines = ["", cos["verdict"]]
+    else:
+        lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", "",
+                 "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for name, row in zip(names, cos["matrix"]):
+            lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:+.4f}" for v in row) + " |")
+        lines += ["", cos["verdict"]]
     pictures = inspect_pictures(out_path, entry)
     if pictures:
         lines += ["", "Pictures (`mergekit-metagpt inspect`): "

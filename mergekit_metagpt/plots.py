@@ -7,8 +7,11 @@ the cosine matrix of the task vectors (not drawn where no pair was computed).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import List, Sequence
+
+LOG = logging.getLogger("mergekit_metagpt")
 
 DPI = 100
 FONT = 11
@@ -54,12 +57,24 @@ def cosines_size(stats) -> tuple:
 
 
 def picture_labels(models) -> List[str]:
-    """`short_names`, with names over LABEL_CHARS shortened in the middle."""
+    """`short_names`, with names over LABEL_CHARS shortened in the middle; numbered
+    ("1. …") where two shortened names would read the same."""
     from mergekit_metagpt.similarity import short_names
 
     half = (LABEL_CHARS - 1) // 2
-    return [n if len(n) <= LABEL_CHARS else n[:half] + "…" + n[-(LABEL_CHARS - 1 - half):]
-            for n in short_names(models)]
+    labels = [n if len(n) <= LABEL_CHARS else n[:half] + "…" + n[-(LABEL_CHARS - 1 - half):]
+              for n in short_names(models)]
+    if len(set(labels)) < len(labels):
+        labels = [f"{i}. {label}" for i, label in enumerate(labels, 1)]
+    return labels
+
+
+def layer_ticks(layers: Sequence[str]) -> List[int]:
+    """The heatmap columns labelled: all up to LAYER_LABELS, else the blocks whose number
+    is a multiple of k, and every column that is not a block (embed, other, head)."""
+    step = -(-len(layers) // LAYER_LABELS)
+    return [i for i, layer in enumerate(layers)
+            if step == 1 or not layer.isdigit() or int(layer) % step == 0]
 
 
 def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str] = (),
@@ -87,11 +102,11 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     image = ax.imshow([[v if v > 0 else float("nan") for v in row] for row in values],
                       aspect="auto", cmap="viridis", norm=norm)
     step = -(-len(stats.layers) // LAYER_LABELS)
-    ticks = list(range(0, len(stats.layers), step))
+    ticks = layer_ticks(stats.layers)
     ax.set_xticks(ticks, [stats.layers[i] for i in ticks], rotation=90 if len(ticks) > 24 else 0)
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("layer (embed: embeddings; other: final norm etc.; head: output head)"
-                  + (f"; one in {step} labelled" if step > 1 else ""))
+                  + (f"; blocks labelled one in {step}" if step > 1 else ""))
     ax.set_ylabel("model")
     what = "‖sparsified δ_t‖²" if sparse else "‖θ_t − θ₀‖²"
     ax.set_title(f"Where each fine-tune changed the model: {what} per layer{below}")
@@ -100,7 +115,8 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
 
     # 2. λ
     fig, ax = plt.subplots(figsize=lambdas_size(stats), dpi=DPI)
-    bars = ax.bar(names, stats.lambdas, color="tab:blue")
+    bars = ax.bar(range(len(names)), stats.lambdas, color="tab:blue")  # one bar each, whatever the labels
+    ax.set_xticks(range(len(names)), names)
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in stats.lambdas], padding=2)
     ax.set_ylim(0, max(stats.lambdas + [0.0]) * 1.15 or 1.0)
     if len(names) > 6 or max(len(n) for n in names) > 10:
@@ -115,8 +131,12 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     # 3. cosine matrix
     path = os.path.join(out_dir, f"metagpt-cosines{suffix}.png")
     if all(v is None for _, v in stats.pairs()):
-        if os.path.exists(path):  # an earlier run's: the card would link it
+        try:  # an earlier run's: the card would link it
             os.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError as error:
+            LOG.warning("MetaGPT: could not remove the earlier %s: %s", path, error)
         return paths
     fig, ax = plt.subplots(figsize=cosines_size(stats), dpi=DPI)
     matrix = [[float("nan") if v is None or a == b else v for b, v in enumerate(row)]

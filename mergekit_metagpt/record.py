@@ -35,9 +35,14 @@ VARIANT_FLAGS = ("int8_mask", "rescale")
 
 
 def _uniform(values: List[Any]):
-    """One value if all agree, else the distinct values, sorted (floats to 12 significant
-    digits: a gradient's interpolation gives 0.5666666666666665 and ...667 for one value)."""
-    distinct = list({float(f"{v:.12g}") if isinstance(v, float) else v for v in values})
+    """One value if all agree, else the distinct values, sorted; floats that agree to 12
+    significant digits count as one (a gradient's interpolation gives 0.5666666666666665
+    and ...667 for one value), given as the first of them."""
+    first = {}
+    for value in values:
+        key = (type(value), float(f"{value:.12g}")) if isinstance(value, float) else (type(value), repr(value))
+        first.setdefault(key, value)
+    distinct = list(first.values())
     numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in distinct)
     distinct.sort(key=(lambda v: v) if numbers else repr)
     return distinct[0] if len(distinct) == 1 else distinct
@@ -98,9 +103,11 @@ def record_payload(run) -> Dict[str, Any]:
 
     config = run.config
     dtype = getattr(config, "dtype", None)
-    if dtype is None and run.sets:
+    out_dtype = getattr(config, "out_dtype", None)
+    if config is None and run.sets:  # planned without run_merge (mergekit-pytorch): the plan's
         first = next(iter(run.sets.values())).tasks[0]
         dtype = getattr(first, "dtype", None) or getattr(first.gather_tensors, "dtype", None)
+        out_dtype = getattr(first, "out_dtype", None)
     sparse = any(s.sparse for s in run.result.sets)
     return {
         "format": RECORD_FORMAT,
@@ -108,7 +115,7 @@ def record_payload(run) -> Dict[str, Any]:
         "paper": PAPER_URL,
         "plugin_version": __version__,
         "dtype": dtype,
-        "out_dtype": getattr(config, "out_dtype", None),
+        "out_dtype": out_dtype,
         "norms": (
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"

@@ -11,7 +11,6 @@ of √(‖δ_a‖²‖δ_b‖²), which the closed form takes as zero.
 from __future__ import annotations
 
 import math
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
@@ -76,14 +75,32 @@ def layer_columns(names: Sequence[str]) -> Tuple[List[str], List[str]]:
     return columns, order
 
 
+def _label(name: str, depth: int) -> str:
+    """The last `depth` path parts of each side of ``base+lora``, each with its ``@revision``."""
+    sides = []
+    for side in name.split("+"):
+        path, at, revision = side.partition("@")  # a revision may hold "/" (refs/pr/1)
+        parts = [p for p in re.split(r"[\\/]", path) if p not in ("", ".")] or [path]
+        sides.append("/".join(parts[-depth:]) + at + revision)
+    return "+".join(sides)
+
+
+def _depth(name: str) -> int:
+    """How many path parts the longest side of ``base+lora`` has."""
+    return max(len([p for p in re.split(r"[\\/]", side.partition("@")[0]) if p not in ("", ".")]) or 1
+               for side in name.split("+"))
+
+
 def short_names(models: Sequence[Hashable]) -> List[str]:
-    """Readable labels: each model's folder name, or where two clash the shortest ending of
-    their paths that tells them apart (``a/model``, ``b/model``); the full name if none does."""
-    parts = [[p for p in str(m).rstrip("/").split("/") if p not in ("", ".")] or [str(m)] for m in models]
-    depth = [1] * len(parts)
+    """Readable labels: each model's folder name (with its ``@revision`` and ``+adapter``),
+    or where two clash the shortest ending of their paths that tells them apart
+    (``a/model``, ``b/model``); the full name if none does."""
+    full = [str(m) for m in models]
+    most = [_depth(n) for n in full]
+    depth = [1] * len(full)
     while True:
-        names = ["/".join(p[-d:]) for p, d in zip(parts, depth)]
-        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < len(parts[i])]
+        names = [_label(n, d) for n, d in zip(full, depth)]
+        clashing = [i for i, n in enumerate(names) if names.count(n) > 1 and depth[i] < most[i]]
         if not clashing:
             break
         for i in clashing:

@@ -240,7 +240,8 @@ def test_mergekit_pytorch_stopped_mid_merge_leaves_no_record(stop, llama_family,
     raw = _raw_files(sds, str(tmp_path / "raw"))
     out = str(tmp_path / "out")
     config = write_yaml({"merge_method": "metagpt", "base_model": raw["base"], "dtype": "float32",
-                         "models": [{"model": raw[m]} for m in MODELS]}, str(tmp_path / "r.yml"))
+                         "out_dtype": "float16", "models": [{"model": raw[m]} for m in MODELS]},
+                        str(tmp_path / "r.yml"))
     merged = []
     merge = MetaGPTMerge.merge_with_lambdas
 
@@ -262,8 +263,10 @@ def test_mergekit_pytorch_stopped_mid_merge_leaves_no_record(stop, llama_family,
     prepass.clear_memo()
     mergekit_pytorch.main([config, out, "--quiet"], standalone_mode=False)
     expected = lambdas_of(squared_norms(sds, MODELS))
-    lams = [row["lambda"] for row in read_record(out)["merges"][0]["models"]]
+    record = read_record(out)
+    lams = [row["lambda"] for row in record["merges"][0]["models"]]
     assert max(abs(a - b) for a, b in zip(lams, expected)) < 1e-7
+    assert record["dtype"] == "float32" and record["out_dtype"] == "float16"  # from the plan, no run_merge
 
 
 def test_mergekit_pytorch_that_fails_writing_the_model_leaves_no_record(llama_family, tmp_path, monkeypatch):
@@ -521,6 +524,8 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
         assert abs(row["squared_norm"] - norm) / norm < 1e-5 and abs(row["lambda"] - lam) < 1e-6
     card = read_card(out)
     assert "the norms are of the sparsified task vectors" in card
+    # no cosine is computed of sparsified vectors: the card says so, without a table of dashes
+    assert "Cosine similarities not available" in card and "| – |" not in card
     # and a dense run of the same recipe says nothing of the kind
     dense = str(tmp_path / "dense")
     config["parameters"] = {"lambda_from": "dense"}
@@ -584,9 +589,11 @@ def test_a_value_that_varies_is_listed_once_per_value_in_numeric_order():
     """A gradient's interpolation gives one value as 0.5666666666666665 and ...667."""
     from mergekit_metagpt.record import _uniform
 
-    assert _uniform([0.5666666666666665, 0.5666666666666667]) == 0.566666666667
-    assert _uniform([10.0, 0.5666666666666665, 9.0, 0.5666666666666667]) == [0.566666666667, 9.0, 10.0]
+    assert _uniform([0.5666666666666665, 0.5666666666666667]) == 0.5666666666666665  # as given
+    assert _uniform([1 / 3, 1 / 3]) == 1 / 3
+    assert _uniform([10.0, 0.5666666666666665, 9.0, 0.5666666666666667]) == [0.5666666666666665, 9.0, 10.0]
     assert _uniform(["sparse", "dense", "sparse"]) == ["dense", "sparse"]
+    assert _uniform([True, 1, True]) == [1, True]  # a bool is not the number 1
 
 
 @pytest.mark.parametrize("method, parameters, flags", [

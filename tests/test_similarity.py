@@ -128,11 +128,51 @@ def test_labels_tell_models_apart_by_the_shortest_ending_of_their_paths():
     assert short_names(["/x/a/model", "/x/b/model", "/y/c"]) == ["a/model", "b/model", "c"]
     assert short_names(["/p/a/b/model", "/p/c/b/model"]) == ["a/b/model", "c/b/model"]
     assert short_names(["m", "./m"]) == ["m", "./m"]  # nothing tells them apart: as written
+    # a hub revision may hold "/"; a LoRA reference has two paths; Windows paths
+    assert short_names(["org/model@refs/pr/1", "org/model@refs/pr/2"]) == ["model@refs/pr/1", "model@refs/pr/2"]
+    assert short_names(["base/m+lora/a", "base/m+lora/b"]) == ["m+a", "m+b"]
+    assert short_names(["C:\\x\\a\\model", "C:\\x\\b\\model"]) == ["a/model", "b/model"]
     long = ["/m/some-very-long-fine-tune-name-v2-instruct-dpo-final",
             "/m/some-very-long-fine-tune-name-v2-instruct-sft-final"]
     labels = picture_labels(long)
     assert all(len(label) == LABEL_CHARS and "…" in label for label in labels), labels
     assert labels[0] != labels[1] and labels[0].endswith("dpo-final") and labels[0].startswith("some-very")
+    # two names that read the same once shortened are numbered
+    same = ["/l/run-2024-01-15-lr1e-5-step-1000-final-merged-math", "/l/run-2024-01-15-lr1e-5-step-2000-final-merged-math",
+            "/x/code"]
+    labels = picture_labels(same)
+    assert len(set(labels)) == 3 and labels[0].startswith("1. ") and labels[2] == "3. code", labels
+
+
+def test_pictures_draw_one_bar_per_model_and_label_every_kind_of_layer(tmp_path, monkeypatch):
+    """Two models whose labels read alike still get a bar each; a deep model's heatmap labels
+    one block in k, and always embed, other and head."""
+    from mergekit_metagpt import plots
+    from mergekit_metagpt.similarity import SetStats
+
+    layers = ["embed"] + [str(i) for i in range(80)] + ["other", "head"]
+    models = ["/l/run-2024-01-15-lr1e-5-step-1000-final-merged-math",
+              "/l/run-2024-01-15-lr1e-5-step-2000-final-merged-math", "/x/code"]
+    stats = SetStats(models=models, squared_norms=[1.0, 2.0, 3.0], lambdas=[1 / 6, 2 / 6, 3 / 6],
+                     cosine=[[1.0, 0.5, 0.0], [0.5, 1.0, 0.0], [0.0, 0.0, 1.0]], layers=layers,
+                     layer_norms=[[1.0] * len(layers) for _ in models], layer_cosine={}, top_tensors=[[], [], []])
+    figures = {}
+    save = plots._save
+
+    def keep(fig, plt, out_dir, stem, suffix):
+        ax = fig.axes[0]
+        figures[stem] = (len({round(p.get_x(), 6) for p in ax.patches}), [t.get_text() for t in ax.get_xticklabels()])
+        return save(fig, plt, out_dir, stem, suffix)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    monkeypatch.setattr(plots, "picture_labels", lambda names: ["same label"] * len(names))  # at worst
+    plots.write_pictures(stats, str(tmp_path))
+    bars, _ = figures["metagpt-lambdas"]
+    assert bars == 3  # side by side, not on top of each other
+    _, ticks = figures["metagpt-layer-norms"]
+    assert ticks[:3] == ["embed", "0", "2"] and ticks[-3:] == ["78", "other", "head"], ticks
+    cells, _ = figures["metagpt-cosines"]
+    assert cells == 2  # the pair at 0.5 outlined, above and below the diagonal (two columns)
 
 
 def test_inspect_of_sparse_norms_says_so_and_draws_no_matrix_of_blanks(llama_family, tmp_path):
