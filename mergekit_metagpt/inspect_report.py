@@ -73,8 +73,9 @@ def _suffix(number: int, count: int) -> str:
 
 def _per_tensor(set_norms) -> int:
     """How many of the set's tensors are merged with their own λ (granularity: per_tensor)."""
-    return sum(1 for t in set_norms.merge_set.tasks
-               if dict(t.parameters.items()).get("granularity") == "per_tensor")
+    from mergekit_metagpt.merge_plan import task_parameter
+
+    return sum(1 for t in set_norms.merge_set.tasks if task_parameter(t, "granularity") == "per_tensor")
 
 
 def _context(set_norms, number: int, count: int) -> List[str]:

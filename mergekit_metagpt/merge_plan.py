@@ -25,6 +25,11 @@ from mergekit_metagpt.errors import MetaGPTError
 LOG = logging.getLogger("mergekit_metagpt")
 
 
+def task_parameter(task, name: str, default=None):
+    """One of a planned task's resolved parameters (``ExecuteMergeMethodTask.parameters``)."""
+    return dict(task.parameters.items()).get(name, default)
+
+
 @dataclass
 class MergeSet:
     """One base and the models merged with it, and the tasks (output tensors) they make."""
@@ -41,7 +46,7 @@ class MergeSet:
     def alpha(self) -> float:
         """The tempering exponent of the set's λ: one value for all its tensors (read once
         the plan is complete: ``MergeRun.check``)."""
-        return uniform_alpha([dict(t.parameters.items()).get("alpha", 1.0) for t in self.tasks],
+        return uniform_alpha([task_parameter(t, "alpha", 1.0) for t in self.tasks],
                              self.label)
 
 

@@ -26,6 +26,7 @@ import statistics
 from typing import Any, Dict, List, Optional
 
 from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt.merge_plan import task_parameter
 from mergekit_metagpt import PAPER_URL
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -48,24 +49,20 @@ def _uniform(values: List[Any]):
     return distinct[0] if len(distinct) == 1 else distinct
 
 
-def _param(task, name, default=None):
-    return dict(task.parameters.items()).get(name, default)
-
-
 def set_entry(set_norms) -> Dict[str, Any]:
     merge_set = set_norms.merge_set
     tasks = merge_set.tasks
     coefficients = set_norms.coefficients
-    granularity = _uniform([_param(t, "granularity", "global") for t in tasks])
+    granularity = _uniform([task_parameter(t, "granularity", "global") for t in tasks])
     entry: Dict[str, Any] = {
         "base_model": str(merge_set.base),
         "tensors": len(tasks),
         "granularity": granularity,
-        "lambda": _uniform([float(_param(t, "lambda", 1.0)) for t in tasks]),
+        "lambda": _uniform([float(task_parameter(t, "lambda", 1.0)) for t in tasks]),
         "alpha": coefficients.alpha,
     }
-    if any("lambda_from" in dict(t.parameters.items()) for t in tasks):
-        entry["lambda_from"] = _uniform([_param(t, "lambda_from", "dense") for t in tasks])
+    if any(task_parameter(t, "lambda_from") is not None for t in tasks):
+        entry["lambda_from"] = _uniform([task_parameter(t, "lambda_from", "dense") for t in tasks])
         entry["density"] = {
             str(m): _uniform([
                 float(dict(t.input_parameters[m].items()).get("density", 1.0))
@@ -74,14 +71,14 @@ def set_entry(set_norms) -> Dict[str, Any]:
             for m in merge_set.models
         }
     for name in VARIANT_FLAGS:  # as the method takes them: int8_mask (ties), rescale (dare)
-        values = [v for v in (_param(t, name) for t in tasks) if v is not None]
+        values = [v for v in (task_parameter(t, name) for t in tasks) if v is not None]
         if values:
             entry[name] = _uniform([bool(v) for v in values])
     models = []
     lambdas = coefficients.lambdas
     # tensors merged with their own λ (granularity: per_tensor, for some or all of the set's tensors)
     by_task = [set_norms.task_lambdas(i) for i, t in enumerate(tasks)
-               if _param(t, "granularity", "global") == "per_tensor"]
+               if task_parameter(t, "granularity", "global") == "per_tensor"]
     for model, norm in coefficients.squared_norms:
         row = {"model": str(model), "squared_norm": norm, "lambda": lambdas[model]}
         if by_task:
