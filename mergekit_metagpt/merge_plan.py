@@ -291,8 +291,9 @@ def register_universe(universe, context=None) -> Optional[MergeRun]:
         return None
     if context is not None:
         context.runs.append(run)
-    elif _finalize_watched():
-        run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"]
+    else:  # mergekit's FinalizeModel tasks whose class has the plugin's wrapper (re-imported: none)
+        run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"
+                          and getattr(type(t).execute, "_mergekit_metagpt_wrapper", False)]
     universe._mergekit_metagpt_run = run  # the universe keeps the run alive
     register(run)
     return run
@@ -327,13 +328,6 @@ def merge_out_paths(tasks) -> List[str]:
     if not any(isinstance(task, ExecuteMergeMethodTask) for task in tasks):
         return []
     return _writer_paths(tasks)
-
-
-def _finalize_watched() -> bool:
-    """Whether the plugin's wrapper on mergekit's FinalizeModel is installed."""
-    from mergekit_metagpt.integration import attached
-
-    return attached("mergekit.io.tasks")
 
 
 def register(run: MergeRun) -> None:

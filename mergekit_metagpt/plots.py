@@ -71,10 +71,12 @@ def picture_labels(models) -> List[str]:
 
 def layer_ticks(layers: Sequence[str]) -> List[int]:
     """The heatmap columns labelled: all up to LAYER_LABELS, else the blocks whose number
-    is a multiple of k, and every column that is not a block (embed, other, head)."""
+    (in their stack, where the model has several) is a multiple of k, and every column that
+    is not a block (embed, other, head)."""
     step = -(-len(layers) // LAYER_LABELS)
-    return [i for i, layer in enumerate(layers)
-            if step == 1 or not layer.isdigit() or int(layer) % step == 0]
+    numbers = [layer.rsplit(" ", 1)[-1] for layer in layers]  # "3", or "vision_tower 3" with stacks
+    return [i for i, number in enumerate(numbers)
+            if step == 1 or not number.isdigit() or int(number) % step == 0]
 
 
 def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str] = (),

@@ -290,6 +290,26 @@ def test_mergekit_pytorch_that_fails_writing_the_model_leaves_no_record(llama_fa
     assert not os.path.exists(os.path.join(out, RECORD))
 
 
+def test_mergekit_pytorch_without_the_finalize_wrapper_writes_the_record_after_its_last_merge(
+        llama_family, tmp_path, monkeypatch):
+    """A FinalizeModel class without the plugin's wrapper (mergekit's module imported again,
+    or changed): the record is written once the last tensor is merged, not never."""
+    from mergekit.io.tasks import FinalizeModel
+    from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
+
+    assert getattr(FinalizeModel.execute, "_mergekit_metagpt_wrapper", False)
+    monkeypatch.setattr(FinalizeModel, "execute", FinalizeModel.execute.__wrapped__)
+    _, sds = llama_family
+    raw = _raw_files(sds, str(tmp_path / "raw"))
+    out = str(tmp_path / "out")
+    config = write_yaml({"merge_method": "metagpt", "base_model": raw["base"], "dtype": "float32",
+                         "models": [{"model": raw[m]} for m in MODELS]}, str(tmp_path / "r.yml"))
+    mergekit_pytorch.main([config, out, "--quiet"], standalone_mode=False)
+    expected = lambdas_of(squared_norms(sds, MODELS))
+    lams = [row["lambda"] for row in read_record(out)["merges"][0]["models"]]
+    assert max(abs(a - b) for a, b in zip(lams, expected)) < 1e-7
+
+
 def test_a_plan_that_writes_but_does_not_merge_leaves_the_record(tmp_path):
     """Only a merge's plan removes the record: a task universe with a tensor writer but no
     merge task (e.g. mergekit-extract-lora's) leaves the folder alone."""

@@ -171,6 +171,11 @@ def test_pictures_draw_one_bar_per_model_and_label_every_kind_of_layer(tmp_path,
     assert bars == 3  # side by side, not on top of each other
     _, ticks = figures["metagpt-layer-norms"]
     assert ticks[:3] == ["embed", "0", "2"] and ticks[-3:] == ["78", "other", "head"], ticks
+    # several stacks of blocks (a vision tower beside the language model): numbered per stack
+    stacked = (["embed"] + [f"vision_tower {i}" for i in range(32)] + [f"language_model {i}" for i in range(40)]
+               + ["other", "head"])
+    labelled = [stacked[i] for i in plots.layer_ticks(stacked)]
+    assert len(labelled) == 1 + 16 + 20 + 2 and "vision_tower 30" in labelled and "language_model 39" not in labelled
     cells, _ = figures["metagpt-cosines"]
     assert cells == 2  # the pair at 0.5 outlined, above and below the diagonal (two columns)
 
