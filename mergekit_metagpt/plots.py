@@ -143,8 +143,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     fig, ax = plt.subplots(figsize=cosines_size(stats), dpi=DPI)
     matrix = [[float("nan") if v is None or a == b else v for b, v in enumerate(row)]
               for a, row in enumerate(stats.cosine)]
-    cmap = plt.get_cmap("RdBu_r").copy()
-    cmap.set_bad("#e6e6e6")
+    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e6e6e6")  # the diagonal, and pairs not computed
     image = ax.imshow(matrix, cmap=cmap, vmin=-1.0, vmax=1.0)
     for a, row in enumerate(stats.cosine):
         for b, v in enumerate(row):
