@@ -18,7 +18,7 @@ the plugin wraps, without changing what they do:
 - ``mergekit.io.tasks.FinalizeModel.execute``: for a merge planned outside ``run_merge``
   (``mergekit-pytorch``), writes the record once mergekit has written the model (no
   wrapper would remove it after a merge stopped midway); where that wrapper is missing,
-  once the plan's last MetaGPT task has merged.
+  when the pre-pass ends.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
@@ -142,17 +142,9 @@ def _attach_task_adapter(module) -> None:
             return original(self, *args, **kwargs)
         token = CURRENT_TASK.set(self)
         try:
-            result = original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             CURRENT_TASK.reset(token)
-        from mergekit_metagpt.merge_plan import run_for_task
-
-        run = run_for_task(self)
-        if run is not None and run.record_at_end and not run.finalizers and run.merged(self):
-            from mergekit_metagpt.record import write_record
-
-            write_record(run)  # no FinalizeModel known: once the last tensor is merged
-        return result
 
     execute._mergekit_metagpt_wrapper = True
     task_cls.execute = execute
@@ -427,8 +419,8 @@ WITHOUT_WRAPPER = {
                       "the λ tables in the model card, are off.",
     "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off.",
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
-    "mergekit.io.tasks": "Merges run; mergekit-pytorch writes its record once the last tensor is merged, "
-                         "before mergekit writes the last weights.",
+    "mergekit.io.tasks": "Merges run; mergekit-pytorch writes its record when its pre-pass ends, "
+                         "before the weights.",
 }
 
 

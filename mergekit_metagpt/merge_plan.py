@@ -100,21 +100,16 @@ class MergeRun:
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
-        #: planned without run_merge (mergekit-pytorch): no wrapper removes the record of a
-        #: merge stopped midway, so it is written only once the model is (when the plan's
-        #: `finalizers`, mergekit's FinalizeModel tasks, have run; else its last merge task)
-        self.record_at_end = context is None
+        #: planned without run_merge (mergekit-pytorch): mergekit's FinalizeModel tasks,
+        #: after which the plugin's wrapper writes the record (see `record_at_end`)
         self.finalizers: list = []
-        self._merged: set = set()
-        self._merged_lock = threading.Lock()
 
-    def merged(self, task) -> bool:
-        """Note that `task` was merged; True once: when the last of the plan's tasks was."""
-        with self._merged_lock:
-            if id(task) not in self._set_of or id(task) in self._merged:
-                return False
-            self._merged.add(id(task))
-            return len(self._merged) == len(self._set_of)
+    @property
+    def record_at_end(self) -> bool:
+        """No run_merge wrapper removes the record of a merge stopped midway: it is written
+        once mergekit has written the model (where the FinalizeModel wrapper is in place;
+        else when the pre-pass ends, as under run_merge)."""
+        return bool(self.finalizers)
 
     @property
     def options(self):

@@ -214,7 +214,7 @@ def _announce(run) -> None:
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
-    if not run.record_at_end:  # else when its last tensor is merged (integration)
+    if not run.record_at_end:  # else once mergekit has written the model (integration)
         write_record(run)
 
 

@@ -290,10 +290,10 @@ def test_mergekit_pytorch_that_fails_writing_the_model_leaves_no_record(llama_fa
     assert not os.path.exists(os.path.join(out, RECORD))
 
 
-def test_mergekit_pytorch_without_the_finalize_wrapper_writes_the_record_after_its_last_merge(
+def test_mergekit_pytorch_without_the_finalize_wrapper_still_writes_the_record(
         llama_family, tmp_path, monkeypatch):
     """A FinalizeModel class without the plugin's wrapper (mergekit's module imported again,
-    or changed): the record is written once the last tensor is merged, not never."""
+    or changed): the record is written when the pre-pass ends, as before, not never."""
     from mergekit.io.tasks import FinalizeModel
     from mergekit.scripts.merge_raw_pytorch import main as mergekit_pytorch
 
