@@ -29,11 +29,12 @@ PLOTS_HINT = "pictures need matplotlib: pip install matplotlib"
 def payload(run, recipe_path: str) -> dict:
     from mergekit_metagpt import __version__
 
-    from mergekit_metagpt.record import passed_through_entries
+    from mergekit_metagpt.record import passed_through_entries, set_parameters
 
     merges = []
     for set_norms in run.result.merging:
         entry = {"base_model": str(set_norms.merge_set.base), "tensors": len(set_norms.merge_set.tasks)}
+        entry.update(set_parameters(set_norms))
         entry.update(set_norms.stats.to_json())
         merges.append(entry)
     return {

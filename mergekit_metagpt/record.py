@@ -49,17 +49,16 @@ def _uniform(values: List[Any]):
     return distinct[0] if len(distinct) == 1 else distinct
 
 
-def set_entry(set_norms) -> Dict[str, Any]:
+def set_parameters(set_norms) -> Dict[str, Any]:
+    """The set's method parameters as its planned tasks take them (shared by the record and
+    the ``inspect`` JSON): ``granularity``, ``lambda``, ``alpha``, and where the method takes
+    them ``lambda_from``, ``density`` per model, ``int8_mask`` and ``rescale``."""
     merge_set = set_norms.merge_set
     tasks = merge_set.tasks
-    coefficients = set_norms.coefficients
-    granularity = _uniform([task_parameter(t, "granularity", "global") for t in tasks])
     entry: Dict[str, Any] = {
-        "base_model": str(merge_set.base),
-        "tensors": len(tasks),
-        "granularity": granularity,
+        "granularity": _uniform([task_parameter(t, "granularity", "global") for t in tasks]),
         "lambda": _uniform([float(task_parameter(t, "lambda", 1.0)) for t in tasks]),
-        "alpha": coefficients.alpha,
+        "alpha": set_norms.coefficients.alpha,
     }
     if any(task_parameter(t, "lambda_from") is not None for t in tasks):
         entry["lambda_from"] = _uniform([task_parameter(t, "lambda_from", "dense") for t in tasks])
@@ -74,6 +73,15 @@ def set_entry(set_norms) -> Dict[str, Any]:
         values = [v for v in (task_parameter(t, name) for t in tasks) if v is not None]
         if values:
             entry[name] = _uniform([bool(v) for v in values])
+    return entry
+
+
+def set_entry(set_norms) -> Dict[str, Any]:
+    merge_set = set_norms.merge_set
+    tasks = merge_set.tasks
+    coefficients = set_norms.coefficients
+    entry: Dict[str, Any] = {"base_model": str(merge_set.base), "tensors": len(tasks)}
+    entry.update(set_parameters(set_norms))
     models = []
     lambdas = coefficients.lambdas
     # tensors merged with their own λ (granularity: per_tensor, for some or all of the set's tensors)

@@ -198,6 +198,11 @@ def test_inspect_of_sparse_norms_says_so_and_draws_no_matrix_of_blanks(llama_fam
     assert "δ_t the sparsified θ_t − θ₀" in report and "metagpt-cosines.png" not in report
     assert "| – |" not in report and "### Cosine per layer" not in report
     assert "Not computed where λ come from sparsified task vectors (lambda_from: sparse)." in report
+    # the JSON says which parameters these λ are of, as the merge's record does
+    entry = json.loads((out / "metagpt-inspect.json").read_text())["merges"][0]
+    assert entry["lambda_from"] == "sparse" and entry["int8_mask"] is False
+    assert entry["density"] == {paths[m]: 0.5 for m in MODELS}
+    assert entry["granularity"] == "global" and entry["lambda"] == 1.0
 
 
 def test_inspect_of_per_tensor_lambdas_says_which_lambdas_it_shows(llama_family, tmp_path, monkeypatch):
@@ -219,6 +224,8 @@ def test_inspect_of_per_tensor_lambdas_says_which_lambdas_it_shows(llama_family,
     assert f"`granularity: per_tensor` ({mlp} of {total} tensors): the merge takes each such tensor's own λ" in report
     assert contexts == [[f"granularity: per_tensor ({mlp} of {total} tensors): merged with each tensor's own λ; "
                          "these are over the whole set"]]
+    entry = json.loads((out / "metagpt-inspect.json").read_text())["merges"][0]
+    assert entry["granularity"] == ["global", "per_tensor"] and "lambda_from" not in entry
 
 
 def test_inspect_without_matplotlib_writes_report_and_json_and_says_how(llama_family, tmp_path, capsys, monkeypatch):
