@@ -35,6 +35,11 @@ ARCHITECTURES = {
     "MixtralForCausalLM": ("MixtralConfig", dict(SMALL, num_local_experts=4, num_experts_per_tok=2,
                                                  tie_word_embeddings=False)),  # experts
     "GPT2LMHeadModel": ("GPT2Config", dict(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64)),
+    # modular: two modules (encoder, decoder) planned apart and merged as one set, their
+    # norms summed; the shared embedding read under a tied name; optional weights without
+    # tied names (relative_attention_bias beyond block 0) absent from the files
+    "T5ForConditionalGeneration": ("T5Config", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                                    num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu")),
 }
 
 
