@@ -3,8 +3,11 @@
 For each shard file, in shard order:
 
 - a file in a Hugging Face hub cache (a ``blobs/<hash>`` file, usually reached through
-  a snapshot symlink) is named by the hash of its content: the key is that name,
-  exact, and the same wherever the cache is copied;
+  a snapshot symlink) is named by the hash of its content when huggingface_hub wrote it;
+  but writing to a snapshot's path (``cp`` onto the symlink) rewrites the blob under
+  its old name. Its key is that name, its size and ``st_mtime_ns``, and the samples
+  below: no inode, device or ctime, so that a copy of the cache that keeps mtimes
+  (``cp -a``, ``rsync -a``) keeps the key;
 - any other file: its name, size, ``st_mtime_ns``, ``st_ctime_ns``, inode and device,
   its safetensors header (for other formats, e.g. ``.bin``, its first 64 KiB), and its
   last 64 KiB (a file of 128 KiB or less: all of it). Rewriting a file in place changes its
@@ -48,18 +51,21 @@ def hub_blob_name(path: str):
 
 def file_key(path: str) -> str:
     blob = hub_blob_name(path)
-    if blob is not None:
-        return f"blob:{blob}"
     digest = hashlib.sha256()
     st = os.stat(path)
-    digest.update(
-        f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
-        f"{st.st_ino}|{st.st_dev}\n".encode()
-    )
+    if blob is not None:  # no inode, device or ctime: a copy of the cache keeps the key
+        digest.update(f"{blob}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        kind = "blob"
+    else:
+        digest.update(
+            f"{os.path.basename(path)}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|"
+            f"{st.st_ino}|{st.st_dev}\n".encode()
+        )
+        kind = "file"
     with open(path, "rb") as handle:
         if st.st_size <= 2 * SAMPLE_BYTES:  # small: all of it (a same-size rewrite within
             digest.update(handle.read())    # one tick of a coarse clock keeps the stat)
-            return f"file:{digest.hexdigest()}"
+            return f"{kind}:{digest.hexdigest()}"
         if path.endswith(".safetensors") and st.st_size >= 8:
             (header_len,) = struct.unpack("<Q", handle.read(8))
             digest.update(handle.read(min(header_len, st.st_size - 8, HEADER_LIMIT)))
@@ -68,7 +74,7 @@ def file_key(path: str) -> str:
         if st.st_size > SAMPLE_BYTES:
             handle.seek(st.st_size - SAMPLE_BYTES)
             digest.update(handle.read(SAMPLE_BYTES))
-    return f"file:{digest.hexdigest()}"
+    return f"{kind}:{digest.hexdigest()}"
 
 
 def checkpoint_key(index) -> str:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import struct
 
 import pytest
 import torch
@@ -541,21 +542,38 @@ def test_a_small_file_rewritten_within_one_clock_tick_misses(tmp_path, monkeypat
     assert key() != before
 
 
-def test_hub_cache_blobs_are_keyed_by_their_content_hash(tmp_path):
-    """A Hugging Face cache blob is named by the hash of its content: exact, survives copies."""
+def test_a_hub_cache_blob_keeps_its_key_in_a_copy_of_the_cache_not_when_rewritten(tmp_path):
+    """A hub blob is named by the hash of its content as huggingface_hub wrote it: a copy of
+    the cache that keeps mtimes (cp -a, rsync -a) keeps the key. But `cp` onto the snapshot's
+    symlink rewrites the blob under its old name: same size, same header, mtime put back
+    (cp -p) and the key still changes."""
+    import shutil
+
     from mergekit_metagpt.fingerprint import file_key
 
+    header = json.dumps({"w": {"dtype": "F32", "shape": [100_000], "data_offsets": [0, 400_000]}}).encode()
+
+    def weights(seed):
+        return struct.pack("<Q", len(header)) + header + torch.randn(100_000, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
+
     digest = "ab" * 32
-    for root in ("hub1", "hub2"):  # the same blob in two copies of a cache
-        blobs = tmp_path / root / "blobs"
-        blobs.mkdir(parents=True)
-        (blobs / digest).write_bytes(b"same content")
-        snapshot = tmp_path / root / "snapshots" / "rev"
-        snapshot.mkdir(parents=True)
-        os.symlink(blobs / digest, snapshot / "model.safetensors")
-    a = file_key(str(tmp_path / "hub1" / "snapshots" / "rev" / "model.safetensors"))
-    b = file_key(str(tmp_path / "hub2" / "snapshots" / "rev" / "model.safetensors"))
-    assert a == b == f"blob:{digest}"
+    repo = tmp_path / "hub1"
+    (repo / "blobs").mkdir(parents=True)
+    (repo / "blobs" / digest).write_bytes(weights(0))
+    (repo / "snapshots" / "rev").mkdir(parents=True)
+    os.symlink(os.path.join("..", "..", "blobs", digest), repo / "snapshots" / "rev" / "model.safetensors")
+    shutil.copytree(repo, tmp_path / "hub2", symlinks=True)  # copy2: mtimes kept, other inodes
+    first = file_key(str(repo / "snapshots" / "rev" / "model.safetensors"))
+    assert first.startswith("blob:")
+    assert file_key(str(tmp_path / "hub2" / "snapshots" / "rev" / "model.safetensors")) == first
+
+    blob = repo / "blobs" / digest
+    stat = os.stat(blob)
+    with open(repo / "snapshots" / "rev" / "model.safetensors", "r+b") as f:  # through the link
+        f.write(weights(1))
+    os.utime(blob, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.path.getsize(blob) == stat.st_size and os.stat(blob).st_mtime_ns == stat.st_mtime_ns
+    assert file_key(str(repo / "snapshots" / "rev" / "model.safetensors")) != first
     plain = tmp_path / "plain.safetensors"
     plain.write_bytes(b"\x00" * 8)
     assert file_key(str(plain)).startswith("file:")
