@@ -63,7 +63,9 @@ def _options(args):
     settings = {name: getattr(args, name, None) for name in PLANNING_SETTINGS}
     # the pre-pass's progress bar, on stderr, where a person watches it
     quiet = bool(getattr(args, "quiet", False)) or not _is_terminal(sys.stderr)
-    return MergeOptions(quiet=quiet, **flags, **settings)
+    # seeds torch as mergekit-yaml's --random-seed does: DARE's masks of lambda_from: sparse
+    seed = {"random_seed": args.random_seed} if getattr(args, "random_seed", None) is not None else {}
+    return MergeOptions(quiet=quiet, **flags, **settings, **seed)
 
 
 def _is_terminal(stream) -> bool:
@@ -92,6 +94,10 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
     check_metagpt(config, recipe_path)
     if before_planning is not None:
         before_planning(config)
+    if options.random_seed is not None:  # where run_merge seeds, before planning
+        import transformers.trainer_utils
+
+        transformers.trainer_utils.set_seed(options.random_seed)
     with _transformers_errors_only():
         run = plan_recipe(config, options)
     if before_norms is not None:
@@ -113,7 +119,14 @@ def _table(entry) -> str:
     return text_table(header, [model_row(row, bool(per_tensor)) for row in entry["models"]])
 
 
-def coefficients_text(payload) -> str:
+def _one_draw(seed) -> str:
+    """What a sparse DARE λ is: a draw of the masks, seeded or not."""
+    if seed is None:
+        return "DARE's masks are random, so these lambda are one draw (--random-seed N draws them as mergekit-yaml's does)"
+    return f"DARE's masks are random: drawn as by mergekit-yaml --random-seed {seed}"
+
+
+def coefficients_text(payload, seed=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula
     from mergekit_metagpt.record import passed_through_text, per_tensor_count
@@ -138,8 +151,7 @@ def coefficients_text(payload) -> str:
         notes.append(passed_through_text(payload["passed_through"], ascii=True))
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
-                     + ("; DARE's masks are random, so these lambda are one draw"
-                        if payload["merge_method"] == "metagpt_dare" else ""))
+                     + ("; " + _one_draw(seed) if payload["merge_method"] == "metagpt_dare" else ""))
     return "\n\n".join(blocks) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -151,7 +163,7 @@ def _coefficients(args) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(coefficients_text(payload))
+        print(coefficients_text(payload, args.random_seed))
     return 0
 
 
@@ -217,6 +229,12 @@ def _demo_models(args) -> int:
     paths = write_family(args.directory, SIZES[args.size], dtype=args.dtype)
     print("\n".join(paths))
     return 0
+
+
+def _add_seed(parser) -> None:
+    parser.add_argument("--random-seed", metavar="N", type=int, default=None,
+                        help="as mergekit-yaml's: metagpt_dare with lambda_from: sparse then draws the "
+                             "masks of its norms as that merge does")
 
 
 def _add_planning_flags(parser) -> None:
@@ -301,6 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     coeff.add_argument("--json", action="store_true",
                        help="print JSON (the shape of the merge's metagpt_coefficients.json)")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
+    _add_seed(coeff)
     _add_planning_flags(coeff)
     coeff.set_defaults(run=_coefficients)
     bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
@@ -319,6 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--json", action="store_true", help="print the numbers as JSON (also written to OUT_DIR)")
     inspect.add_argument("--cuda", action="store_true", help="compute on the GPU")
     inspect.add_argument("--no-pictures", action="store_true", help="report and JSON only")
+    _add_seed(inspect)
     _add_planning_flags(inspect)
     inspect.set_defaults(run=_inspect)
     demo = sub.add_parser("demo-models", help="write a small local base + math/code/chat family")

@@ -121,6 +121,12 @@ def _md_table(header, rows) -> List[str]:
     ]
 
 
+def _one_draw(seed) -> str:
+    if seed is None:
+        return "DARE's masks are random, so these are one draw (`--random-seed N` draws them as mergekit-yaml's does)"
+    return f"DARE's masks are random: drawn as by `mergekit-yaml --random-seed {seed}`"
+
+
 def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) -> str:
     from mergekit_metagpt.similarity import COSINE_WARNING, short_names
 
@@ -129,7 +135,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
     sets = run.result.merging
     sparse = any(s.sparse for s in sets)
     delta = ("δ_t the sparsified θ_t − θ₀ (lambda_from: sparse: ‖δ‖², λ and the layers below are of the "
-             "sparsified task vectors" + ("; DARE's masks are random, so these are one draw"
+             "sparsified task vectors" + ("; " + _one_draw(getattr(run.options, "random_seed", None))
                                           if run.method_name == "metagpt_dare" else "") + ")" if sparse
              else "δ_t = θ_t − θ₀")
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",

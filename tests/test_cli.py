@@ -459,3 +459,31 @@ def test_bake_pins_hub_models_to_the_commits_of_their_lambdas(llama_family, tmp_
 
     config = MergeConfiguration.model_validate(baked)
     assert str(config.base_model) == pinned["base"]
+
+
+def test_coefficients_and_inspect_draw_sparse_dare_norms_as_a_merge_with_that_seed(llama_family, tmp_path, capsys):
+    """metagpt_dare with lambda_from: sparse: DARE's masks are random. --random-seed N seeds
+    torch where run_merge does (before planning), so the λ printed are those of the merge
+    run with that seed; without it they are one draw, and the text says which."""
+    from mergekit.options import MergeOptions
+
+    paths, _ = llama_family
+    config = recipe(paths, MODELS, method="metagpt_dare", parameters={"density": 0.5, "lambda_from": "sparse"})
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+
+    def printed(*flags):
+        assert main(["coefficients", path, "--json", *flags]) == 0
+        return [m["lambda"] for m in json.loads(capsys.readouterr().out)["merges"][0]["models"]]
+
+    run_recipe(config, str(tmp_path / "out"), MergeOptions(random_seed=3))
+    with open(tmp_path / "out" / "metagpt_coefficients.json") as f:
+        merged = [m["lambda"] for m in json.load(f)["merges"][0]["models"]]
+    assert printed("--random-seed", "3") == merged
+    assert printed("--random-seed", "4") != merged  # the seed is what makes them equal
+    assert main(["inspect", path, str(tmp_path / "inspect"), "--random-seed", "3", "--no-pictures", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["merges"][0]["lambdas"] == merged
+    assert "drawn as by `mergekit-yaml --random-seed 3`" in (tmp_path / "inspect" / "metagpt-report.md").read_text()
+    assert main(["coefficients", path]) == 0
+    assert "these lambda are one draw (--random-seed N draws them" in capsys.readouterr().out
+    assert main(["coefficients", path, "--random-seed", "3"]) == 0
+    assert "drawn as by mergekit-yaml --random-seed 3" in capsys.readouterr().out
