@@ -20,6 +20,26 @@ def run_cli(config: dict, tmp_path):
     return result.returncode, (lines[-1] if lines else ""), out, result.stdout + result.stderr
 
 
+def _copy_into_first_shard(folder: str, offset: float) -> str:
+    """Add to the first shard of `folder` a tensor its index puts in the last one (plus
+    `offset`); return its name."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    (index,) = glob.glob(os.path.join(folder, "*.index.json"))
+    with open(index) as handle:
+        weight_map = json.load(handle)["weight_map"]
+    files = sorted(set(weight_map.values()))
+    name = sorted(n for n, f in weight_map.items() if f == files[-1])[0]
+    first, last = (os.path.join(folder, f) for f in (files[0], files[-1]))
+    if first.endswith(".safetensors"):
+        save_file({**load_file(first), name: load_file(last)[name] + offset}, first, metadata={"format": "pt"})
+    else:
+        torch.save({**torch.load(first), name: torch.load(last)[name] + offset}, first)
+    return name
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
@@ -68,6 +88,14 @@ def family(tmp_path_factory):
     # weights_only, as mergekit reads it, takes it; mergekit's lazy unpickler does not
     params = {k: torch.nn.Parameter(v, requires_grad=False) for k, v in perturbed(base, 0.03, 9).items()}
     paths["param_bin"] = save_bin(str(root / "param_bin"), params, like=paths["base"])
+
+    # a tensor the index puts in one shard, held by another too (a shard saved again alone):
+    # mergekit reads whichever copy the shard it has open holds
+    for name, offset in (("stale_copy", 0.5), ("equal_copy", 0.0)):
+        paths[name] = save_checkpoint(str(root / name), perturbed(base, 0.02, 10))
+        _copy_into_first_shard(paths[name], offset)
+    paths["stale_bin"] = save_bin(str(root / "stale_bin"), perturbed(base, 0.02, 11), like=paths["base"])
+    _copy_into_first_shard(paths["stale_bin"], 0.5)
 
     paths["twin1"] = save_checkpoint(str(root / "twin1"), base)
     paths["twin2"] = save_checkpoint(str(root / "twin2"), base)
@@ -160,6 +188,16 @@ CASES = {
         r"\(holding tensor '[\w.]+'\) does not unpickle \(a damaged torch\.save archive\): "),
     "damaged single .bin file": (lambda p: recipe(p, ["good", "bad_bin"]),
                                  r"cannot load model .*/bad_bin: EOFError$"),
+    # the pre-pass and the merge read in other orders, so could each take another copy
+    "a tensor in two shards": (
+        lambda p: recipe(p, ["good", "stale_copy"]),
+        r"model .*/stale_copy holds tensor '[\w.]+' in two files: .*/stale_copy/model-0+\d-of-0+\d\.safetensors "
+        r"\(where its index puts it\) and .*/stale_copy/model-00001-of-0+\d\.safetensors\. .*remove the copy "
+        r"the index does not list \(or save the model again\)$"),
+    "a tensor in two .bin shards": (
+        lambda p: recipe(p, ["good", "stale_bin"]),
+        r"model .*/stale_bin holds tensor '[\w.]+' in two files: .*/pytorch_model-00002-of-00002\.bin "
+        r"\(where its index puts it\) and .*/pytorch_model-00001-of-00002\.bin\."),
     # mergekit: "Repo id must use alphanumeric chars ..."
     "no such model folder": (lambda p: recipe({**p, "gone": p["good"] + "-gone"}, ["good", "gone"]),
                              r"model .*/good-gone: no such folder$"),
@@ -428,6 +466,18 @@ def test_a_bin_checkpoint_of_parameters_is_merged(family, tmp_path):
     rc, _, out, log = run_cli(recipe(paths, ["good", "param_bin"]), tmp_path)
     assert rc == 0, log
     _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.03, 9)])
+    merged = load_checkpoint(out)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
+
+
+def test_a_tensor_two_shards_hold_alike_is_merged(family, tmp_path):
+    """Two files holding the same bits under one name: whichever mergekit reads, it reads the
+    same, so the merge goes on, to the closed form."""
+    paths, base = family
+    rc, _, out, log = run_cli(recipe(paths, ["good", "equal_copy"]), tmp_path)
+    assert rc == 0, log
+    _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.02, 10)])
     merged = load_checkpoint(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
