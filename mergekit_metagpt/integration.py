@@ -326,6 +326,8 @@ def _attach_plan(module) -> None:
     def plan_module(self, *args, **kwargs):
         if not _is_ours(getattr(getattr(self, "config", None), "merge_method", None)):
             return module_original(self, *args, **kwargs)
+        arguments = module_signature.bind(self, *args, **kwargs).arguments
+        _check_slice_depths(arguments.get("definition"), arguments["module_name"])
         outer = self.__dict__.get(_PLANNED)
         planned, skipped = self.__dict__[_PLANNED] = ([], [])
         try:
@@ -336,7 +338,7 @@ def _attach_plan(module) -> None:
             else:  # planned from inside another module's planning: its lists again
                 self.__dict__[_PLANNED] = outer
         if skipped and not planned:
-            module_name = module_signature.bind(self, *args, **kwargs).arguments["module_name"]
+            module_name = arguments["module_name"]
             LOG.warning(
                 "MetaGPT: mergekit plans none of the %d weights of module %s (e.g. %s): no input "
                 "model holds them under the names mergekit's architecture gives them, and mergekit "
@@ -350,6 +352,27 @@ def _attach_plan(module) -> None:
     plan_module._mergekit_metagpt_wrapper = True
     planner.plan_tensor = plan_tensor
     planner.plan_module = plan_module
+
+
+def _check_slice_depths(definition, module_name) -> None:
+    """Name the inputs of a slice that take different numbers of layers (mergekit 0.1.5 says
+    only "All inputs to a slice must contain the same number of layers"); for a ``models:``
+    recipe, mergekit's slice takes each model's whole depth."""
+    for number, out_slice in enumerate(getattr(definition, "slices", None) or (), 1):
+        sources = getattr(out_slice, "sources", None) or ()
+        ranges = [tuple(getattr(s, "layer_range", None) or ()) for s in sources]
+        if len(ranges) < 2 or any(len(r) != 2 for r in ranges):
+            return
+        if len({b - a for a, b in ranges}) > 1:
+            from mergekit_metagpt.errors import MetaGPTError
+
+            listed = "; ".join(f"{s.model}: layer_range [{a}, {b}], {b - a} layer{'' if b - a == 1 else 's'}" for s, (a, b) in zip(sources, ranges))
+            raise MetaGPTError(
+                f"MetaGPT: the inputs of slice {number} of module {module_name} take different numbers of "
+                f"layers ({listed}); mergekit merges layer by layer, so each input needs as many. A "
+                f"`models:` recipe takes each model's whole depth: give `slices:` with `layer_range`s of "
+                f"one length, or models of the base's depth"
+            )
 
 
 def _attach_multimerge(module) -> None:

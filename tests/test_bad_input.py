@@ -238,7 +238,20 @@ def test_other_layer_count_is_refused(family, tmp_path):
     paths, _ = family
     rc, last, out, log = run_cli(recipe(paths, ["good", "deeper"]), tmp_path)
     assert rc != 0 and not safetensors_in(out)
-    assert "layers" in last or "shape" in last, last
+    # mergekit 0.1.5 alone: "All inputs to a slice must contain the same number of layers"
+    assert re.search(r"the inputs of slice 1 of module default take different numbers of layers \(.*/good: "
+                     r"layer_range \[0, 2\], 2 layers; .*/deeper: layer_range \[0, 3\], 3 layers; .*/base: "
+                     r"layer_range \[0, 2\], 2 layers\); .*A `models:` recipe takes each model's whole depth", last), last
+    # in a slices: recipe, the slice and its ranges as written
+    slices = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "slices": [{"sources": [{"model": paths["base"], "layer_range": [0, 2]},
+                                      {"model": paths["good"], "layer_range": [0, 2]}]},
+                         {"sources": [{"model": paths["base"], "layer_range": [0, 1]},
+                                      {"model": paths["deeper"], "layer_range": [1, 3]}]}]}
+    rc, last, out, log = run_cli(slices, tmp_path)
+    assert rc != 0 and not safetensors_in(out)
+    assert re.search(r"slice 2 of module default take different numbers of layers \(.*/base: layer_range "
+                     r"\[0, 1\], 1 layer; .*/deeper: layer_range \[1, 3\], 2 layers\)", last), last
 
 
 def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
