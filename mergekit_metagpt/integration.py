@@ -440,7 +440,8 @@ WITHOUT_WRAPPER = {
     "mergekit.merge_methods.task_adapter": _REFUSED,
     "mergekit.merge": "Merges run, with their λ; the recipe's checks before anything is read, and "
                       "the λ tables in the model card, are off.",
-    "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off.",
+    "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off, and "
+                     "mergekit's message about slices of unequal depth names no input.",
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
     "mergekit.io.tasks": "Merges run; mergekit-pytorch writes its record when its pre-pass ends, "
                          "before the weights.",
