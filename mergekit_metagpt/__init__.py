@@ -11,6 +11,10 @@ PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
 from mergekit_metagpt.registration import register_all
 
-register_all()
+try:
+    register_all()
+except ModuleNotFoundError as _error:  # mergekit not installed: nothing to register in; the
+    if (_error.name or "").split(".")[0] != "mergekit":  # CLI says so (--version, or one line)
+        raise
 
 __all__ = ["register_all", "__version__"]

@@ -369,17 +369,29 @@ def main(argv: Optional[List[str]] = None) -> int:
         except (OSError, ValueError):
             pass
         return 1
-    except Exception as error:  # every error is one line; mergekit's and pydantic's too
-        from mergekit_metagpt.env import switched_on
-        from mergekit_metagpt.errors import one_line, reported_as_bug
-
-        if switched_on(DEBUG_SWITCH):
-            import traceback
-
-            traceback.print_exc()
-        hint = f" (not an input error: {DEBUG_SWITCH}=1 prints the traceback)" if reported_as_bug(error) else ""
-        print(f"mergekit-metagpt: error: {one_line(error)}{hint}", file=sys.stderr)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] != "mergekit":
+            return _report(error)
+        print(f"mergekit-metagpt: error: mergekit is not installed in this Python ({sys.executable}): "
+              "pip install mergekit==0.1.5", file=sys.stderr)
         return 1
+    except Exception as error:  # every error is one line; mergekit's and pydantic's too
+        return _report(error)
+
+
+def _report(error: BaseException) -> int:
+    """One line on stderr (the traceback first with MERGEKIT_METAGPT_DEBUG=1); exit status 1.
+    Called while `error` is being handled."""
+    from mergekit_metagpt.env import switched_on
+    from mergekit_metagpt.errors import one_line, reported_as_bug
+
+    if switched_on(DEBUG_SWITCH):
+        import traceback
+
+        traceback.print_exc()
+    hint = f" (not an input error: {DEBUG_SWITCH}=1 prints the traceback)" if reported_as_bug(error) else ""
+    print(f"mergekit-metagpt: error: {one_line(error)}{hint}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -487,3 +487,34 @@ def test_coefficients_and_inspect_draw_sparse_dare_norms_as_a_merge_with_that_se
     assert "these lambda are one draw (--random-seed N draws them" in capsys.readouterr().out
     assert main(["coefficients", path, "--random-seed", "3"]) == 0
     assert "drawn as by mergekit-yaml --random-seed 3" in capsys.readouterr().out
+
+
+def test_without_mergekit_the_cli_says_so_in_one_line(tmp_path):
+    """mergekit absent (uninstalled, or another environment's): importing the plugin
+    registers nothing and raises nothing, --version still prints, and a command that needs
+    mergekit says what to install, in one line, not a traceback."""
+    recipe_path = tmp_path / "r.yml"
+    recipe_path.write_text("merge_method: metagpt\nbase_model: ./base\nmodels:\n  - model: ./a\n")
+    code = f"""
+import importlib.abc, sys
+class NoMergekit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "mergekit":
+            raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
+sys.meta_path.insert(0, NoMergekit())
+import mergekit_metagpt
+from mergekit_metagpt.cli import main
+try:
+    main(["--version"])
+except SystemExit as done:
+    print("version exit", done.code)
+print("coefficients exit", main(["coefficients", {str(recipe_path)!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "mergekit-metagpt 0.1.0" in result.stdout and "version exit 0" in result.stdout, result.stdout
+    assert "coefficients exit 1" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"mergekit-metagpt: error: mergekit is not installed in this Python ({sys.executable}): "
+        "pip install mergekit==0.1.5"], result.stderr
