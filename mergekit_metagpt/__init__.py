@@ -14,7 +14,7 @@ from mergekit_metagpt.registration import register_all
 try:
     register_all()
 except ModuleNotFoundError as _error:  # mergekit not installed: nothing to register in; the
-    if (_error.name or "").split(".")[0] != "mergekit":  # CLI says so (--version, or one line)
-        raise
+    if _error.name != "mergekit":  # CLI says so (--version, or one line); a mergekit that
+        raise                         # lacks a module is another error
 
 __all__ = ["register_all", "__version__"]

@@ -9,6 +9,10 @@ models. Opening a safetensors file reads its header and checks that the file is 
 as the header says (milliseconds a shard). A ``torch.save`` (.bin) shard is a zip
 archive: its directory, at the end of the file, is read (a truncated file has none),
 and its pickle unpickled onto the meta device, which leaves the tensors' data unread.
+
+A sharded model's every shard is listed too (its names): a name the merge reads that
+another shard holds as well is read from whichever shard mergekit's loader has open, so
+the two copies are compared (read whole, only then), and refused where they differ.
 """
 
 from __future__ import annotations
@@ -63,26 +67,26 @@ def _read_pickle(path: str):
     meta device: the tensors' data is not read. (Not mergekit's lazy unpickler, which
     takes fewer types, e.g. no ``nn.Parameter``, and patches torch for the whole process
     while it runs.)"""
+    return _load_shard(path, "meta")
+
+
+def _load_shard(path: str, device: str):
+    """A .bin shard's dict as mergekit's per-shard loaders read it (top-level names; a
+    torch.save zip archive memory-mapped, the legacy format, which cannot be, read whole)."""
     import torch
 
-    return torch.load(path, map_location="meta", weights_only=True, mmap=True)
+    return torch.load(path, map_location=device, weights_only=True, mmap=zipfile.is_zipfile(path))
 
 
-def _file_keys(path: str) -> Optional[frozenset]:
-    """The tensor names a checkpoint file holds (as mergekit's loader of it finds them), or
-    None where it does not open (then `file_problem` names it, if the merge reads it)."""
-    try:
-        if path.lower().endswith(".safetensors"):
-            import safetensors
+def _file_keys(path: str) -> frozenset:
+    """The tensor names a shard holds, as mergekit's loader of that shard finds them."""
+    if path.lower().endswith(".safetensors"):
+        import safetensors
 
-            with safetensors.safe_open(path, framework="pt") as handle:
-                return frozenset(handle.keys())
-        shard = _read_pickle(path)
-        if isinstance(shard, dict) and "state_dict" in shard:  # as mergekit's loaders
-            shard = shard["state_dict"]
-        return frozenset(shard) if isinstance(shard, dict) else None
-    except Exception:
-        return None
+        with safetensors.safe_open(path, framework="pt") as handle:
+            return frozenset(handle.keys())
+    shard = _load_shard(path, "meta")
+    return frozenset(shard) if isinstance(shard, dict) else frozenset()
 
 
 def _tensor_in(path: str, name: str):
@@ -91,47 +95,73 @@ def _tensor_in(path: str, name: str):
 
         with safetensors.safe_open(path, framework="pt") as handle:
             return handle.get_tensor(name)
+    return _load_shard(path, "cpu")[name]
+
+
+def _bits(tensor):
     import torch
 
-    shard = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    return (shard.get("state_dict", shard) if isinstance(shard, dict) else shard)[name]
+    return tensor.contiguous().reshape(-1).view(torch.uint8) if tensor.numel() else torch.empty(0, dtype=torch.uint8)
 
 
-def _same_tensor(name: str, a: str, b: str) -> bool:
-    """Whether two files hold the same tensor under `name` (dtype, shape and every bit): then
-    whichever mergekit reads, it reads the same."""
-    import torch
+class _Copies:
+    """Tensor names that several shards of one model's index hold, and whether their copies
+    are alike, for one plan's check (each shard listed, each pair compared, once)."""
 
-    try:
-        x, y = _tensor_in(a, name), _tensor_in(b, name)
-    except Exception:
-        return False
-    return x.dtype == y.dtype and x.shape == y.shape and torch.equal(x.view(-1).view(torch.uint8), y.view(-1).view(torch.uint8))
+    def __init__(self):
+        self._held: Dict[int, Dict[str, List[str]]] = {}  # id(index) -> name -> its files
+        self._alike: Dict[tuple, bool] = {}
 
+    def held(self, model, index) -> Dict[str, List[str]]:
+        if id(index) not in self._held:
+            holders: Dict[str, List[str]] = {}
+            if len(index.shards) > 1:
+                for shard in index.shards:
+                    path = os.path.join(index.base_path, shard.filename)
+                    if file_problem(path) is not None:  # named if the merge reads it
+                        continue
+                    try:
+                        names = _file_keys(path)
+                    except Exception as error:
+                        raise MetaGPTError(
+                            f"MetaGPT: cannot list the tensors of model {model}'s file {path}: {one_line(error)}"
+                        ) from None
+                    for name in names:
+                        holders.setdefault(name, []).append(path)
+            self._held[id(index)] = {n: files for n, files in holders.items() if len(files) > 1}
+        return self._held[id(index)]
 
-def _held_twice(index) -> Dict[str, List[str]]:
-    """The names that two or more files of a mergekit index hold (name -> those files)."""
-    holders: Dict[str, List[str]] = {}
-    if len(index.shards) > 1:
-        for shard in index.shards:
-            path = os.path.join(index.base_path, shard.filename)
-            for name in _file_keys(path) or ():
-                holders.setdefault(name, []).append(path)
-    return {name: files for name, files in holders.items() if len(files) > 1}
+    def alike(self, model, name: str, a: str, b: str) -> bool:
+        """Whether two files hold the same tensor under `name` (dtype, shape and every bit):
+        then whichever mergekit reads, it reads the same."""
+        key = (name, a, b)
+        if key not in self._alike:
+            import torch
 
+            try:
+                x, y = _tensor_in(a, name), _tensor_in(b, name)
+                self._alike[key] = x.dtype == y.dtype and x.shape == y.shape and torch.equal(_bits(x), _bits(y))
+            except Exception as error:
+                raise MetaGPTError(
+                    f"MetaGPT: model {model} holds tensor {name!r} in {a} and {b}, and its copies could not be "
+                    f"compared: {one_line(error)}"
+                ) from None
+        return self._alike[key]
 
-def _check_one_copy(model, name: str, path: str, held_twice: Dict[str, List[str]]) -> None:
-    """Refuse a tensor the merge reads that another file of the same index holds too: mergekit's
-    loader reads a name from whichever shard it has open if that shard holds it, so which copy
-    is read depends on the order of reads, and the pre-pass and the merge read in other orders."""
-    others = [other for other in held_twice.get(name, ()) if other != path and not _same_tensor(name, path, other)]
-    if others:
-        raise MetaGPTError(
-            f"MetaGPT: model {model} holds tensor {name!r} in two files: {path} (where its index "
-            f"puts it) and {others[0]}. mergekit reads a tensor from whichever of a model's files it "
-            f"has open, so the merge and its λ could each take another copy; remove the copy "
-            f"the index does not list (or save the model again)"
-        )
+    def check(self, model, index, name: str, path: str) -> None:
+        """Refuse a tensor the merge reads that another file of the same index holds, with other
+        bits: mergekit's loader reads a name from whichever shard it has open if that shard
+        holds it, so which copy is read depends on the order of reads, and the pre-pass and
+        the merge read in other orders."""
+        others = [other for other in self.held(model, index).get(name, ())
+                  if other != path and not self.alike(model, name, path, other)]
+        if others:
+            raise MetaGPTError(
+                f"MetaGPT: model {model} holds tensor {name!r} in {len(others) + 1} files: {path} (where its "
+                f"index puts it) and {', '.join(others)}. mergekit reads a tensor from whichever of a model's "
+                f"files it has open, so the merge and its λ could each take another copy; remove the copies "
+                f"the index does not list (or save the model again)"
+            )
 
 
 def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
@@ -141,7 +171,7 @@ def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
     task's reads (``plan_inputs.task_reads``). Reads that mergekit cannot place (no
     loader, a name the checkpoint lacks) are left to the merge to report."""
     seen: Dict[str, None] = {}
-    held_twice: Dict[str, Dict[str, List[str]]] = {}  # index's folder -> `_held_twice`
+    copies = _Copies()
     for reads in task_reads:
         for model, read in reads.items():
             try:
@@ -159,7 +189,4 @@ def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
                         f"MetaGPT: cannot read model {model}: its file {path} (holding tensor "
                         f"{name!r}) {problem}"
                     )
-            index = read.loader.index
-            if index.base_path not in held_twice:
-                held_twice[index.base_path] = _held_twice(index)
-            _check_one_copy(model, name, path, held_twice[index.base_path])
+            copies.check(model, read.loader.index, name, path)

@@ -370,7 +370,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             pass
         return 1
     except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] != "mergekit":
+        if error.name != "mergekit":  # a mergekit that lacks a module: as any other error
             return _report(error)
         print(f"mergekit-metagpt: error: mergekit is not installed in this Python ({sys.executable}): "
               "pip install mergekit==0.1.5", file=sys.stderr)

@@ -362,7 +362,7 @@ def _check_slice_depths(definition, module_name) -> None:
         sources = getattr(out_slice, "sources", None) or ()
         ranges = [tuple(getattr(s, "layer_range", None) or ()) for s in sources]
         if len(ranges) < 2 or any(len(r) != 2 for r in ranges):
-            return
+            continue
         if len({b - a for a, b in ranges}) > 1:
             from mergekit_metagpt.errors import MetaGPTError
 

@@ -20,9 +20,10 @@ def run_cli(config: dict, tmp_path):
     return result.returncode, (lines[-1] if lines else ""), out, result.stdout + result.stderr
 
 
-def _copy_into_first_shard(folder: str, offset: float) -> str:
+def _copy_into_first_shard(folder: str, offset: float, legacy: bool = False) -> str:
     """Add to the first shard of `folder` a tensor its index puts in the last one (plus
-    `offset`); return its name."""
+    `offset`; with 0, the same bits and strides); return its name. `legacy`: .bin shards
+    saved again in torch's pre-zip format."""
     import json
 
     from safetensors.torch import load_file, save_file
@@ -34,9 +35,14 @@ def _copy_into_first_shard(folder: str, offset: float) -> str:
     name = sorted(n for n, f in weight_map.items() if f == files[-1])[0]
     first, last = (os.path.join(folder, f) for f in (files[0], files[-1]))
     if first.endswith(".safetensors"):
-        save_file({**load_file(first), name: load_file(last)[name] + offset}, first, metadata={"format": "pt"})
+        copy = load_file(last)[name]
+        save_file({**load_file(first), name: copy + offset if offset else copy}, first, metadata={"format": "pt"})
     else:
-        torch.save({**torch.load(first), name: torch.load(last)[name] + offset}, first)
+        copy = torch.load(last)[name]
+        torch.save({**torch.load(first), name: copy + offset if offset else copy}, first,
+                   _use_new_zipfile_serialization=not legacy)
+        if legacy:
+            torch.save(torch.load(last), last, _use_new_zipfile_serialization=False)
     return name
 
 
@@ -96,6 +102,15 @@ def family(tmp_path_factory):
         _copy_into_first_shard(paths[name], offset)
     paths["stale_bin"] = save_bin(str(root / "stale_bin"), perturbed(base, 0.02, 11), like=paths["base"])
     _copy_into_first_shard(paths["stale_bin"], 0.5)
+    paths["stale_legacy_bin"] = save_bin(str(root / "stale_legacy_bin"), perturbed(base, 0.02, 12),
+                                         like=paths["base"])
+    _copy_into_first_shard(paths["stale_legacy_bin"], 0.5, legacy=True)
+    # torch.save keeps strides: matrices stored transposed load as non-contiguous views
+    strided = {k: v.t().contiguous().t() if v.dim() == 2 else v for k, v in perturbed(base, 0.02, 13).items()}
+    paths["equal_strided_bin"] = save_bin(str(root / "equal_strided_bin"), strided, like=paths["base"])
+    copied = _copy_into_first_shard(paths["equal_strided_bin"], 0.0)
+    first = os.path.join(paths["equal_strided_bin"], "pytorch_model-00001-of-00002.bin")
+    assert not torch.load(first)[copied].is_contiguous()
 
     paths["twin1"] = save_checkpoint(str(root / "twin1"), base)
     paths["twin2"] = save_checkpoint(str(root / "twin2"), base)
@@ -191,12 +206,16 @@ CASES = {
     # the pre-pass and the merge read in other orders, so could each take another copy
     "a tensor in two shards": (
         lambda p: recipe(p, ["good", "stale_copy"]),
-        r"model .*/stale_copy holds tensor '[\w.]+' in two files: .*/stale_copy/model-0+\d-of-0+\d\.safetensors "
-        r"\(where its index puts it\) and .*/stale_copy/model-00001-of-0+\d\.safetensors\. .*remove the copy "
+        r"model .*/stale_copy holds tensor '[\w.]+' in 2 files: .*/stale_copy/model-0+\d-of-0+\d\.safetensors "
+        r"\(where its index puts it\) and .*/stale_copy/model-00001-of-0+\d\.safetensors\. .*remove the copies "
         r"the index does not list \(or save the model again\)$"),
     "a tensor in two .bin shards": (
         lambda p: recipe(p, ["good", "stale_bin"]),
-        r"model .*/stale_bin holds tensor '[\w.]+' in two files: .*/pytorch_model-00002-of-00002\.bin "
+        r"model .*/stale_bin holds tensor '[\w.]+' in 2 files: .*/pytorch_model-00002-of-00002\.bin "
+        r"\(where its index puts it\) and .*/pytorch_model-00001-of-00002\.bin\."),
+    "a tensor in two .bin shards of torch's pre-zip format": (
+        lambda p: recipe(p, ["good", "stale_legacy_bin"]),
+        r"model .*/stale_legacy_bin holds tensor '[\w.]+' in 2 files: .*/pytorch_model-00002-of-00002\.bin "
         r"\(where its index puts it\) and .*/pytorch_model-00001-of-00002\.bin\."),
     # mergekit: "Repo id must use alphanumeric chars ..."
     "no such model folder": (lambda p: recipe({**p, "gone": p["good"] + "-gone"}, ["good", "gone"]),
@@ -252,6 +271,9 @@ def test_other_layer_count_is_refused(family, tmp_path):
     assert rc != 0 and not safetensors_in(out)
     assert re.search(r"slice 2 of module default take different numbers of layers \(.*/base: layer_range "
                      r"\[0, 1\], 1 layer; .*/deeper: layer_range \[1, 3\], 2 layers\)", last), last
+    slices["slices"][0]["sources"] = slices["slices"][0]["sources"][:1]  # a slice of the base alone first
+    rc, last, out, log = run_cli(slices, tmp_path)
+    assert rc != 0 and re.search(r"slice 2 of module default take different numbers of layers", last), last
 
 
 def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
@@ -484,13 +506,14 @@ def test_a_bin_checkpoint_of_parameters_is_merged(family, tmp_path):
         torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
 
 
-def test_a_tensor_two_shards_hold_alike_is_merged(family, tmp_path):
-    """Two files holding the same bits under one name: whichever mergekit reads, it reads the
-    same, so the merge goes on, to the closed form."""
+@pytest.mark.parametrize("name, seed", [("equal_copy", 10), ("equal_strided_bin", 13)])
+def test_a_tensor_two_shards_hold_alike_is_merged(name, seed, family, tmp_path):
+    """Two files holding the same bits under one name (in a .bin, a non-contiguous view too):
+    whichever mergekit reads, it reads the same, so the merge goes on, to the closed form."""
     paths, base = family
-    rc, _, out, log = run_cli(recipe(paths, ["good", "equal_copy"]), tmp_path)
+    rc, _, out, log = run_cli(recipe(paths, ["good", name]), tmp_path)
     assert rc == 0, log
-    _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.02, 10)])
+    _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.02, seed)])
     merged = load_checkpoint(out)
     for name, tensor in expected.items():
         torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)

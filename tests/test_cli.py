@@ -518,3 +518,23 @@ print("coefficients exit", main(["coefficients", {str(recipe_path)!r}]))
     assert result.stderr.strip().splitlines() == [
         f"mergekit-metagpt: error: mergekit is not installed in this Python ({sys.executable}): "
         "pip install mergekit==0.1.5"], result.stderr
+
+
+def test_a_mergekit_without_a_module_the_plugin_needs_is_not_called_absent(tmp_path):
+    """Only mergekit itself missing is "not installed": a mergekit that lacks a module (another
+    version) fails the import with that module's name, as before."""
+    code = """
+import importlib.abc, sys
+class NoRegistry(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "mergekit.merge_methods.registry":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NoRegistry())
+try:
+    import mergekit_metagpt
+except ModuleNotFoundError as error:
+    print("import failed:", error.name)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=str(tmp_path))
+    assert result.stdout.strip() == "import failed: mergekit.merge_methods.registry", (result.stdout, result.stderr)
