@@ -13,6 +13,7 @@ goes.
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import threading
@@ -67,6 +68,11 @@ class MergeRun:
         self._reads: Dict[int, object] = {}
         from mergekit_metagpt.plan_inputs import task_reads
 
+        #: output tensor name -> (its set, its index there, what it reads): mergekit 0.1.5 plans
+        #: some tensors more than once (Qwen2-VL's projector: layer templates without a layer
+        #: index), and writes one of them
+        planned: Dict[str, Tuple[MergeSet, int, Optional[tuple]]] = {}
+        self.repeats: List[object] = []  # tasks planned again for a tensor: merged, not counted
         for task in tasks:
             try:
                 reads = task_reads(task)
@@ -81,6 +87,20 @@ class MergeRun:
             merge_set = self.sets.setdefault(key, MergeSet(task.base_model, models))
             self._reads[id(task)] = reads
             self._set_of[id(task)] = merge_set
+            name, signature = task.output_weight.name, _signature(reads)
+            if name in planned and planned[name][2] is not None and signature is not None:
+                first_set, first_index, first_signature = planned[name]
+                if first_set is not merge_set or first_signature != signature:
+                    raise MetaGPTError(
+                        f"MetaGPT: mergekit plans output tensor {name!r} twice, from other inputs "
+                        f"({_inputs(first_set, first_signature)}; and {_inputs(merge_set, signature)}); the "
+                        f"merged model would hold whichever it writes last. Check the recipe's modules "
+                        f"and slices"
+                    )
+                self._index_of[id(task)] = first_index  # the same tensor again: counted once
+                self.repeats.append(task)
+                continue
+            planned.setdefault(name, (merge_set, len(merge_set.tasks), signature))
             self._index_of[id(task)] = len(merge_set.tasks)
             merge_set.tasks.append(task)
             named = tuple(m for m in task.model_order if m != task.base_model and m not in models)
@@ -234,6 +254,21 @@ def uniform_alpha(values, where: str) -> float:
     return distinct[0] if distinct else 1.0
 
 
+def _inputs(merge_set: MergeSet, signature: tuple) -> str:
+    """A planned tensor's inputs for a message: each model and the tensor it reads."""
+    reads = [json.loads(key) for _model, key in signature]
+    names = [fields.get("tensor") or fields.get("tensor_name") or "?" for _kind, fields in reads]
+    return ", ".join(f"{model}{' (base)' if model == str(merge_set.base) else ''}: {name!r}"
+                     for (model, _key), name in zip(signature, names))
+
+
+def _signature(reads) -> Optional[tuple]:
+    """What a task reads, comparable between tasks (None where its reads are not known)."""
+    if isinstance(reads, MetaGPTError):
+        return None
+    return tuple(sorted((str(model), read.key) for model, read in reads.items()))
+
+
 def task_models(task, reads) -> Tuple[Hashable, ...]:
     """The task's models (in its order) whose tensors its input task gathers (``reads``:
     its ``plan_inputs.task_reads``): what the merge receives. mergekit 0.1.5 plans the
@@ -336,7 +371,7 @@ def register(run: MergeRun) -> None:
         for merge_set in run.sets.values():
             for task in merge_set.tasks:
                 _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
-        for task in getattr(run, "finalizers", ()):
+        for task in [*getattr(run, "repeats", ()), *getattr(run, "finalizers", ())]:
             _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
 
 

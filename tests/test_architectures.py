@@ -40,7 +40,21 @@ ARCHITECTURES = {
     # tied names (relative_attention_bias beyond block 0) absent from the files
     "T5ForConditionalGeneration": ("T5Config", dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
                                                     num_decoder_layers=2, num_heads=4, feed_forward_proj="gated-gelu")),
+    # a vision tower, a projector and a language model, three modules of one set
+    "Mistral3ForConditionalGeneration": ("Mistral3Config", dict(
+        text_config=dict(model_type="mistral", **dict(SMALL, head_dim=8)),
+        vision_config=dict(model_type="pixtral", hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, head_dim=8, image_size=32, patch_size=4),
+        spatial_merge_size=2)),
+    # mergekit 0.1.5 plans the projector's four tensors once per "layer" (templates without a
+    # layer index) and writes each once: they count once
+    "Qwen2VLForConditionalGeneration": ("Qwen2VLConfig", dict(
+        text_config=dict(SMALL, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}),
+        vision_config=dict(depth=2, embed_dim=32, hidden_size=32, num_heads=4, mlp_ratio=2, patch_size=4,
+                           spatial_merge_size=2, in_channels=3, temporal_patch_size=2))),
 }
+#: config.json keys mergekit 0.1.5 reads that transformers no longer writes at the top level
+CONFIG_KEYS = {"Qwen2VLForConditionalGeneration": {"num_hidden_layers": SMALL["num_hidden_layers"]}}
 
 
 def _family(root: str, architecture: str):
@@ -66,6 +80,11 @@ def _family(root: str, architecture: str):
                         param.copy_(base[key] + scale * factor * torch.randn(param.shape, generator=gen))
         path = os.path.join(root, name)
         model.save_pretrained(path, safe_serialization=True)
+        if architecture in CONFIG_KEYS:
+            with open(os.path.join(path, "config.json")) as f:
+                saved = json.load(f)
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump({**saved, **CONFIG_KEYS[architecture]}, f)
         paths[name] = path
         sds[name] = {k: v for f in sorted(os.listdir(path)) if f.endswith(".safetensors")
                      for k, v in load_file(os.path.join(path, f)).items()}

@@ -944,3 +944,34 @@ def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
     names = {**_names(paths), os.path.join(inter, "step1"): "step1"}
     (got,) = record_sets(out, names)
     assert_lambdas(got, lams2)
+
+
+def test_a_tensor_planned_twice_counts_once_and_from_other_inputs_is_refused(llama_family):
+    """mergekit 0.1.5 plans some tensors more than once (Qwen2-VL's projector; end to end in
+    test_architectures): the same reads under one output name count once, and the repeat
+    merges with the first's λ. One output name planned from other inputs would leave in the
+    merged model whichever mergekit writes last: refused, named."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from merging import recipe
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.merge_plan import MergeRun
+    from mergekit_metagpt.planning import plan_recipe
+
+    paths, _ = llama_family
+    config = MergeConfiguration.model_validate(recipe(paths, ["model0", "model1"]))
+    run = plan_recipe(config, MergeOptions())
+    (merge_set,) = run.sets.values()
+    tasks = list(merge_set.tasks)
+    again = tasks[3].model_copy()  # the same task planned once more (an equal, separate object)
+    twice = MergeRun(run.method_name, [*tasks, again])
+    (twice_set,) = twice.sets.values()
+    assert len(twice_set.tasks) == len(tasks)
+    assert twice.set_of(again) is twice_set and twice.index_in_set(again) == 3 and twice.repeats == [again]
+    other = tasks[4].model_copy(update={"output_weight": tasks[3].output_weight})
+    first, second = (re.escape(t.output_weight.name) for t in tasks[3:5])
+    with pytest.raises(MetaGPTError, match=rf"mergekit plans output tensor '{first}' twice, from other inputs "
+                                           rf"\(.*/base \(base\): '{first}', .*/model0: '{first}'.*; and .*/base "
+                                           rf"\(base\): '{second}', .*whichever it writes last"):
+        MergeRun(run.method_name, [*tasks, other])
