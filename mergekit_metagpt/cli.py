@@ -126,7 +126,7 @@ def _one_draw(seed) -> str:
     return f"DARE's masks are random: drawn as by mergekit-yaml --random-seed {seed}"
 
 
-def coefficients_text(payload, seed=None) -> str:
+def coefficients_text(payload, seed=None, places=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula
     from mergekit_metagpt.record import passed_through_text, per_tensor_count
@@ -136,8 +136,9 @@ def coefficients_text(payload, seed=None) -> str:
     for number, entry in enumerate(merges, 1):
         lines = []
         if len(merges) > 1:
+            place = (places or [""] * len(merges))[number - 1]
             lines.append(f"model set {number} of {len(merges)}: base {entry['base_model']}, "
-                         f"{entry['tensors']} tensors")
+                         f"{entry['tensors']} tensors{', ' + place if place else ''}")
         lines.append(_table(entry))
         blocks.append("\n".join(lines))
     notes = []
@@ -163,7 +164,9 @@ def _coefficients(args) -> int:
     if args.json:
         print(json.dumps(payload, indent=2))
     else:
-        print(coefficients_text(payload, args.random_seed))
+        from mergekit_metagpt.inspect_report import set_places
+
+        print(coefficients_text(payload, args.random_seed, set_places(run)))
     return 0
 
 

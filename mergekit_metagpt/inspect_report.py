@@ -79,11 +79,19 @@ def _per_tensor(set_norms) -> int:
     return sum(1 for t in set_norms.merge_set.tasks if task_parameter(t, "granularity") == "per_tensor")
 
 
-def _context(set_norms, number: int, count: int) -> List[str]:
+def set_places(run) -> List[str]:
+    """Which stacks of blocks each model set holds, where the sets differ in that."""
+    from mergekit_metagpt.similarity import where_sets_are
+
+    return where_sets_are([[t.output_weight.name for t in s.merge_set.tasks] for s in run.result.merging])
+
+
+def _context(set_norms, number: int, count: int, place: str = "") -> List[str]:
     """What a picture's title must add: which model set, and what its λ are not."""
     lines = []
     if count > 1:
-        lines.append(f"model set {number} of {count} ({len(set_norms.merge_set.tasks)} tensors)")
+        lines.append(f"model set {number} of {count} ({len(set_norms.merge_set.tasks)} tensors"
+                     f"{'; ' + place if place else ''})")
     per_tensor = _per_tensor(set_norms)
     if per_tensor:
         lines.append(f"granularity: per_tensor ({per_tensor} of {len(set_norms.merge_set.tasks)} tensors): "
@@ -102,9 +110,9 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     count = len(run.result.merging)
     drawn = pictures and plots.available()
     if drawn:
-        for number, set_norms in enumerate(run.result.merging, 1):
+        for number, (set_norms, place) in enumerate(zip(run.result.merging, set_places(run)), 1):
             written += plots.write_pictures(set_norms.stats, out_dir, _suffix(number, count),
-                                            _context(set_norms, number, count), sparse=set_norms.sparse)
+                                            _context(set_norms, number, count, place), sparse=set_norms.sparse)
     path = os.path.join(out_dir, JSON_NAME)
     write_json(path, data, indent=2)
     written.append(path)
@@ -148,12 +156,13 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         lines += [passed + ".", ""]
     if not drawn:
         lines += [f"(No pictures: {'--no-pictures' if turned_off else PLOTS_HINT}.)", ""]
-    for number, set_norms in enumerate(sets, 1):
+    for number, (set_norms, place) in enumerate(zip(sets, set_places(run)), 1):
         stats = set_norms.stats
         names = short_names(stats.models)
         suffix = _suffix(number, len(sets))
         title = f"Model set {number} of {len(sets)}: " if len(sets) > 1 else ""
-        lines += [f"## {title}base `{set_norms.merge_set.base}`, {len(set_norms.merge_set.tasks)} tensors", ""]
+        lines += [f"## {title}base `{set_norms.merge_set.base}`, {len(set_norms.merge_set.tasks)} tensors"
+                  f"{', ' + place if place else ''}", ""]
         lines += ["### Verdict", "", stats.verdict(), ""]
         lines += ["### λ", ""]
         per_tensor = _per_tensor(set_norms)

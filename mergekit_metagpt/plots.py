@@ -79,6 +79,13 @@ def layer_ticks(layers: Sequence[str]) -> List[int]:
             if step == 1 or not number.isdigit() or int(number) % step == 0]
 
 
+def tick_rotation(labels: Sequence[str], width: float) -> int:
+    """90 beyond 24 labels, or where the labels side by side would not fit the heatmap's width
+    (about 0.075 in a character at matplotlib's default size, 3 in taken by the model names
+    and colour bar, e.g. a vision model's "vision_tower 0" columns), else 0."""
+    return 90 if len(labels) > 24 or sum(len(label) + 2 for label in labels) * 0.075 > width - 3.0 else 0
+
+
 def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str] = (),
                    sparse: bool = False) -> List[str]:
     """Write the PNGs of one model set; returns their paths. `context`: lines added under
@@ -97,7 +104,8 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     paths = []
 
     # 1. ‖δ‖² per layer
-    fig, ax = plt.subplots(figsize=layer_norms_size(stats), dpi=DPI)
+    size = layer_norms_size(stats)
+    fig, ax = plt.subplots(figsize=size, dpi=DPI)
     values = [[max(v, 0.0) for v in row] for row in stats.layer_norms]
     positive = [v for row in values for v in row if v > 0]
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive and min(positive) < max(positive) else None
@@ -105,7 +113,8 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
                       aspect="auto", cmap="viridis", norm=norm)
     step = -(-len(stats.layers) // LAYER_LABELS)
     ticks = layer_ticks(stats.layers)
-    ax.set_xticks(ticks, [stats.layers[i] for i in ticks], rotation=90 if len(ticks) > 24 else 0)
+    labels = [stats.layers[i] for i in ticks]
+    ax.set_xticks(ticks, labels, rotation=tick_rotation(labels, size[0]))
     ax.set_yticks(range(len(names)), names)
     ax.set_xlabel("layer (embed: embeddings; other: final norm etc.; head: output head)"
                   + (f"; blocks labelled one in {step}" if step > 1 else ""))

@@ -49,6 +49,23 @@ def _stack_label(stack: str) -> str:
     return ".".join(parts) or stack
 
 
+def block_stacks(names: Sequence[str]) -> List[str]:
+    """The stacks of blocks these tensors belong to, by their short names, in order of first
+    appearance ("encoder", "decoder"; "vision_tower.encoder")."""
+    stacks = list(dict.fromkeys(name[:m.start(1) - 1] for name in names if (m := _LAYER.search(name))))
+    return [_stack_label(stack) for stack in stacks]
+
+
+def where_sets_are(name_lists: Sequence[Sequence[str]]) -> List[str]:
+    """For each model set (its output tensors' names), which stacks of blocks it holds
+    ("blocks of decoder"), where the sets differ in that (a `modules:` recipe with a set per
+    module); empty strings where they do not (a frankenmerge's slices of one stack)."""
+    stacks = [block_stacks(names) for names in name_lists]
+    if len({tuple(s) for s in stacks}) < 2:
+        return ["" for _ in stacks]
+    return [f"blocks of {', '.join(s)}" if s else "no blocks" for s in stacks]
+
+
 def layer_columns(names: Sequence[str]) -> Tuple[List[str], List[str]]:
     """Each tensor's column and the columns in order: ``embed``, the blocks, ``other``,
     ``head``. A model with several stacks of blocks (a vision tower beside a language

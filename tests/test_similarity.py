@@ -443,6 +443,28 @@ def test_layer_columns_keep_two_stacks_of_blocks_apart():
     assert layer_columns(["model.layers.1.w", "model.layers.0.w"]) == (["1", "0"], ["0", "1"])
 
 
+def test_model_sets_of_other_modules_say_which_blocks_they_hold():
+    """A `modules:` recipe with a set per module (T5's encoder and decoder; a projector with
+    no blocks): each set's heading names its stacks, which its one-stack columns ("0", "1")
+    do not. Sets of one stack (a frankenmerge's slices) need no such words."""
+    from mergekit_metagpt.plots import tick_rotation
+    from mergekit_metagpt.similarity import where_sets_are
+
+    decoder = ["decoder.block.0.layer.0.w", "decoder.block.1.layer.0.w", "decoder.final_layer_norm.weight"]
+    encoder = ["encoder.block.0.layer.0.w", "shared.weight"]
+    projector = ["multi_modal_projector.linear_1.weight"]
+    assert where_sets_are([decoder, encoder, projector]) == ["blocks of decoder", "blocks of encoder", "no blocks"]
+    slices = [["model.layers.0.w", "model.embed_tokens.weight"], ["model.layers.1.w", "lm_head.weight"]]
+    assert where_sets_are(slices) == ["", ""]
+    assert where_sets_are([decoder]) == [""]
+    # the heatmap's labels stand up where side by side they would run into each other
+    stacked = ["embed", "language_model 0", "language_model 1", "vision_tower 0", "vision_tower 1",
+               "vision_tower 2", "other"]
+    assert tick_rotation(stacked, 8.0) == 90
+    assert tick_rotation(["embed", "0", "1", "other", "head"], 8.0) == 0
+    assert tick_rotation([str(i) for i in range(25)], 16.0) == 90
+
+
 def test_cosines_off_in_merges_computes_no_products(aligned_family, merge_options, tmp_path, monkeypatch):
     from mergekit_metagpt import norm_cache, norms
 
