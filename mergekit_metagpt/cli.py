@@ -119,16 +119,10 @@ def _table(entry) -> str:
     return text_table(header, [model_row(row, bool(per_tensor)) for row in entry["models"]])
 
 
-def _one_draw(seed) -> str:
-    """What a sparse DARE λ is: a draw of the masks, seeded or not."""
-    if seed is None:
-        return "DARE's masks are random, so these lambda are one draw (--random-seed N draws them as mergekit-yaml's does)"
-    return f"DARE's masks are random: drawn as by mergekit-yaml --random-seed {seed}"
-
-
 def coefficients_text(payload, seed=None, places=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula
+    from mergekit_metagpt.inspect_report import one_draw
     from mergekit_metagpt.record import passed_through_text, per_tensor_count
 
     merges = payload["merges"]
@@ -152,7 +146,7 @@ def coefficients_text(payload, seed=None, places=None) -> str:
         notes.append(passed_through_text(payload["passed_through"], ascii=True))
     if "sparsified" in payload["norms"]:
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
-                     + ("; " + _one_draw(seed) if payload["merge_method"] == "metagpt_dare" else ""))
+                     + ("; " + one_draw(seed, "these lambda") if payload["merge_method"] == "metagpt_dare" else ""))
     return "\n\n".join(blocks) + ("\n\n" + "\n".join(notes) if notes else "")
 
 

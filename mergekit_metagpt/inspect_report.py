@@ -129,10 +129,13 @@ def _md_table(header, rows) -> List[str]:
     ]
 
 
-def _one_draw(seed) -> str:
+def one_draw(seed, these: str = "these", code: str = "") -> str:
+    """What sparse DARE λ are: a draw of the masks, seeded (as a merge with that seed) or not.
+    `code`: the quote marks around commands (a backtick in Markdown)."""
     if seed is None:
-        return "DARE's masks are random, so these are one draw (`--random-seed N` draws them as mergekit-yaml's does)"
-    return f"DARE's masks are random: drawn as by `mergekit-yaml --random-seed {seed}`"
+        return (f"DARE's masks are random, so {these} are one draw ({code}--random-seed N{code} draws them "
+                "as mergekit-yaml's does)")
+    return f"DARE's masks are random: drawn as by {code}mergekit-yaml --random-seed {seed}{code}"
 
 
 def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) -> str:
@@ -143,7 +146,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
     sets = run.result.merging
     sparse = any(s.sparse for s in sets)
     delta = ("δ_t the sparsified θ_t − θ₀ (lambda_from: sparse: ‖δ‖², λ and the layers below are of the "
-             "sparsified task vectors" + ("; " + _one_draw(getattr(run.options, "random_seed", None))
+             "sparsified task vectors" + ("; " + one_draw(getattr(run.options, "random_seed", None), code="`")
                                           if run.method_name == "metagpt_dare" else "") + ")" if sparse
              else "δ_t = θ_t − θ₀")
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",

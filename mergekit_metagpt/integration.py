@@ -366,7 +366,8 @@ def _check_slice_depths(definition, module_name) -> None:
         if len({b - a for a, b in ranges}) > 1:
             from mergekit_metagpt.errors import MetaGPTError
 
-            listed = "; ".join(f"{s.model}: layer_range [{a}, {b}], {b - a} layer{'' if b - a == 1 else 's'}" for s, (a, b) in zip(sources, ranges))
+            listed = "; ".join(f"{s.model}: layer_range [{a}, {b}], {b - a} layer{'' if b - a == 1 else 's'}"
+                               for s, (a, b) in zip(sources, ranges))
             raise MetaGPTError(
                 f"MetaGPT: the inputs of slice {number} of module {module_name} take different numbers of "
                 f"layers ({listed}); mergekit merges layer by layer, so each input needs as many. A "
