@@ -50,11 +50,16 @@ VARIANTS = {
 
 
 def meant_variant(name) -> Optional[str]:
-    """The variant a merge_method spelt otherwise names (``MetaGPT``, ``metagpt-ties``), or
-    None."""
+    """The variant a merge_method spelt otherwise names (``MetaGPT``, ``metagpt-ties``, or a
+    typo close to one: ``metagtp``), or None."""
     if not isinstance(name, str):
         return None
     meant = name.strip().lower().replace("-", "_").replace(" ", "_")
+    if meant not in VARIANTS:  # a typo: metagtp, meta_gpt, metagpt_tie
+        import difflib
+
+        close = difflib.get_close_matches(meant, list(VARIANTS), n=1, cutoff=0.8)
+        meant = close[0] if close else meant
     return meant if meant in VARIANTS and meant != name else None
 
 

@@ -224,6 +224,8 @@ CASES = {
     "merge_method in another spelling": (lambda p: recipe(p, ["good"], method="MetaGPT-TIES"),
                                          r"merge_method 'MetaGPT-TIES' is not a method mergekit knows; "
                                          r"did you mean 'metagpt_ties'\?$"),
+    "merge_method misspelt": (lambda p: recipe(p, ["good"], method="metagtp"),
+                              r"merge_method 'metagtp' is not a method mergekit knows; did you mean 'metagpt'\?$"),
     # mergekit drops keys it does not know: lambda 1 would be merged, or alpha 0.5 everywhere
     "misspelt recipe key": (
         lambda p: {**recipe(p, ["good"]), "paramters": {"lambda": 0.5}},
