@@ -46,8 +46,18 @@ def check_metagpt(config, path: str = "recipe") -> None:
         meant = meant_variant(config.merge_method)
         raise MetaGPTError(f"{path}: merge_method is {config.merge_method!r}, not a metagpt method"
                            + (f"; did you mean {meant!r}?" if meant else ""))
+    check_base(config, f"{path}: ")
+
+
+#: Why a MetaGPT recipe needs a base, for the message
+NEEDS_A_BASE = ("a MetaGPT recipe needs a base_model: the pre-trained model the fine-tunes share, whose task "
+                "vectors θ_t − θ₀ it weighs (add `base_model: PATH` to the recipe)")
+
+
+def check_base(config, where: str = "MetaGPT: ") -> None:
+    """Refuse a recipe without a base (no top-level base_model, and a slice without its own)."""
     if config.base_model is None and not _every_slice_has_a_base(config):
-        raise MetaGPTError(f"{path}: MetaGPT needs a base_model")
+        raise MetaGPTError(where + NEEDS_A_BASE)
 
 
 def _every_slice_has_a_base(config) -> bool:

@@ -123,6 +123,9 @@ def check_config(config) -> None:
     from mergekit.merge_methods import registry
     from mergekit.merge_methods.base import ParameterScope
 
+    from mergekit_metagpt.recipe import check_base
+
+    check_base(config)
     _check_dtypes(config)
     _check_slices_have_sources(config)
     method_name = getattr(config, "merge_method", None)

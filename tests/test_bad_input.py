@@ -118,7 +118,9 @@ def family(tmp_path_factory):
 
 
 CASES = {
-    "no base_model": (lambda p: {**recipe(p, ["good", "wider"]), "base_model": None}, "needs a base_model"),
+    "no base_model": (lambda p: {**recipe(p, ["good", "wider"]), "base_model": None},
+                      r"MetaGPT: a MetaGPT recipe needs a base_model: the pre-trained model the fine-tunes share, "
+                      r".*\(add `base_model: PATH` to the recipe\)$"),
     "base is the only model": (lambda p: recipe(p, ["base"]), "at least one model besides the base"),
     "tensor shapes differ": (lambda p: recipe(p, ["good", "wider"]),
                              r"shape mismatch for tensor 'model\.layers\.0\.mlp\.[\w.]+'.*/wider"),

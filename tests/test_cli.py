@@ -320,7 +320,7 @@ def test_coefficients_takes_a_modules_recipe_whose_slices_each_name_their_base(l
     del pieces[1]["base_model"]
     path = write_yaml(modules, str(tmp_path / "half.yml"))
     assert main(["coefficients", path]) == 1
-    assert "MetaGPT needs a base_model" in capsys.readouterr().err
+    assert "a MetaGPT recipe needs a base_model" in capsys.readouterr().err
 
 
 def test_coefficients_names_a_misspelt_module(llama_family, tmp_path, capsys):
