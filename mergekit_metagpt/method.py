@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from typing import Any, Dict, Hashable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
 from typing_extensions import Literal
 
@@ -132,6 +132,14 @@ class MetaGPTMerge(GroupMergeMethod):
 
     # -- entry points -------------------------------------------------------
     def __call__(self, groups, /, **kwargs):
+        parameters = kwargs.get("parameters")
+        if isinstance(parameters, Mapping):  # as recipes are refused: with why, for weight & co
+            known = {p.name for p in self.spec.parameters}
+            unknown = set(parameters) - known
+            if unknown:
+                from mergekit_metagpt.recipe_checks import unknown_parameters_message
+
+                raise MetaGPTError(unknown_parameters_message(self.spec.name, unknown, known))
         token = _IN_MEMORY.set(True)
         try:
             return super().__call__(groups, **kwargs)

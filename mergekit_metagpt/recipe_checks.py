@@ -116,6 +116,20 @@ def _value_problem(spec, value: Any) -> Optional[str]:
     return None
 
 
+def unknown_parameters_message(method_name: str, unknown, known) -> str:
+    """The refusal of parameters a MetaGPT variant does not take, with why for those
+    copied from other methods' recipes (shared by recipes and in-memory calls)."""
+    message = (
+        f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))} "
+        f"(it takes: {', '.join(sorted(known))})"
+    )
+    for name, help_text in (("weight", WEIGHT_HELP), ("normalize", NORMALIZE_HELP),
+                            ("int8_mask", INT8_MASK_HELP), ("rescale", RESCALE_HELP), ("density", DENSITY_HELP)):
+        if name in unknown:
+            message += f". {help_text}"
+    return message
+
+
 def check_config(config) -> None:
     """Refuse unknown parameter names, shared parameters given per model, and values the
     parameter does not take (naming the parameter, the model and the slice), before
@@ -141,21 +155,7 @@ def check_config(config) -> None:
         elif model is not None and name in shared:
             misplaced.add(name)
     if unknown:
-        message = (
-            f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))} "
-            f"(it takes: {', '.join(sorted(shared | per_input))})"
-        )
-        if "weight" in unknown:
-            message += f". {WEIGHT_HELP}"
-        if "normalize" in unknown:
-            message += f". {NORMALIZE_HELP}"
-        if "int8_mask" in unknown:
-            message += f". {INT8_MASK_HELP}"
-        if "rescale" in unknown:
-            message += f". {RESCALE_HELP}"
-        if "density" in unknown:
-            message += f". {DENSITY_HELP}"
-        raise MetaGPTError(message)
+        raise MetaGPTError(unknown_parameters_message(method_name, unknown, shared | per_input))
     if misplaced:
         raise MetaGPTError(
             f"Parameter(s) {', '.join(sorted(misplaced))} of {method_name} apply to the whole "

@@ -199,3 +199,18 @@ def test_groups_of_one_name_each_count_in_a_direct_call():
     first, second = merge_methods.get("metagpt")(groups)
     assert torch.allclose(first, torch.tensor([2.7, 0, 0, 0]))  # λ_a = 0.9
     assert torch.allclose(second, torch.tensor([0, 0.1, 0]))  # λ_b = 0.1
+
+
+def test_an_unknown_parameter_in_memory_is_refused_with_why(tmp_path):
+    """merge_state_dicts(parameters={"weight": ...}) (a task_arithmetic habit) is refused as a
+    recipe's `weight` is: the λ are computed, and bake is how to set weights by hand
+    (mergekit's own TypeError names only the parameter)."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    base = random_state_dict(3)
+    models = {"base": base, "a": perturbed(base, 0.01, 1), "b": perturbed(base, 0.05, 2)}
+    with pytest.raises(ValueError, match=r"Unknown parameter\(s\) for metagpt: weight \(it takes: alpha, "
+                                         r"granularity, lambda\)\. MetaGPT computes each model's weight"):
+        merge_state_dicts(models, "metagpt", base="base", parameters={"weight": {"a": 0.5, "b": 0.5}})
+    with pytest.raises(ValueError, match=r"for metagpt_ties: rescale .*only metagpt_dare does"):
+        merge_state_dicts(models, "metagpt_ties", base="base", parameters={"rescale": True, "density": 0.5})
