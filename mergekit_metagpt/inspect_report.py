@@ -241,7 +241,7 @@ def summary_text(run, written: List[str], drawn: bool) -> str:
                 [str(m), f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
             ]),
             "",
-            stats.cosine_table(),
+            *([] if stats.largest_cosine is None else [stats.cosine_table()]),  # no table of blanks
             stats.verdict(),
         ]))
     tail = ["", "wrote " + ", ".join(written)]

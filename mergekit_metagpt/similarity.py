@@ -163,7 +163,7 @@ class SetStats:
             return "One model: no pair of task vectors to compare."
         largest = self.largest_cosine
         if largest is None:
-            return "Cosine similarities not available" + (f" ({self.note})." if self.note else ".")
+            return "Cosine similarities not available" + (f": {self.note}." if self.note else ".")
         if not self.missing_pairs:
             return self._verdict_of_known(largest)
         unknown = self._missing_names()

@@ -205,6 +205,23 @@ def test_inspect_of_sparse_norms_says_so_and_draws_no_matrix_of_blanks(llama_fam
     assert entry["granularity"] == "global" and entry["lambda"] == 1.0
 
 
+def test_a_sparse_merge_logs_no_table_of_blanks(llama_family, merge_options, tmp_path, caplog, capsys):
+    """lambda_from: sparse computes no cosine: the merge's log and inspect's summary say so in
+    one sentence, with no matrix of dashes."""
+    import logging
+
+    paths, _ = llama_family
+    config = recipe(paths, MODELS, method="metagpt_ties", parameters={"lambda_from": "sparse", "density": 0.5})
+    with caplog.at_level(logging.INFO, logger="mergekit_metagpt"):
+        run_recipe(config, str(tmp_path / "out"), merge_options)
+    (line,) = [r.getMessage() for r in caplog.records if "cosine similarities" in r.getMessage()]
+    assert line == ("MetaGPT task-vector cosine similarities: Cosine similarities not available: not computed "
+                    "where λ come from sparsified task vectors (lambda_from: sparse).")
+    assert inspect(write_yaml(config, str(tmp_path / "r.yml")), str(tmp_path / "inspect"), "--no-pictures") == 0
+    summary = capsys.readouterr().out
+    assert "Cosine similarities not available: not computed" in summary and "–" not in summary, summary
+
+
 def test_inspect_of_per_tensor_lambdas_says_which_lambdas_it_shows(llama_family, tmp_path, monkeypatch):
     from mergekit_metagpt import plots
 
