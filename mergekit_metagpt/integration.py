@@ -222,7 +222,8 @@ def _attach_merge(module) -> None:
             # not) leaves no record beside weights it did not write
             written = any(run.record_written for run in context.runs)
             if written or any(run.result is not None for run in context.runs):
-                remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's")
+                remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's",
+                                    stopped=True)
             raise
         finally:
             RUN_CONTEXT.reset(token)

@@ -176,13 +176,14 @@ def passed_through_text(entries, ascii: bool = False) -> str:
             + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 
-def remove_stale_record(out_path, whose: str = "the earlier run's") -> None:
+def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: bool = False) -> None:
     """Remove the record in `out_path`, so that the folder never holds λ that the model in
     it was not merged with: an earlier run's, before a merge of another method (or, for a
     MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or was
     interrupted once written. Called by the ``run_merge`` wrapper and, for merges planned
     without it (``mergekit-pytorch``), when the plan's task universe is made
-    (``merge_plan.register_universe``)."""
+    (``merge_plan.register_universe``). `stopped`: after a merge that stopped midway, said
+    as a warning (the folder may hold part of its weights)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)
@@ -193,7 +194,12 @@ def remove_stale_record(out_path, whose: str = "the earlier run's") -> None:
     except OSError as error:
         LOG.warning("MetaGPT: could not remove %s %s: %s", whose, path, error)
         return
-    LOG.info("MetaGPT: removed %s %s", whose, path)
+    if stopped:
+        LOG.warning("MetaGPT: the merge stopped after its pre-pass: removed %s %s, as %s may hold part "
+                    "of this merge's weights, not a usable model; run the same command again (the norms "
+                    "are cached)", whose, path, out_path)
+    else:
+        LOG.info("MetaGPT: removed %s %s", whose, path)
 
 
 def write_record(run) -> Optional[str]:

@@ -114,7 +114,7 @@ def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_fam
 
 @pytest.mark.parametrize("stop, record_fails", [(KeyboardInterrupt, False), (OSError, False), (OSError, True)])
 def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, llama_family, merge_options,
-                                                            tmp_path, monkeypatch):
+                                                            tmp_path, monkeypatch, caplog):
     """Ctrl-C (or a full disk) mid-merge, after the pre-pass: the folder still holds the
     earlier run's finished model, partly overwritten, which neither the new λ (the new
     record) nor the old (the earlier record, where the new one could not be written)
@@ -145,6 +145,11 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
         run_recipe(recipe(paths, ["model0", "model1"]), out, merge_options)
     assert len(written) == 4  # the record was written before these tensors (the pre-pass ends first)
     assert not os.path.exists(os.path.join(out, RECORD))
+    # said without -v: the folder is not a usable model
+    whose = "the earlier run's" if record_fails else "the unfinished merge's"
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("MetaGPT: the merge stopped")] == [
+        f"MetaGPT: the merge stopped after its pre-pass: removed {whose} {os.path.join(out, RECORD)}, as {out} may "
+        "hold part of this merge's weights, not a usable model; run the same command again (the norms are cached)"]
 
 
 def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
