@@ -8,7 +8,7 @@ import os
 from typing import List
 
 from mergekit_metagpt import PAPER_URL
-from mergekit_metagpt.coefficients import formula
+from mergekit_metagpt.coefficients import formula, scale_note
 from mergekit_metagpt.record import (
     model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload,
 )
@@ -43,6 +43,9 @@ def card_section(run) -> str:
             lines += ["| model | ‖δ‖² | λ |", "|---|---|---|"]
         for row in entry["models"]:
             lines.append("| " + " | ".join(model_row(row, bool(per_tensor))) + " |")
+        scaled = scale_note(entry.get("lambda", 1.0))
+        if scaled:
+            lines += ["", scaled + "."]
         lines += _card_cosines(entry, run.out_path)
     if payload["passed_through"]:
         lines += ["", passed_through_text(payload["passed_through"]) + "."]

@@ -121,7 +121,7 @@ def _table(entry) -> str:
 
 def coefficients_text(payload, seed=None, places=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
-    from mergekit_metagpt.coefficients import formula
+    from mergekit_metagpt.coefficients import formula, scale_note
     from mergekit_metagpt.inspect_report import one_draw
     from mergekit_metagpt.record import passed_through_text, per_tensor_count
 
@@ -139,6 +139,10 @@ def coefficients_text(payload, seed=None, places=None) -> str:
     if any(per_tensor_count(e) for e in merges):
         notes.append("granularity: per_tensor: each such tensor is merged with the lambda of its own norms; "
                      "'lambda' is over the whole model set (and merges the set's other tensors)")
+    scaled = [scale_note(e.get("lambda", 1.0), ascii=True) for e in merges]
+    if any(scaled):
+        notes.append(next(n for n in scaled if n) if len(set(scaled)) == 1
+                     else "; ".join(f"model set {i}: {n}" for i, n in enumerate(scaled, 1) if n))
     if any(e.get("alpha", 1.0) != 1.0 for e in merges):
         notes.append(f"tempered: {formula([e['alpha'] for e in merges], ascii=True)} "
                      "(alpha 1 is the paper, 0 the average)")

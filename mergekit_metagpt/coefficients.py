@@ -72,6 +72,18 @@ class Coefficients:
 
 
 
+def scale_note(value, ascii: bool = False) -> str:
+    """The recipe's ``lambda`` (one value, or the values a set's tensors take), where it is
+    not 1: the λ listed are shares, which it scales. Empty where it is 1."""
+    values = value if isinstance(value, list) else [value]
+    if all(float(v) == 1.0 for v in values):
+        return ""
+    given = ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
+    if ascii:
+        return f"lambda: {given} (the recipe's scale): the merge adds lambda x lambda_t x delta_t"
+    return f"`lambda: {given}` (the recipe's scale): the merge adds lambda · λ_t · δ_t, not λ_t · δ_t"
+
+
 def formula(alphas=(1.0,), ascii: bool = False) -> str:
     """How λ are computed, for logs, cards and reports: the paper's closed form, or the
     tempered one with the ``alpha`` values given (one per model set)."""

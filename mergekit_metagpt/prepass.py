@@ -207,12 +207,16 @@ def _log_similarity(stats, which: str) -> None:
 
 
 def _announce(run) -> None:
-    from mergekit_metagpt.record import passed_through_entries, passed_through_text, write_record
+    from mergekit_metagpt.coefficients import scale_note
+    from mergekit_metagpt.record import passed_through_entries, passed_through_text, set_parameters, write_record
 
     count = len(run.result.merging)
     for number, set_norms in enumerate(run.result.merging, 1):
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
+        scaled = scale_note(set_parameters(set_norms)["lambda"], ascii=True)
+        if scaled:
+            LOG.info("MetaGPT%s: %s", which, scaled)
         _log_similarity(set_norms.stats, which)
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:

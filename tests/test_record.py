@@ -653,3 +653,26 @@ def test_a_stray_inspect_file_in_the_output_folder_does_not_fail_the_merge(stray
     assert card.count(CARD_MARK) == 1 and "![" not in card.split(CARD_MARK)[1]
     expected = lambdas_of(squared_norms(sds, MODELS))
     assert [lam for _, lam in card_rows(card, paths["model0"])] == [pytest.approx(expected[0], abs=1e-6)]
+
+
+def test_a_recipe_lambda_is_said_beside_the_shares_it_scales(llama_family, merge_options, tmp_path, caplog, capsys):
+    """The tables' λ are shares summing to 1; a recipe's `lambda: 0.5` halves what the merge
+    adds. The log, the card and `coefficients` say so beside them (a reader took 0.76 for the
+    weight applied); with lambda 1, nothing is added."""
+    import logging
+
+    from mergekit_metagpt.cli import main
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    config = recipe(paths, MODELS, parameters={"lambda": 0.5})
+    with caplog.at_level(logging.INFO, logger="mergekit_metagpt"):
+        run_recipe(config, out, merge_options)
+    said = "lambda: 0.5 (the recipe's scale): the merge adds lambda x lambda_t x delta_t"
+    assert f"MetaGPT: {said}" in [r.getMessage() for r in caplog.records]
+    assert "`lambda: 0.5` (the recipe's scale): the merge adds lambda · λ_t · δ_t, not λ_t · δ_t." in read_card(out)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 0
+    assert said in capsys.readouterr().out
+    plain = str(tmp_path / "plain")
+    run_recipe(recipe(paths, MODELS), plain, merge_options)
+    assert "the recipe's scale" not in read_card(plain)
