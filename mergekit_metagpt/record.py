@@ -3,7 +3,7 @@
 One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
 
     {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ..., "dtype": ...,
-     "out_dtype": ... (null unless the recipe sets it), "norms": "...", "merges": [ one entry per merge set (per set of models merged) ],
+     "out_dtype": ... (null unless the recipe sets it), "norms": "...", "merges": [ one entry per model set (per set of models merged) ],
      "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base
                          alone passes through, unmerged ]}
 
@@ -124,7 +124,7 @@ def record_payload(run) -> Dict[str, Any]:
         "norms": (
             "of the sparsified task vectors (lambda_from: sparse)" if sparse
             else "of the dense task vectors"
-        ) + ", over the tensors each merge set reads; float32 within a chunk or block, float64 across them",
+        ) + ", over the tensors each model set reads; float32 within a chunk or block, float64 across them",
         "merges": [set_entry(s) for s in run.result.merging],
         "passed_through": passed_through_entries(run.result),
     }
