@@ -34,9 +34,8 @@ def check_bakeable(run, path: str = "recipe") -> None:
                                "only granularity: global has one coefficient per model")
         if any(p.get("lambda_from", "dense") != "dense" for p in params):
             raise MetaGPTError(f"{path}: lambda_from: sparse depends on the sparsification masks; "
-                               "bake supports lambda_from: dense (bake that recipe, whose λ differ "
-                               "little at one density for all models, or merge this one with the "
-                               "plugin itself)")
+                               "bake supports lambda_from: dense (bake the same recipe with "
+                               "lambda_from: dense, or merge this one with the plugin itself)")
 
 
 def baked_recipe(path: str, run, coefficients) -> str:

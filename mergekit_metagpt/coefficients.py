@@ -78,7 +78,10 @@ def scale_note(value, ascii: bool = False) -> str:
     values = value if isinstance(value, list) else [value]
     if all(float(v) == 1.0 for v in values):
         return ""
-    given = ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
+    if len(values) > 4:  # a gradient: its range
+        given = f"from {min(float(v) for v in values):g} to {max(float(v) for v in values):g} by tensor"
+    else:
+        given = ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
     if ascii:
         return f"lambda: {given} (the recipe's scale): the merge adds lambda x lambda_t x delta_t"
     return f"`lambda: {given}` (the recipe's scale): the merge adds lambda · λ_t · δ_t, not λ_t · δ_t"

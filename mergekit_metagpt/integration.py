@@ -216,14 +216,14 @@ def _attach_merge(module) -> None:
         token = RUN_CONTEXT.set(context)
         try:
             result = original(*args, **kwargs)
-        except BaseException:
+        except BaseException as error:
             # the record is written before the weights: a merge that failed or was
             # interrupted after its pre-pass (it may have written weights, or its record
             # not) leaves no record beside weights it did not write
             written = any(run.record_written for run in context.runs)
             if written or any(run.result is not None for run in context.runs):
                 remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's",
-                                    stopped=True)
+                                    stopped=error)
             raise
         finally:
             RUN_CONTEXT.reset(token)

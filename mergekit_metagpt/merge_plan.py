@@ -71,7 +71,7 @@ class MergeRun:
         #: output tensor name -> (its set, its index there, what it reads): mergekit 0.1.5 plans
         #: some tensors more than once (Qwen2-VL's projector: layer templates without a layer
         #: index), and writes one of them
-        planned: Dict[str, Tuple[MergeSet, int, Optional[tuple]]] = {}
+        planned: Dict[str, Tuple[MergeSet, int, Optional[tuple], dict]] = {}
         self.repeats: List[object] = []  # tasks planned again for a tensor: merged, not counted
         for task in tasks:
             try:
@@ -87,9 +87,9 @@ class MergeRun:
             merge_set = self.sets.setdefault(key, MergeSet(task.base_model, models))
             self._reads[id(task)] = reads
             self._set_of[id(task)] = merge_set
-            name, signature = task.output_weight.name, _signature(reads)
+            name, signature, settings = task.output_weight.name, _signature(reads), _settings(task)
             if name in planned and planned[name][2] is not None and signature is not None:
-                first_set, first_index, first_signature = planned[name]
+                first_set, first_index, first_signature, first_settings = planned[name]
                 if first_set is not merge_set or first_signature != signature:
                     raise MetaGPTError(
                         f"MetaGPT: mergekit plans output tensor {name!r} twice, from other inputs "
@@ -97,10 +97,20 @@ class MergeRun:
                         f"merged model would hold whichever it writes last. Check the recipe's modules "
                         f"and slices"
                     )
+                differ = sorted(k for k in set(first_settings) | set(settings)
+                                if first_settings.get(k) != settings.get(k))
+                if differ:  # a gradient takes a value per plan: which is written is mergekit's last
+                    raise MetaGPTError(
+                        f"MetaGPT: mergekit plans output tensor {name!r} more than once (once per layer of "
+                        f"its module), with other values of {', '.join(differ)} ("
+                        + "; ".join(f"{k}: {first_settings.get(k)} and {settings.get(k)}" for k in differ)
+                        + "): the merged model would hold whichever it writes last. Give it one value for "
+                        f"this tensor (a `filter:` matching {name!r})"
+                    )
                 self._index_of[id(task)] = first_index  # the same tensor again: counted once
                 self.repeats.append(task)
                 continue
-            planned.setdefault(name, (merge_set, len(merge_set.tasks), signature))
+            planned.setdefault(name, (merge_set, len(merge_set.tasks), signature, settings))
             self._index_of[id(task)] = len(merge_set.tasks)
             merge_set.tasks.append(task)
             named = tuple(m for m in task.model_order if m != task.base_model and m not in models)
@@ -260,6 +270,15 @@ def _inputs(merge_set: MergeSet, signature: tuple) -> str:
     names = [fields.get("tensor") or fields.get("tensor_name") or "?" for _kind, fields in reads]
     return ", ".join(f"{model}{' (base)' if model == str(merge_set.base) else ''}: {name!r}"
                      for (model, _key), name in zip(signature, names))
+
+
+def _settings(task) -> Dict[str, str]:
+    """A planned task's parameter values, comparable between tasks: the method's
+    (``lambda``) and each model's (``density`` of MODEL)."""
+    values = {str(k): repr(v) for k, v in (getattr(task, "parameters", None) or {}).items()}
+    for model, params in (getattr(task, "input_parameters", None) or {}).items():
+        values.update({f"{k} of {model}": repr(v) for k, v in (params or {}).items()})
+    return values
 
 
 def _signature(reads) -> Optional[tuple]:

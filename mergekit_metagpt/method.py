@@ -58,7 +58,7 @@ def meant_variant(name) -> Optional[str]:
     if meant not in VARIANTS:  # a typo: metagtp, meta_gpt, metagpt_tie
         import difflib
 
-        close = difflib.get_close_matches(meant, list(VARIANTS), n=1, cutoff=0.8)
+        close = difflib.get_close_matches(meant, list(VARIANTS), n=1, cutoff=0.85)  # not metagpt_della
         meant = close[0] if close else meant
     return meant if meant in VARIANTS and meant != name else None
 
@@ -139,7 +139,7 @@ class MetaGPTMerge(GroupMergeMethod):
             if unknown:
                 from mergekit_metagpt.recipe_checks import unknown_parameters_message
 
-                raise MetaGPTError(unknown_parameters_message(self.spec.name, unknown, known))
+                raise MetaGPTError(unknown_parameters_message(self.spec.name, unknown, known, in_memory=True))
         token = _IN_MEMORY.set(True)
         try:
             return super().__call__(groups, **kwargs)

@@ -116,14 +116,22 @@ def _value_problem(spec, value: Any) -> Optional[str]:
     return None
 
 
-def unknown_parameters_message(method_name: str, unknown, known) -> str:
+#: `weight` given to an in-memory call (merge_state_dicts, merge_tensors): no recipe to bake
+WEIGHT_HELP_IN_MEMORY = (
+    "MetaGPT computes each model's weight (λ) from the task-vector norms (logged at INFO); to set "
+    "weights by hand, merge with task_arithmetic and those λ as weights"
+)
+
+
+def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False) -> str:
     """The refusal of parameters a MetaGPT variant does not take, with why for those
     copied from other methods' recipes (shared by recipes and in-memory calls)."""
     message = (
         f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))} "
         f"(it takes: {', '.join(sorted(known))})"
     )
-    for name, help_text in (("weight", WEIGHT_HELP), ("normalize", NORMALIZE_HELP),
+    weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
+    for name, help_text in (("weight", weight_help), ("normalize", NORMALIZE_HELP),
                             ("int8_mask", INT8_MASK_HELP), ("rescale", RESCALE_HELP), ("density", DENSITY_HELP)):
         if name in unknown:
             message += f". {help_text}"

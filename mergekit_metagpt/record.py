@@ -176,29 +176,32 @@ def passed_through_text(entries, ascii: bool = False) -> str:
             + ", ".join(f"{e['tensors']} from {e['base_model']}" for e in entries))
 
 
-def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: bool = False) -> None:
+def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: Optional[BaseException] = None) -> None:
     """Remove the record in `out_path`, so that the folder never holds λ that the model in
     it was not merged with: an earlier run's, before a merge of another method (or, for a
     MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or was
     interrupted once written. Called by the ``run_merge`` wrapper and, for merges planned
     without it (``mergekit-pytorch``), when the plan's task universe is made
-    (``merge_plan.register_universe``). `stopped`: after a merge that stopped midway, said
-    as a warning (the folder may hold part of its weights)."""
+    (``merge_plan.register_universe``). `stopped`: the error that stopped a merge after its
+    pre-pass, said as a warning, record or not (the folder may hold part of its weights)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)
+    removed = False
     try:
         os.remove(path)
+        removed = True
     except FileNotFoundError:
-        return
+        pass
     except OSError as error:
         LOG.warning("MetaGPT: could not remove %s %s: %s", whose, path, error)
-        return
-    if stopped:
-        LOG.warning("MetaGPT: the merge stopped after its pre-pass: removed %s %s, as %s may hold part "
-                    "of this merge's weights, not a usable model; run the same command again (the norms "
-                    "are cached)", whose, path, out_path)
-    else:
+    if stopped is not None:
+        again = ("run the same command again (the norms are cached)" if isinstance(stopped, KeyboardInterrupt)
+                 else "run it again once the error below is mended (the norms are cached)")
+        LOG.warning("MetaGPT: the merge stopped after its pre-pass%s; %s may hold part of this merge's "
+                    "weights, not a usable model: %s", f" (removed {whose} {path})" if removed else "",
+                    out_path, again)
+    elif removed:
         LOG.info("MetaGPT: removed %s %s", whose, path)
 
 

@@ -669,3 +669,16 @@ def test_a_local_folder_written_as_a_hub_id_is_refused_offline_before_the_merge(
         else:
             assert result.returncode == 0, result.stderr[-2000:]
             assert os.path.exists(tmp_path / out / "README.md")
+
+
+def test_a_misspelt_method_is_told_apart_from_another_method():
+    """Close spellings of a variant get it suggested; other methods' names (mergekit's, or a
+    MetaGPT-sounding one that is no typo of ours) get none."""
+    from mergekit.merge_methods import registry
+
+    from mergekit_metagpt.method import meant_variant
+
+    assert [meant_variant(n) for n in ("metagtp", "meta_gpt", "MetaGPT", "metagpt_tie", "metagpt-dare")] == [
+        "metagpt", "metagpt", "metagpt", "metagpt_ties", "metagpt_dare"]
+    assert [meant_variant(n) for n in ("metagpt_della", "metagpt_dare_ties", "metagpt")] == [None, None, None]
+    assert all(meant_variant(m.spec.name) is None for m in registry.registered_methods())

@@ -210,7 +210,9 @@ def test_an_unknown_parameter_in_memory_is_refused_with_why(tmp_path):
     base = random_state_dict(3)
     models = {"base": base, "a": perturbed(base, 0.01, 1), "b": perturbed(base, 0.05, 2)}
     with pytest.raises(ValueError, match=r"Unknown parameter\(s\) for metagpt: weight \(it takes: alpha, "
-                                         r"granularity, lambda\)\. MetaGPT computes each model's weight"):
+                                         r"granularity, lambda\)\. MetaGPT computes each model's weight \(λ\) "
+                                         r"from the task-vector norms \(logged at INFO\); to set weights by hand, "
+                                         r"merge with task_arithmetic and those λ as weights$"):
         merge_state_dicts(models, "metagpt", base="base", parameters={"weight": {"a": 0.5, "b": 0.5}})
     with pytest.raises(ValueError, match=r"for metagpt_ties: rescale .*only metagpt_dare does"):
         merge_state_dicts(models, "metagpt_ties", base="base", parameters={"rescale": True, "density": 0.5})

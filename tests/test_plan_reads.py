@@ -969,6 +969,15 @@ def test_a_tensor_planned_twice_counts_once_and_from_other_inputs_is_refused(lla
     (twice_set,) = twice.sets.values()
     assert len(twice_set.tasks) == len(tasks)
     assert twice.set_of(again) is twice_set and twice.index_in_set(again) == 3 and twice.repeats == [again]
+    # planned again with another value of a parameter (a gradient's value at another layer)
+    from mergekit.common import ImmutableMap
+
+    name = re.escape(tasks[3].output_weight.name)
+    scaled = tasks[3].model_copy(update={"parameters": ImmutableMap({**dict(tasks[3].parameters.items()),
+                                                                     "lambda": 0.7})})
+    with pytest.raises(MetaGPTError, match=rf"plans output tensor '{name}' more than once .*with other values of "
+                                           rf"lambda \(lambda: 1\.0 and 0\.7\).*a `filter:` matching '{name}'"):
+        MergeRun(run.method_name, [*tasks, scaled])
     other = tasks[4].model_copy(update={"output_weight": tasks[3].output_weight})
     first, second = (re.escape(t.output_weight.name) for t in tasks[3:5])
     with pytest.raises(MetaGPTError, match=rf"mergekit plans output tensor '{first}' twice, from other inputs "

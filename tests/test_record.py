@@ -145,11 +145,24 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
         run_recipe(recipe(paths, ["model0", "model1"]), out, merge_options)
     assert len(written) == 4  # the record was written before these tensors (the pre-pass ends first)
     assert not os.path.exists(os.path.join(out, RECORD))
-    # said without -v: the folder is not a usable model
+    # said without -v: the folder is not a usable model; rerun as it is only after Ctrl-C
     whose = "the earlier run's" if record_fails else "the unfinished merge's"
-    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.getMessage().startswith("MetaGPT: the merge stopped")] == [
-        f"MetaGPT: the merge stopped after its pre-pass: removed {whose} {os.path.join(out, RECORD)}, as {out} may "
-        "hold part of this merge's weights, not a usable model; run the same command again (the norms are cached)"]
+    again = ("run the same command again (the norms are cached)" if stop is KeyboardInterrupt
+             else "run it again once the error below is mended (the norms are cached)")
+    assert [r.getMessage() for r in caplog.records
+            if r.levelname == "WARNING" and r.getMessage().startswith("MetaGPT: the merge stopped")] == [
+        f"MetaGPT: the merge stopped after its pre-pass (removed {whose} {os.path.join(out, RECORD)}); {out} may "
+        f"hold part of this merge's weights, not a usable model: {again}"]
+    # into a fresh folder whose record could not be written: nothing to remove, still said
+    caplog.clear()
+    written.clear()
+    fresh = str(tmp_path / "fresh")
+    with pytest.raises(stop, match="stopped mid-merge"):
+        run_recipe(recipe(paths, ["model0", "model1"]), fresh, merge_options)
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MetaGPT: the merge stopped")]
+    assert stopped == [f"MetaGPT: the merge stopped after its pre-pass"
+                       + ("" if record_fails else f" (removed the unfinished merge's {os.path.join(fresh, RECORD)})")
+                       + f"; {fresh} may hold part of this merge's weights, not a usable model: {again}"]
 
 
 def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
