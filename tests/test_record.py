@@ -160,7 +160,7 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
     with pytest.raises(stop, match="stopped mid-merge"):
         run_recipe(recipe(paths, ["model0", "model1"]), fresh, merge_options)
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MetaGPT: the merge stopped")]
-    assert stopped == [f"MetaGPT: the merge stopped after its pre-pass"
+    assert stopped == ["MetaGPT: the merge stopped after its pre-pass"
                        + ("" if record_fails else f" (removed the unfinished merge's {os.path.join(fresh, RECORD)})")
                        + f"; {fresh} may hold part of this merge's weights, not a usable model: {again}"]
 
