@@ -78,6 +78,7 @@ def _check_models_load(config, options) -> None:
             )
         if model.lora:
             _check_lora_merge_dtype(options)
+        _warn_of_a_local_typo(model, path)
         try:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
@@ -89,6 +90,19 @@ def _check_models_load(config, options) -> None:
                     hints.append("set HF_HUB_OFFLINE=1 to fail at once without network")
             hint = f" ({'; '.join(hints)})" if hints else ""
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
+
+
+def _warn_of_a_local_typo(model, path: str) -> None:
+    """`models/mathz` (no such folder, though `models/` is one here) is a hub id to mergekit,
+    which asks the hub about it: without network that takes tens of seconds of retries
+    before the refusal. Said before the wait, where it is most likely a misspelt local folder."""
+    first = path.split("/", 1)[0]
+    if ("/" not in path or os.path.exists(os.path.expanduser(path)) or not first
+            or not os.path.isdir(first) or switched_on("HF_HUB_OFFLINE")):
+        return
+    LOG.warning("MetaGPT: model %s: there is no folder %s in %s, though %s/ is a folder there; "
+                "mergekit reads it as a hub id and asks the hub about it (tens of seconds without "
+                "network). If you meant a local folder, check its name", model, path, os.getcwd(), first)
 
 
 def open_loaders(config, options) -> None:

@@ -682,3 +682,47 @@ def test_a_misspelt_method_is_told_apart_from_another_method():
         "metagpt", "metagpt", "metagpt", "metagpt_ties", "metagpt_dare"]
     assert [meant_variant(n) for n in ("metagpt_della", "metagpt_dare_ties", "metagpt")] == [None, None, None]
     assert all(meant_variant(m.spec.name) is None for m in registry.registered_methods())
+
+
+@pytest.mark.parametrize("offline", ["", "1"])
+def test_a_misspelt_local_folder_read_as_a_hub_id_is_said_before_the_hub_is_asked(offline, family, tmp_path,
+                                                                                monkeypatch, caplog):
+    """`fam/goood`, with `fam/` a folder here: mergekit asks the hub about it (tens of seconds
+    of retries without network, before the refusal). A warning comes first, not after; with
+    HF_HUB_OFFLINE=1 the refusal is at once and nothing is warned."""
+    import logging
+
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.planning import _check_models_load
+
+    paths, _ = family
+    os.makedirs(tmp_path / "fam")
+    os.symlink(paths["good"], tmp_path / "fam" / "good")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    order = []
+    import mergekit.common
+
+    real_config = mergekit.common.ModelReference.config
+
+    def ask_the_hub(self, *args, **kwargs):  # stands for mergekit's hub lookup, which would wait
+        if self.model.path != "fam/goood":
+            return real_config(self, *args, **kwargs)
+        order.append(("hub", [r.getMessage() for r in caplog.records]))
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(mergekit.common.ModelReference, "config", ask_the_hub)
+    config = MergeConfiguration.model_validate(recipe({"base": paths["base"], "good": "fam/goood"}, ["good"]))
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"), pytest.raises(MetaGPTError):
+        _check_models_load(config, MergeOptions())
+    (asked,) = [seen for what, seen in order if what == "hub"]
+    warned = [m for m in asked if "there is no folder fam/goood" in m]
+    if offline:
+        assert warned == []
+    else:
+        assert warned == [f"MetaGPT: model fam/goood: there is no folder fam/goood in {tmp_path}, though fam/ is a "
+                          "folder there; mergekit reads it as a hub id and asks the hub about it (tens of seconds "
+                          "without network). If you meant a local folder, check its name"]
