@@ -123,11 +123,19 @@ WEIGHT_HELP_IN_MEMORY = (
 )
 
 
-def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False) -> str:
+def _given_for(models) -> str:
+    """`, given for model X` (the models a parameter is given for in the recipe), or ''."""
+    models = list(dict.fromkeys(str(m) for m in models))
+    return f", given for model{'s' if len(models) > 1 else ''} {', '.join(models)}" if models else ""
+
+
+def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False,
+                               models=()) -> str:
     """The refusal of parameters a MetaGPT variant does not take, with why for those
-    copied from other methods' recipes (shared by recipes and in-memory calls)."""
+    copied from other methods' recipes (shared by recipes and in-memory calls); `models`:
+    those the recipe gives them for."""
     message = (
-        f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))} "
+        f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))}{_given_for(models)} "
         f"(it takes: {', '.join(sorted(known))})"
     )
     weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
@@ -155,20 +163,22 @@ def check_config(config) -> None:
     specs = {p.name: p for p in spec.parameters}
     shared = {p.name for p in spec.parameters if p.scope == ParameterScope.SHARED}
     per_input = {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
-    unknown, misplaced = set(), set()
+    unknown, misplaced, models_of = set(), set(), []  # models_of: the models those are given for
     settings = list(_settings(config, set()))
     for name, _setting, model, _where in settings:
         if name not in shared | per_input:
             unknown.add(name)
+            models_of += [model] if model is not None else []
         elif model is not None and name in shared:
             misplaced.add(name)
     if unknown:
-        raise MetaGPTError(unknown_parameters_message(method_name, unknown, shared | per_input))
+        raise MetaGPTError(unknown_parameters_message(method_name, unknown, shared | per_input, models=models_of))
     if misplaced:
+        models = list(dict.fromkeys(str(m) for n, _s, m, _w in settings if n in misplaced and m is not None))
         raise MetaGPTError(
             f"Parameter(s) {', '.join(sorted(misplaced))} of {method_name} apply to the whole "
-            f"merge (one value for every model), but are given for a single model; move them "
-            f"to the top-level (or slice-level) `parameters:`"
+            f"merge (one value for every model), but are given for a single model ({', '.join(models)}); "
+            f"move them to the top-level (or slice-level) `parameters:`"
         )
     # a per-model value given for the base, of a parameter mergekit resolves for the other
     # models only (density), is never read: not checked

@@ -155,7 +155,8 @@ CASES = {
         r"does not rescale.*drop it from a recipe copied from dare_linear or dare_ties$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
-                                    r"Unknown parameter\(s\) for metagpt: density .*for TIES or DARE sparsification "
+                                    r"Unknown parameter\(s\) for metagpt: density, given for model .*/good \(it takes"
+                                    r".*for TIES or DARE sparsification "
                                     r"with MetaGPT's λ, use merge_method: metagpt_ties or metagpt_dare$"),
     "negative lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": -0.5}),
                         r"lambda must be a number in \[0, 3.4e38\]"),

@@ -204,7 +204,7 @@ def test_hub_model_offline_fails_at_once_naming_the_model(cli_runs):
 
 def test_mergekit_yaml_refuses_a_per_model_lambda(cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("per_model_lambda", "mergekit-yaml")]
-    assert rc != 0 and "given for a single model" in stderr, stderr
+    assert rc != 0 and "given for a single model (" in stderr and "/model0)" in stderr, stderr
     assert not wrote  # refused before the output folder was made
 
 
