@@ -180,7 +180,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         if drawn:
             lines += ["", f"![λ per model](metagpt-lambdas{suffix}.png)"]
         lines += ["", "### Cosine similarity of the task vectors", ""]
-        computed = any(v is not None for _, v in stats.pairs())
+        computed = stats.computed
         if computed or not stats.pairs():
             lines += _md_table(["", *names], [
                 [names[a], *("–" if v is None else f"{v:+.4f}" for v in row)] for a, row in enumerate(stats.cosine)
@@ -241,7 +241,7 @@ def summary_text(run, written: List[str], drawn: bool) -> str:
                 [str(m), f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
             ]),
             "",
-            *([] if stats.largest_cosine is None else [stats.cosine_table()]),  # no table of blanks
+            *([stats.cosine_table()] if stats.computed else []),  # no table of blanks
             stats.verdict(),
         ]))
     tail = ["", "wrote " + ", ".join(written)]

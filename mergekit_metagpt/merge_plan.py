@@ -13,7 +13,6 @@ goes.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
@@ -71,7 +70,7 @@ class MergeRun:
         #: output tensor name -> (its set, its index there, what it reads): mergekit 0.1.5 plans
         #: some tensors more than once (Qwen2-VL's projector: layer templates without a layer
         #: index), and writes one of them
-        planned: Dict[str, Tuple[MergeSet, int, Optional[tuple], dict]] = {}
+        planned: Dict[str, Tuple[MergeSet, int, Optional[tuple], dict, object]] = {}
         self.repeats: List[object] = []  # tasks planned again for a tensor: merged, not counted
         for task in tasks:
             try:
@@ -89,11 +88,11 @@ class MergeRun:
             self._set_of[id(task)] = merge_set
             name, signature, settings = task.output_weight.name, _signature(reads), _settings(task)
             if name in planned and planned[name][2] is not None and signature is not None:
-                first_set, first_index, first_signature, first_settings = planned[name]
+                first_set, first_index, first_signature, first_settings, first_reads = planned[name]
                 if first_set is not merge_set or first_signature != signature:
                     raise MetaGPTError(
                         f"MetaGPT: mergekit plans output tensor {name!r} twice, from other inputs "
-                        f"({_inputs(first_set, first_signature)}; and {_inputs(merge_set, signature)}); the "
+                        f"({_inputs(first_set, first_reads)}; and {_inputs(merge_set, reads)}); the "
                         f"merged model would hold whichever it writes last. Check the recipe's modules "
                         f"and slices"
                     )
@@ -110,7 +109,7 @@ class MergeRun:
                 self._index_of[id(task)] = first_index  # the same tensor again: counted once
                 self.repeats.append(task)
                 continue
-            planned.setdefault(name, (merge_set, len(merge_set.tasks), signature, settings))
+            planned.setdefault(name, (merge_set, len(merge_set.tasks), signature, settings, reads))
             self._index_of[id(task)] = len(merge_set.tasks)
             merge_set.tasks.append(task)
             named = tuple(m for m in task.model_order if m != task.base_model and m not in models)
@@ -264,12 +263,10 @@ def uniform_alpha(values, where: str) -> float:
     return distinct[0] if distinct else 1.0
 
 
-def _inputs(merge_set: MergeSet, signature: tuple) -> str:
+def _inputs(merge_set: MergeSet, reads) -> str:
     """A planned tensor's inputs for a message: each model and the tensor it reads."""
-    reads = [json.loads(key) for _model, key in signature]
-    names = [fields.get("tensor") or fields.get("tensor_name") or "?" for _kind, fields in reads]
-    return ", ".join(f"{model}{' (base)' if model == str(merge_set.base) else ''}: {name!r}"
-                     for (model, _key), name in zip(signature, names))
+    return ", ".join(f"{model}{' (base)' if model == merge_set.base else ''}: {read.name!r}"
+                     for model, read in sorted(reads.items(), key=lambda item: str(item[0])))
 
 
 def _settings(task) -> Dict[str, str]:

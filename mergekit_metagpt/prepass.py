@@ -194,10 +194,10 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
 def _log_similarity(stats, which: str) -> None:
     if len(stats.models) < 2:
         return
-    if stats.largest_cosine is None:  # no pair computed: no table of blanks
-        LOG.info("MetaGPT task-vector cosine similarities%s: %s", which, stats.verdict())
-    else:
+    if stats.computed:
         LOG.info("MetaGPT task-vector cosine similarities%s:\n%s\n%s", which, stats.cosine_table(), stats.verdict())
+    else:  # no pair computed: no table of blanks
+        LOG.info("MetaGPT task-vector cosine similarities%s: %s", which, stats.verdict())
     if stats.far_pairs():
         LOG.warning("MetaGPT%s: %s", which, stats.verdict())
     if stats.missing_pairs and merge_products() != "never":

@@ -149,6 +149,11 @@ class SetStats:
         return [((a, b), self.cosine[a][b]) for a in range(n) for b in range(a + 1, n)]
 
     @property
+    def computed(self) -> bool:
+        """Whether some pair's cosine was computed (else no table of dashes is shown)."""
+        return any(c is not None for _, c in self.pairs())
+
+    @property
     def largest_cosine(self) -> Optional[Tuple[Tuple[int, int], float]]:
         known = [(ab, c) for ab, c in self.pairs() if c is not None]
         return max(known, key=lambda item: abs(item[1])) if known else None
