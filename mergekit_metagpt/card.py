@@ -55,7 +55,7 @@ def card_section(run) -> str:
 def _card_cosines(entry, out_path) -> List[str]:
     """The cosine matrix as a table, the verdict, and links to ``inspect``'s pictures
     where the folder holds pictures of these very numbers."""
-    from mergekit_metagpt.similarity import short_names
+    from mergekit_metagpt.similarity import cosine_text, short_names
 
     cos = entry["cosine_similarity"]
     if len(cos["models"]) < 2:
@@ -68,7 +68,7 @@ def _card_cosines(entry, out_path) -> List[str]:
         lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", "",
                  "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
         for name, row in zip(names, cos["matrix"]):
-            lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:+.4f}" for v in row) + " |")
+            lines.append(f"| {name} | " + " | ".join(cosine_text(v) for v in row) + " |")
         lines += ["", cos["verdict"]]
     pictures = inspect_pictures(out_path, entry)
     if pictures:

@@ -229,7 +229,22 @@ def _demo_models(args) -> int:
     refuse_foreign_folders(args.directory)
     paths = write_family(args.directory, SIZES[args.size], dtype=args.dtype)
     print("\n".join(paths))
+    print(_next_step(paths, args.dtype), file=sys.stderr)
     return 0
+
+
+def _next_step(paths, dtype: str) -> str:
+    """What to run next (on stderr: stdout lists the folders): the example recipe where it is
+    here and its paths fit, else that recipe's text for these folders."""
+    example = os.path.join("examples", "yaml", "metagpt-tiny.yml")
+    if os.path.abspath(os.path.dirname(paths[0])) == os.path.abspath("tiny-models") and os.path.isfile(example):
+        return f"next: mergekit-yaml {example} ./merged-tiny -v"
+    # relative paths start with ./ (else mergekit may take them for hub ids)
+    local = [p if os.path.isabs(p) or p.startswith(".") else os.path.join(".", p) for p in paths]
+    recipe = ["merge_method: metagpt", f"base_model: {local[0]}", f"dtype: {dtype}", "models:",
+              *(f"  - model: {p}" for p in local[1:])]
+    return ("next: save this recipe as metagpt-demo.yml and run, from this folder, "
+            "mergekit-yaml metagpt-demo.yml ./merged -v\n" + "\n".join(recipe))
 
 
 def _add_seed(parser) -> None:

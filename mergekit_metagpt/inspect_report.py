@@ -139,7 +139,7 @@ def one_draw(seed, these: str = "these", code: str = "") -> str:
 
 
 def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) -> str:
-    from mergekit_metagpt.similarity import COSINE_WARNING, short_names
+    from mergekit_metagpt.similarity import COSINE_WARNING, cosine_text, short_names
 
     from mergekit_metagpt.record import passed_through_entries, passed_through_text
 
@@ -183,7 +183,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         computed = stats.computed
         if computed or not stats.pairs():
             lines += _md_table(["", *names], [
-                [names[a], *("–" if v is None else f"{v:+.4f}" for v in row)] for a, row in enumerate(stats.cosine)
+                [names[a], *(cosine_text(v) for v in row)] for a, row in enumerate(stats.cosine)
             ])
             if stats.note:
                 lines += ["", f"Missing values: {stats.note}."]

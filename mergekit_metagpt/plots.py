@@ -96,7 +96,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     from matplotlib.patches import Rectangle
 
     from mergekit_metagpt.coefficients import formula
-    from mergekit_metagpt.similarity import COSINE_WARNING
+    from mergekit_metagpt.similarity import COSINE_WARNING, cosine_text
 
     plt = _pyplot()
     names = picture_labels(stats.models)
@@ -141,7 +141,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
 
     # 3. cosine matrix
     path = os.path.join(out_dir, f"metagpt-cosines{suffix}.png")
-    if all(v is None for _, v in stats.pairs()):
+    if not stats.computed:
         try:  # an earlier run's: the card would link it
             os.remove(path)
         except FileNotFoundError:
@@ -158,7 +158,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
         for b, v in enumerate(row):
             if a == b:
                 continue
-            ax.text(b, a, "n/a" if v is None else f"{v:.3f}".replace("-0.000", "0.000"), ha="center", va="center",
+            ax.text(b, a, "n/a" if v is None else cosine_text(v), ha="center", va="center",
                     color="white" if v is not None and abs(v) > 0.6 else "black")
             if v is not None and abs(v) >= COSINE_WARNING:
                 ax.add_patch(Rectangle((b - 0.5, a - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2))

@@ -22,6 +22,15 @@ COSINE_WARNING = 0.3
 #: |cosine| under which a pair is called close to orthogonal.
 COSINE_ORTHOGONAL = 0.1
 
+
+def cosine_text(value: Optional[float]) -> str:
+    """A whole-model cosine as the tables and the picture show it: "–" where not computed."""
+    if value is None:
+        return "–"
+    text = f"{value:+.4f}"
+    return "+0.0000" if text == "-0.0000" else text  # as 0.0 reads: no -0.0000
+
+
 EMBED, HEAD, OTHER = "embed", "head", "other"
 # the leftmost block number: T5's "encoder.block.3.layer.1." is block 3
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks|block|layer)\.(\d+)\.")
@@ -210,7 +219,7 @@ class SetStats:
 
     def cosine_table(self) -> str:
         names = short_names(self.models)
-        rows = [[names[a]] + ["–" if v is None else f"{v:+.4f}" for v in row] for a, row in enumerate(self.cosine)]
+        rows = [[names[a]] + [cosine_text(v) for v in row] for a, row in enumerate(self.cosine)]
         return text_table(["cosine"] + names, rows)
 
     def to_json(self) -> dict:

@@ -396,6 +396,32 @@ def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, 
     assert main(["demo-models", str(tmp_path / "demo")]) == 0
 
 
+def test_demo_models_says_what_to_run_next_with_a_recipe_for_its_folders(tmp_path, capfd, monkeypatch):
+    """stdout lists the folders; stderr gives the next command: the example recipe where it is
+    here and its paths fit, else a recipe for the folders written, which runs as it is."""
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo-models", "family", "--dtype", "float32"]) == 0
+    out, err = capfd.readouterr()
+    assert out.split() == [os.path.join("family", n) for n in ("base", "math", "code", "chat")]
+    first, text = err.split("\n", 1)
+    assert first == "next: save this recipe as metagpt-demo.yml and run, from this folder, " \
+                    "mergekit-yaml metagpt-demo.yml ./merged -v"
+    recipe = yaml.safe_load(text)
+    assert recipe == {"merge_method": "metagpt", "base_model": "./family/base", "dtype": "float32",
+                      "models": [{"model": f"./family/{n}"} for n in ("math", "code", "chat")]}
+    (tmp_path / "metagpt-demo.yml").write_text(text)
+    assert main(["coefficients", "metagpt-demo.yml"]) == 0
+    assert "./family/chat" in capfd.readouterr().out
+    assert main(["demo-models", "./tiny-models"]) == 0  # the example's folder, but no example here
+    assert capfd.readouterr().err.startswith("next: save this recipe")
+    (tmp_path / "examples" / "yaml").mkdir(parents=True)
+    (tmp_path / "examples" / "yaml" / "metagpt-tiny.yml").write_text(text)
+    assert main(["demo-models", "./tiny-models"]) == 0
+    assert capfd.readouterr().err.strip() == "next: mergekit-yaml examples/yaml/metagpt-tiny.yml ./merged-tiny -v"
+
+
 @pytest.mark.parametrize("terminal, flags, shown", [(True, [], True), (True, ["--quiet"], False),
                                                     (False, [], False)])
 def test_the_pre_pass_shows_a_progress_bar_on_a_terminal(terminal, flags, shown, llama_family, tmp_path,

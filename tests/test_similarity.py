@@ -245,6 +245,31 @@ def test_inspect_of_per_tensor_lambdas_says_which_lambdas_it_shows(llama_family,
     assert entry["granularity"] == ["global", "per_tensor"] and "lambda_from" not in entry
 
 
+def test_cosine_picture_shows_the_values_of_the_table(tmp_path, monkeypatch):
+    """The picture's cells read as the table's (4 places, signed): a small negative cosine is
+    not drawn as 0.000 beside a table that says -0.0003."""
+    from mergekit_metagpt import plots
+    from mergekit_metagpt.similarity import SetStats
+
+    models = ["/m/math", "/m/code", "/m/chat"]
+    stats = SetStats(models=models, squared_norms=[1.0, 2.0, 3.0], lambdas=[1 / 6, 2 / 6, 3 / 6],
+                     cosine=[[1.0, -0.00031, -0.00001], [-0.00031, 1.0, None], [-0.00001, None, 1.0]],
+                     layers=["embed", "0", "head"], layer_norms=[[1.0] * 3 for _ in models], layer_cosine={},
+                     top_tensors=[[], [], []])
+    cells = {}
+    save = plots._save
+
+    def keep(fig, plt, out_dir, stem, suffix):
+        cells[stem] = sorted(t.get_text() for t in fig.axes[0].texts)
+        return save(fig, plt, out_dir, stem, suffix)
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.write_pictures(stats, str(tmp_path))
+    assert cells["metagpt-cosines"] == sorted(["-0.0003", "-0.0003", "+0.0000", "+0.0000", "n/a", "n/a"])
+    table = stats.cosine_table()
+    assert "-0.0003" in table and "+0.0000" in table and "-0.0000" not in table
+
+
 def test_inspect_without_matplotlib_writes_report_and_json_and_says_how(llama_family, tmp_path, capsys, monkeypatch):
     from mergekit_metagpt import plots
 
