@@ -185,7 +185,24 @@ class MetaGPTMerge(GroupMergeMethod):
 
     # -- where the λ come from ------------------------------------------------
     def _lambdas_for(self, groups, parameters, input_dtypes=None) -> List[Dict[Hashable, float]]:
+        from mergekit_metagpt.integration import CURRENT_TASK, RUN_CONTEXT
+
+        task = CURRENT_TASK.get()
+        if task is not None:  # a tensor of a planned merge, however mergekit calls the method
+            if len(groups) != 1:
+                raise MetaGPTError(
+                    f"MetaGPT: mergekit handed {len(groups)} tensor groups to the task of "
+                    f"{task.output_weight.name!r}, where the plugin knows one per task; the λ "
+                    f"of each need its own task's plan"
+                )
+            return [self._graph_lambdas(groups[0], parameters[0])]
         if _IN_MEMORY.get():
+            if RUN_CONTEXT.get() is not None:  # λ of one tensor's norms would pass for MetaGPT's
+                raise MetaGPTError(
+                    "MetaGPT: a tensor of this merge reached the method outside the merge "
+                    "tasks the plugin wraps (a mergekit version the plugin does not know); "
+                    "its λ need the norms of every tensor of the merge"
+                )
             return self._in_memory_lambdas(groups, parameters, input_dtypes)
         return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
 

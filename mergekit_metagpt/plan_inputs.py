@@ -105,12 +105,17 @@ def task_reads(task) -> Dict[Hashable, TensorRead]:
         )
     # The input task's own execute() turns its argument names into model ids; handed
     # the leaf tasks in place of tensors, it returns {model id: leaf task}.
-    mapping = source.execute(**leaves)
+    unknown = (f"MetaGPT: cannot read the inputs of {task.output_weight.name!r}: "
+               f"{type(source).__name__} does not map its inputs to models as in the mergekit "
+               f"versions the plugin knows")
+    try:
+        mapping = source.execute(**leaves)
+    except Exception as error:  # it did more than rename (a mergekit that changed shape)
+        from mergekit_metagpt.errors import one_line
+
+        raise MetaGPTError(f"{unknown} ({one_line(error)})") from error
     if not isinstance(mapping, dict) or not all(hasattr(v, "execute") for v in mapping.values()):
-        raise MetaGPTError(
-            f"MetaGPT: cannot read the inputs of {task.output_weight.name!r} "
-            f"({type(source).__name__})"
-        )
+        raise MetaGPTError(unknown)
     return {model: TensorRead(model, leaf) for model, leaf in mapping.items()}
 
 

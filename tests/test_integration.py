@@ -6,6 +6,7 @@
 - ``python -S`` (no start-up hook) plus ``import mergekit_metagpt`` still attaches them.
 """
 
+import glob
 import os
 import subprocess
 import sys
@@ -214,6 +215,84 @@ def test_merge_task_outside_any_planned_merge_is_refused():
     )
     with pytest.raises(MetaGPTError, match="not planned by a mergekit entry point the plugin knows"):
         task.execute(tensors={base: torch.zeros(3), other: torch.ones(3)})
+
+
+def _adapter_calling_the_public_entry(monkeypatch):
+    """As a mergekit whose task adapter calls the method as ``merge_state_dicts`` does
+    (``method(groups, parameters=…)``) in place of ``_execute_resolved``."""
+    from mergekit_metagpt.method import MetaGPTMerge
+
+    resolved = MetaGPTMerge._execute_resolved
+    inside = []
+
+    def public_entry(self, groups, parameters, **kwargs):
+        if inside:  # __call__'s own call
+            return resolved(self, groups, parameters, **kwargs)
+        inside.append(True)
+        try:
+            return self(groups, parameters=parameters[0], dtype=kwargs.get("dtype"),
+                        out_dtype=kwargs.get("out_dtype"))
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(MetaGPTMerge, "_execute_resolved", public_entry)
+
+
+def test_a_merge_task_that_calls_the_method_s_public_entry_still_merges_with_global_lambdas(
+        llama_family, tmp_path, monkeypatch):
+    """The tensor is still a planned task's: its λ are the pre-pass's over the whole model,
+    not those of its own tensor (which the in-memory path would give, silently)."""
+    import mergekit_metagpt  # noqa: F401
+
+    _adapter_calling_the_public_entry(monkeypatch)
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    exec(textwrap.dedent(merge_code(paths, out)), {})
+    assert_merged(out, sds)
+    assert os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+
+
+def test_a_merge_reaching_the_method_outside_its_tasks_is_refused(llama_family, tmp_path, monkeypatch):
+    """Inside a MetaGPT run_merge, a tensor that reaches the method's public entry outside
+    the wrapped merge tasks (a task adapter the plugin could not wrap) is refused before any
+    weights are written, not merged with the λ of its own tensor."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    monkeypatch.setattr(ExecuteMergeMethodTask, "execute", ExecuteMergeMethodTask.execute.__wrapped__)
+    _adapter_calling_the_public_entry(monkeypatch)
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match="reached the method outside the merge tasks the plugin wraps"):
+        exec(textwrap.dedent(merge_code(paths, out)), {})
+    assert not glob.glob(os.path.join(out, "*.safetensors"))
+
+
+def test_an_input_task_that_does_more_than_name_its_models_is_refused_before_any_read(
+        llama_family, tmp_path, monkeypatch):
+    """A mergekit whose GatherTensors does more than map its inputs to models (here: makes
+    each contiguous) cannot be handed the load tasks by the pre-pass: refused with a message
+    naming it, before the output folder is written."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.io.tasks import GatherTensors
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    execute = GatherTensors.execute
+
+    def contiguous(self, **kwargs):
+        return {model: tensor.contiguous() for model, tensor in execute(self, **kwargs).items()}
+
+    monkeypatch.setattr(GatherTensors, "execute", contiguous)
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=r"GatherTensors does not map its inputs to models as in the mergekit "
+                                           r"versions the plugin knows \(AttributeError: 'LoadTensor' object has "
+                                           r"no attribute 'contiguous'\)"):
+        exec(textwrap.dedent(merge_code(paths, out)), {})
+    assert not glob.glob(os.path.join(out, "*.safetensors"))
 
 
 # -- each function wrapped once -------------------------------------------------------
