@@ -30,7 +30,9 @@ from mergekit_metagpt.atomic_json import write_json
 from mergekit_metagpt.env import switched_off
 
 LOG = logging.getLogger("mergekit_metagpt")
-FORMAT = 3  # 3: no notes (2 held the leading-rows notes of resized vocabularies, a rule now gone)
+# 4: float64 checkpoints' norms in float64 (3 summed their differences in float32);
+# 3: no notes (2 held the leading-rows notes of resized vocabularies, a rule now gone)
+FORMAT = 4
 
 
 def enabled() -> bool:
@@ -260,7 +262,7 @@ def _warn_once(path: str, error: OSError, message: str) -> None:
 # A separate kind of entry, keyed by the base's and both models' checkpoints, so that
 # the norms' entries (and caches written before inner products existed) stay valid: a
 # run that finds norms but no products has simply no products cached (a miss).
-PRODUCTS_FORMAT = 1
+PRODUCTS_FORMAT = 2  # 2: float64 checkpoints' products in float64
 
 
 def products_path(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str) -> str:

@@ -1,4 +1,5 @@
-"""Squared task-vector norms and inner products: float32 sums per chunk, added in float64."""
+"""Squared task-vector norms and inner products: float32 sums per chunk (float64 for float64
+tensors, `work_dtype`), added in float64."""
 
 from __future__ import annotations
 
@@ -48,11 +49,19 @@ def squared_delta(
     float32 work memory is a chunk, not a tensor. Sparsification needs whole tensors.
     """
     if scratch is None or sparsifier is not None:
-        delta = tensor.to(torch.float32) - base.to(torch.float32)
+        work = work_dtype(tensor, base)
+        delta = tensor.to(work) - base.to(work)
         if sparsifier is not None:
             delta = sparsifier(model, delta)
         return delta.square_().sum()
     return squared_deltas([tensor], base, scratch)[0]
+
+
+def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32, or float64 where a tensor is float64: a float64 checkpoint's task vector
+    may lie below float32's resolution at its weights' size (δ ~ 1e-9 of weights ~ 1
+    vanishes in float32), and its merge is float64 too."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def squared_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch: Scratch) -> List[torch.Tensor]:
@@ -78,8 +87,9 @@ def task_vector_sums(
     and with `check_base` the sum of the base's elements, else None). 0-d float64
     tensors on the base's device.
 
-    Each chunk of the base is turned into float32 once for all tensors (on CPU, that
-    conversion is the costliest step). Without pairs, each delta is squared and summed
+    Each chunk of the base is turned into float32 (`work_dtype`: float64 where a tensor is
+    float64) once for all tensors (on CPU, that conversion is
+    the costliest step). Without pairs, each delta is squared and summed
     with torch's pairwise float32 sum (1e-8 relative over tens of millions of elements,
     where one float32 dot is off by 1e-4); with pairs, the chunk's deltas are stacked
     and their Gram matrix (norms on the diagonal, inner products off it) is taken, on
@@ -99,24 +109,25 @@ def task_vector_sums(
     # matrix products only where they are exact float32 (on a GPU, or with a lowered
     # float32 matmul precision, they may round through TF32 or bf16); asked only where
     # there are pairs
+    work = work_dtype(base, *tensors)
     fast_gram = gram is not None and device.type == "cpu" and exact_cpu_matmul()
     for start, end in chunks(b.numel(), device):
         size = end - start
-        b32 = scratch.flat("base", size, device).copy_(b[start:end])
+        b_chunk = scratch.flat("base", size, device, work).copy_(b[start:end])
         if base_sum is not None:
-            base_sum.add_(b32.sum())
+            base_sum.add_(b_chunk.sum())
         if gram is None:  # one delta buffer, squared in place
-            delta = scratch.flat("delta", size, device)
+            delta = scratch.flat("delta", size, device, work)
             for x, result in zip(xs, norms):
-                result.add_(delta.copy_(x[start:end]).sub_(b32).square_().sum())
+                result.add_(delta.copy_(x[start:end]).sub_(b_chunk).square_().sum())
             continue
-        stacked = scratch.flat("deltas", len(xs) * size, device).view(len(xs), size)
+        stacked = scratch.flat("deltas", len(xs) * size, device, work).view(len(xs), size)
         for row, x in zip(stacked, xs):
-            row.copy_(x[start:end]).sub_(b32)
+            row.copy_(x[start:end]).sub_(b_chunk)
         if fast_gram:
             gram.add_(_block_gram(stacked))
         else:
-            gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device)))
+            gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device, work)))
     if gram is not None:
         norms = [gram[i, i] for i in range(len(xs))]
     products = [gram[i, j] for i, j in pairs] if pairs else []
@@ -188,12 +199,13 @@ BASE = ("__metagpt_base__",)
 def base_check(base: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
     """‖base‖², finite exactly when the base tensor holds no NaN or Inf."""
     flat = base.reshape(-1)
+    work = work_dtype(base)
     if scratch is None:
-        return flat.to(torch.float32).square().sum()
+        return flat.to(work).square().sum()
     return _chunked_sum_of_squares(
         flat.numel(),
         flat.device,
-        lambda start, end: scratch.flat("base_check", end - start, flat.device).copy_(flat[start:end]),
+        lambda start, end: scratch.flat("base_check", end - start, flat.device, work).copy_(flat[start:end]),
     )
 
 

@@ -84,3 +84,50 @@ def test_inspect_json_says_how_the_sums_are_taken():
 
     run = SimpleNamespace(result=RunNorms(sets=[]), method_name="metagpt")
     assert payload(run, "recipe.yml")["norms"] == text
+
+
+def _float64_with_tiny_task_vectors(n=300_000, scales=(1e-9, 3e-9, 1e-10)):
+    gen = torch.Generator().manual_seed(3)
+    base = 0.05 + torch.rand(n, generator=gen, dtype=torch.float64)  # weights near 0.05-1.05
+    return base, [base + torch.randn(n, generator=gen, dtype=torch.float64) * s for s in scales]
+
+
+def test_float64_tensors_keep_task_vectors_below_float32_resolution():
+    """A float64 checkpoint's task vector of ~1e-9 (under float32's step at weights ~0.5):
+    norms and inner products match float64, where float32 differences lost most of them."""
+    base, xs = _float64_with_tiny_task_vectors()
+    deltas = [x - base for x in xs]
+    want = [float(d @ d) for d in deltas]
+    lost = float(((xs[2].float() - base.float()).double() ** 2).sum())
+    assert abs(lost - want[2]) / want[2] > 0.5  # what float32 differences give
+    scratch = Scratch()
+    norms, products, _ = task_vector_sums(xs, base, scratch, pairs=[(0, 1), (1, 2)])
+    assert [float(v) for v in norms] == pytest.approx(want, rel=1e-10)
+    assert float(products[0]) == pytest.approx(float(deltas[0] @ deltas[1]), rel=1e-6, abs=1e-12 * want[1])
+    assert [float(v) for v in squared_deltas(xs, base, scratch)] == pytest.approx(want, rel=1e-10)
+    assert float(squared_delta(xs[2], base)) == pytest.approx(want[2], rel=1e-10)
+
+
+def test_float64_checkpoints_merge_with_their_float64_lambdas(tmp_path, merge_options):
+    """End to end (pre-pass, record): a float64 LLaMA family whose task vectors are ~1e-9."""
+    import json
+
+    import mergekit_metagpt  # noqa: F401
+    from checkpoints import closed_form, random_state_dict, save_checkpoint
+    from merging import recipe, run_recipe
+
+    base = random_state_dict(0, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    sds = {"base": base}
+    for i, scale in enumerate((1e-9, 3e-9, 1e-10)):
+        sds[f"model{i}"] = {k: v + torch.randn(v.shape, generator=gen, dtype=torch.float64) * scale
+                            for k, v in base.items()}
+    paths = {name: save_checkpoint(str(tmp_path / name), sd) for name, sd in sds.items()}
+    models = ["model0", "model1", "model2"]
+    merged = run_recipe(recipe(paths, models, dtype="float64"), str(tmp_path / "out"), merge_options)
+    lams, reference = closed_form(sds["base"], [sds[m] for m in models])
+    (entry,) = json.load(open(tmp_path / "out" / "metagpt_coefficients.json"))["merges"]
+    assert [m["lambda"] for m in entry["models"]] == pytest.approx(lams, rel=1e-8)
+    for name, ref in reference.items():
+        assert merged[name].dtype == torch.float64
+        assert (merged[name] - ref).abs().max().item() < 1e-15, name
