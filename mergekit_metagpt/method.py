@@ -174,7 +174,9 @@ class MetaGPTMerge(GroupMergeMethod):
             group = align_dtype(group, dtype)
             with torch.autocast(device_type=group.entries[0].tensor.device.type, enabled=False):
                 result = self.merge_with_lambdas(group, lams, params)
-            results.append(result.to(dtype=out_dtype) if out_dtype is not None else result)
+            result = result.to(dtype=out_dtype) if out_dtype is not None else result
+            _refuse_float16_overflow(result, group, params)
+            results.append(result)
             del group, result
         return tuple(results)
 
@@ -314,3 +316,17 @@ def _models_of(groups) -> List[Hashable]:
             if entry.id not in models:
                 models.append(entry.id)
     return models
+
+
+def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any]) -> None:
+    """A float16 output beyond ±65504 (the inputs are finite: the pre-pass checked them) is
+    refused, not written as Inf: a recipe's `lambda`, DARE's 1/density rescale or TIES'
+    sums in float16 can overflow it (stock mergekit writes the Inf)."""
+    if result.dtype != torch.float16 or bool(torch.isfinite(result).all()):
+        return
+    count = int((~torch.isfinite(result)).sum())
+    raise MetaGPTError(
+        f"MetaGPT: the merge of tensor {group.metadata.name!r} overflows float16 ({count} values beyond "
+        f"±65504, lambda {params.get('lambda')}); merge in float32 (`dtype: float32`, with `out_dtype: "
+        f"float16` only where the merged values fit)"
+    )

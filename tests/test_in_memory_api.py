@@ -9,6 +9,8 @@ import mergekit_metagpt  # noqa: F401
 from checkpoints import closed_form, perturbed, random_state_dict
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
+from mergekit_metagpt.errors import MetaGPTError
+
 
 def _models(seed=0):
     base = random_state_dict(seed)
@@ -216,3 +218,22 @@ def test_an_unknown_parameter_in_memory_is_refused_with_why(tmp_path):
         merge_state_dicts(models, "metagpt", base="base", parameters={"weight": {"a": 0.5, "b": 0.5}})
     with pytest.raises(ValueError, match=r"for metagpt_ties: rescale .*only metagpt_dare does"):
         merge_state_dicts(models, "metagpt_ties", base="base", parameters={"rescale": True, "density": 0.5})
+
+
+@pytest.mark.parametrize("method, parameters, out_dtype", [
+    ("metagpt", {"lambda": 3.0}, None),  # the float32 sum, cast back to float16
+    ("metagpt_ties", {"lambda": 3.0, "density": 1.0}, None),  # mergekit's ties, in float16
+    ("metagpt", {}, torch.float16),  # float32 inputs, out_dtype float16
+])
+def test_a_float16_output_that_overflows_is_refused_naming_the_tensor(method, parameters, out_dtype):
+    """Finite inputs whose merge exceeds float16's ±65504 are refused, not written as Inf."""
+    dtype = torch.float32 if out_dtype is not None else torch.float16
+    big = 8e4 if out_dtype is not None else 3e4
+    base = {"w": torch.full((4, 4), big, dtype=dtype), "v": torch.ones(3, dtype=dtype)}
+    model = {"w": base["w"] + 2e4, "v": base["v"] + 1}
+    with pytest.raises(MetaGPTError, match=r"the merge of tensor 'w' overflows float16 \(16 values beyond ±65504"):
+        merge_state_dicts({"base": base, "m": model}, method, base="base", parameters=parameters,
+                          out_dtype=out_dtype)
+    ok = merge_state_dicts({"base": base, "m": model}, method, base="base",
+                           parameters={**parameters, "lambda": 1.0}, out_dtype=out_dtype and torch.float32)
+    assert torch.isfinite(ok["w"]).all()
