@@ -10,7 +10,12 @@
 # Each step runs under `timeout` to the deadline (DEADLINE_S seconds after this script
 # starts); what is skipped or stopped is printed and listed in $OUT/summary.txt.
 # Logs go to $OUT (default /tmp/cuda-checks). Settings (environment): SIZES (default
-# 100m,1b), RUNS (3), DEADLINE_S (480), PROC_S (20), PY (python3).
+# 100m,1b), RUNS (3), DEADLINE_S (360: with the machine's start and the install, a lent
+# GPU's 15 minutes then leave room for a rerun), PROC_S (20), PY (python3).
+# On the lent GPU machine (no network): prepare the wheels here with
+# `bash benchmarks/cuda_wheels.sh`, then run, carrying `.whl`,
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir .whl/*.whl && bash benchmarks/cuda_checks.sh
+# (installed into that Python's own site-packages, so the start-up hook's .pth runs).
 # Exit status: 1 if a step failed (the tests included, also when stopped at the
 # deadline); a benchmark stopped or skipped at the deadline is reported, not a failure.
 set -uo pipefail
@@ -19,7 +24,7 @@ START=$(date +%s)
 OUT=${OUT:-/tmp/cuda-checks}
 SIZES=${SIZES:-100m,1b}
 RUNS=${RUNS:-3}
-DEADLINE_S=${DEADLINE_S:-480}
+DEADLINE_S=${DEADLINE_S:-360}
 PROC_S=${PROC_S:-20}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -66,9 +71,14 @@ if command -v nvidia-smi > /dev/null; then
 fi
 run_step "environment" gpu.txt 30 0 "$PY" - <<'PY'
 import os, torch, mergekit.merge_methods as mm
-print("metagpt registered by the hook:", mm.get("metagpt"))
+print("metagpt registered by the hook:", mm.get("metagpt"))  # raises where the hook did not run
 print("torch", torch.__version__, "cpus", os.cpu_count(), "cuda", torch.cuda.is_available() and torch.cuda.get_device_name(0))
+assert torch.cuda.is_available(), "torch finds no CUDA device"
 PY
+if ((rc)); then  # nothing below can pass: stop before spending the machine's time
+    echo "environment check failed: is the package installed with its start-up hook (not with --target)? see benchmarks/cuda_wheels.sh" | tee -a "$OUT/summary.txt"
+    exit 1
+fi
 
 # 1. the tests first: they are what a GPU run is for
 run_step "pytest -m cuda" pytest-cuda.txt 60 1 \

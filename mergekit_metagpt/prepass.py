@@ -357,7 +357,8 @@ class _Releaser:
     """Closes the safetensors shards the pre-pass mapped (mergekit's own flush, under the
     loader's lock) once RELEASE_BYTES of a loader's tensors were read since the pre-pass
     last closed it (or first used it), and all of them at the end, a failed read's too, so
-    that mapped pages do not pile up in RSS on CPU, while a shard of many small tensors is
+    that mapped pages do not pile up in RSS (with ``--cuda`` too: tensors reach the GPU from
+    the mapped files unless ``--read-to-gpu``), while a shard of many small tensors is
     not reopened (its header parsed) per tensor."""
 
     def __init__(self):
@@ -407,7 +408,8 @@ def _stream(run, device, todo, found: _Found) -> None:
 
     scratch = thread_scratch()
     move, end_moves = _mover(device)
-    releaser = _Releaser() if device.type == "cpu" else None
+    # on every device: tensors are read on the CPU (mapped) unless --read-to-gpu
+    releaser = _Releaser()
     accumulator = NormAccumulator([BASE], {})
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
     quiet = bool(getattr(run.options, "quiet", False))
@@ -424,8 +426,7 @@ def _stream(run, device, todo, found: _Found) -> None:
             _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar)
         finally:
             end_moves()
-            if releaser is not None:
-                releaser.close()
+            releaser.close()
     values = accumulator.finish()
     values.pop(BASE, None)
     for model, by_slot in values.items():
@@ -456,8 +457,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             bar.update(1)
             continue
         base_read = item.base_read
-        if releaser is not None:
-            releaser.track(item)
+        releaser.track(item)
         if item.adapter is not None:
             aligned = _load_aligned(item, bar, releaser)
 
@@ -489,16 +489,14 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             accumulator.labels.setdefault(BASE, f"the base model {task.base_model}")
             _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, found, done)
         del base_tensor, fetch
-        if releaser is not None:
-            releaser.after_task()
+        releaser.after_task()
 
 
 def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Tensor]:
     tensor = read.load()
     if tensor is None:
         return None
-    if releaser is not None:
-        releaser.count(read, tensor.nbytes)
+    releaser.count(read, tensor.nbytes)
     tensor = move(tensor)
     STATS.tensors_read += 1
     STATS.bytes_read += tensor.nbytes
@@ -518,8 +516,7 @@ def _load_aligned(item: _Planned, bar, releaser) -> Dict[Hashable, torch.Tensor]
         tensor = read.load()
         if tensor is None:  # an optional tensor this model lacks
             continue
-        if releaser is not None:
-            releaser.count(read, tensor.nbytes)
+        releaser.count(read, tensor.nbytes)
         STATS.tensors_read += 1
         STATS.bytes_read += tensor.nbytes
         bar.update(0, nbytes=tensor.nbytes)

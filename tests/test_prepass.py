@@ -353,11 +353,15 @@ def test_other_shape_mismatch_is_an_error_naming_model_and_tensor(tmp_path, merg
         run_recipe(recipe(paths, ["wider"]), str(tmp_path / "out"), merge_options)
 
 
-def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its_end(tmp_path, monkeypatch):
+@pytest.mark.parametrize("flags", [
+    [], pytest.param(["--cuda"], marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its_end(flags, tmp_path, monkeypatch):
     """Mapped safetensors pages count in RSS: the pre-pass closes a model's shard once
     RELEASE_BYTES of its tensors were read since it was opened (so at most that and one
     tensor more stay mapped), and every shard at its end; a shard of many small tensors is
-    not reopened, its header parsed again, for every tensor."""
+    not reopened, its header parsed again, for every tensor. On a GPU too (the tensors are
+    read from the mapped files, then copied over)."""
     from mergekit.io.lazy_tensor_loader import LazyTensorLoader
 
     from merging import write_yaml
@@ -391,8 +395,9 @@ def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its
     monkeypatch.setattr(LazyTensorLoader, "flush", counting_flush)
     path = write_yaml(recipe(paths, ["model0", "model1"]), str(tmp_path / "r.yml"))
     runs = prepass.STATS.runs
-    assert main(["coefficients", path]) == 0
+    assert main(["coefficients", path, *flags]) == 0
     assert prepass.STATS.runs == runs + 1 and len(loaders) == 3
+    assert prepass.STATS.last_device.startswith("cuda" if flags else "cpu")
     assert max(most.values()) <= total // 4 + largest, (most, total, largest)
     # about 4 closes per model (and one at the end), not one per tensor (len(base) each)
     assert flushes[0] <= 3 * 6 < 3 * len(base), flushes
