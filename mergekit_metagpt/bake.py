@@ -11,8 +11,17 @@ from mergekit_metagpt.method import VARIANTS
 
 #: The stock method each variant runs per tensor with weight = λ_t, normalize = false.
 STOCK = {name: stock or "task_arithmetic" for name, stock in VARIANTS.items()}
-#: The plugin's own parameters, which stock methods do not take.
-OURS_ONLY = ("granularity", "lambda_from", "alpha")
+
+
+def ours_only(method: str) -> set:
+    """The parameters of our `method` that its stock method does not take (granularity,
+    alpha, lambda_from): left out of the baked recipe."""
+    from mergekit.merge_methods import registry
+
+    def names(name):
+        return {p.name for p in registry.get(name).spec.parameters}
+
+    return names(method) - names(STOCK[method])
 
 
 def check_bakeable_recipe(config, path: str = "recipe") -> None:
@@ -38,7 +47,7 @@ def check_bakeable(run, path: str = "recipe") -> None:
                                "lambda_from: dense, or merge this one with the plugin itself)")
 
 
-def baked_recipe(path: str, run, coefficients) -> str:
+def baked_recipe(path: str, coefficients) -> str:
     """The recipe at `path` as a stock mergekit recipe with the λ filled in as weights."""
     from mergekit.common import ModelReference
 
@@ -49,7 +58,8 @@ def baked_recipe(path: str, run, coefficients) -> str:
         data = yaml.safe_load(f)
     method = data["merge_method"]
     data["merge_method"] = STOCK[method]
-    params = {k: v for k, v in (data.get("parameters") or {}).items() if k not in OURS_ONLY}
+    dropped = ours_only(method)
+    params = {k: v for k, v in (data.get("parameters") or {}).items() if k not in dropped}
     params["normalize"] = False
     data["parameters"] = params
     lambdas = coefficients.lambdas

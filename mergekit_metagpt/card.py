@@ -10,7 +10,7 @@ from typing import List
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.coefficients import formula, scale_note
 from mergekit_metagpt.record import (
-    model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload,
+    model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload, sparse_norms,
 )
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -19,7 +19,7 @@ CARD_MARK = "## MetaGPT coefficients"
 
 def card_section(run) -> str:
     payload = record_payload(run)
-    sparse = "sparsified" in payload["norms"]
+    sparse = sparse_norms(payload)
     lines = [
         "",
         CARD_MARK,

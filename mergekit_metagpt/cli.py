@@ -123,7 +123,7 @@ def coefficients_text(payload, seed=None, places=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula, scale_note
     from mergekit_metagpt.inspect_report import one_draw
-    from mergekit_metagpt.record import passed_through_text, per_tensor_count
+    from mergekit_metagpt.record import passed_through_text, per_tensor_count, sparse_norms
 
     merges = payload["merges"]
     blocks = []
@@ -148,7 +148,7 @@ def coefficients_text(payload, seed=None, places=None) -> str:
                      "(alpha 1 is the paper, 0 the average)")
     if payload["passed_through"]:
         notes.append(passed_through_text(payload["passed_through"], ascii=True))
-    if "sparsified" in payload["norms"]:
+    if sparse_norms(payload):
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
                      + ("; " + one_draw(seed, "these lambda") if payload["merge_method"] == "metagpt_dare" else ""))
     return "\n\n".join(blocks) + ("\n\n" + "\n".join(notes) if notes else "")
@@ -202,7 +202,7 @@ def _bake(args) -> int:
                           before_planning=lambda c: check_bakeable_recipe(c, args.recipe),
                           before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
-    text = baked_recipe(args.recipe, run, set_norms.coefficients)
+    text = baked_recipe(args.recipe, set_norms.coefficients)
     with open(args.output, "w", encoding="utf-8") as f:
         f.write(text)
     print(f"wrote {args.output}")

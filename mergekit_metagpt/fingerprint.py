@@ -71,9 +71,8 @@ def file_key(path: str) -> str:
             digest.update(handle.read(min(header_len, st.st_size - 8, HEADER_LIMIT)))
         else:
             digest.update(handle.read(SAMPLE_BYTES))
-        if st.st_size > SAMPLE_BYTES:
-            handle.seek(st.st_size - SAMPLE_BYTES)
-            digest.update(handle.read(SAMPLE_BYTES))
+        handle.seek(st.st_size - SAMPLE_BYTES)  # the tail (the file is larger than two samples)
+        digest.update(handle.read(SAMPLE_BYTES))
     return f"{kind}:{digest.hexdigest()}"
 
 

@@ -54,7 +54,8 @@ def norms_text() -> str:
     from mergekit_metagpt.scratch import CHUNK, CPU_CHUNK
 
     return (
-        f"float32 sums within a block, chunk or tensor, added in float64 across them; chunks of "
+        f"float32 sums (float64 for float64 tensors) within a block, chunk or tensor, added in "
+        f"float64 across them; chunks of "
         f"{CPU_CHUNK} elements ({_mib(CPU_CHUNK)} of float32) on CPU, {CHUNK} ({_mib(CHUNK)}) on a GPU; on CPU, "
         f"where two or more dense task vectors are read together (norms and inner products) and "
         f"float32 matrix products are exact, float32 sums per block of {GRAM_BLOCK} elements "

@@ -67,7 +67,8 @@ class MergeRun:
         self._reads: Dict[int, object] = {}
         from mergekit_metagpt.plan_inputs import task_reads
 
-        #: output tensor name -> (its set, its index there, what it reads): mergekit 0.1.5 plans
+        #: output tensor name -> (its set, its index there, its signature, its settings, what
+        #: it reads; see `_signature`, `_settings`): mergekit 0.1.5 plans
         #: some tensors more than once (Qwen2-VL's projector: layer templates without a layer
         #: index), and writes one of them
         planned: Dict[str, Tuple[MergeSet, int, Optional[tuple], dict, object]] = {}

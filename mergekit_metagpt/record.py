@@ -32,6 +32,13 @@ from mergekit_metagpt import PAPER_URL
 LOG = logging.getLogger("mergekit_metagpt")
 RECORD_NAME = "metagpt_coefficients.json"
 RECORD_FORMAT = 2
+#: How the record's "norms" begins where some set's λ come from sparsified task vectors.
+SPARSE_NORMS = "of the sparsified task vectors (lambda_from: sparse)"
+
+
+def sparse_norms(payload: Dict[str, Any]) -> bool:
+    """Whether a record (`record_payload`) has λ of sparsified task vectors."""
+    return payload["norms"].startswith(SPARSE_NORMS)
 VARIANT_FLAGS = ("int8_mask", "rescale")
 
 
@@ -121,10 +128,9 @@ def record_payload(run) -> Dict[str, Any]:
         "plugin_version": __version__,
         "dtype": dtype,
         "out_dtype": out_dtype,
-        "norms": (
-            "of the sparsified task vectors (lambda_from: sparse)" if sparse
-            else "of the dense task vectors"
-        ) + ", over the tensors each model set reads; float32 within a chunk or block, float64 across them",
+        "norms": (SPARSE_NORMS if sparse else "of the dense task vectors")
+        + ", over the tensors each model set reads; float32 (float64 for float64 tensors) within a chunk "
+          "or block, float64 across them",
         "merges": [set_entry(s) for s in run.result.merging],
         "passed_through": passed_through_entries(run.result),
     }

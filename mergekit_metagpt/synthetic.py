@@ -166,17 +166,17 @@ def write_family(
         tensors = [base] + [base + torch.randn(dims, generator=gen) * s for s in scales]
         nbytes = base.numel() * torch_dtype.itemsize
         if shard_size and shard_size + nbytes > shard_bytes:
-            _flush(paths, shards[-1], len(shards), torch_dtype)
+            _flush(paths, shards[-1], len(shards))
             shards.append([])
             shard_size = 0
         shards[-1].append((name, [t.to(torch_dtype) for t in tensors]))
         shard_size += nbytes
-    _flush(paths, shards[-1], len(shards), torch_dtype)
+    _flush(paths, shards[-1], len(shards))
     _write_indexes(paths, len(shards), shape, torch_dtype)
     return paths
 
 
-def _flush(paths, shard, number, dtype) -> None:
+def _flush(paths, shard, number) -> None:
     for i, path in enumerate(paths):
         data = {name: tensors[i].contiguous() for name, tensors in shard}
         save_file(data, os.path.join(path, f"shard-{number:05d}.safetensors"), metadata={"format": "pt"})
@@ -187,7 +187,7 @@ def _write_indexes(paths, count, shape: LlamaShape, dtype) -> None:
     from safetensors import safe_open
 
     for path in paths:
-        weight_map, total = {}, 0
+        weight_map = {}
         for number in range(1, count + 1):
             final = f"model-{number:05d}-of-{count:05d}.safetensors"
             os.replace(os.path.join(path, f"shard-{number:05d}.safetensors"), os.path.join(path, final))

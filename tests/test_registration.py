@@ -65,3 +65,13 @@ def test_stock_mergekit_yaml_finds_metagpt(llama_family, tmp_path):
     merged = load_checkpoint(out)
     for name, ref in reference.items():
         assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
+
+
+def test_the_hook_watches_every_module_the_plugin_attaches_to():
+    """The hook (which imports only sys) keeps its own list: a wrapper added to
+    integration without its module in the hook's list would not be installed by
+    ``mergekit-yaml`` (no import of the plugin there)."""
+    import mergekit_metagpt_hook as hook
+    from mergekit_metagpt import integration
+
+    assert set(hook.WATCHED) == set(integration._ATTACHERS) | {hook.TARGET}
