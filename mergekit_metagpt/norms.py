@@ -223,15 +223,20 @@ class NormAccumulator:
         self._values: Dict[Hashable, List[torch.Tensor]] = {m: [] for m in self.models}
         self._keys: Dict[Hashable, List[Hashable]] = {m: [] for m in self.models}
         self._names: Dict[Hashable, List[str]] = {m: [] for m in self.models}
+        self._float16: Dict[Hashable, List[bool]] = {m: [] for m in self.models}
 
-    def add(self, model: Hashable, key: Hashable, value: torch.Tensor, name: Optional[str] = None) -> None:
-        """Record ‖δ‖² of one tensor; `name` (default: the key) is what errors print."""
+    def add(self, model: Hashable, key: Hashable, value: torch.Tensor, name: Optional[str] = None,
+            dtype: Optional[torch.dtype] = None) -> None:
+        """Record ‖δ‖² of one tensor; `name` (default: the key) is what errors print, `dtype`
+        the tensor's as read (float16 is said: a cast to it turns large values into Inf)."""
         if model not in self._values:
             self.models.append(model)
             self._values[model], self._keys[model], self._names[model] = [], [], []
+            self._float16[model] = []
         self._values[model].append(value)
         self._keys[model].append(key)
         self._names[model].append(str(key) if name is None else name)
+        self._float16[model].append(dtype == torch.float16)
 
     def finish(self) -> Dict[Hashable, Dict[Hashable, float]]:
         """Per model, {key: squared norm}; raises on NaN or Inf (the base's first)."""
@@ -250,6 +255,9 @@ class NormAccumulator:
                     # overflow them too
                     what = "NaN or Inf, or values too large for float32 sums" if model == BASE else (
                         "NaN or Inf, or a task vector too large for float32 sums of squares")
+                    if self._float16[model][bad[0]]:  # read as float16 (the file's, or the recipe's cast)
+                        what += "; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` " \
+                                "cast of larger values gives Inf)"
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values ({what}) in tensor "
                         f"{names[bad[0]]!r} of {who}"
@@ -307,7 +315,7 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
         base_tensor = cast(base_tensor)
         if (BASE, base_view) not in seen:
             seen.add((BASE, base_view))
-            accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name)
+            accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
         sparsifier = sparsifier_of(index) if sparsifier_of else None
         for entry in group.non_base:
             tensor = entry.tensor.detach()
@@ -315,9 +323,10 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
             if pair in seen:
                 continue
             seen.add(pair)
+            tensor = cast(tensor)
             accumulator.add(  # keyed by position: two groups may share a name
-                entry.id, index, squared_delta(cast(tensor), base_tensor, sparsifier, entry.id, scratch),
-                name=name,
+                entry.id, index, squared_delta(tensor, base_tensor, sparsifier, entry.id, scratch),
+                name=name, dtype=tensor.dtype,
             )
     norms = accumulator.finish()
     del norms[BASE]

@@ -566,7 +566,8 @@ def _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, 
         slot = (id(task), model) if sparsifier is not None else (pair, key)
         accumulator.labels.setdefault(model, f"model {model}")
         if sparsifier is not None:
-            accumulator.add(model, slot, squared_delta(tensor, base_tensor, sparsifier, model, scratch), name=read.name)
+            accumulator.add(model, slot, squared_delta(tensor, base_tensor, sparsifier, model, scratch), name=read.name,
+                            dtype=tensor.dtype)
         else:
             done.add((pair, key))
             together[model] = (slot, read.name, tensor)
@@ -576,9 +577,9 @@ def _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, 
     norms, products, base_sum = task_vector_sums(
         [t for *_, t in together.values()], base_tensor, scratch, check_base=True, pairs=[ij for _, ij in counted]
     )
-    accumulator.add(BASE, (id(task), base_read.key), base_sum, name=base_read.name)
-    for (model, (slot, name, _)), value in zip(together.items(), norms):
-        accumulator.add(model, slot, value, name=name)
+    accumulator.add(BASE, (id(task), base_read.key), base_sum, name=base_read.name, dtype=base_tensor.dtype)
+    for (model, (slot, name, tensor)), value in zip(together.items(), norms):
+        accumulator.add(model, slot, value, name=name, dtype=tensor.dtype)
     for ((a, b), _), value in zip(counted, products):
         triple = (task.base_model, a, b)
         accumulator.add(("pair", a, b), (triple, item.pair_keys[(a, b)]), value, name=item.reads[a].name)

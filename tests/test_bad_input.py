@@ -67,6 +67,10 @@ def family(tmp_path_factory):
     huge["model.layers.1.mlp.down_proj.weight"][0, 0] = 3e30
     paths["huge"] = save_checkpoint(str(root / "huge"), huge)
 
+    large = perturbed(base, 0.02, 14)  # finite in float32, Inf once cast to float16
+    large["model.layers.1.mlp.up_proj.weight"][0, 0] = 1e5
+    paths["large"] = save_checkpoint(str(root / "large"), large)
+
     inf_base = dict(base)
     inf_base["model.layers.0.post_attention_layernorm.weight"] = base[
         "model.layers.0.post_attention_layernorm.weight"].clone()
@@ -130,6 +134,11 @@ CASES = {
         lambda p: recipe(p, ["good", "huge"]),
         r"non-finite values \(NaN or Inf, or a task vector too large for float32 sums of squares\) "
         r"in tensor 'model\.layers\.1\.mlp\.down_proj\.weight' of model .*/huge$"),
+    "beyond float16 once cast by the recipe's dtype": (
+        lambda p: recipe(p, ["good", "large"], dtype="float16"),
+        r"non-finite values \(NaN or Inf, or a task vector too large for float32 sums of squares; read as "
+        r"float16, which holds nothing beyond ±65504 \(a `dtype: float16` cast of larger values gives Inf\)\) "
+        r"in tensor 'model\.layers\.1\.mlp\.up_proj\.weight' of model .*/large$"),
     "Inf in the base": (lambda p: recipe({**p, "base": p["inf_base"]}, ["good"]),
                         r"NaN or Inf.*'model\.layers\.0\.post_attention_layernorm\.weight' of the base model .*/inf_base$"),
     # mergekit's loader or the pre-pass, whichever reads it first
@@ -538,6 +547,24 @@ def test_a_base_too_large_for_float32_sums_is_not_called_nan():
     with pytest.raises(MetaGPTError, match=r"non-finite values \(NaN or Inf, or values too large for float32 "
                                            r"sums\) in tensor 'w' of the base model"):
         merge_state_dicts({"base": base, **models}, "metagpt", base="base")
+
+
+def test_a_model_beyond_float16_once_cast_in_memory_is_said_to_be_read_as_float16():
+    """merge_state_dicts(dtype=float16) of a float32 model holding 1e5: the error says the
+    tensor was read as float16 (the Inf is the cast's), not only NaN or Inf."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    base = {"w": torch.ones(4, 4)}
+    large = {"w": torch.ones(4, 4)}
+    large["w"][0, 0] = 1e5
+    with pytest.raises(MetaGPTError, match=r"; read as float16, which holds nothing beyond ±65504 .* in tensor "
+                                           r"'w' of model large"):
+        merge_state_dicts({"base": base, "large": large}, "metagpt", base="base", dtype=torch.float16)
+    with pytest.raises(MetaGPTError, match=r"for float32 sums of squares\) in tensor 'w' of model large"):
+        large["w"][0, 0] = float("inf")  # float32 itself: no word of float16
+        merge_state_dicts({"base": base, "large": large}, "metagpt", base="base")
 
 
 COMMIT_BASE, COMMIT_GOOD, COMMIT_OTHER = "b" * 40, "c" * 40, "d" * 40
