@@ -207,7 +207,8 @@ def read_folder(model) -> Optional[str]:
         from mergekit.io.tasks import LoaderCache
 
         return os.path.realpath(LoaderCache().get(model).index.base_path)
-    except Exception:
+    except Exception as error:  # the merge's own loader reports it, with mergekit's words
+        LOG.debug("MetaGPT: no loader for %s here (%s): its spelling stands for it", model, error)
         return None
 
 

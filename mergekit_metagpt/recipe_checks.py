@@ -13,9 +13,12 @@ is called by both once the architecture is known.
 from __future__ import annotations
 
 import difflib
+import logging
 from typing import Any, Iterator, Optional, Set, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError
+
+LOG = logging.getLogger("mergekit_metagpt")
 
 # Pydantic classes of mergekit's config whose `parameters` belong to one input model.
 PER_INPUT = ("InputModelDefinition", "InputSliceDefinition")
@@ -232,12 +235,20 @@ def _bases(config) -> Iterator[Any]:
 
 
 def check_module_names(config, arch_info) -> None:
-    """Refuse a ``modules:`` recipe naming a module the architecture does not have."""
+    """Refuse a ``modules:`` recipe naming a module the architecture does not have; warn of
+    one leaving a module out (mergekit writes none of its weights, with no message)."""
     known = list(getattr(arch_info, "modules", None) or {})
-    unknown = [name for name in (getattr(config, "modules", None) or {}) if name not in known]
+    listed = list(getattr(config, "modules", None) or {})
+    unknown = [name for name in listed if name not in known]
+    architecture = (getattr(arch_info, "architectures", None) or ["the models' architecture"])[0]
+    left_out = [name for name in known if name not in listed]
+    if listed and left_out and not unknown:
+        LOG.warning("MetaGPT: the recipe's modules: leave out %s of %s: mergekit merges and writes none of "
+                    "%s weights, so the merged model lacks them (list %s under modules: to merge %s)",
+                    ", ".join(map(repr, left_out)), architecture, "its" if len(left_out) == 1 else "their",
+                    "it" if len(left_out) == 1 else "them", "it" if len(left_out) == 1 else "them")
     if not unknown or not known:
         return
-    architecture = (getattr(arch_info, "architectures", None) or ["the models' architecture"])[0]
     guesses = [f"{close[0]!r} for {name!r}" for name in unknown
                for close in [difflib.get_close_matches(name, known, n=1)] if close]
     names = ", ".join(map(repr, unknown))

@@ -155,3 +155,29 @@ def test_mixtral_experts_converted_by_mergekit(tmp_path):
     assert set(merged) == set(stock)
     for name, tensor in stock.items():
         torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_modules_recipe_that_leaves_a_module_out_is_warned_of(tmp_path, caplog):
+    """mergekit writes none of the weights of a module a `modules:` recipe leaves out (T5's
+    `shared`: the embeddings), with no message; the plugin names it, before any reading."""
+    import logging
+
+    from mergekit_metagpt.cli import main
+
+    paths, _ = _family(str(tmp_path / "models"), "T5ForConditionalGeneration")
+
+    def modules(names):
+        return {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+                "modules": {name: {"models": [{"model": paths[m]} for m in "abc"]} for name in names}}
+
+    warning = "the recipe's modules: leave out 'shared' of T5ForConditionalGeneration: mergekit merges and " \
+              "writes none of its weights"
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        assert main(["coefficients", "--quiet", write_yaml(modules(["encoder", "decoder"]),
+                                                           str(tmp_path / "left-out.yml"))]) == 0
+    assert warning in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        assert main(["coefficients", "--quiet", write_yaml(modules(["shared", "encoder", "decoder"]),
+                                                           str(tmp_path / "all.yml"))]) == 0
+    assert "leave out" not in caplog.text
