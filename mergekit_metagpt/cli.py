@@ -241,10 +241,12 @@ def _next_step(paths, dtype: str) -> str:
         return f"next: mergekit-yaml {example} ./merged-tiny -v"
     # relative paths start with ./ (else mergekit may take them for hub ids)
     local = [p if os.path.isabs(p) or p.startswith(".") else os.path.join(".", p) for p in paths]
-    recipe = ["merge_method: metagpt", f"base_model: {local[0]}", f"dtype: {dtype}", "models:",
-              *(f"  - model: {p}" for p in local[1:])]
+    import yaml
+
+    recipe = {"merge_method": "metagpt", "base_model": local[0], "dtype": dtype,
+              "models": [{"model": p} for p in local[1:]]}
     return ("next: save this recipe as metagpt-demo.yml and run, from this folder, "
-            "mergekit-yaml metagpt-demo.yml ./merged -v\n" + "\n".join(recipe))
+            "mergekit-yaml metagpt-demo.yml ./merged -v\n" + yaml.safe_dump(recipe, sort_keys=False).rstrip())
 
 
 def _add_seed(parser) -> None:

@@ -287,7 +287,7 @@ def _check_module_names(config, options) -> None:
         arch_info = get_architecture_info(config, options)
     except Exception:  # mergekit's run_merge raises the same next, in its own words
         return
-    check_module_names(config, arch_info)
+    check_module_names(config, arch_info, options)
 
 
 #: Set on a planner while it plans one module of a MetaGPT recipe: a mark per weight it

@@ -25,7 +25,7 @@ from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.merge_plan import uniform_alpha
-from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total
+from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total, work_dtype
 from mergekit_metagpt.scratch import chunks, thread_scratch
 from mergekit_metagpt.parameters import Alpha, Density, NonNegativeFloat
 
@@ -175,35 +175,49 @@ class MetaGPTMerge(GroupMergeMethod):
             with torch.autocast(device_type=group.entries[0].tensor.device.type, enabled=False):
                 result = self.merge_with_lambdas(group, lams, params)
             result = result.to(dtype=out_dtype) if out_dtype is not None else result
-            _refuse_float16_overflow(result, group, params)
+            if group.non_base:  # a slice of the base alone is passed through as it is
+                _refuse_float16_overflow(result, group, params, self.delegate_name, cast=dtype != result.dtype)
             results.append(result)
             del group, result
         return tuple(results)
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        """One group on its own (mergekit's GroupMergeMethod API): λ from its tensors."""
-        (lambdas,) = self._in_memory_lambdas([group], [parameters])
+        """One group on its own (mergekit's GroupMergeMethod API): λ from its tensors, or,
+        for a tensor of a planned merge, the merge's (see `_lambdas_for`)."""
+        token = _IN_MEMORY.set(True)
+        try:
+            (lambdas,) = self._lambdas_for([group], [parameters])
+        finally:
+            _IN_MEMORY.reset(token)
         return self.merge_with_lambdas(group, lambdas, parameters)
 
     # -- where the λ come from ------------------------------------------------
     def _lambdas_for(self, groups, parameters, input_dtypes=None) -> List[Dict[Hashable, float]]:
+        """A planned merge task's own tensor takes the pre-pass's λ, whichever entry point
+        mergekit calls (``_execute_resolved``, ``__call__``, ``merge_group``); an in-memory
+        call takes those of the tensors it is handed; anything else inside a MetaGPT
+        ``run_merge`` is refused rather than merged with the λ of one tensor."""
         from mergekit_metagpt.integration import CURRENT_TASK, RUN_CONTEXT
 
         task = CURRENT_TASK.get()
-        if task is not None:  # a tensor of a planned merge, however mergekit calls the method
-            if len(groups) != 1:
+        in_memory, in_run = _IN_MEMORY.get(), RUN_CONTEXT.get() is not None
+        names = [g.metadata.name for g in groups]
+        shown = ", ".join(map(repr, names[:3])) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        if task is not None:
+            if names == [task.output_weight.name]:
+                return [self._graph_lambdas(groups[0], parameters[0])]
+            if not in_memory or in_run:
                 raise MetaGPTError(
-                    f"MetaGPT: mergekit handed {len(groups)} tensor groups to the task of "
-                    f"{task.output_weight.name!r}, where the plugin knows one per task; the λ "
-                    f"of each need its own task's plan"
+                    f"MetaGPT: mergekit handed tensor(s) {shown} to the merge task of "
+                    f"{task.output_weight.name!r} (a mergekit version the plugin does not know: it "
+                    f"knows one tensor per task, its own); their λ need their own tasks' plans"
                 )
-            return [self._graph_lambdas(groups[0], parameters[0])]
-        if _IN_MEMORY.get():
-            if RUN_CONTEXT.get() is not None:  # λ of one tensor's norms would pass for MetaGPT's
+        if in_memory:
+            if in_run:  # λ of one tensor's norms would pass for MetaGPT's
                 raise MetaGPTError(
-                    "MetaGPT: a tensor of this merge reached the method outside the merge "
-                    "tasks the plugin wraps (a mergekit version the plugin does not know); "
-                    "its λ need the norms of every tensor of the merge"
+                    f"MetaGPT: tensor(s) {shown} of this merge reached the method outside the merge "
+                    f"tasks the plugin wraps (a mergekit version the plugin does not know); "
+                    f"their λ need the norms of every tensor of the merge"
                 )
             return self._in_memory_lambdas(groups, parameters, input_dtypes)
         return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
@@ -275,7 +289,7 @@ class MetaGPTMerge(GroupMergeMethod):
         scale = float(parameters["lambda"])
         if self.delegate_name:
             return self._merge_with_delegate(group, lambdas, scale, parameters)
-        compute = torch.promote_types(base.dtype, torch.float32)
+        compute = work_dtype(base)  # float32, float64 for float64 (as the norms)
         weights = [(e.tensor.reshape(-1), lambdas[e.id] * scale) for e in group.non_base]
         weights = [(x, w) for x, w in weights if w != 0.0]
         scratch = thread_scratch()
@@ -318,15 +332,22 @@ def _models_of(groups) -> List[Hashable]:
     return models
 
 
-def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any]) -> None:
-    """A float16 output beyond ±65504 (the inputs are finite: the pre-pass checked them) is
-    refused, not written as Inf: a recipe's `lambda`, DARE's 1/density rescale or TIES'
-    sums in float16 can overflow it (stock mergekit writes the Inf)."""
+def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any],
+                             delegate: Optional[str], cast: bool) -> None:
+    """A float16 output beyond ±65504 is refused, not written as Inf (as stock mergekit
+    writes it): the inputs are finite (the pre-pass checked them), so the merge overflowed,
+    through a `lambda` above 1, mergekit's ties / dare_linear arithmetic in float16 (DARE's
+    1/density rescale), or a cast of wider results to float16 (`out_dtype`)."""
     if result.dtype != torch.float16 or bool(torch.isfinite(result).all()):
         return
     count = int((~torch.isfinite(result)).sum())
+    scale = float(params.get("lambda", 1.0))
+    causes = ([f"lambda {scale:g}"] if scale > 1.0 else []) + (
+        ["out_dtype float16 of wider merged values"] if cast else
+        [f"mergekit's {delegate} arithmetic in float16"] if delegate else [])
     raise MetaGPTError(
-        f"MetaGPT: the merge of tensor {group.metadata.name!r} overflows float16 ({count} values beyond "
-        f"±65504, lambda {params.get('lambda')}); merge in float32 (`dtype: float32`, with `out_dtype: "
-        f"float16` only where the merged values fit)"
+        f"MetaGPT: the merge of tensor {group.metadata.name!r} overflows float16: {count} values beyond "
+        f"±65504" + (f" ({', '.join(causes)})" if causes else "") + "; merge and write in float32 or "
+        "bfloat16 (recipe `dtype` / `out_dtype`; from Python, dtype= / out_dtype=)"
+        + (", or with a smaller lambda" if scale > 1.0 else "")
     )

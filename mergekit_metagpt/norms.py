@@ -157,7 +157,8 @@ def exact_cpu_matmul() -> bool:
 
 
 def _block_gram(stacked: torch.Tensor) -> torch.Tensor:
-    """Σ over blocks of GRAM_BLOCK columns of the rows' float32 Gram matrix, in float64."""
+    """Σ over blocks of GRAM_BLOCK columns of the rows' Gram matrix (float32, or float64 for
+    float64 rows), in float64."""
     rows, size = stacked.shape
     blocks = size // GRAM_BLOCK
     result = torch.zeros((rows, rows), dtype=torch.float64, device=stacked.device)
@@ -181,8 +182,8 @@ def _pairwise_gram(stacked: torch.Tensor, product: torch.Tensor) -> torch.Tensor
 
 
 def _chunked_sum_of_squares(numel: int, device: torch.device, fill) -> torch.Tensor:
-    """Σ fill(chunk)² over chunks (float32 per chunk, float64 across); `fill` returns a
-    float32 scratch buffer we may square."""
+    """Σ fill(chunk)² over chunks (float32 per chunk, or float64, as `fill`'s buffer;
+    float64 across); `fill` returns a scratch buffer we may square."""
     result = torch.zeros((), dtype=torch.float64, device=device)
     for start, end in chunks(numel, device):
         # a pairwise float32 sum: 1e-8 relative where a float32 dot is off by 1e-4
@@ -253,11 +254,9 @@ class NormAccumulator:
                     # values are float32 sums (of squares; the pre-pass's base check: of
                     # elements): finite elements of about 1e19 (1e17 over a few million)
                     # overflow them too
-                    what = "NaN or Inf, or values too large for float32 sums" if model == BASE else (
-                        "NaN or Inf, or a task vector too large for float32 sums of squares")
-                    if self._float16[model][bad[0]]:  # read as float16 (the file's, or the recipe's cast)
-                        what += "; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` " \
-                                "cast of larger values gives Inf)"
+                    what = non_finite("NaN or Inf, or values too large for float32 sums" if model == BASE else
+                                      "NaN or Inf, or a task vector too large for float32 sums of squares",
+                                      self._float16[model][bad[0]])
                     raise MetaGPTError(
                         f"MetaGPT: non-finite values ({what}) in tensor "
                         f"{names[bad[0]]!r} of {who}"
@@ -267,6 +266,13 @@ class NormAccumulator:
             else:
                 result[model] = {}
         return result
+
+
+def non_finite(what: str, float16: bool) -> str:
+    """What a non-finite value may be, and for a tensor read as float16 (the file's, or the
+    recipe's cast) that the cast of a larger value gives Inf."""
+    return what + ("; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` cast of "
+                   "larger values gives Inf)" if float16 else "")
 
 
 def _on_cpu(values: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -265,7 +265,7 @@ def plan_recipe(config, options):
     except ImportError as error:  # pragma: no cover - mergekit changed shape
         raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
     arch_info = get_architecture_info(config, options)
-    check_module_names(config, arch_info)
+    check_module_names(config, arch_info, options)
     open_loaders(config, options)
     out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)

@@ -45,7 +45,7 @@ from mergekit_metagpt.errors import MetaGPTError, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
-from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, squared_delta, task_vector_sums
+from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, non_finite, squared_delta, task_vector_sums
 from mergekit_metagpt.plan_inputs import (
     InputDigest, TensorRead, VocabularyAdapter, input_digest, vocabulary_adapter,
 )
@@ -357,8 +357,8 @@ class _Releaser:
     """Closes the safetensors shards the pre-pass mapped (mergekit's own flush, under the
     loader's lock) once RELEASE_BYTES of a loader's tensors were read since the pre-pass
     last closed it (or first used it), and all of them at the end, a failed read's too, so
-    that mapped pages do not pile up in RSS (with ``--cuda`` too: tensors reach the GPU from
-    the mapped files unless ``--read-to-gpu``), while a shard of many small tensors is
+    that mapped pages do not pile up in RSS (with ``--cuda`` too: safetensors maps the files
+    whatever the device tensors are read to), while a shard of many small tensors is
     not reopened (its header parsed) per tensor."""
 
     def __init__(self):
@@ -408,7 +408,7 @@ def _stream(run, device, todo, found: _Found) -> None:
 
     scratch = thread_scratch()
     move, end_moves = _mover(device)
-    # on every device: tensors are read on the CPU (mapped) unless --read-to-gpu
+    # on every device: safetensors maps the files whatever the device tensors are read to
     releaser = _Releaser()
     accumulator = NormAccumulator([BASE], {})
     todo = sorted(todo, key=lambda entry: entry[0].base_read.order())
@@ -522,7 +522,8 @@ def _load_aligned(item: _Planned, bar, releaser) -> Dict[Hashable, torch.Tensor]
         bar.update(0, nbytes=tensor.nbytes)
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             who = f"the base model {model}" if model == task.base_model else f"model {model}"
-            raise MetaGPTError(f"MetaGPT: non-finite values (NaN or Inf) in tensor {read.name!r} of {who}")
+            what = non_finite("NaN or Inf", tensor.dtype == torch.float16)
+            raise MetaGPTError(f"MetaGPT: non-finite values ({what}) in tensor {read.name!r} of {who}")
         loaded[model] = tensor
     bar.update(1)
     try:

@@ -234,14 +234,28 @@ def _bases(config) -> Iterator[Any]:
                 yield output_slice.base_model
 
 
-def check_module_names(config, arch_info) -> None:
+def _required_weights(module, model_config) -> Optional[int]:
+    """How many weights of a module mergekit requires (not optional), None if unknown."""
+    try:
+        return sum(not w.optional for w in module.architecture.all_weights(config=model_config))
+    except Exception:  # another mergekit's shape: say it as if some were required
+        return None
+
+
+def check_module_names(config, arch_info, options=None) -> None:
     """Refuse a ``modules:`` recipe naming a module the architecture does not have; warn of
-    one leaving a module out (mergekit writes none of its weights, with no message)."""
+    one leaving out a module with required weights (mergekit writes none of its weights,
+    with no message)."""
+    try:  # the base's transformers config (mergekit has just read it for the architecture)
+        model_config = config.base_model.config(trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
+    except Exception:
+        model_config = None
     known = list(getattr(arch_info, "modules", None) or {})
     listed = list(getattr(config, "modules", None) or {})
     unknown = [name for name in listed if name not in known]
     architecture = (getattr(arch_info, "architectures", None) or ["the models' architecture"])[0]
-    left_out = [name for name in known if name not in listed]
+    left_out = [name for name in known if name not in listed
+                and (model_config is None or _required_weights(arch_info.modules[name], model_config) != 0)]
     if listed and left_out and not unknown:
         LOG.warning("MetaGPT: the recipe's modules: leave out %s of %s: mergekit merges and writes none of "
                     "%s weights, so the merged model lacks them (list %s under modules: to merge %s)",

@@ -1,4 +1,4 @@
-"""Reusable float32 work buffers, one chunk in size.
+"""Reusable work buffers (float32; float64 for float64 tensors), one chunk in size.
 
 A fresh multi-megabyte allocation per tensor costs page faults on every first touch
 (on CPU it was 6x slower than the arithmetic itself), so the pre-pass and the merge

@@ -181,3 +181,23 @@ def test_a_modules_recipe_that_leaves_a_module_out_is_warned_of(tmp_path, caplog
         assert main(["coefficients", "--quiet", write_yaml(modules(["shared", "encoder", "decoder"]),
                                                            str(tmp_path / "all.yml"))]) == 0
     assert "leave out" not in caplog.text
+
+
+@pytest.mark.parametrize("optional, warned", [(True, False), (False, True)])
+def test_a_left_out_module_is_warned_of_only_with_weights_mergekit_requires(optional, warned, caplog):
+    """A module all of whose weights mergekit marks optional may be absent from the models:
+    leaving it out loses nothing it would write, so no warning."""
+    import logging
+    from types import SimpleNamespace as Namespace
+
+    from mergekit_metagpt.recipe_checks import check_module_names
+
+    def module(*optionals):
+        weights = [Namespace(optional=o) for o in optionals]
+        return Namespace(architecture=Namespace(all_weights=lambda config: weights if config == "cfg" else []))
+
+    arch = Namespace(modules={"decoder": module(False), "extra": module(True, optional)}, architectures=["X"])
+    config = Namespace(modules={"decoder": {}}, base_model=Namespace(config=lambda trust_remote_code: "cfg"))
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        check_module_names(config, arch)
+    assert ("leave out 'extra' of X" in caplog.text) == warned, caplog.text

@@ -1,6 +1,7 @@
 """mergekit's in-memory API: merge_state_dicts and merge_tensors."""
 
 import logging
+import re
 
 import pytest
 import torch
@@ -220,18 +221,19 @@ def test_an_unknown_parameter_in_memory_is_refused_with_why(tmp_path):
         merge_state_dicts(models, "metagpt_ties", base="base", parameters={"rescale": True, "density": 0.5})
 
 
-@pytest.mark.parametrize("method, parameters, out_dtype", [
-    ("metagpt", {"lambda": 3.0}, None),  # the float32 sum, cast back to float16
-    ("metagpt_ties", {"lambda": 3.0, "density": 1.0}, None),  # mergekit's ties, in float16
-    ("metagpt", {}, torch.float16),  # float32 inputs, out_dtype float16
+@pytest.mark.parametrize("method, parameters, out_dtype, causes", [
+    ("metagpt", {"lambda": 3.0}, None, "lambda 3"),  # the float32 sum, cast back to float16
+    ("metagpt_ties", {"lambda": 3.0, "density": 1.0}, None, "lambda 3, mergekit's ties arithmetic in float16"),
+    ("metagpt", {}, torch.float16, "out_dtype float16 of wider merged values"),  # float32 inputs
 ])
-def test_a_float16_output_that_overflows_is_refused_naming_the_tensor(method, parameters, out_dtype):
+def test_a_float16_output_that_overflows_is_refused_naming_the_tensor(method, parameters, out_dtype, causes):
     """Finite inputs whose merge exceeds float16's ±65504 are refused, not written as Inf."""
     dtype = torch.float32 if out_dtype is not None else torch.float16
     big = 8e4 if out_dtype is not None else 3e4
     base = {"w": torch.full((4, 4), big, dtype=dtype), "v": torch.ones(3, dtype=dtype)}
     model = {"w": base["w"] + 2e4, "v": base["v"] + 1}
-    with pytest.raises(MetaGPTError, match=r"the merge of tensor 'w' overflows float16 \(16 values beyond ±65504"):
+    with pytest.raises(MetaGPTError, match=re.escape(f"the merge of tensor 'w' overflows float16: 16 values "
+                                                     f"beyond ±65504 ({causes}); merge and write in float32")):
         merge_state_dicts({"base": base, "m": model}, method, base="base", parameters=parameters,
                           out_dtype=out_dtype)
     ok = merge_state_dicts({"base": base, "m": model}, method, base="base",

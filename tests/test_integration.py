@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from checkpoints import closed_form, load_checkpoint
 from merging import recipe
@@ -268,6 +269,59 @@ def test_a_merge_reaching_the_method_outside_its_tasks_is_refused(llama_family, 
     with pytest.raises(MetaGPTError, match="reached the method outside the merge tasks the plugin wraps"):
         exec(textwrap.dedent(merge_code(paths, out)), {})
     assert not glob.glob(os.path.join(out, "*.safetensors"))
+
+
+def test_a_merge_task_that_calls_merge_group_still_merges_with_global_lambdas(llama_family, tmp_path,
+                                                                             monkeypatch):
+    """mergekit's GroupMergeMethod API (``merge_group``, one group on its own) called by a
+    merge task: the task's tensor takes the pre-pass's λ, not those of its own tensor."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit_metagpt.method import MetaGPTMerge
+
+    monkeypatch.setattr(MetaGPTMerge, "_execute_resolved",
+                        lambda self, groups, parameters, **kwargs: (self.merge_group(groups[0], **parameters[0]),))
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    exec(textwrap.dedent(merge_code(paths, out)), {})
+    assert_merged(out, sds)
+
+
+def test_several_tensors_handed_to_one_merge_task_are_refused(llama_family, tmp_path, monkeypatch):
+    """A mergekit batching tensors into one task: the λ of each need its own task's plan."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.method import MetaGPTMerge
+
+    resolved = MetaGPTMerge._execute_resolved
+    monkeypatch.setattr(MetaGPTMerge, "_execute_resolved", lambda self, groups, parameters, **kwargs: resolved(
+        self, [*groups, *groups], [*parameters, *parameters], **kwargs)[:1])
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=r"mergekit handed tensor\(s\) '([\w.]+)', '\1' to the merge task of "
+                                           r"'\1' \(a mergekit version the plugin does not know"):
+        exec(textwrap.dedent(merge_code(paths, out)), {})
+    assert not glob.glob(os.path.join(out, "*.safetensors"))
+
+
+def test_an_in_memory_merge_made_while_a_task_runs_elsewhere_is_in_memory(llama_family):
+    """A merge_state_dicts call in a context copied from a running merge task (another
+    tensor, no run_merge of its own here) takes the λ of the tensors it is handed."""
+    from types import SimpleNamespace
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.merge_methods import merge_state_dicts
+
+    from mergekit_metagpt import integration
+
+    _, sds = llama_family
+    models = {"base": sds["base"], **{m: sds[m] for m in MODELS}}
+    alone = merge_state_dicts(models, "metagpt", base="base")
+    token = integration.CURRENT_TASK.set(SimpleNamespace(output_weight=SimpleNamespace(name="elsewhere")))
+    try:
+        during = merge_state_dicts(models, "metagpt", base="base")
+    finally:
+        integration.CURRENT_TASK.reset(token)
+    assert all(torch.equal(during[k], alone[k]) for k in alone)
 
 
 def test_an_input_task_that_does_more_than_name_its_models_is_refused_before_any_read(

@@ -670,22 +670,28 @@ def test_same_weight_files_with_other_tokenizers_keep_their_own_norms_when_cache
     assert "from the norm cache" not in stderrs[0] and stderrs[1].count("from the norm cache") == 3
 
 
-def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(token_family, tmp_path):
+@pytest.mark.parametrize("value, dtype, what", [
+    (float("nan"), "float32", "NaN or Inf"),
+    # finite in the file, Inf once cast to the recipe's float16
+    (1e5, "float16", "NaN or Inf; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` cast "
+                     "of larger values gives Inf)"),
+])
+def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(value, dtype, what, token_family, tmp_path):
     """With "union", the base takes the average of a's and b's rows for "extra": a NaN in
     b's row is b's, named as such before anything is written, not the base's."""
     paths, sds = token_family
     b = {n: t.clone() for n, t in sds["b"].items()}
-    b[EMBED][VOCAB, 3] = float("nan")
+    b[EMBED][VOCAB, 3] = value
     paths = dict(paths, b=save_checkpoint(str(tmp_path / "b"), b, vocab_size=VOCAB + 1))
     _word_tokenizer(paths["b"], [f"w{i}" for i in range(VOCAB)] + ["extra"])
-    config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+    config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": dtype,
                          "tokenizer_source": "union", "models": [{"model": paths[m]} for m in "abc"]},
                         str(tmp_path / "r.yml"))
     out = str(tmp_path / "out")
     result = run_mergekit_yaml(config, out)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert f"non-finite values (NaN or Inf) in tensor {EMBED!r} of model {paths['b']}" in last, last
+    assert f"non-finite values ({what}) in tensor {EMBED!r} of model {paths['b']}" in last, last
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
