@@ -17,7 +17,9 @@ the two copies are compared (read whole, only then), and refused where they diff
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import zipfile
 from typing import Dict, Hashable, Iterable, List, Optional, Tuple
 
@@ -164,15 +166,38 @@ class _Copies:
             )
 
 
-def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
+def _stored_dtypes(path: str) -> Dict[str, str]:
+    """Each tensor's dtype as the file stores it (safetensors' header: "BF16", "I8" …;
+    a .bin's: "bfloat16", "int8" …), before any cast of the recipe's."""
+    if path.lower().endswith(".safetensors"):
+        with open(path, "rb") as handle:
+            (size,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(size))
+        return {name: str(entry.get("dtype")) for name, entry in header.items()
+                if name != "__metadata__" and isinstance(entry, dict)}
+    shard = _load_shard(path, "meta")
+    return {name: str(tensor.dtype).removeprefix("torch.") for name, tensor in shard.items()
+            if hasattr(tensor, "dtype")} if isinstance(shard, dict) else {}
+
+
+def _floating(dtype: Optional[str]) -> bool:
+    return dtype is not None and dtype.upper().startswith(("F", "BF"))
+
+
+def check_files_open(task_reads: Iterable[Tuple[Hashable, Dict[Hashable, object]]]) -> None:
     """Refuse a plan one of whose checkpoint files is missing or damaged, naming the
-    model, the file and a tensor the merge reads from it, or one of whose read tensors is
-    held by two files of one model. `task_reads`: each planned
-    task's reads (``plan_inputs.task_reads``). Reads that mergekit cannot place (no
-    loader, a name the checkpoint lacks) are left to the merge to report."""
+    model, the file and a tensor the merge reads from it; one of whose read tensors is
+    held by two files of one model; or one reading a model's tensor stored as integers
+    where the base's is floating point (a quantized checkpoint without a
+    `quantization_config`: the recipe's dtype cast would merge its codes as weights).
+    `task_reads`: each planned task's base model and reads (``plan_inputs.task_reads``).
+    Reads that mergekit cannot place (no loader, a name the checkpoint lacks) are left to
+    the merge to report."""
     seen: Dict[str, None] = {}
     copies = _Copies()
-    for reads in task_reads:
+    dtypes: Dict[str, Dict[str, str]] = {}
+    for base, reads in task_reads:
+        stored = {}
         for model, read in reads.items():
             try:
                 found = shard_path(read)
@@ -190,3 +215,17 @@ def check_files_open(task_reads: Iterable[Dict[Hashable, object]]) -> None:
                         f"{name!r}) {problem}"
                     )
             copies.check(model, read.loader.index, name, path)
+            if path not in dtypes:
+                try:
+                    dtypes[path] = _stored_dtypes(path)
+                except Exception:  # opened above: a layout this check does not know
+                    dtypes[path] = {}
+            stored[model] = (dtypes[path].get(name), name, path)
+        base_dtype = stored.get(base, (None,))[0]
+        for model, (dtype, name, path) in stored.items():
+            if model != base and _floating(base_dtype) and dtype is not None and not _floating(dtype):
+                raise MetaGPTError(
+                    f"MetaGPT: tensor {name!r} of model {model} is stored as {dtype} in {path}, where the base "
+                    f"model's is {base_dtype}: integers are a quantized checkpoint's codes, not its weights (the "
+                    f"recipe's dtype cast does not dequantize them); merge its unquantized checkpoint"
+                )

@@ -15,10 +15,11 @@ the plugin wraps, without changing what they do:
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
-- ``mergekit.io.tasks.FinalizeModel.execute``: for a merge planned outside ``run_merge``
-  (``mergekit-pytorch``), writes the record once mergekit has written the model (no
-  wrapper would remove it after a merge stopped midway); where that wrapper is missing,
-  when the pre-pass ends.
+- ``mergekit.io.tasks.FinalizeModel.execute``: writes the record once mergekit has
+  written the model (a merge killed midway, which no wrapper outlives, leaves none; an
+  earlier run's goes when the pre-pass ends); where that wrapper is missing, the record
+  is written when the pre-pass ends, and the ``run_merge`` wrapper removes it if the merge
+  then fails.
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
@@ -206,8 +207,8 @@ def _attach_merge(module) -> None:
             from mergekit_metagpt.planning import check_models_open
 
             check_models_open(config, options)
-        # an earlier run's record stays until this run's replaces it (after the pre-pass,
-        # before the first merged tensor), so a merge that fails before leaves the folder as it was
+        # an earlier run's record stays until the pre-pass ends (before the first merged
+        # tensor), so a merge that fails before leaves the folder as it was
         context = RunContext(
             out_path=bound.arguments.get("out_path"),
             config=config,
@@ -217,9 +218,10 @@ def _attach_merge(module) -> None:
         try:
             result = original(*args, **kwargs)
         except BaseException as error:
-            # the record is written before the weights: a merge that failed or was
-            # interrupted after its pre-pass (it may have written weights, or its record
-            # not) leaves no record beside weights it did not write
+            # a merge that failed or was interrupted after its pre-pass (it may have
+            # written weights) leaves no record beside weights it did not write (its own
+            # is there only where FinalizeModel's wrapper is missing: written when the
+            # pre-pass ended)
             written = any(run.record_written for run in context.runs)
             if written or any(run.result is not None for run in context.runs):
                 remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's",
@@ -267,12 +269,13 @@ def _check_recipe_keys(config_source) -> None:
         return
     import yaml
 
-    from mergekit_metagpt.recipe_keys import check_recipe_keys
+    from mergekit_metagpt.recipe_keys import check_duplicate_keys, check_recipe_keys
 
     try:
         data = yaml.safe_load(config_source)
     except yaml.YAMLError:  # not the text of the configuration: nothing to compare
         return
+    check_duplicate_keys(config_source)
     check_recipe_keys(data)
 
 
@@ -445,8 +448,8 @@ WITHOUT_WRAPPER = {
     "mergekit.plan": "Merges run; the warning about modules mergekit plans nothing of is off, and "
                      "mergekit's message about slices of unequal depth names no input.",
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
-    "mergekit.io.tasks": "Merges run; mergekit-pytorch writes its record when its pre-pass ends, "
-                         "before the weights.",
+    "mergekit.io.tasks": "Merges run; the record is written when the pre-pass ends, before the "
+                         "weights (a merge killed midway leaves it).",
 }
 
 

@@ -130,15 +130,16 @@ class MergeRun:
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
-        #: planned without run_merge (mergekit-pytorch): mergekit's FinalizeModel tasks,
-        #: after which the plugin's wrapper writes the record (see `record_at_end`)
+        #: mergekit's FinalizeModel tasks, after which the plugin's wrapper writes the
+        #: record (see `record_at_end`)
         self.finalizers: list = []
 
     @property
     def record_at_end(self) -> bool:
-        """No run_merge wrapper removes the record of a merge stopped midway: it is written
-        once mergekit has written the model (where the FinalizeModel wrapper is in place;
-        else when the pre-pass ends, as under run_merge)."""
+        """The record is written once mergekit has written the model (where the FinalizeModel
+        wrapper is in place), so that a merge killed midway (SIGKILL, out of memory), which no
+        wrapper outlives, leaves none beside weights it did not write; else when the pre-pass
+        ends, the run_merge wrapper removing it if the merge then fails."""
         return bool(self.finalizers)
 
     @property
@@ -188,7 +189,8 @@ class MergeRun:
             _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
         from mergekit_metagpt.checkpoint_files import check_files_open
 
-        check_files_open(self.reads_of(task) for merge_set in self.sets.values() for task in merge_set.tasks)
+        check_files_open((task.base_model, self.reads_of(task))
+                         for merge_set in self.sets.values() for task in merge_set.tasks)
 
 
 def _place(path) -> Optional[tuple]:
@@ -339,9 +341,9 @@ def register_universe(universe, context=None) -> Optional[MergeRun]:
         return None
     if context is not None:
         context.runs.append(run)
-    else:  # mergekit's FinalizeModel tasks whose class has the plugin's wrapper (re-imported: none)
-        run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"
-                          and getattr(type(t).execute, "_mergekit_metagpt_wrapper", False)]
+    # mergekit's FinalizeModel tasks whose class has the plugin's wrapper (re-imported: none)
+    run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"
+                      and getattr(type(t).execute, "_mergekit_metagpt_wrapper", False)]
     universe._mergekit_metagpt_run = run  # the universe keeps the run alive
     register(run)
     return run

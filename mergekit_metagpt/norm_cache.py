@@ -43,7 +43,9 @@ def cache_dir() -> str:
     explicit = os.environ.get("MERGEKIT_METAGPT_CACHE_DIR")
     if explicit:
         return explicit
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(root):  # unset, empty or relative: ignored, as the XDG spec says
+        root = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "mergekit-metagpt", "norms")
 
 

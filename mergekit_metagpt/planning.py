@@ -80,7 +80,7 @@ def _check_models_load(config, options) -> None:
             _check_lora_merge_dtype(options)
         _warn_of_a_local_typo(model, path)
         try:
-            model.config(trust_remote_code=options.trust_remote_code)
+            model_config = model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
             hints = []
             if not os.path.exists(os.path.expanduser(path)):
@@ -90,6 +90,25 @@ def _check_models_load(config, options) -> None:
                     hints.append("set HF_HUB_OFFLINE=1 to fail at once without network")
             hint = f" ({'; '.join(hints)})" if hints else ""
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
+        _refuse_quantized(model, model_config)
+
+
+def _refuse_quantized(model, model_config) -> None:
+    """A quantized checkpoint (bitsandbytes, GPTQ, AWQ, FP8 with scales …: its config's
+    `quantization_config`) stores codes and scales, not its weights: their differences are
+    no task vector, and one such model would take nearly all of λ. mergekit reads them as
+    plain tensors, with no message."""
+    quantization = getattr(model_config, "quantization_config", None)
+    if not quantization:
+        return
+    method = (quantization.get("quant_method") if isinstance(quantization, dict)
+              else getattr(quantization, "quant_method", None))
+    method = getattr(method, "value", method)
+    raise MetaGPTError(
+        f"model {model} is quantized ({f'quant_method {method}' if method else 'quantization_config'} in its "
+        f"config.json): it stores codes and scales, not its weights, so its differences from the base are no "
+        f"task vector; merge its unquantized checkpoint (or dequantize it first)"
+    )
 
 
 def _warn_of_a_local_typo(model, path: str) -> None:

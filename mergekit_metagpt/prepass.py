@@ -208,7 +208,9 @@ def _log_similarity(stats, which: str) -> None:
 
 def _announce(run) -> None:
     from mergekit_metagpt.coefficients import scale_note
-    from mergekit_metagpt.record import passed_through_entries, passed_through_text, set_parameters, write_record
+    from mergekit_metagpt.record import (
+        passed_through_entries, passed_through_text, remove_stale_record, set_parameters, write_record,
+    )
 
     count = len(run.result.merging)
     for number, set_norms in enumerate(run.result.merging, 1):
@@ -221,7 +223,10 @@ def _announce(run) -> None:
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
-    if not run.record_at_end:  # else once mergekit has written the model (integration)
+    if run.record_at_end:  # written once mergekit has written the model (integration); the
+        # earlier run's goes now, before the weights it was of are replaced
+        remove_stale_record(run.out_path)
+    else:
         write_record(run)
 
 

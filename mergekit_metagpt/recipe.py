@@ -13,7 +13,8 @@ def load_recipe(path: str):
 
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            text = f.read()
+        data = yaml.safe_load(text)
     except OSError as error:
         raise MetaGPTError(f"cannot read recipe {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
@@ -29,8 +30,9 @@ def load_recipe(path: str):
         raise MetaGPTError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise MetaGPTError(f"recipe {path} is not a YAML mapping")
-    from mergekit_metagpt.recipe_keys import check_recipe_keys
+    from mergekit_metagpt.recipe_keys import check_duplicate_keys, check_recipe_keys
 
+    check_duplicate_keys(text, path)
     check_recipe_keys(data, path)
     try:
         return MergeConfiguration.model_validate(data)

@@ -117,3 +117,47 @@ def check_recipe_keys(data: Any, source: Optional[str] = None) -> None:
         place = f"under {where}" if where else "at the top level"
         LOG.warning("MetaGPT: mergekit ignores the recipe key %r%s (%s; it reads there: %s)",
                     key, of, place, ", ".join(known))
+
+
+def duplicate_keys(text: str) -> List[Tuple[str, str, int, int]]:
+    """(place, key, first line, repeated line) for each key given twice in one mapping of a
+    recipe's YAML text (YAML loaders keep the last silently); place is '' at the top level."""
+    import yaml
+
+    try:
+        documents = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.YAMLError:  # the loader reports it in its words
+        return []
+    out: List[Tuple[str, str, int, int]] = []
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first = {}
+            for key, value in node.value:
+                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                if name is not None and name in first:
+                    out.append((where, name, first[name], key.start_mark.line + 1))
+                elif name is not None:
+                    first[name] = key.start_mark.line + 1
+                walk(value, f"{where}.{name}" if where else str(name))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                walk(item, f"{where}[{index}]")
+
+    for document in documents:
+        walk(document, "")
+    return out
+
+
+def check_duplicate_keys(text: str, source: Optional[str] = None) -> None:
+    """Refuse a recipe that gives one key twice in a mapping: YAML keeps the last, so the
+    first (a `models:` list, a parameter) would be left out without a word."""
+    repeated = duplicate_keys(text)
+    if repeated:
+        where, key, first, again = repeated[0]
+        place = f"under {where}" if where else "at the top level"
+        of = f" of {source}" if source else ""
+        raise MetaGPTError(
+            f"the recipe key {key!r}{of} ({place}) is given twice, on lines {first} and {again}: YAML keeps "
+            f"the last silently, so the first would be left out; merge them into one"
+        )

@@ -46,12 +46,37 @@ def _copy_into_first_shard(folder: str, offset: float, legacy: bool = False) -> 
     return name
 
 
+def _quantized_copies(root, good: str) -> dict:
+    """Copies of `good`: one with a tensor stored as int8 (a quantized checkpoint's codes,
+    with no quantization_config), one whose config.json says it is quantized."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    paths = {"int8": str(root / "int8"), "quantized": str(root / "quantized")}
+    for path in paths.values():
+        shutil.copytree(good, path)
+    name = "model.layers.0.mlp.up_proj.weight"
+    (shard,) = [f for f in glob.glob(os.path.join(paths["int8"], "*.safetensors")) if name in load_file(f)]
+    tensors = load_file(shard)
+    tensors[name] = (tensors[name] * 1000).round().to(torch.int8)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    config_path = os.path.join(paths["quantized"], "config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    with open(config_path, "w") as f:
+        json.dump({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}, f)
+    return paths
+
+
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad")
     base = random_state_dict(7)
     paths = {"base": save_checkpoint(str(root / "base"), base)}
     paths["good"] = save_checkpoint(str(root / "good"), perturbed(base, 0.02, 1))
+    paths.update(_quantized_copies(root, paths["good"]))
 
     wider = random_state_dict(7, intermediate_size=56)
     paths["wider"] = save_checkpoint(str(root / "wider"), wider, intermediate_size=56)
@@ -139,6 +164,15 @@ CASES = {
         r"non-finite values \(NaN or Inf, or a task vector too large for float32 sums of squares; read as "
         r"float16, which holds nothing beyond ±65504 \(a `dtype: float16` cast of larger values gives Inf\)\) "
         r"in tensor 'model\.layers\.1\.mlp\.up_proj\.weight' of model .*/large$"),
+    "a tensor stored as integers (quantized codes)": (
+        lambda p: recipe(p, ["good", "int8"]),
+        r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' of model .*/int8 is stored as I8 in .*\.safetensors, where "
+        r"the base model's is F32: integers are a quantized checkpoint's codes, not its weights .*; merge its "
+        r"unquantized checkpoint$"),
+    "a quantized model (quantization_config)": (
+        lambda p: recipe(p, ["good", "quantized"]),
+        r"model .*/quantized is quantized \(quant_method bitsandbytes in its config\.json\): it stores codes and "
+        r"scales, not its weights, .*; merge its unquantized checkpoint \(or dequantize it first\)$"),
     "Inf in the base": (lambda p: recipe({**p, "base": p["inf_base"]}, ["good"]),
                         r"NaN or Inf.*'model\.layers\.0\.post_attention_layernorm\.weight' of the base model .*/inf_base$"),
     # mergekit's loader or the pre-pass, whichever reads it first
@@ -754,3 +788,29 @@ def test_a_misspelt_local_folder_read_as_a_hub_id_is_said_before_the_hub_is_aske
         assert warned == [f"MetaGPT: model fam/goood: there is no folder fam/goood in {tmp_path}, though fam/ is a "
                           "folder there; mergekit reads it as a hub id and asks the hub about it (tens of seconds "
                           "without network). If you meant a local folder, check its name"]
+
+
+def test_a_recipe_key_given_twice_is_refused_naming_both_lines(family, tmp_path, capfd):
+    """YAML keeps the last of two equal keys without a word: `models:` twice merged only the
+    second list's models (stock mergekit too). Refused, by mergekit-yaml and the CLI."""
+    from mergekit_metagpt.cli import main
+
+    paths, _ = family
+    text = (f"merge_method: metagpt\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['good']}\n"
+            f"    parameters:\n      lambda: 1.0\nmodels:\n  - model: {paths['wider']}\n")
+    path = tmp_path / "twice.yml"
+    path.write_text(text)
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(str(path), out)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and not safetensors_in(out)
+    assert last.endswith("the recipe key 'models' (at the top level) is given twice, on lines 3 and 7: YAML "
+                         "keeps the last silently, so the first would be left out; merge them into one"), last
+    nested = tmp_path / "nested.yml"
+    nested.write_text(f"merge_method: metagpt\nbase_model: {paths['base']}\nparameters:\n  lambda: 0.5\n"
+                      f"  lambda: 2.0\nmodels:\n  - model: {paths['good']}\n")
+    capfd.readouterr()
+    assert main(["coefficients", str(nested)]) != 0
+    assert capfd.readouterr().err.strip().endswith(
+        f"the recipe key 'lambda' of {nested} (under parameters) is given twice, on lines 4 and 5: YAML keeps "
+        f"the last silently, so the first would be left out; merge them into one")

@@ -458,9 +458,10 @@ def test_a_finished_merge_leaves_nothing_behind(llama_family, tmp_path, monkeypa
         assert getattr(scratch._LOCAL, "scratch", None) is None
         with merge_plan._REGISTRY_LOCK:  # mergekit's planner cache may keep the tasks
             assert all(run_ref() is None for _, run_ref in merge_plan._REGISTRY.values())
-    # the second merge found every earlier run gone and dropped their entries
+    # the second merge found every earlier run gone and dropped their entries (its merge
+    # tasks and its FinalizeModel task are registered)
     with merge_plan._REGISTRY_LOCK:
-        assert len(merge_plan._REGISTRY) <= tasks[1]
+        assert len(merge_plan._REGISTRY) <= tasks[1] + 1
 
 
 def test_registering_a_run_while_the_collector_frees_an_old_one_does_not_hang():

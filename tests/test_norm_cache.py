@@ -609,3 +609,15 @@ def test_sparse_norms_are_not_reused_across_variants(llama_family, merge_options
     }
     for row in merge["models"]:
         assert abs(row["squared_norm"] - expected[row["model"]]) / expected[row["model"]] < 1e-5, row
+
+
+@pytest.mark.parametrize("xdg, under", [("/somewhere/cache", "/somewhere/cache"), ("relative/cache", None),
+                                        ("", None)])
+def test_the_cache_folder_follows_xdg_cache_home_only_where_it_is_absolute(xdg, under, monkeypatch, tmp_path):
+    """The XDG spec: a relative XDG_CACHE_HOME is ignored (else each folder a command runs in
+    would get a cache of its own, and miss the others')."""
+    monkeypatch.delenv("MERGEKIT_METAGPT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    expected = os.path.join(under or os.path.join(str(tmp_path), ".cache"), "mergekit-metagpt", "norms")
+    assert norm_cache.cache_dir() == expected

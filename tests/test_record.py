@@ -116,9 +116,10 @@ def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_fam
 def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, llama_family, merge_options,
                                                             tmp_path, monkeypatch, caplog):
     """Ctrl-C (or a full disk) mid-merge, after the pre-pass: the folder still holds the
-    earlier run's finished model, partly overwritten, which neither the new λ (the new
-    record) nor the old (the earlier record, where the new one could not be written)
-    describe; no record stays."""
+    earlier run's finished model, partly overwritten, which neither the new λ nor the old
+    describe; no record stays. While the weights are written, there is none either (the
+    earlier run's went when the pre-pass ended, this run's comes once the model is written),
+    so a merge killed then (SIGKILL, out of memory), which no wrapper outlives, leaves none."""
     from mergekit.io.tasks import SaveTensor
 
     from mergekit_metagpt import record
@@ -134,6 +135,7 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
     written = []
 
     def write_some(self, *args, **kwargs):
+        assert not os.path.exists(os.path.join(self.writer_task.out_path, RECORD))  # neither λ describe it
         written.append(self)
         if len(written) > 3:
             raise stop("stopped mid-merge")
@@ -143,16 +145,15 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
     monkeypatch.setattr(SaveTensor, "execute", write_some)
     with pytest.raises(stop, match="stopped mid-merge"):
         run_recipe(recipe(paths, ["model0", "model1"]), out, merge_options)
-    assert len(written) == 4  # the record was written before these tensors (the pre-pass ends first)
+    assert len(written) == 4  # the pre-pass ended before these tensors
     assert not os.path.exists(os.path.join(out, RECORD))
     # said without -v: the folder is not a usable model; rerun as it is only after Ctrl-C
-    whose = "the earlier run's" if record_fails else "the unfinished merge's"
     again = ("run the same command again (the norms are cached)" if stop is KeyboardInterrupt
              else "run it again once the error below is mended (the norms are cached)")
     assert [r.getMessage() for r in caplog.records
             if r.levelname == "WARNING" and r.getMessage().startswith("MetaGPT: the merge stopped")] == [
-        f"MetaGPT: the merge stopped after its pre-pass (removed {whose} {os.path.join(out, RECORD)}); {out} may "
-        f"hold part of this merge's weights, not a usable model: {again}"]
+        f"MetaGPT: the merge stopped after its pre-pass; {out} may hold part of this merge's weights, not a "
+        f"usable model: {again}"]
     # into a fresh folder whose record could not be written: nothing to remove, still said
     caplog.clear()
     written.clear()
@@ -160,9 +161,8 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
     with pytest.raises(stop, match="stopped mid-merge"):
         run_recipe(recipe(paths, ["model0", "model1"]), fresh, merge_options)
     stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MetaGPT: the merge stopped")]
-    assert stopped == ["MetaGPT: the merge stopped after its pre-pass"
-                       + ("" if record_fails else f" (removed the unfinished merge's {os.path.join(fresh, RECORD)})")
-                       + f"; {fresh} may hold part of this merge's weights, not a usable model: {again}"]
+    assert stopped == [f"MetaGPT: the merge stopped after its pre-pass; {fresh} may hold part of this merge's "
+                       f"weights, not a usable model: {again}"]
 
 
 def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
