@@ -26,6 +26,11 @@ from typing import Dict, Hashable, Iterable, List, Optional, Tuple
 from mergekit_metagpt.errors import MetaGPTError, one_line
 
 
+#: How a git-lfs pointer file begins (a clone made without git-lfs holds these in place of
+#: the weights).
+LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 def shard_path(read) -> Optional[Tuple[str, str]]:
     """(the file holding the tensor `read` reads, its name in the checkpoint), or None
     where the checkpoint holds none of its names."""
@@ -42,6 +47,9 @@ def file_problem(path: str) -> Optional[str]:
     if not os.path.isfile(path):
         return "is missing" if not os.path.exists(path) else "is not a file"
     try:
+        with open(path, "rb") as handle:
+            if handle.read(len(LFS_POINTER)) == LFS_POINTER:
+                return "is a git-lfs pointer, not the weights (run `git lfs pull` in its repository)"
         if path.lower().endswith(".safetensors"):
             import safetensors
 

@@ -71,6 +71,7 @@ def _check_models_load(config, options) -> None:
                 where = "" if os.path.isabs(os.path.expanduser(part)) else (
                     f" (a relative path, read from the folder the command runs in: {os.getcwd()})")
                 raise MetaGPTError(f"model {model}: {what}{where}")
+        _refuse_a_folder_that_is_no_model(model, os.path.expanduser(path))
         if model.lora and not options.lora_merge_cache:
             raise MetaGPTError(
                 f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "
@@ -109,6 +110,22 @@ def _refuse_quantized(model, model_config) -> None:
         f"config.json): it stores codes and scales, not its weights, so its differences from the base are no "
         f"task vector; merge its unquantized checkpoint (or dequantize it first)"
     )
+
+
+def _refuse_a_folder_that_is_no_model(model, local: str) -> None:
+    """A local path that is a file, or a folder without a config.json (a LoRA adapter's,
+    a tokenizer's): said as such (mergekit's words: "is not a valid JSON file", "Should
+    have a model_type key in its config.json")."""
+    if os.path.isfile(local):
+        raise MetaGPTError(f"model {model} is a file; give the folder that holds it and its config.json")
+    if not os.path.isdir(local) or os.path.exists(os.path.join(local, "config.json")):
+        return
+    if os.path.exists(os.path.join(local, "adapter_config.json")):
+        raise MetaGPTError(
+            f"model {model} is a LoRA adapter (adapter_config.json), not a model; write it after the model it "
+            f"adapts, `model: MODEL+{local}` (with --lora-merge-cache DIR)"
+        )
+    raise MetaGPTError(f"model {model} has no config.json (a model's folder holds one beside its weights)")
 
 
 def _warn_of_a_local_typo(model, path: str) -> None:
@@ -223,6 +240,22 @@ def _cached_snapshot_hint(model, options) -> str:
         return ""
     return (f" (mergekit asks the hub for a hub model's files even when it is cached; without "
             f"the hub, give the cached snapshot's folder instead: {folder})")
+
+
+def refuse_output_into_an_input(config, out_path) -> None:
+    """An output folder that is one of the inputs' own (mergekit would overwrite its
+    config.json and card and write its shards beside the model's, under an index that
+    still names the model's: neither model is left)."""
+    if not isinstance(out_path, (str, os.PathLike)) or not os.path.isdir(out_path):
+        return
+    out = os.path.realpath(out_path)
+    for model in models_in_order(config):
+        for path in (model.model.path, model.lora.path if model.lora else None):
+            if path and os.path.isdir(os.path.expanduser(path)) and os.path.realpath(os.path.expanduser(path)) == out:
+                raise MetaGPTError(
+                    f"the output folder {out_path} is model {model}'s own folder: the merge would overwrite its "
+                    f"files; give another output folder"
+                )
 
 
 def check_models_open(config, options) -> None:

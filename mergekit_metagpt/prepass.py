@@ -220,6 +220,11 @@ def _announce(run) -> None:
         if scaled:
             LOG.info("MetaGPT%s: %s", which, scaled)
         _log_similarity(set_norms.stats, which)
+    if count == 1 and len(run.result.merging[0].coefficients.squared_norms) == 1:
+        (model, _), = run.result.merging[0].coefficients.squared_norms
+        LOG.warning("MetaGPT: one model besides the base (%s): its λ is 1 whatever its task vector, so the "
+                    "merge is the base plus lambda times its task vector (task_arithmetic with weight 1); "
+                    "MetaGPT weighs two or more models", model)
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)

@@ -4,6 +4,7 @@ and writes no weights."""
 import glob
 import os
 import re
+import shutil
 
 import pytest
 import torch
@@ -50,7 +51,6 @@ def _quantized_copies(root, good: str) -> dict:
     """Copies of `good`: one with a tensor stored as int8 (a quantized checkpoint's codes,
     with no quantization_config), one whose config.json says it is quantized."""
     import json
-    import shutil
 
     from safetensors.torch import load_file, save_file
 
@@ -77,6 +77,20 @@ def family(tmp_path_factory):
     paths = {"base": save_checkpoint(str(root / "base"), base)}
     paths["good"] = save_checkpoint(str(root / "good"), perturbed(base, 0.02, 1))
     paths.update(_quantized_copies(root, paths["good"]))
+    paths["a_file"] = sorted(glob.glob(os.path.join(paths["good"], "*.safetensors")))[0]
+    for name in ("no_config", "adapter"):
+        os.makedirs(root / name)
+        for shard in glob.glob(os.path.join(paths["good"], "*.safetensors")):
+            os.link(shard, root / name / os.path.basename(shard))
+        paths[name] = str(root / name)
+    with open(root / "adapter" / "adapter_config.json", "w") as f:
+        f.write('{"peft_type": "LORA", "r": 4}')
+    # a clone made without git-lfs: a pointer in place of the last shard
+    shutil.copytree(paths["good"], root / "lfs_pointer")
+    paths["lfs_pointer"] = str(root / "lfs_pointer")
+    last = sorted(glob.glob(os.path.join(paths["lfs_pointer"], "*.safetensors")))[-1]
+    with open(last, "w") as f:
+        f.write("version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 123456\n")
 
     wider = random_state_dict(7, intermediate_size=56)
     paths["wider"] = save_checkpoint(str(root / "wider"), wider, intermediate_size=56)
@@ -164,6 +178,20 @@ CASES = {
         r"non-finite values \(NaN or Inf, or a task vector too large for float32 sums of squares; read as "
         r"float16, which holds nothing beyond ±65504 \(a `dtype: float16` cast of larger values gives Inf\)\) "
         r"in tensor 'model\.layers\.1\.mlp\.up_proj\.weight' of model .*/large$"),
+    "a git-lfs pointer for a shard": (
+        lambda p: recipe(p, ["good", "lfs_pointer"]),
+        r"cannot read model .*/lfs_pointer: its file .*\.safetensors \(holding tensor '[\w.]+'\) is a git-lfs "
+        r"pointer, not the weights \(run `git lfs pull` in its repository\)$"),
+    "a file given for a model's folder": (
+        lambda p: recipe(p, ["good", "a_file"]),
+        r"model .*/good/[\w-]+\.safetensors is a file; give the folder that holds it and its config\.json$"),
+    "a folder without config.json": (
+        lambda p: recipe(p, ["good", "no_config"]),
+        r"model .*/no_config has no config\.json \(a model's folder holds one beside its weights\)$"),
+    "a LoRA adapter given as a model": (
+        lambda p: recipe(p, ["good", "adapter"]),
+        r"model .*/adapter is a LoRA adapter \(adapter_config\.json\), not a model; write it after the model it "
+        r"adapts, `model: MODEL\+.*/adapter` \(with --lora-merge-cache DIR\)$"),
     "a tensor stored as integers (quantized codes)": (
         lambda p: recipe(p, ["good", "int8"]),
         r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' of model .*/int8 is stored as I8 in .*\.safetensors, where "
@@ -332,6 +360,18 @@ def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
     merged = load_checkpoint(out)
     for name, tensor in base.items():
         assert torch.equal(merged[name], tensor), name
+
+
+def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
+    """With one model its λ is 1 whatever its norm: the merge is plain task arithmetic, said
+    (a model left out of a recipe by mistake shows); not said with two."""
+    paths, _ = family
+    rc, last, out, log = run_cli(recipe(paths, ["good"]), tmp_path)
+    assert rc == 0, log
+    assert re.search(r"MetaGPT: one model besides the base \(\S*/good\): its λ is 1 whatever its task vector, "
+                     r"so the merge is the base plus lambda times its task vector", log), log
+    rc, last, out, log = run_cli(recipe(paths, ["good", "twin1"]), tmp_path)
+    assert rc == 0 and "one model besides the base" not in log, log
 
 
 def test_a_model_equal_to_the_base_is_warned_of(family, tmp_path):
@@ -814,3 +854,19 @@ def test_a_recipe_key_given_twice_is_refused_naming_both_lines(family, tmp_path,
     assert capfd.readouterr().err.strip().endswith(
         f"the recipe key 'lambda' of {nested} (under parameters) is given twice, on lines 4 and 5: YAML keeps "
         f"the last silently, so the first would be left out; merge them into one")
+
+
+def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(family, tmp_path):
+    """mergekit would overwrite the model's config.json and card and write its shards beside
+    the model's, under an index that still names the model's: refused, the folder untouched."""
+    paths, _ = family
+    own = str(tmp_path / "good")
+    shutil.copytree(paths["good"], own)
+    before = {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)}
+    result = run_mergekit_yaml(write_yaml(recipe(dict(paths, good=own), ["good"]), str(tmp_path / "r.yml")),
+                               own + "/")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0
+    assert last.endswith(f"the output folder {own}/ is model {own}'s own folder: the merge would overwrite its "
+                         f"files; give another output folder"), last
+    assert {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)} == before
