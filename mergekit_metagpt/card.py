@@ -127,7 +127,7 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
 def add_card_sections(context) -> None:
     """After run_merge: append each run's tables to the card mergekit just wrote."""
     card = os.path.join(context.out_path, "README.md")
-    runs = [r for r in context.runs if r.result is not None]
+    runs = [r for r in context.runs if r.result is not None and r.record_written]  # λ the weights were merged with
     if not runs or not getattr(context.options, "write_model_card", True) or not os.path.exists(card):
         return
     try:

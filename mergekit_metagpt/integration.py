@@ -169,7 +169,14 @@ def _attach_io_tasks(module) -> None:
         if run is not None and run.record_at_end:
             from mergekit_metagpt.record import write_record
 
-            write_record(run)
+            changed = run.changed_inputs()
+            if changed:  # no record of λ the weights may not have been merged with
+                LOG.warning(
+                    "MetaGPT: the files of %s changed while the merge read them (after its pre-pass): the "
+                    "merged weights may mix the old files and the new, and the λ are the old files'; no "
+                    "record written: run the merge again", ", ".join(map(str, changed)))
+            else:
+                write_record(run)
         return result
 
     execute._mergekit_metagpt_wrapper = True

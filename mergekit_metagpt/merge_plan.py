@@ -130,9 +130,27 @@ class MergeRun:
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
+        #: model -> (its checkpoint's index, its fingerprint) when the pre-pass read it
+        self.input_keys: Dict[Hashable, tuple] = {}
         #: mergekit's FinalizeModel tasks, after which the plugin's wrapper writes the
         #: record (see `record_at_end`)
         self.finalizers: list = []
+
+    def changed_inputs(self) -> List[Hashable]:
+        """The models whose checkpoint files changed since the pre-pass fingerprinted them
+        (replaced or rewritten while the merge read them): the merged weights may then mix
+        old and new files, and the λ are the old files'."""
+        from mergekit_metagpt.fingerprint import checkpoint_key
+
+        changed = []
+        for model, (index, key) in self.input_keys.items():
+            try:
+                now = checkpoint_key(index)
+            except OSError:  # gone
+                now = None
+            if now != key:
+                changed.append(model)
+        return changed
 
     @property
     def record_at_end(self) -> bool:

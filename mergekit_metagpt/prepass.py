@@ -257,10 +257,12 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = run.reads_of(task)
-            if caching:
-                for model, read in reads.items():
-                    if model not in ckpt_keys:
-                        ckpt_keys[model] = checkpoint_key(read.loader.index)
+            for model, read in reads.items():
+                if model not in run.input_keys:  # also checked once the model is written
+                    index = read.loader.index
+                    run.input_keys[model] = (index, checkpoint_key(index))
+                    if caching:
+                        ckpt_keys[model] = run.input_keys[model][1]
             planned.append(_plan(task, reads, method, checkpoint_of, adapter_inputs))
 
     aligned = sorted({(item.adapter.name, item.base_read.name) for item in planned if item.adapter})

@@ -165,6 +165,44 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
                        f"weights, not a usable model: {again}"]
 
 
+def test_a_model_rewritten_while_it_is_merged_leaves_no_record(llama_family, merge_options, tmp_path,
+                                                                monkeypatch, caplog):
+    """A shard replaced after the pre-pass read it (before the merge reads it): the weights
+    may mix the old file and the new, and the λ are the old file's. No record and no λ in
+    the card, and a WARNING names the model."""
+    import glob
+    import logging
+    import shutil
+
+    from mergekit.io.tasks import SaveTensor
+    from safetensors.torch import load_file, save_file
+
+    paths, _ = llama_family
+    paths = dict(paths)
+    for name in MODELS:
+        paths[name] = shutil.copytree(paths[name], str(tmp_path / name))
+    shard = sorted(glob.glob(os.path.join(paths["model1"], "*.safetensors")))[-1]
+    real_write, rewritten = SaveTensor.execute, []
+
+    def rewrite_first(self, *args, **kwargs):
+        if not rewritten:  # once the pre-pass has read it, as the merge writes its first tensor
+            save_file({k: v * 1.5 for k, v in load_file(shard).items()}, shard + ".new", metadata={"format": "pt"})
+            os.replace(shard + ".new", shard)
+            rewritten.append(shard)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(SaveTensor, "execute", rewrite_first)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+    assert CARD_MARK not in open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
+        f"MetaGPT: the files of {paths['model1']} changed while the merge read them (after its pre-pass): the "
+        f"merged weights may mix the old files and the new, and the λ are the old files'; no record written: run "
+        f"the merge again"]
+
+
 def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
                                                                     monkeypatch, caplog):
     """The merge goes on when its record cannot be written (a warning); the earlier run's
