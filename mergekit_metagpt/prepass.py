@@ -206,6 +206,16 @@ def _log_similarity(stats, which: str) -> None:
         LOG.info("MetaGPT%s: %s", which, stats.missing_text())
 
 
+def _holds(read) -> bool:
+    """Whether the read's checkpoint holds a tensor under one of its names."""
+    from mergekit_metagpt.checkpoint_files import shard_path
+
+    try:
+        return shard_path(read) is not None
+    except Exception:  # no loader here: the merge reports it
+        return False
+
+
 def _announce(run) -> None:
     from mergekit_metagpt.coefficients import scale_note
     from mergekit_metagpt.record import (
@@ -285,6 +295,12 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
             if pair not in known:
                 known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model))
             wanted.add(pair)
+            if key in known[pair] and known[pair][key] is None and _holds(item.reads[model]):
+                # "lacks it" (what the pre-pass records of an optional tensor a model lacks)
+                # for a tensor its checkpoint holds: not a value a pre-pass of these files wrote
+                LOG.warning("MetaGPT: the norm cache says model %s lacks tensor %r, which its checkpoint "
+                            "holds: read again", model, item.reads[model].name)
+                del known[pair][key]
             if item.sparsifier is not None or key not in known[pair]:
                 need.add(model)
                 pending.add(pair)

@@ -205,6 +205,27 @@ def test_a_norm_no_prepass_writes_makes_the_entry_corrupt(bad, llama_family, mer
             assert all(v is None or v >= 0 for v in json.load(f)["norms"].values())
 
 
+def test_lacks_it_for_a_tensor_the_checkpoint_holds_is_read_again(llama_family, merge_options, tmp_path, caplog):
+    """null (what the pre-pass records of an optional tensor a model lacks) for a tensor the
+    model's checkpoint holds: not trusted (it dropped that tensor from the model's norm:
+    λ 13% off, silently); warned of and read again, the λ exact."""
+    paths, sds = llama_family
+    models = ["model0", "model2"]
+    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
+    _spoil_one_value("norms", "norms", "null")
+    fresh_process_state()
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    runs = prepass.STATS.runs
+    run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+    assert prepass.STATS.runs == runs + 1
+    said = [r.getMessage() for r in caplog.records if "lacks tensor" in r.getMessage()]
+    assert len(said) == 2 and all(m.endswith("which its checkpoint holds: read again") for m in said), said
+    lams, _ = closed_form(sds["base"], [sds[m] for m in models])
+    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
+        (entry,) = json.load(f)["merges"]
+    assert [row["lambda"] for row in entry["models"]] == pytest.approx(lams, abs=1e-9)
+
+
 def test_a_product_that_is_not_finite_makes_the_entry_corrupt(llama_family, merge_options, tmp_path, caplog):
     """A NaN inner product read back showed as cosine +1 and warned of a far pair."""
     paths, _ = llama_family
