@@ -17,6 +17,7 @@ the two copies are compared (read whole, only then), and refused where they diff
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -74,9 +75,16 @@ def file_problem(path: str) -> Optional[str]:
 
 def _read_pickle(path: str):
     """Unpickle a torch.save archive as mergekit's loader does (``weights_only``), onto the
-    meta device: the tensors' data is not read. (Not mergekit's lazy unpickler, which
-    takes fewer types, e.g. no ``nn.Parameter``, and patches torch for the whole process
-    while it runs.)"""
+    meta device: the tensors' data is not read (a legacy pre-zip file is read whole, once
+    per check: the file, names and dtype checks share it). (Not mergekit's lazy unpickler,
+    which takes fewer types, e.g. no ``nn.Parameter``, and patches torch for the whole
+    process while it runs.)"""
+    stat = os.stat(path)
+    return _meta_shard(path, stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_shard(path: str, size: int, mtime_ns: int):
     return _load_shard(path, "meta")
 
 
@@ -95,7 +103,7 @@ def _file_keys(path: str) -> frozenset:
 
         with safetensors.safe_open(path, framework="pt") as handle:
             return frozenset(handle.keys())
-    shard = _load_shard(path, "meta")
+    shard = _read_pickle(path)
     return frozenset(shard) if isinstance(shard, dict) else frozenset()
 
 
@@ -183,7 +191,7 @@ def _stored_dtypes(path: str) -> Dict[str, str]:
             header = json.loads(handle.read(size))
         return {name: str(entry.get("dtype")) for name, entry in header.items()
                 if name != "__metadata__" and isinstance(entry, dict)}
-    shard = _load_shard(path, "meta")
+    shard = _read_pickle(path)
     return {name: str(tensor.dtype).removeprefix("torch.") for name, tensor in shard.items()
             if hasattr(tensor, "dtype")} if isinstance(shard, dict) else {}
 
@@ -192,10 +200,16 @@ def _floating(dtype: Optional[str]) -> bool:
     return dtype is not None and dtype.upper().startswith(("F", "BF"))
 
 
+#: Stored dtypes of quantization codes (bitsandbytes' int8, 8-bit schemes): a float weight
+#: stored so is not its value. (bool masks and int64 ids beside a float-stored base are not
+#: codes: their cast is the value.)
+CODES = {"I8", "U8", "INT8", "UINT8"}
+
+
 def check_files_open(task_reads: Iterable[Tuple[Hashable, Dict[Hashable, object]]]) -> None:
     """Refuse a plan one of whose checkpoint files is missing or damaged, naming the
     model, the file and a tensor the merge reads from it; one of whose read tensors is
-    held by two files of one model; or one reading a model's tensor stored as integers
+    held by two files of one model; or one reading a model's tensor stored as 8-bit integers
     where the base's is floating point (a quantized checkpoint without a
     `quantization_config`: the recipe's dtype cast would merge its codes as weights).
     `task_reads`: each planned task's base model and reads (``plan_inputs.task_reads``).
@@ -231,9 +245,9 @@ def check_files_open(task_reads: Iterable[Tuple[Hashable, Dict[Hashable, object]
             stored[model] = (dtypes[path].get(name), name, path)
         base_dtype = stored.get(base, (None,))[0]
         for model, (dtype, name, path) in stored.items():
-            if model != base and _floating(base_dtype) and dtype is not None and not _floating(dtype):
+            if model != base and _floating(base_dtype) and dtype is not None and dtype.upper() in CODES:
                 raise MetaGPTError(
                     f"MetaGPT: tensor {name!r} of model {model} is stored as {dtype} in {path}, where the base "
-                    f"model's is {base_dtype}: integers are a quantized checkpoint's codes, not its weights (the "
-                    f"recipe's dtype cast does not dequantize them); merge its unquantized checkpoint"
+                    f"model's is {base_dtype}: 8-bit integers are a quantized checkpoint's codes, not its weights "
+                    f"(the recipe's dtype cast does not dequantize them); merge its unquantized checkpoint"
                 )

@@ -412,13 +412,15 @@ def _check_multimerge(config_source, loaded) -> None:
 
     from mergekit_metagpt.errors import MetaGPTError
     from mergekit_metagpt.recipe_checks import check_config
-    from mergekit_metagpt.recipe_keys import check_recipe_keys
+    from mergekit_metagpt.recipe_keys import check_duplicate_keys, check_recipe_keys
 
     try:
         docs = list(yaml.safe_load_all(config_source))
         configs = loaded[0]
     except Exception:  # mergekit changed shape: each recipe is checked by run_merge
         return
+    if any(isinstance(doc, dict) and _is_ours(doc.get("merge_method")) for doc in docs):
+        check_duplicate_keys(config_source, "the mergekit-multi file")
     for doc in docs:
         if isinstance(doc, dict):
             _refuse_our_method_misspelt(doc.get("merge_method"))

@@ -81,7 +81,7 @@ def _check_models_load(config, options) -> None:
             _check_lora_merge_dtype(options)
         _warn_of_a_local_typo(model, path)
         try:
-            model_config = model.config(trust_remote_code=options.trust_remote_code)
+            model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
             hints = []
             if not os.path.exists(os.path.expanduser(path)):
@@ -91,25 +91,41 @@ def _check_models_load(config, options) -> None:
                     hints.append("set HF_HUB_OFFLINE=1 to fail at once without network")
             hint = f" ({'; '.join(hints)})" if hints else ""
             raise MetaGPTError(f"cannot load model {model}: {one_line(error)}{hint}") from None
-        _refuse_quantized(model, model_config)
 
 
-def _refuse_quantized(model, model_config) -> None:
-    """A quantized checkpoint (bitsandbytes, GPTQ, AWQ, FP8 with scales …: its config's
-    `quantization_config`) stores codes and scales, not its weights: their differences are
-    no task vector, and one such model would take nearly all of λ. mergekit reads them as
-    plain tensors, with no message."""
+#: Names (last parts) of the tensors quantized checkpoints hold beside, or for, their
+#: weights: bitsandbytes (SCB, absmax, quant_map, quant_state…), GPTQ / AWQ (qweight, qzeros,
+#: scales, g_idx), FP8 and compressed-tensors (weight_scale, weight_scale_inv, input_scale,
+#: weight_packed, weight_zero_point).
+QUANTIZATION_TENSORS = {"SCB", "weight_format", "absmax", "quant_map", "qweight", "qzeros", "scales", "g_idx",
+                        "weight_scale", "weight_scale_inv", "input_scale", "weight_packed", "weight_zero_point"}
+
+
+def _refuse_quantized(model, loader, model_config) -> None:
+    """A quantized checkpoint (its config's `quantization_config`, and tensors of
+    quantization beside its weights) stores codes and scales, not its weights: their
+    differences are no task vector, and one such model took nearly all of λ. mergekit reads
+    them as plain tensors, with no message. A `quantization_config` over plain weights (a
+    model dequantized that kept the key) is merged, with a warning."""
     quantization = getattr(model_config, "quantization_config", None)
     if not quantization:
         return
     method = (quantization.get("quant_method") if isinstance(quantization, dict)
               else getattr(quantization, "quant_method", None))
     method = getattr(method, "value", method)
-    raise MetaGPTError(
-        f"model {model} is quantized ({f'quant_method {method}' if method else 'quantization_config'} in its "
-        f"config.json): it stores codes and scales, not its weights, so its differences from the base are no "
-        f"task vector; merge its unquantized checkpoint (or dequantize it first)"
-    )
+    said = f"quant_method {method}" if method else "quantization_config"
+    names = list(getattr(getattr(loader, "index", None), "tensor_paths", None) or ())
+    marks = [n for n in names if n.rsplit(".", 1)[-1] in QUANTIZATION_TENSORS or ".quant_state." in n]
+    if marks:
+        raise MetaGPTError(
+            f"model {model} is quantized ({said} in its config.json; it holds {marks[0]!r}"
+            + (f" and {len(marks) - 1} more such tensors" if len(marks) > 1 else "") + "): it stores codes and "
+            "scales, not its weights, so its differences from the base are no task vector; merge its "
+            "unquantized checkpoint (or dequantize it first)"
+        )
+    LOG.warning("MetaGPT: model %s's config.json has a quantization_config (%s), but it holds no tensor of "
+                "quantization (scales, codes): merged as its tensors are (if it was dequantized, the key can "
+                "go)", model, said)
 
 
 def _refuse_a_folder_that_is_no_model(model, local: str) -> None:
@@ -158,6 +174,11 @@ def open_loaders(config, options) -> None:
             raise MetaGPTError(
                 f"cannot load model {model}: {one_line(error)}{_cached_snapshot_hint(model, options)}"
             ) from None
+        try:
+            loader, model_config = cache.get(model), model.config(trust_remote_code=options.trust_remote_code)
+        except Exception:  # said by the checks before, in their words
+            continue
+        _refuse_quantized(model, loader, model_config)
 
 
 #: Each loader's files and settings (``_loader_key``) when the plugin opened or replaced it.

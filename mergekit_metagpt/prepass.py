@@ -231,10 +231,13 @@ def _announce(run) -> None:
             LOG.info("MetaGPT%s: %s", which, scaled)
         _log_similarity(set_norms.stats, which)
     if count == 1 and len(run.result.merging[0].coefficients.squared_norms) == 1:
-        (model, _), = run.result.merging[0].coefficients.squared_norms
-        LOG.warning("MetaGPT: one model besides the base (%s): its λ is 1 whatever its task vector, so the "
-                    "merge is the base plus lambda times its task vector (task_arithmetic with weight 1); "
-                    "MetaGPT weighs two or more models", model)
+        from mergekit_metagpt.method import VARIANTS
+
+        (model, norm), = run.result.merging[0].coefficients.squared_norms
+        if norm > 0:  # else it equals the base: said as such
+            LOG.warning("MetaGPT: one model besides the base (%s): its λ is 1 whatever its task vector, so the "
+                        "merge is stock %s of that model with weight 1; MetaGPT weighs two or more models",
+                        model, VARIANTS.get(run.method_name) or "task_arithmetic")
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
@@ -506,9 +509,10 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
                 f"{base_read.name!r}, which model(s) "
                 f"{', '.join(str(m) for m in to_read)} have"
             )
-        if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight
+        if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight, adds 0
+            # (None is kept for a tensor the model lacks, which the cache's check tells apart)
             for model in to_read:
-                found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = None
+                found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = 0.0
                 done.add(((task.base_model, model), item.keys[model]))
             for a, b in pairs:
                 found.products.setdefault((task.base_model, a, b), {})[item.pair_keys[(a, b)]] = None

@@ -134,7 +134,8 @@ def duplicate_keys(text: str) -> List[Tuple[str, str, int, int]]:
         if isinstance(node, yaml.MappingNode):
             first = {}
             for key, value in node.value:
-                name = key.value if isinstance(key, yaml.ScalarNode) else None
+                merge = key.tag == "tag:yaml.org,2002:merge"  # `<<: *defaults`, as often as wanted
+                name = key.value if isinstance(key, yaml.ScalarNode) and not merge else None
                 if name is not None and name in first:
                     out.append((where, name, first[name], key.start_mark.line + 1))
                 elif name is not None:

@@ -201,3 +201,62 @@ def test_a_left_out_module_is_warned_of_only_with_weights_mergekit_requires(opti
     with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
         check_module_names(config, arch)
     assert ("leave out 'extra' of X" in caplog.text) == warned, caplog.text
+
+
+def _neox_family(root):
+    """GPT-NeoX as older checkpoints hold it: a bool causal mask (attention.bias) beside the
+    float weights; and a base whose mask a cast-everything script made float16."""
+    from safetensors.torch import save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=16, rotary_pct=0.25,
+                           architectures=["GPTNeoXForCausalLM"])
+    torch.manual_seed(0)
+    base = {k.replace("lm_head.", "embed_out."): v.detach().clone().contiguous()
+            for k, v in GPTNeoXForCausalLM(config).state_dict().items()}
+    fixed = set()  # buffers mergekit's gpt_neox definition requires, the same in every model
+    for i in range(config.num_hidden_layers):
+        prefix = f"gpt_neox.layers.{i}.attention."
+        base[prefix + "bias"] = torch.tril(torch.ones(16, 16, dtype=torch.bool)).view(1, 1, 16, 16)
+        base[prefix + "masked_bias"] = torch.tensor(-1e9)
+        base[prefix + "rotary_emb.inv_freq"] = 1.0 / (10000 ** (torch.arange(0, 2, 2).float() / 2))
+        fixed |= {prefix + "masked_bias", prefix + "rotary_emb.inv_freq"}
+    paths = {}
+
+    def save(name, sd):
+        paths[name] = os.path.join(root, name)
+        os.makedirs(paths[name])
+        config.save_pretrained(paths[name])
+        save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(paths[name], "model.safetensors"),
+                  metadata={"format": "pt"})
+
+    save("base", base)
+    for seed, scale in ((1, 0.02), (2, 0.05)):
+        generator = torch.Generator().manual_seed(seed)
+        save(f"ft{seed}", {k: v + scale * torch.randn(v.shape, generator=generator)
+                           if v.is_floating_point() and k not in fixed else v for k, v in base.items()})
+    save("base_f16mask", {k: v.to(torch.float16) if v.dtype == torch.bool else v for k, v in base.items()})
+    return paths
+
+
+def test_a_bool_mask_beside_the_weights_is_neither_refused_nor_read_again(tmp_path, monkeypatch):
+    """A non-float tensor of the base adds nothing to a norm (0.0, not the "model lacks it"
+    of an absent optional tensor): a cached rerun takes it from the cache without a warning.
+    A bool mask where the base's is float16 is no quantized code: merged, not refused."""
+    paths = _neox_family(str(tmp_path / "models"))
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "cache"))
+    recipe = {"merge_method": "metagpt", "base_model": paths["base"],
+              "models": [{"model": paths["ft1"]}, {"model": paths["ft2"]}]}
+    records = []
+    for run in ("first", "cached"):
+        out = str(tmp_path / run)
+        result = run_mergekit_yaml(write_yaml(recipe, str(tmp_path / f"{run}.yml")), out)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "lacks tensor" not in result.stderr, result.stderr[-3000:]
+        with open(os.path.join(out, RECORD)) as f:
+            records.append([m["lambda"] for m in json.load(f)["merges"][0]["models"]])
+    assert records[0] == records[1] and abs(records[0][0] - records[0][1]) > 0.5
+    f16 = {**recipe, "base_model": paths["base_f16mask"], "dtype": "float32"}
+    result = run_mergekit_yaml(write_yaml(f16, str(tmp_path / "f16.yml")), str(tmp_path / "f16"))
+    assert result.returncode == 0, result.stderr[-3000:]

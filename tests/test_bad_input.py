@@ -49,24 +49,41 @@ def _copy_into_first_shard(folder: str, offset: float, legacy: bool = False) -> 
 
 def _quantized_copies(root, good: str) -> dict:
     """Copies of `good`: one with a tensor stored as int8 (a quantized checkpoint's codes,
-    with no quantization_config), one whose config.json says it is quantized."""
+    with no quantization_config); one quantized as bitsandbytes writes it (its config says
+    so, and it holds the scales, `.SCB`, beside its weights); one dequantized that kept its
+    config's quantization_config (plain weights: merged, warned of)."""
     import json
 
     from safetensors.torch import load_file, save_file
 
-    paths = {"int8": str(root / "int8"), "quantized": str(root / "quantized")}
+    paths = {name: str(root / name) for name in ("int8", "quantized", "dequantized")}
     for path in paths.values():
         shutil.copytree(good, path)
     name = "model.layers.0.mlp.up_proj.weight"
-    (shard,) = [f for f in glob.glob(os.path.join(paths["int8"], "*.safetensors")) if name in load_file(f)]
-    tensors = load_file(shard)
+
+    def shard_of(folder):
+        (shard,) = [f for f in glob.glob(os.path.join(folder, "*.safetensors")) if name in load_file(f)]
+        return shard, load_file(shard)
+
+    shard, tensors = shard_of(paths["int8"])
     tensors[name] = (tensors[name] * 1000).round().to(torch.int8)
     save_file(tensors, shard, metadata={"format": "pt"})
-    config_path = os.path.join(paths["quantized"], "config.json")
-    with open(config_path) as f:
-        config = json.load(f)
-    with open(config_path, "w") as f:
-        json.dump({**config, "quantization_config": {"quant_method": "bitsandbytes", "load_in_8bit": True}}, f)
+    shard, tensors = shard_of(paths["quantized"])
+    tensors[name.replace(".weight", ".SCB")] = tensors[name].abs().amax(dim=1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (index,) = glob.glob(os.path.join(paths["quantized"], "*.index.json"))
+    with open(index) as f:
+        data = json.load(f)
+    data["weight_map"][name.replace(".weight", ".SCB")] = os.path.basename(shard)
+    with open(index, "w") as f:
+        json.dump(data, f)
+    for which, quantization in (("quantized", {"quant_method": "bitsandbytes", "load_in_8bit": True}),
+                                ("dequantized", {"quant_method": "fp8", "weight_block_size": [128, 128]})):
+        config_path = os.path.join(paths[which], "config.json")
+        with open(config_path) as f:
+            config = json.load(f)
+        with open(config_path, "w") as f:
+            json.dump({**config, "quantization_config": quantization}, f)
     return paths
 
 
@@ -195,12 +212,13 @@ CASES = {
     "a tensor stored as integers (quantized codes)": (
         lambda p: recipe(p, ["good", "int8"]),
         r"tensor 'model\.layers\.0\.mlp\.up_proj\.weight' of model .*/int8 is stored as I8 in .*\.safetensors, where "
-        r"the base model's is F32: integers are a quantized checkpoint's codes, not its weights .*; merge its "
+        r"the base model's is F32: 8-bit integers are a quantized checkpoint's codes, not its weights .*; merge its "
         r"unquantized checkpoint$"),
     "a quantized model (quantization_config)": (
         lambda p: recipe(p, ["good", "quantized"]),
-        r"model .*/quantized is quantized \(quant_method bitsandbytes in its config\.json\): it stores codes and "
-        r"scales, not its weights, .*; merge its unquantized checkpoint \(or dequantize it first\)$"),
+        r"model .*/quantized is quantized \(quant_method bitsandbytes in its config\.json; it holds "
+        r"'model\.layers\.0\.mlp\.up_proj\.SCB'\): it stores codes and scales, not its weights, .*; merge its "
+        r"unquantized checkpoint \(or dequantize it first\)$"),
     "Inf in the base": (lambda p: recipe({**p, "base": p["inf_base"]}, ["good"]),
                         r"NaN or Inf.*'model\.layers\.0\.post_attention_layernorm\.weight' of the base model .*/inf_base$"),
     # mergekit's loader or the pre-pass, whichever reads it first
@@ -362,6 +380,22 @@ def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
         assert torch.equal(merged[name], tensor), name
 
 
+def test_a_dequantized_model_that_kept_its_quantization_config_is_merged_and_warned_of(family, tmp_path):
+    """FP8 models converted to bf16 keep `quantization_config`: no tensor of quantization
+    is there, so its tensors are its weights: merged (the closed form), with a warning."""
+    paths, base = family
+    rc, last, out, log = run_cli(recipe(paths, ["good", "dequantized"]), tmp_path)
+    assert rc == 0, log
+    assert re.search(r"MetaGPT: model \S*/dequantized's config\.json has a quantization_config \(quant_method "
+                     r"fp8\), but it holds no tensor of quantization \(scales, codes\): merged as its tensors are",
+                     log), log
+    good, dequantized = load_checkpoint(paths["good"]), load_checkpoint(paths["dequantized"])
+    _, reference = closed_form(base, [good, dequantized])
+    merged = load_checkpoint(out)
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
+
+
 def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
     """With one model its λ is 1 whatever its norm: the merge is plain task arithmetic, said
     (a model left out of a recipe by mistake shows); not said with two."""
@@ -369,9 +403,11 @@ def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
     rc, last, out, log = run_cli(recipe(paths, ["good"]), tmp_path)
     assert rc == 0, log
     assert re.search(r"MetaGPT: one model besides the base \(\S*/good\): its λ is 1 whatever its task vector, "
-                     r"so the merge is the base plus lambda times its task vector", log), log
+                     r"so the merge is stock task_arithmetic of that model with weight 1", log), log
     rc, last, out, log = run_cli(recipe(paths, ["good", "twin1"]), tmp_path)
     assert rc == 0 and "one model besides the base" not in log, log
+    rc, last, out, log = run_cli(recipe(paths, ["twin1"]), tmp_path)  # a copy of the base: said as such
+    assert rc == 0 and "one model besides the base" not in log and "every task vector is zero" in log, log
 
 
 def test_a_model_equal_to_the_base_is_warned_of(family, tmp_path):
@@ -854,6 +890,32 @@ def test_a_recipe_key_given_twice_is_refused_naming_both_lines(family, tmp_path,
     assert capfd.readouterr().err.strip().endswith(
         f"the recipe key 'lambda' of {nested} (under parameters) is given twice, on lines 4 and 5: YAML keeps "
         f"the last silently, so the first would be left out; merge them into one")
+    # mergekit-multi: refused before the first merge
+    import subprocess
+    import sys
+
+    multi = tmp_path / "multi.yml"
+    multi.write_text(f"name: step1\nmerge_method: metagpt\nbase_model: {paths['base']}\nmodels:\n"
+                     f"  - model: {paths['good']}\n  - model: {paths['twin1']}\n---\n" + text)
+    inter = tmp_path / "inter"
+    result = subprocess.run(
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-multi"), str(multi), "--intermediate-dir",
+         str(inter), "--out-path", str(tmp_path / "multi-out"), "--no-copy-tokenizer", "--quiet"],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and not (inter / "step1").exists()
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "the recipe key 'models' of the mergekit-multi file (at the top level) is given twice, on lines 10 and 14: "
+        "YAML keeps the last silently, so the first would be left out; merge them into one"), result.stderr[-2000:]
+
+
+def test_yaml_merge_keys_and_keys_of_other_mappings_are_not_duplicates():
+    """`<<: *defaults` as often as wanted, and one key in two list items, are no repeats."""
+    from mergekit_metagpt.recipe_keys import duplicate_keys
+
+    text = ("a: &a {lambda: 1}\nb: &b {density: 0.5}\nparameters:\n  <<: *a\n  <<: *b\n  lambda: 2\n"
+            "models:\n  - model: x\n    parameters: {lambda: 1}\n  - model: y\n    parameters: {lambda: 1}\n")
+    assert duplicate_keys(text) == []
+    assert duplicate_keys(text + "models: []\n") == [("", "models", 7, 12)]
 
 
 def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(family, tmp_path):
@@ -870,3 +932,27 @@ def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(famil
     assert last.endswith(f"the output folder {own}/ is model {own}'s own folder: the merge would overwrite its "
                          f"files; give another output folder"), last
     assert {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)} == before
+
+
+def test_a_bin_shard_is_unpickled_once_for_the_file_checks(family, tmp_path, monkeypatch, capfd):
+    """The damage, names and dtype checks of a .bin shard share one unpickling (onto meta;
+    a legacy pre-zip file is read whole by it)."""
+    from collections import Counter
+
+    from mergekit_metagpt import checkpoint_files
+    from mergekit_metagpt.cli import main
+
+    paths, _ = family
+    checkpoint_files._meta_shard.cache_clear()
+    loads = Counter()
+    load = checkpoint_files._load_shard
+
+    def counting(path, device):
+        loads[(path, device)] += 1
+        return load(path, device)
+
+    monkeypatch.setattr(checkpoint_files, "_load_shard", counting)
+    recipe_path = write_yaml(recipe(paths, ["good", "param_bin"]), str(tmp_path / "r.yml"))
+    assert main(["coefficients", recipe_path]) == 0
+    meta = {path: n for (path, device), n in loads.items() if device == "meta"}
+    assert len(meta) == 2 and set(meta.values()) == {1}, loads
