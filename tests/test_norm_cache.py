@@ -180,24 +180,34 @@ def _spoil_one_value(kind: str, field: str, bad: str) -> None:
             f.write(json.dumps(data).replace('"__BAD__"', bad))
 
 
+def _merge_again_with_a_spoiled_value(kind: str, bad: str, paths, models, merge_options, tmp_path, caplog):
+    """Merge into tmp_path/a, spoil one value of every cache entry of `kind` (its JSON text
+    `bad`), then merge again, as a new process would, into tmp_path/b (its weights)."""
+    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
+    _spoil_one_value(kind, kind, bad)
+    fresh_process_state()
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    return run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+
+
+def _recorded_lambdas(out):
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+        (entry,) = json.load(f)["merges"]
+    return [row["lambda"] for row in entry["models"]]
+
+
 @pytest.mark.parametrize("bad", ["NaN", "Infinity", "-1.5", "1" + "0" * 400])
 def test_a_norm_no_prepass_writes_makes_the_entry_corrupt(bad, llama_family, merge_options, tmp_path, caplog):
     """Not finite, negative, or beyond a float: warned about and recomputed (it gave NaN
     weights, negative λ, or an OverflowError on every later run)."""
     paths, sds = llama_family
     models = ["model0", "model2"]
-    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
-    _spoil_one_value("norms", "norms", bad)
-    fresh_process_state()
-    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
     runs = prepass.STATS.runs
-    merged = run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
-    assert prepass.STATS.runs == runs + 1
+    merged = _merge_again_with_a_spoiled_value("norms", bad, paths, models, merge_options, tmp_path, caplog)
+    assert prepass.STATS.runs == runs + 2
     assert any("corrupt norm cache entry" in r.getMessage() for r in caplog.records)
     lams, reference = closed_form(sds["base"], [sds[m] for m in models])
-    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
-        (entry,) = json.load(f)["merges"]
-    assert [row["lambda"] for row in entry["models"]] == pytest.approx(lams, abs=1e-6)
+    assert _recorded_lambdas(tmp_path / "b") == pytest.approx(lams, abs=1e-6)
     for name, ref in reference.items():
         assert (merged[name].double() - ref).abs().max().item() < 1e-5
     for name in entries():  # replaced by good entries
@@ -211,30 +221,20 @@ def test_lacks_it_for_a_tensor_the_checkpoint_holds_is_read_again(llama_family, 
     λ 13% off, silently); warned of and read again, the λ exact."""
     paths, sds = llama_family
     models = ["model0", "model2"]
-    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
-    _spoil_one_value("norms", "norms", "null")
-    fresh_process_state()
-    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
     runs = prepass.STATS.runs
-    run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
-    assert prepass.STATS.runs == runs + 1
+    _merge_again_with_a_spoiled_value("norms", "null", paths, models, merge_options, tmp_path, caplog)
+    assert prepass.STATS.runs == runs + 2
     said = [r.getMessage() for r in caplog.records if "lacks tensor" in r.getMessage()]
     assert len(said) == 2 and all(m.endswith("which its checkpoint holds: read again") for m in said), said
     lams, _ = closed_form(sds["base"], [sds[m] for m in models])
-    with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
-        (entry,) = json.load(f)["merges"]
-    assert [row["lambda"] for row in entry["models"]] == pytest.approx(lams, abs=1e-9)
+    assert _recorded_lambdas(tmp_path / "b") == pytest.approx(lams, abs=1e-9)
 
 
 def test_a_product_that_is_not_finite_makes_the_entry_corrupt(llama_family, merge_options, tmp_path, caplog):
     """A NaN inner product read back showed as cosine +1 and warned of a far pair."""
     paths, _ = llama_family
     models = ["model0", "model2"]
-    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
-    _spoil_one_value("products", "products", "NaN")
-    fresh_process_state()
-    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
-    run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+    _merge_again_with_a_spoiled_value("products", "NaN", paths, models, merge_options, tmp_path, caplog)
     assert any("corrupt norm cache entry" in r.getMessage() for r in caplog.records)
     assert not any("far from orthogonal" in r.getMessage() for r in caplog.records)
     with open(tmp_path / "b" / "metagpt_coefficients.json") as f:
