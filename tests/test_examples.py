@@ -2,6 +2,7 @@
 
 import glob
 import os
+import re
 
 import pytest
 import yaml
@@ -72,12 +73,14 @@ def test_tiny_example_runs_on_demo_models(name, tmp_path, monkeypatch, merge_opt
     assert [m["lambda"] for m in printed["merges"][0]["models"]] == [m["lambda"] for m in entry["models"]]
 
 
+def _readme_text() -> str:
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md"), encoding="utf-8") as f:
+        return f.read()
+
+
 def _readme_python_blocks():
-    readme = os.path.join(os.path.dirname(__file__), "..", "README.md")
-    with open(readme, encoding="utf-8") as f:
-        text = f.read()
     blocks, inside, lines = [], False, []
-    for line in text.splitlines():
+    for line in _readme_text().splitlines():
         if line.strip() == "```python":
             inside, lines = True, []
         elif inside and line.strip() == "```":
@@ -101,7 +104,10 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     namespace = {}
     exec(compile(block, "README.md", "exec"), namespace)
     models = namespace["models"]
-    _, reference = closed_form(models["base"], [models["math"], models["code"]])
+    lams, reference = closed_form(models["base"], [models["math"], models["code"]])
+    # the λ the README says it logs
+    said = re.search(r"Two models here, so the λ logged are math ([\d.]+), code ([\d.]+)", _readme_text())
+    assert said and [float(v) for v in said.groups()] == [round(lam, 6) for lam in lams], (said, lams)
     merged = namespace["merged"]
     assert set(merged) == set(reference)
     def close(a, ref):  # bf16 output: within one bf16 rounding step
