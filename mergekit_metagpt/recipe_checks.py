@@ -246,17 +246,20 @@ def check_module_names(config, arch_info, options=None) -> None:
     """Refuse a ``modules:`` recipe naming a module the architecture does not have; warn of
     one leaving out a module with required weights (mergekit writes none of its weights,
     with no message)."""
-    try:  # the base's transformers config (mergekit has just read it for the architecture)
-        model_config = config.base_model.config(trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
-    except Exception:
-        model_config = None
     known = list(getattr(arch_info, "modules", None) or {})
     listed = list(getattr(config, "modules", None) or {})
     unknown = [name for name in listed if name not in known]
     architecture = (getattr(arch_info, "architectures", None) or ["the models' architecture"])[0]
-    left_out = [name for name in known if name not in listed
-                and (model_config is None or _required_weights(arch_info.modules[name], model_config) != 0)]
-    if listed and left_out and not unknown:
+    left_out = [name for name in known if name not in listed] if listed and not unknown else []
+    if left_out:
+        try:  # the base's transformers config (mergekit has just read it for the architecture)
+            model_config = config.base_model.config(
+                trust_remote_code=bool(getattr(options, "trust_remote_code", False)))
+        except Exception:
+            model_config = None
+        left_out = [name for name in left_out
+                    if model_config is None or _required_weights(arch_info.modules[name], model_config) != 0]
+    if left_out:
         LOG.warning("MetaGPT: the recipe's modules: leave out %s of %s: mergekit merges and writes none of "
                     "%s weights, so the merged model lacks them (list %s under modules: to merge %s)",
                     ", ".join(map(repr, left_out)), architecture, "its" if len(left_out) == 1 else "their",
