@@ -184,13 +184,16 @@ class _Copies:
 
 def _stored_dtypes(path: str) -> Dict[str, str]:
     """Each tensor's dtype as the file stores it (safetensors' header: "BF16", "I8" …;
-    a .bin's: "bfloat16", "int8" …), before any cast of the recipe's."""
+    a zip .bin's: "bfloat16", "int8" …), before any cast of the recipe's. (Not of a legacy
+    pre-zip .bin, which would be read whole for it.)"""
     if path.lower().endswith(".safetensors"):
         with open(path, "rb") as handle:
             (size,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(size))
         return {name: str(entry.get("dtype")) for name, entry in header.items()
                 if name != "__metadata__" and isinstance(entry, dict)}
+    if not zipfile.is_zipfile(path):
+        return {}
     shard = _read_pickle(path)
     return {name: str(tensor.dtype).removeprefix("torch.") for name, tensor in shard.items()
             if hasattr(tensor, "dtype")} if isinstance(shard, dict) else {}
