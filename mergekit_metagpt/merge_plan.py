@@ -211,7 +211,7 @@ class MergeRun:
                          for merge_set in self.sets.values() for task in merge_set.tasks)
 
 
-def _place(path) -> Optional[tuple]:
+def place(path) -> Optional[tuple]:
     """A mergekit ModelPath as (local folder resolved, else the hub id; revision)."""
     if path is None:
         return None
@@ -240,7 +240,7 @@ def _checkpoint(model) -> Optional[tuple]:
     lora = getattr(model, "lora", None)
     # with a LoRA, the loader's folder is mergekit's merged copy, named after the spelling
     folder = read_folder(model) if lora is None else None
-    return ((folder, None) if folder else _place(model.model)), _place(lora)
+    return ((folder, None) if folder else place(model.model)), place(lora)
 
 
 def _refuse_one_checkpoint_twice(models, base=None) -> None:

@@ -269,10 +269,12 @@ def refuse_output_into_an_input(config, out_path) -> None:
     still names the model's: neither model is left)."""
     if not isinstance(out_path, (str, os.PathLike)) or not os.path.isdir(out_path):
         return
+    from mergekit_metagpt.merge_plan import place
+
     out = os.path.realpath(out_path)
     for model in models_in_order(config):
-        for path in (model.model.path, model.lora.path if model.lora else None):
-            if path and os.path.isdir(os.path.expanduser(path)) and os.path.realpath(os.path.expanduser(path)) == out:
+        for path in (model.model, model.lora):
+            if path is not None and place(path)[0] == out:  # a local folder, resolved
                 raise MetaGPTError(
                     f"the output folder {out_path} is model {model}'s own folder: the merge would overwrite its "
                     f"files; give another output folder"
