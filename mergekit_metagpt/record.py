@@ -14,8 +14,9 @@ recipe sets it), ``lambda_from`` and ``density`` (variants), ``int8_mask`` (``me
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
 ``{tensors, min, median, max}`` over the tensors with ``granularity: per_tensor``), and ``cosine_similarity``:
 ``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not
-computed; ``note`` says why). A merge writes the file once,
-when its pre-pass ends, replacing the record of any earlier run in that folder.
+computed; ``note`` says why). A merge removes an earlier run's record when its pre-pass
+ends and writes its own once mergekit has written the model (the ``FinalizeModel``
+wrapper; where that wrapper cannot attach, when the pre-pass ends).
 """
 
 from __future__ import annotations
