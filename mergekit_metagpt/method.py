@@ -134,11 +134,14 @@ class MetaGPTMerge(GroupMergeMethod):
     def __call__(self, groups, /, **kwargs):
         parameters = kwargs.get("parameters")
         if isinstance(parameters, Mapping):  # as recipes are refused: with why, for weight & co
+            from mergekit_metagpt.recipe_checks import normalize_is_off, unknown_parameters_message
+
+            if "normalize" in parameters and normalize_is_off(parameters["normalize"]):
+                # what MetaGPT does: accepted, as in recipes (mergekit would refuse the name)
+                kwargs["parameters"] = parameters = {k: v for k, v in parameters.items() if k != "normalize"}
             known = {p.name for p in self.spec.parameters}
             unknown = set(parameters) - known
             if unknown:
-                from mergekit_metagpt.recipe_checks import unknown_parameters_message
-
                 raise MetaGPTError(unknown_parameters_message(self.spec.name, unknown, known, in_memory=True))
         token = _IN_MEMORY.set(True)
         try:

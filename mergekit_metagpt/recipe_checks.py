@@ -31,15 +31,29 @@ WEIGHT_HELP = (
 
 
 NORMALIZE_HELP = (
-    "MetaGPT's λ sum to 1 (times lambda) and are applied as computed, with mergekit's "
-    "normalize off (it would divide each element by the sum of the λ of the models that keep it); "
-    "drop normalize from a recipe copied from ties or dare"
+    "MetaGPT's λ sum to 1 (times lambda) and are applied as computed, as with mergekit's "
+    "normalize: false; normalize: true would divide each element by the sum of the λ of the models "
+    "that contribute to it (after TIES or DARE trimming, or where a model lacks a tensor), which is "
+    "not MetaGPT's merge"
+)
+
+
+def normalize_is_off(value: Any) -> bool:
+    """Whether a `normalize` value asks for what MetaGPT does anyway (false, 0): accepted."""
+    return value is False or (type(value) in (int, float) and value == 0)
+
+
+EPSILON_HELP = (
+    "epsilon sets DELLA's magnitude-ranked drop probabilities; MetaGPT has no DELLA variant "
+    "(metagpt_dare drops at random at `density`, as DARE; metagpt_ties keeps the largest, as TIES): "
+    "remove epsilon"
 )
 
 
 INT8_MASK_HELP = (
     "int8_mask sets the dtype of TIES's sign election, which only metagpt_ties does (metagpt_dare "
-    "is mergekit's dare_linear, DARE without sign election; metagpt merges dense task vectors); "
+    "is mergekit's dare_linear, DARE without sign election; metagpt merges dense task vectors; "
+    "for sign election with MetaGPT's λ, use metagpt_ties); "
     "drop it from a recipe copied from ties or dare_ties"
 )
 
@@ -137,16 +151,39 @@ def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool
     """The refusal of parameters a MetaGPT variant does not take, with why for those
     copied from other methods' recipes (shared by recipes and in-memory calls); `models`:
     those the recipe gives them for."""
-    message = (
-        f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))}{_given_for(models)} "
-        f"(it takes: {', '.join(sorted(known))})"
-    )
-    weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
-    for name, help_text in (("weight", weight_help), ("normalize", NORMALIZE_HELP),
-                            ("int8_mask", INT8_MASK_HELP), ("rescale", RESCALE_HELP), ("density", DENSITY_HELP)):
-        if name in unknown:
-            message += f". {help_text}"
-    return message
+    unknown = set(unknown)
+    parts = []
+    if "normalize" in unknown:  # a value other than false (which is accepted)
+        unknown.discard("normalize")
+        parts.append(f"normalize must be false for {method_name}, or left out: {NORMALIZE_HELP}")
+    if unknown:
+        message = (
+            f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))}{_given_for(models)} "
+            f"(it takes: {', '.join(sorted(known))})"
+        )
+        weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
+        helps = {"weight": weight_help, "int8_mask": INT8_MASK_HELP, "rescale": RESCALE_HELP,
+                 "density": DENSITY_HELP, "epsilon": EPSILON_HELP}
+        for name in sorted(unknown, key=lambda n: (n not in helps, n)):
+            if name in helps:
+                message += f". {helps[name]}"
+            elif others := _methods_taking(name):
+                message += (f". {name} is a parameter of mergekit's {', '.join(others)}, "
+                            f"not of MetaGPT: remove it")
+        parts.append(message)
+    return ". Also: ".join(parts)
+
+
+def _methods_taking(name: str):
+    """The registered merge methods other than MetaGPT's that declare a parameter `name`."""
+    try:
+        from mergekit.merge_methods import registry
+
+        methods = registry.registered_methods()
+    except Exception:  # mergekit changed shape: the message goes without it
+        return []
+    return sorted(m.spec.name for m in methods
+                  if not m.spec.name.startswith("metagpt") and name in {p.name for p in m.spec.parameters})
 
 
 def check_config(config) -> None:
@@ -168,21 +205,28 @@ def check_config(config) -> None:
     per_input = {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
     unknown, misplaced, models_of = set(), set(), []  # models_of: the models those are given for
     settings = list(_settings(config, set()))
+    # normalize: false asks for what MetaGPT does: accepted (mergekit reads no undeclared
+    # parameter); any other value is refused, with why
+    settings = [item for item in settings
+                if not (item[0] == "normalize" and all(normalize_is_off(v) for v, _c in _scalars(item[1])))]
     for name, _setting, model, _where in settings:
         if name not in shared | per_input:
             unknown.add(name)
             models_of += [model] if model is not None else []
         elif model is not None and name in shared:
             misplaced.add(name)
+    problems = []  # all at once: a recipe copied from another method often has several
     if unknown:
-        raise MetaGPTError(unknown_parameters_message(method_name, unknown, shared | per_input, models=models_of))
+        problems.append(unknown_parameters_message(method_name, unknown, shared | per_input, models=models_of))
     if misplaced:
         models = list(dict.fromkeys(str(m) for n, _s, m, _w in settings if n in misplaced and m is not None))
-        raise MetaGPTError(
+        problems.append(
             f"Parameter(s) {', '.join(sorted(misplaced))} of {method_name} apply to the whole "
             f"merge (one value for every model), but are given for a single model ({', '.join(models)}); "
             f"move them to the top-level (or slice-level) `parameters:`"
         )
+    if problems:
+        raise MetaGPTError(". Also: ".join(problems))
     # a per-model value given for the base, of a parameter mergekit resolves for the other
     # models only (density), is never read: not checked
     bases = {str(b) for b in _bases(config)}

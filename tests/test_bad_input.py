@@ -230,8 +230,8 @@ CASES = {
     # copied from a ties recipe: the one parameter of ties that metagpt_ties does not take
     "normalize from a ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"normalize": True, "int8_mask": True}),
-        r"Unknown parameter\(s\) for metagpt_ties: normalize .*MetaGPT's λ sum to 1 .*drop normalize from a "
-        r"recipe copied from ties or dare$"),
+        r"normalize must be false for metagpt_ties, or left out: MetaGPT's λ sum to 1 .*as with mergekit's "
+        r"normalize: false; normalize: true would divide .*which is not MetaGPT's merge$"),
     # the most common DARE recipe is dare_ties with int8_mask: metagpt_dare elects no signs
     "int8_mask from a dare_ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_dare", parameters={"density": 0.5, "int8_mask": True}),
@@ -452,6 +452,40 @@ slices:
     )
     config.slices[1].sources[1].parameters["density"][0].value = [0.5, 1.0]
     check_config(config)  # every value in range: no error
+
+
+def test_a_recipe_copied_from_another_method_gets_every_problem_in_one_message():
+    """A della recipe turned into metagpt_dare: its keys of other methods (each said why),
+    normalize: false (accepted: what MetaGPT does) and a per-model lambda, in one refusal,
+    not one round per fix."""
+    import yaml
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    config = MergeConfiguration.model_validate(yaml.safe_load("""
+merge_method: metagpt_dare
+base_model: ./base
+parameters: {normalize: false, int8_mask: true, epsilon: 0.05, gamma: 0.01}
+models:
+  - {model: ./a, parameters: {density: 0.5, lambda: 0.9}}
+  - {model: ./b, parameters: {density: 0.5, normalize: 0}}
+"""))
+    with pytest.raises(MetaGPTError) as error:
+        check_config(config)
+    assert str(error.value).startswith("Unknown parameter(s) for metagpt_dare: epsilon, gamma, int8_mask (it takes: ")
+    assert "normalize" not in str(error.value).split(" (it takes")[0]
+    assert ". epsilon sets DELLA's magnitude-ranked drop probabilities; " in str(error.value)
+    assert ". gamma is a parameter of mergekit's breadcrumbs, breadcrumbs_ties, not of MetaGPT: remove it" in str(error.value)
+    assert "for sign election with MetaGPT's λ, use metagpt_ties" in str(error.value)
+    assert str(error.value).endswith(". Also: Parameter(s) lambda of metagpt_dare apply to the whole merge (one value "
+                                     "for every model), but are given for a single model (./a); move them to the "
+                                     "top-level (or slice-level) `parameters:`")
+    config.parameters = {"normalize": False}
+    config.models[0].parameters = {"density": 0.5}
+    check_config(config)  # normalize: false (top level, and 0 for a model) is accepted
 
 
 def test_values_mergekit_never_reads_are_not_checked():

@@ -32,6 +32,22 @@ def test_merge_state_dicts_matches_closed_form_with_global_norms():
     assert any(abs(per_tensor[k] / tot - lam) > 1e-4 for k, lam in zip("abc", lams))
 
 
+def test_normalize_false_is_accepted_and_true_refused_in_memory():
+    """normalize: false (as copied from a ties or task_arithmetic call) is what MetaGPT
+    does: the same merge; true is refused, saying why (mergekit's own refusal of the name
+    says nothing)."""
+    from mergekit_metagpt.errors import MetaGPTError
+
+    sds = _models()
+    merged = merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": False})
+    _, reference = closed_form(sds["base"], [sds[k] for k in "abc"])
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
+    with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt, or left out: MetaGPT's λ sum "
+                                           r"to 1 .*which is not MetaGPT's merge$"):
+        merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": True})
+
+
 @pytest.mark.parametrize("method", ["metagpt", "metagpt_ties", "metagpt_dare"])
 def test_strided_inputs_are_merged_and_never_modified(method):
     """Transposed (non-contiguous) inputs, as in mergekit's own regression test: the

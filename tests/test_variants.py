@@ -25,7 +25,9 @@ def stock_recipe(paths, method, lams, density, **params):
     ("metagpt_ties", "ties", {"lambda": 0.6}),
     ("metagpt_dare", "dare_linear", {"lambda": 0.6}),
     ("metagpt_dare", "dare_linear", {"rescale": False}),
-], ids=["ties", "dare", "ties-lambda", "dare-lambda", "dare-no-rescale"])
+    # as copied from a ties recipe: normalize: false is what MetaGPT does, so it is accepted
+    ("metagpt_ties", "ties", {"normalize": False}),
+], ids=["ties", "dare", "ties-lambda", "dare-lambda", "dare-no-rescale", "ties-normalize-false"])
 def test_variant_equals_stock_method_with_lambda_weights(ours, stock, extra, llama_family, tmp_path):
     from mergekit.options import MergeOptions
 
