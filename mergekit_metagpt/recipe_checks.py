@@ -141,16 +141,23 @@ WEIGHT_HELP_IN_MEMORY = (
 
 
 def _given_for(models) -> str:
-    """`, given for model X` (the models a parameter is given for in the recipe), or ''."""
+    """` (given for model X)` (the models a parameter is given for in the recipe), or ''."""
     models = list(dict.fromkeys(str(m) for m in models))
-    return f", given for model{'s' if len(models) > 1 else ''} {', '.join(models)}" if models else ""
+    return f" (given for model{'s' if len(models) > 1 else ''} {', '.join(models)})" if models else ""
+
+
+def _unknown_name(name: str, known, models) -> str:
+    """An unknown parameter as the refusal lists it: with the known name it may be a
+    misspelling of, and the models it is given for (none: at the top or a slice's level)."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    return name + (f" (did you mean {close[0]}?)" if close else "") + _given_for(models)
 
 
 def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False,
-                               models=()) -> str:
+                               models=None) -> str:
     """The refusal of parameters a MetaGPT variant does not take, with why for those
     copied from other methods' recipes (shared by recipes and in-memory calls); `models`:
-    those the recipe gives them for."""
+    name -> the models the recipe gives it for."""
     unknown = set(unknown)
     parts = []
     if "normalize" in unknown:  # a value other than false (which is accepted)
@@ -158,7 +165,8 @@ def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool
         parts.append(f"normalize must be false for {method_name}, or left out: {NORMALIZE_HELP}")
     if unknown:
         message = (
-            f"Unknown parameter(s) for {method_name}: {', '.join(sorted(unknown))}{_given_for(models)} "
+            f"Unknown parameter(s) for {method_name}: "
+            f"{', '.join(_unknown_name(n, known, (models or {}).get(n, ())) for n in sorted(unknown))} "
             f"(it takes: {', '.join(sorted(known))})"
         )
         weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
@@ -203,7 +211,7 @@ def check_config(config) -> None:
     specs = {p.name: p for p in spec.parameters}
     shared = {p.name for p in spec.parameters if p.scope == ParameterScope.SHARED}
     per_input = {p.name for p in spec.parameters if p.scope != ParameterScope.SHARED}
-    unknown, misplaced, models_of = set(), set(), []  # models_of: the models those are given for
+    unknown, misplaced, models_of = set(), set(), {}  # models_of: name -> the models it is given for
     settings = list(_settings(config, set()))
     # normalize: false asks for what MetaGPT does: accepted (mergekit reads no undeclared
     # parameter); any other value is refused, with why
@@ -212,7 +220,7 @@ def check_config(config) -> None:
     for name, _setting, model, _where in settings:
         if name not in shared | per_input:
             unknown.add(name)
-            models_of += [model] if model is not None else []
+            models_of.setdefault(name, []).extend([model] if model is not None else [])
         elif model is not None and name in shared:
             misplaced.add(name)
     problems = []  # all at once: a recipe copied from another method often has several

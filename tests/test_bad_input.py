@@ -244,7 +244,7 @@ CASES = {
         r"does not rescale.*drop it from a recipe copied from dare_linear or dare_ties$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
-                                    r"Unknown parameter\(s\) for metagpt: density, given for model .*/good \(it takes"
+                                    r"Unknown parameter\(s\) for metagpt: density \(given for model .*/good\) \(it takes"
                                     r".*for TIES or DARE sparsification "
                                     r"with MetaGPT's λ, use merge_method: metagpt_ties or metagpt_dare$"),
     "negative lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": -0.5}),
@@ -468,14 +468,16 @@ def test_a_recipe_copied_from_another_method_gets_every_problem_in_one_message()
     config = MergeConfiguration.model_validate(yaml.safe_load("""
 merge_method: metagpt_dare
 base_model: ./base
-parameters: {normalize: false, int8_mask: true, epsilon: 0.05, gamma: 0.01}
+parameters: {normalize: false, int8_mask: true, epsilon: 0.05, gamma: 0.01, densty: 0.5}
 models:
-  - {model: ./a, parameters: {density: 0.5, lambda: 0.9}}
+  - {model: ./a, parameters: {density: 0.5, lambda: 0.9, gamma: 0.02}}
   - {model: ./b, parameters: {density: 0.5, normalize: 0}}
 """))
     with pytest.raises(MetaGPTError) as error:
         check_config(config)
-    assert str(error.value).startswith("Unknown parameter(s) for metagpt_dare: epsilon, gamma, int8_mask (it takes: ")
+    # each name with where it is given (the top level: nothing said), and a misspelling named
+    assert str(error.value).startswith("Unknown parameter(s) for metagpt_dare: densty (did you mean density?), "
+                                       "epsilon, gamma (given for model ./a), int8_mask (it takes: ")
     assert "normalize" not in str(error.value).split(" (it takes")[0]
     assert ". epsilon sets DELLA's magnitude-ranked drop probabilities; " in str(error.value)
     assert ". gamma is a parameter of mergekit's breadcrumbs, breadcrumbs_ties, not of MetaGPT: remove it" in str(error.value)
@@ -484,7 +486,7 @@ models:
                                      "for every model), but are given for a single model (./a); move them to the "
                                      "top-level (or slice-level) `parameters:`")
     config.parameters = {"normalize": False}
-    config.models[0].parameters = {"density": 0.5}
+    config.models[0].parameters = {"density": 0.5}  # normalize: 0 stays on ./b
     check_config(config)  # normalize: false (top level, and 0 for a model) is accepted
 
 
