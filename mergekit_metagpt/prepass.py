@@ -235,8 +235,8 @@ def _announce(run) -> None:
 
         (model, norm), = run.result.merging[0].coefficients.squared_norms
         if norm > 0:  # else it equals the base: said as such
-            LOG.warning("MetaGPT: one model besides the base (%s): its λ is 1 whatever its task vector, so the "
-                        "merge is stock %s of that model with weight 1; MetaGPT weighs two or more models",
+            LOG.warning("MetaGPT: only one model besides the base (%s): its λ is 1, so this merge is stock %s "
+                        "with weight 1; MetaGPT weighs two or more models (list the others under models:)",
                         model, VARIANTS.get(run.method_name) or "task_arithmetic")
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
@@ -325,7 +325,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         if read:
             todo.append((item, [m for m in item.keys if m in read], pairs))
 
-    for pair in wanted - pending:
+    for pair in (pair for pair in known if pair in wanted and pair not in pending):  # in plan order
         if pair in reread:
             LOG.info("MetaGPT: norms of %s from the norm cache; its tensors read again for its inner "
                      "products with the models read for their norms", pair[1])

@@ -1,4 +1,10 @@
-"""A tqdm progress bar for the pre-pass: tensors done and GB read."""
+"""Progress of the pre-pass: tensors done and GB read.
+
+On a terminal, a tqdm bar (under mergekit's "Executing graph" bar), removed when the pass
+ends and replaced by one summary line. In a file or pipe (``> log``, nohup, a job
+scheduler), where a second bar would write a new line and cursor codes at every refresh,
+plain lines instead: one every ``LINE_EVERY_S`` seconds and the summary.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,14 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 
 import tqdm
 
 from mergekit_metagpt.env import switched_off
+
+#: In a file or pipe, the seconds between two progress lines of one pass.
+LINE_EVERY_S = 30.0
 
 
 def progress_enabled(quiet: bool = False) -> bool:
@@ -20,23 +30,70 @@ def progress_enabled(quiet: bool = False) -> bool:
     return not quiet
 
 
+def _is_terminal(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # replaced or closed
+        return False
+
+
+#: id(stream) -> time.time() when a line written here last ended on it
+_LINE_ENDED: dict = {}
+
+
+def _bar_line_open(stream) -> bool:
+    """Whether a tqdm bar (mergekit's) drawn on `stream` since this module last ended a
+    line there left its line open, as a bar does in a file or pipe (tqdm wraps the file it
+    writes to, and notes when it last drew)."""
+    ended = _LINE_ENDED.get(id(stream), 0.0)
+    return any(
+        not getattr(bar, "disable", True)
+        and getattr(getattr(bar, "fp", None), "_wrapped", getattr(bar, "fp", None)) is stream
+        and getattr(bar, "last_print_t", float("inf")) >= ended
+        for bar in list(getattr(tqdm.tqdm, "_instances", ())))
+
+
+def _write_line(stream, text: str) -> None:
+    """`text` on a line of its own: on a terminal above the bars (tqdm clears and redraws
+    them); in a file or pipe after ending a bar's open line."""
+    if _is_terminal(stream):
+        tqdm.tqdm.write(text, file=stream)
+    else:
+        stream.write(("\n" if _bar_line_open(stream) else "") + text + "\n")
+        stream.flush()
+        _LINE_ENDED[id(stream)] = time.time()
+
+
 class _Bar:
     def __init__(self, total: int, desc: str, quiet: bool = False):
-        self._gb = 0.0
-        self._bar = tqdm.tqdm(
-            total=total, desc=desc, unit="tensor", disable=not progress_enabled(quiet)
-        )
+        self._gb, self._done, self._total, self._desc = 0.0, 0, total, desc
+        self._stream = sys.stderr
+        self._enabled = progress_enabled(quiet)
+        self._started = self._last_line = time.monotonic()
+        self._bar = None
+        if self._enabled and _is_terminal(self._stream):
+            self._bar = tqdm.tqdm(total=total, desc=desc, unit="tensor", leave=False, file=self._stream)
 
     def update(self, tensors: int, nbytes: int = 0) -> None:
         self._gb += nbytes / 1e9
-        self._bar.set_postfix_str(f"{self._gb:.2f} GB read", refresh=False)
-        self._bar.update(tensors)
+        self._done += tensors
+        if self._bar is not None:
+            self._bar.set_postfix_str(f"{self._gb:.2f} GB read", refresh=False)
+            self._bar.update(tensors)
+        elif self._enabled and time.monotonic() - self._last_line >= LINE_EVERY_S:
+            self._last_line = time.monotonic()
+            _write_line(self._stream, f"{self._desc}: {self._done}/{self._total} tensors, {self._gb:.2f} GB read, "
+                                      f"{self._last_line - self._started:.0f} s")
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self._bar.close()
+    def __exit__(self, kind, *exc):
+        if self._bar is not None:
+            self._bar.close()
+        if self._enabled and kind is None:
+            _write_line(self._stream, f"{self._desc}: {self._done} tensors, {self._gb:.2f} GB read in "
+                                      f"{time.monotonic() - self._started:.1f} s")
         return False
 
 
@@ -60,16 +117,9 @@ class _LineAboveBars(logging.Handler):
 
     def emit(self, record):
         try:
-            message = self.format(record)
-            stream = self.original.stream
-            with tqdm.tqdm.external_write_mode(file=stream):
-                open_line = any(  # a bar drawn on this stream (tqdm wraps its file)
-                    not getattr(bar, "disable", True)
-                    and getattr(getattr(bar, "fp", None), "_wrapped", getattr(bar, "fp", None)) is stream
-                    for bar in list(getattr(tqdm.tqdm, "_instances", ())))
-                terminal = getattr(stream, "isatty", lambda: False)()
-                stream.write(("\n" if open_line and not terminal else "") + message + "\n")
-                stream.flush()
+            # in a file or pipe, not through tqdm's clear-and-redraw: that wrote a stale copy
+            # of mergekit's bar (and a line of blanks) before each record
+            _write_line(self.original.stream, self.format(record))
         except Exception:  # as logging does: never raise from a log call
             self.handleError(record)
 

@@ -402,8 +402,9 @@ def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
     paths, _ = family
     rc, last, out, log = run_cli(recipe(paths, ["good"]), tmp_path)
     assert rc == 0, log
-    assert re.search(r"MetaGPT: one model besides the base \(\S*/good\): its λ is 1 whatever its task vector, "
-                     r"so the merge is stock task_arithmetic of that model with weight 1", log), log
+    assert re.search(r"MetaGPT: only one model besides the base \(\S*/good\): its λ is 1, so this merge is stock "
+                     r"task_arithmetic with weight 1; MetaGPT weighs two or more models \(list the others under "
+                     r"models:\)", log), log
     rc, last, out, log = run_cli(recipe(paths, ["good", "twin1"]), tmp_path)
     assert rc == 0 and "one model besides the base" not in log, log
     rc, last, out, log = run_cli(recipe(paths, ["twin1"]), tmp_path)  # a copy of the base: said as such

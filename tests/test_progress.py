@@ -4,6 +4,7 @@ The bar follows the merge's own MergeOptions.quiet, never the process's command 
 a library caller's sys.argv may say anything.
 """
 
+import re
 import sys
 
 import pytest
@@ -62,8 +63,95 @@ def test_log_lines_of_the_pre_pass_are_not_glued_to_mergekits_bar(llama_family, 
         assert "Executing graph" in result.stderr  # the bar is there (not --quiet)
         ours = [line for line in result.stderr.split("\n") if "INFO:mergekit_metagpt:" in line]
         assert ours and all(line.startswith("INFO:mergekit_metagpt:") for line in ours), ours
+        # no stale copy of mergekit's bar cleared before each record (tqdm's clear-and-redraw,
+        # meant for terminals, wrote one with a run of blanks into the log)
+        # (text mode reads tqdm's \r as a line end: a clearing run of blanks is a line of them)
+        assert not [line for line in result.stderr.split("\n") if len(line) >= 20 and not line.strip()], \
+            result.stderr[-3000:]
         if run == "warm":
-            assert sum("from the norm cache" in line for line in ours) == 3
+            cached = [line for line in ours if "from the norm cache" in line]
+            assert len(cached) == 3
+            # in the recipe's order (was a set's: another order each run)
+            assert [line.split(" of ")[1].split(" from")[0] for line in cached] == [
+                llama_family[0][m] for m in ("model0", "model1", "model2")]
+
+
+def test_the_pre_pass_writes_lines_not_a_bar_into_a_file_or_pipe(llama_family, tmp_path):
+    """Into a log (> log 2>&1, nohup, a job scheduler) a second tqdm bar under mergekit's
+    wrote a new line with cursor codes at every refresh; there the pre-pass writes one
+    summary line instead (and a line every LINE_EVERY_S seconds of a long pass)."""
+    import os
+    import re
+    import subprocess
+
+    from merging import write_yaml
+
+    config = write_yaml(recipe(llama_family[0], ["model0", "model1"]), str(tmp_path / "r.yml"))
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE="0")
+    env.pop("MERGEKIT_METAGPT_PROGRESS", None)
+    for flags in ([], ["-v"]):
+        result = subprocess.run([script, config, str(tmp_path / "out"), "--no-copy-tokenizer", *flags],
+                                capture_output=True, timeout=600, env=env)
+        err = result.stderr.decode("utf-8", "replace")  # as written: tqdm's \r kept
+        assert result.returncode == 0, err[-3000:]
+        lines = err.split("\n")
+        at = [i for i, line in enumerate(lines) if "MetaGPT norm pre-pass" in line]
+        assert len(at) == 1 and re.fullmatch(r"MetaGPT norm pre-pass: \d+ tensors, \d+\.\d\d GB read in "
+                                             r"\d+\.\d s", lines[at[0]]), [lines[i] for i in at]
+        assert lines[at[0] - 1].strip(), err[-3000:]  # no blank line: only a bar's open line is ended first
+        assert "\x1b[A" not in err  # no cursor-up of a nested bar
+
+
+def test_a_long_pre_pass_writes_a_line_now_and_then_into_a_file_or_pipe(llama_family, tmp_path, monkeypatch, capsys):
+    from mergekit.options import MergeOptions
+    from mergekit_metagpt import progress
+
+    monkeypatch.delenv("MERGEKIT_METAGPT_PROGRESS")
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)  # every tensor counts as long enough
+    prepass.clear_memo()
+    run_recipe(recipe(llama_family[0], ["model0"]), str(tmp_path / "out"), MergeOptions(copy_tokenizer=False))
+    lines = [line for line in capsys.readouterr().err.split("\n") if line.startswith("MetaGPT norm pre-pass: ")]
+    assert len(lines) > 3 and "/" in lines[0] and lines[0].endswith(" s"), lines
+    assert "/" not in lines[-1] and " GB read in " in lines[-1], lines  # the summary, last
+
+
+def test_on_a_terminal_the_pre_pass_draws_a_bar_and_leaves_a_summary(llama_family, tmp_path):
+    """On a terminal (a pseudo-terminal here) the bar is drawn under mergekit's, and the
+    summary line written when the pass ends (what is written in a file or pipe alone)."""
+    pty = pytest.importorskip("pty")
+    fcntl = pytest.importorskip("fcntl")
+    termios = pytest.importorskip("termios")
+    import os
+    import struct
+    import subprocess
+
+    from merging import write_yaml
+
+    config = write_yaml(recipe(llama_family[0], ["model0", "model1"]), str(tmp_path / "r.yml"))
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE="0")
+    env.pop("MERGEKIT_METAGPT_PROGRESS", None)
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # else 0 columns: no bars
+    process = subprocess.Popen([script, config, str(tmp_path / "out"), "--no-copy-tokenizer"],
+                               stdout=subprocess.DEVNULL, stderr=follower, env=env)
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(timeout=600) == 0, seen[-3000:]
+    text = seen.decode("utf-8", "replace")
+    assert re.search(r"MetaGPT norm pre-pass: +\d+%\|", text), text[-3000:]  # the bar
+    assert re.search(r"MetaGPT norm pre-pass: \d+ tensors, \d+\.\d\d GB read in \d+\.\d s", text), text[-3000:]
 
 
 def test_the_console_handlers_are_given_back_after_the_pre_pass(llama_family, tmp_path, monkeypatch):
