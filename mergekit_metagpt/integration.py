@@ -33,6 +33,13 @@ the plugin wraps, without changing what they do:
   only: a warning when mergekit plans none of a module's weights (it leaves out
   optional weights no input holds under its architecture's names, silently: e.g. the
   whole language model of a LLaVA checkpoint whose architecture mergekit infers).
+- ``mergekit.scripts.merge_raw_pytorch.plan_flat_merge`` (``mergekit-pytorch``, which
+  runs no ``run_merge``): checks a MetaGPT recipe's parameters, base and dtypes as
+  ``run_merge``'s wrapper does.
+- ``main.callback`` of ``mergekit.scripts.run_yaml``, ``merge_raw_pytorch`` and
+  ``multimerge`` (the click commands of ``mergekit-yaml``, ``mergekit-pytorch`` and
+  ``mergekit-multi``): a refusal of the plugin's (``MetaGPTError``) ends the command as
+  click's one ``Error: …`` line, exit status 1, not a traceback.
 
 Where mergekit has changed shape (a class, attribute or parameter missing), the wrapper
 is not installed; a warning says so when the hook sees the module load. Without one of
@@ -388,7 +395,60 @@ def _check_slice_depths(definition, module_name) -> None:
             )
 
 
+def _one_line_errors(module) -> None:
+    """mergekit's click command of a script (``main``): a MetaGPTError (a refusal of the
+    plugin's: what to fix, in one message) ends it as click's own ``Error: …`` line with
+    exit status 1, where Python printed a traceback whose last line said it. Other
+    exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` keeps it for these too."""
+    import click
+
+    command = _need(module, "main", module.__name__)
+    original = _unwrapped(_need(command, "callback", f"{module.__name__}.main"))
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def callback(*args, **kwargs):
+        from mergekit_metagpt.env import switched_on
+        from mergekit_metagpt.errors import MetaGPTError
+
+        try:
+            return original(*args, **kwargs)
+        except MetaGPTError as error:
+            if switched_on("MERGEKIT_METAGPT_DEBUG"):
+                raise
+            raise click.ClickException(str(error)) from error
+
+    callback._mergekit_metagpt_wrapper = True
+    command.callback = callback
+
+
+def _attach_raw_pytorch(module) -> None:
+    """``mergekit-pytorch``: one-line refusals, and a MetaGPT recipe's parameters, base
+    and dtypes checked as ``run_merge`` checks them (it runs no ``run_merge``: an unknown
+    parameter was ignored silently), before anything is read."""
+    _one_line_errors(module)
+    original = _unwrapped(_need(module, "plan_flat_merge", module.__name__))
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def plan_flat_merge(config, *args, **kwargs):
+        if _is_ours(getattr(config, "merge_method", None)):
+            from mergekit_metagpt.recipe_checks import check_config
+
+            check_config(config)
+        return original(config, *args, **kwargs)
+
+    plan_flat_merge._mergekit_metagpt_wrapper = True
+    module.plan_flat_merge = plan_flat_merge
+
+
 def _attach_multimerge(module) -> None:
+    try:
+        _one_line_errors(module)
+    except AttributeError:  # mergekit changed shape there: refusals keep their traceback
+        pass
     original = _unwrapped(_need(module, "load_config", module.__name__))
     if original is None:
         return
@@ -445,6 +505,8 @@ _ATTACHERS = {
     "mergekit.plan": _attach_plan,
     "mergekit.scripts.multimerge": _attach_multimerge,
     "mergekit.io.tasks": _attach_io_tasks,
+    "mergekit.scripts.run_yaml": _one_line_errors,
+    "mergekit.scripts.merge_raw_pytorch": _attach_raw_pytorch,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -460,6 +522,9 @@ WITHOUT_WRAPPER = {
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
     "mergekit.io.tasks": "Merges run; the record is written when the pre-pass ends, before the "
                          "weights (a merge killed midway leaves it).",
+    "mergekit.scripts.run_yaml": "Merges run; mergekit-yaml shows the plugin's refusals after a traceback.",
+    "mergekit.scripts.merge_raw_pytorch": "Merges run; mergekit-pytorch checks no MetaGPT recipe's parameters "
+                                          "before it reads, and shows the plugin's refusals after a traceback.",
 }
 
 

@@ -136,7 +136,12 @@ class MetaGPTMerge(GroupMergeMethod):
         if isinstance(parameters, Mapping):  # as recipes are refused: with why, for weight & co
             from mergekit_metagpt.recipe_checks import normalize_is_off, unknown_parameters_message
 
-            if "normalize" in parameters and normalize_is_off(parameters["normalize"]):
+            if "normalize" in parameters:
+                if not normalize_is_off(parameters["normalize"]):
+                    from mergekit_metagpt.recipe_checks import NORMALIZE_HELP
+
+                    raise MetaGPTError(f"normalize must be false for {self.spec.name}, or left out (got "
+                                       f"{parameters['normalize']!r}): {NORMALIZE_HELP}")
                 # what MetaGPT does: accepted, as in recipes (mergekit would refuse the name)
                 kwargs["parameters"] = parameters = {k: v for k, v in parameters.items() if k != "normalize"}
             known = {p.name for p in self.spec.parameters}

@@ -236,7 +236,7 @@ def _announce(run) -> None:
         (model, norm), = run.result.merging[0].coefficients.squared_norms
         if norm > 0:  # else it equals the base: said as such
             LOG.warning("MetaGPT: only one model besides the base (%s): its λ is 1, so this merge is stock %s "
-                        "with weight 1; MetaGPT weighs two or more models (list the others under models:)",
+                        "with weight 1; MetaGPT weighs two or more models (list the others beside it)",
                         model, VARIANTS.get(run.method_name) or "task_arithmetic")
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:

@@ -44,13 +44,21 @@ _LINE_ENDED: dict = {}
 def _bar_line_open(stream) -> bool:
     """Whether a tqdm bar (mergekit's) drawn on `stream` since this module last ended a
     line there left its line open, as a bar does in a file or pipe (tqdm wraps the file it
-    writes to, and notes when it last drew)."""
-    ended = _LINE_ENDED.get(id(stream), 0.0)
-    return any(
-        not getattr(bar, "disable", True)
-        and getattr(getattr(bar, "fp", None), "_wrapped", getattr(bar, "fp", None)) is stream
-        and getattr(bar, "last_print_t", float("inf")) >= ended
-        for bar in list(getattr(tqdm.tqdm, "_instances", ())))
+    writes to, and notes when it last drew; its monitor thread may also redraw a bar that
+    stalled for `maxinterval` without noting it: the pre-pass stalls mergekit's bar, so
+    such a bar counts as open, at worst an empty line)."""
+    ended, now = _LINE_ENDED.get(id(stream), 0.0), time.time()
+    monitored = bool(getattr(tqdm.tqdm, "monitor_interval", 0))
+    with tqdm.tqdm.get_lock():  # bars other threads make or close meanwhile
+        bars = list(getattr(tqdm.tqdm, "_instances", ()))
+    for bar in bars:
+        if getattr(bar, "disable", True) or \
+                getattr(getattr(bar, "fp", None), "_wrapped", getattr(bar, "fp", None)) is not stream:
+            continue
+        drawn = getattr(bar, "last_print_t", float("inf"))
+        if drawn >= ended or (monitored and now - drawn >= getattr(bar, "maxinterval", 10.0)):
+            return True
+    return False
 
 
 def _write_line(stream, text: str) -> None:
@@ -82,8 +90,14 @@ class _Bar:
             self._bar.update(tensors)
         elif self._enabled and time.monotonic() - self._last_line >= LINE_EVERY_S:
             self._last_line = time.monotonic()
-            _write_line(self._stream, f"{self._desc}: {self._done}/{self._total} tensors, {self._gb:.2f} GB read, "
-                                      f"{self._last_line - self._started:.0f} s")
+            self._say(f"{self._desc}: {self._done}/{self._total} tensors, {self._gb:.2f} GB read, "
+                      f"{self._last_line - self._started:.0f} s")
+
+    def _say(self, text: str) -> None:
+        try:
+            _write_line(self._stream, text)
+        except (OSError, ValueError, AttributeError):  # stderr closed or replaced: progress is no reason to fail
+            self._enabled = False
 
     def __enter__(self):
         return self
@@ -92,8 +106,8 @@ class _Bar:
         if self._bar is not None:
             self._bar.close()
         if self._enabled and kind is None:
-            _write_line(self._stream, f"{self._desc}: {self._done} tensors, {self._gb:.2f} GB read in "
-                                      f"{time.monotonic() - self._started:.1f} s")
+            self._say(f"{self._desc}: {self._done} tensors, {self._gb:.2f} GB read in "
+                      f"{time.monotonic() - self._started:.1f} s")
         return False
 
 

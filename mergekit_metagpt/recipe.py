@@ -65,7 +65,7 @@ def check_base(config, where: str = "MetaGPT: ") -> None:
 def _every_slice_has_a_base(config) -> bool:
     """Without a top-level base_model: the recipe merges only slices (its own or its
     modules'), each with a base_model of its own."""
-    owners = [config, *(config.modules or {}).values()]
-    slices = [piece for owner in owners for piece in owner.slices or []]
+    owners = [config, *(getattr(config, "modules", None) or {}).values()]  # none in mergekit-pytorch's
+    slices = [piece for owner in owners for piece in getattr(owner, "slices", None) or []]
     return (bool(slices) and not any(owner.models for owner in owners)
             and all(piece.base_model is not None for piece in slices))

@@ -39,14 +39,24 @@ NORMALIZE_HELP = (
 
 
 def normalize_is_off(value: Any) -> bool:
-    """Whether a `normalize` value asks for what MetaGPT does anyway (false, 0): accepted."""
-    return value is False or (type(value) in (int, float) and value == 0)
+    """Whether a `normalize` value asks for what MetaGPT does anyway: one that mergekit
+    reads as false (false, 0, "false", "no", …; pydantic's bool), or per-group values
+    (mergekit's in-memory PerGroupValues) that all are. Accepted."""
+    from pydantic import TypeAdapter, ValidationError
+
+    per_group = getattr(value, "values", None)
+    if isinstance(per_group, tuple):
+        return bool(per_group) and all(normalize_is_off(v) for v in per_group)
+    try:
+        return TypeAdapter(bool).validate_python(value) is False
+    except ValidationError:
+        return False
 
 
 EPSILON_HELP = (
-    "epsilon sets DELLA's magnitude-ranked drop probabilities; MetaGPT has no DELLA variant "
-    "(metagpt_dare drops at random at `density`, as DARE; metagpt_ties keeps the largest, as TIES): "
-    "remove epsilon"
+    "epsilon sets DELLA's magnitude-ranked drop probabilities (and RAM's threshold); MetaGPT has no "
+    "such setting (metagpt_dare drops at random at `density`, as DARE; metagpt_ties keeps the largest, "
+    "as TIES): remove epsilon"
 )
 
 
@@ -150,7 +160,10 @@ def _unknown_name(name: str, known, models) -> str:
     """An unknown parameter as the refusal lists it: with the known name it may be a
     misspelling of, and the models it is given for (none: at the top or a slice's level)."""
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
-    return name + (f" (did you mean {close[0]}?)" if close else "") + _given_for(models)
+    given = _given_for([m for m in models if m is not None])
+    if given and None in models:  # also at the top or a slice's level
+        given = given[:-1] + ", and for all models)"
+    return name + (f" (did you mean {close[0]}?)" if close else "") + given
 
 
 def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False,
@@ -187,11 +200,12 @@ def _methods_taking(name: str):
     try:
         from mergekit.merge_methods import registry
 
-        methods = registry.registered_methods()
+        specs = [getattr(m, "spec", None) for m in registry.registered_methods()]
+        return sorted(spec.name for spec in specs
+                      if spec is not None and not spec.name.startswith("metagpt")
+                      and name in {p.name for p in spec.parameters})
     except Exception:  # mergekit changed shape: the message goes without it
         return []
-    return sorted(m.spec.name for m in methods
-                  if not m.spec.name.startswith("metagpt") and name in {p.name for p in m.spec.parameters})
 
 
 def check_config(config) -> None:
@@ -215,15 +229,25 @@ def check_config(config) -> None:
     settings = list(_settings(config, set()))
     # normalize: false asks for what MetaGPT does: accepted (mergekit reads no undeclared
     # parameter); any other value is refused, with why
-    settings = [item for item in settings
-                if not (item[0] == "normalize" and all(normalize_is_off(v) for v, _c in _scalars(item[1])))]
+    normalize = [item for item in settings if item[0] == "normalize"]
+    settings = [item for item in settings if item[0] != "normalize"]
+    problems = []  # all at once: a recipe copied from another method often has several
+    for _name, setting, model, where in normalize:
+        values = list(_scalars(setting))
+        wrong = [(v, c) for v, c in values if not normalize_is_off(v)] or ([] if values else [(setting, ())])
+        if wrong:
+            value, condition = wrong[0]
+            parts = where + condition
+            place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
+            problems.append(f"normalize must be false for {method_name}, or left out (got {value!r}{place}): "
+                            f"{NORMALIZE_HELP}")
+            break
     for name, _setting, model, _where in settings:
         if name not in shared | per_input:
             unknown.add(name)
-            models_of.setdefault(name, []).extend([model] if model is not None else [])
+            models_of.setdefault(name, []).append(model)  # None: for all models
         elif model is not None and name in shared:
             misplaced.add(name)
-    problems = []  # all at once: a recipe copied from another method often has several
     if unknown:
         problems.append(unknown_parameters_message(method_name, unknown, shared | per_input, models=models_of))
     if misplaced:

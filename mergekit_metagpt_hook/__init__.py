@@ -13,7 +13,10 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
 - ``mergekit.scripts.multimerge``: ``mergekit-multi`` checks every MetaGPT recipe of
   its file before the first merge;
 - ``mergekit.io.tasks``: a merge planned without ``run_merge`` (``mergekit-pytorch``)
-  writes its record once mergekit has written the model.
+  writes its record once mergekit has written the model;
+- ``mergekit.scripts.run_yaml``, ``mergekit.scripts.merge_raw_pytorch`` (and
+  ``multimerge``): the plugin's refusals end ``mergekit-yaml``, ``mergekit-pytorch`` and
+  ``mergekit-multi`` as one ``Error:`` line, not a traceback.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.
@@ -30,6 +33,8 @@ WATCHED = (
     "mergekit.plan",
     "mergekit.scripts.multimerge",
     "mergekit.io.tasks",
+    "mergekit.scripts.run_yaml",
+    "mergekit.scripts.merge_raw_pytorch",
 )
 _MARK = "_mergekit_metagpt_hook_installed"
 

@@ -230,7 +230,8 @@ CASES = {
     # copied from a ties recipe: the one parameter of ties that metagpt_ties does not take
     "normalize from a ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"normalize": True, "int8_mask": True}),
-        r"normalize must be false for metagpt_ties, or left out: MetaGPT's λ sum to 1 .*as with mergekit's "
+        r"normalize must be false for metagpt_ties, or left out \(got True\): MetaGPT's λ sum to 1 .*as with "
+        r"mergekit's "
         r"normalize: false; normalize: true would divide .*which is not MetaGPT's merge$"),
     # the most common DARE recipe is dare_ties with int8_mask: metagpt_dare elects no signs
     "int8_mask from a dare_ties recipe": (
@@ -403,8 +404,8 @@ def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
     rc, last, out, log = run_cli(recipe(paths, ["good"]), tmp_path)
     assert rc == 0, log
     assert re.search(r"MetaGPT: only one model besides the base \(\S*/good\): its λ is 1, so this merge is stock "
-                     r"task_arithmetic with weight 1; MetaGPT weighs two or more models \(list the others under "
-                     r"models:\)", log), log
+                     r"task_arithmetic with weight 1; MetaGPT weighs two or more models \(list the others beside "
+                     r"it\)", log), log
     rc, last, out, log = run_cli(recipe(paths, ["good", "twin1"]), tmp_path)
     assert rc == 0 and "one model besides the base" not in log, log
     rc, last, out, log = run_cli(recipe(paths, ["twin1"]), tmp_path)  # a copy of the base: said as such
@@ -478,17 +479,49 @@ models:
         check_config(config)
     # each name with where it is given (the top level: nothing said), and a misspelling named
     assert str(error.value).startswith("Unknown parameter(s) for metagpt_dare: densty (did you mean density?), "
-                                       "epsilon, gamma (given for model ./a), int8_mask (it takes: ")
+                                       "epsilon, gamma (given for model ./a, and for all models), int8_mask "
+                                       "(it takes: ")
     assert "normalize" not in str(error.value).split(" (it takes")[0]
-    assert ". epsilon sets DELLA's magnitude-ranked drop probabilities; " in str(error.value)
+    assert ". epsilon sets DELLA's magnitude-ranked drop probabilities (and RAM's threshold); " in str(error.value)
     assert ". gamma is a parameter of mergekit's breadcrumbs, breadcrumbs_ties, not of MetaGPT: remove it" in str(error.value)
     assert "for sign election with MetaGPT's λ, use metagpt_ties" in str(error.value)
     assert str(error.value).endswith(". Also: Parameter(s) lambda of metagpt_dare apply to the whole merge (one value "
                                      "for every model), but are given for a single model (./a); move them to the "
                                      "top-level (or slice-level) `parameters:`")
-    config.parameters = {"normalize": False}
+    config.parameters = {"normalize": "false"}  # as mergekit reads it: false
     config.models[0].parameters = {"density": 0.5}  # normalize: 0 stays on ./b
     check_config(config)  # normalize: false (top level, and 0 for a model) is accepted
+    config.models[0].parameters = {"density": 0.5, "normalize": True}
+    with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt_dare, or left out \(got True for "
+                                           r"model \./a\): MetaGPT's λ sum to 1 "):
+        check_config(config)
+
+
+def test_a_mergekit_pytorch_recipe_is_checked_as_a_recipe_is():
+    """mergekit-pytorch's config has no modules or slices: its checks (here the missing
+    base) say what to fix, not a bug's AttributeError."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.scripts.merge_raw_pytorch import RawPyTorchMergeConfig
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    config = RawPyTorchMergeConfig.model_validate({"merge_method": "metagpt", "models": [{"model": "a.safetensors"}]})
+    with pytest.raises(MetaGPTError, match="base_model"):
+        check_config(config)
+
+
+def test_the_other_methods_parameters_are_named_whatever_mergekit_registers(monkeypatch):
+    """The registry of another mergekit may hold a method of another shape: the refusal
+    still comes, naming what it can."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.merge_methods import registry
+    from mergekit_metagpt.recipe_checks import unknown_parameters_message
+
+    real = registry.registered_methods()
+    monkeypatch.setattr(registry, "registered_methods", lambda: (object(), *real))
+    message = unknown_parameters_message("metagpt", {"gamma"}, {"lambda"})
+    assert message.endswith(". gamma is a parameter of mergekit's breadcrumbs, breadcrumbs_ties, not of MetaGPT: "
+                            "remove it"), message
 
 
 def test_values_mergekit_never_reads_are_not_checked():
@@ -654,6 +687,45 @@ def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault,
     assert result.returncode != 0
     assert expected in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
     assert not (inter / "step1").exists() and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["mergekit-yaml", "mergekit-multi", "mergekit-pytorch", "debug"])
+def test_a_refusal_ends_mergekits_commands_as_one_error_line(command, family, tmp_path):
+    """The plugin's refusal (a misspelt parameter here) ends mergekit's commands as click's
+    one `Error:` line, where Python printed ~25 lines of traceback before it; with
+    MERGEKIT_METAGPT_DEBUG=1 the traceback stays. mergekit-pytorch, which runs no
+    run_merge, checked no parameter at all: the misspelt one was ignored and it merged."""
+    import subprocess
+    import sys
+
+    import yaml
+    from safetensors.torch import save_file
+
+    paths, _ = family
+    config = recipe(paths, ["good", "twin1"], parameters={"lamda": 0.5})
+    if command == "mergekit-pytorch":  # raw files, one per model
+        for name in ("base", "good", "twin1"):
+            save_file(load_checkpoint(paths[name]), str(tmp_path / f"{name}.safetensors"))
+        config = {**config, "base_model": str(tmp_path / "base.safetensors"),
+                  "models": [{"model": str(tmp_path / f"{m}.safetensors")} for m in ("good", "twin1")]}
+    path = write_yaml(config, str(tmp_path / "recipe.yml"))
+    out = tmp_path / "out"
+    script = {"debug": "mergekit-yaml"}.get(command, command)
+    args = {"mergekit-multi": [path, "--intermediate-dir", str(tmp_path / "inter"), "--out-path", str(out)]}.get(
+        command, [path, str(out)])
+    env = dict(os.environ, MERGEKIT_METAGPT_DEBUG="1" if command == "debug" else "0")
+    result = subprocess.run([os.path.join(os.path.dirname(sys.executable), script), *args, "--no-copy-tokenizer"],
+                            capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert not out.exists()
+    last = result.stderr.strip().splitlines()[-1]
+    message = "Unknown parameter(s) for metagpt: lamda (did you mean lambda?) (it takes: alpha, granularity, lambda)"
+    if command == "mergekit-multi":
+        message = "MetaGPT: the final merge of the mergekit-multi file: " + message
+    if command == "debug":
+        assert "Traceback" in result.stderr and last.endswith("MetaGPTError: " + message), result.stderr[-3000:]
+    else:
+        assert "Traceback" not in result.stderr and last == "Error: " + message, result.stderr[-3000:]
 
 
 def test_a_bin_checkpoint_of_parameters_is_merged(family, tmp_path):

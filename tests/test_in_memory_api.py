@@ -39,11 +39,15 @@ def test_normalize_false_is_accepted_and_true_refused_in_memory():
     from mergekit_metagpt.errors import MetaGPTError
 
     sds = _models()
-    merged = merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": False})
+    from mergekit.merge_methods.base import PerGroupValues
+
     _, reference = closed_form(sds["base"], [sds[k] for k in "abc"])
-    for name, ref in reference.items():
-        assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
-    with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt, or left out: MetaGPT's λ sum "
+    # mergekit's own ways to say false: a bool, a string pydantic reads, per-group values
+    for value in (False, "false", PerGroupValues([False] * len(sds["base"]))):
+        merged = merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": value})
+        for name, ref in reference.items():
+            assert (merged[name].double() - ref).abs().max().item() < 1e-5, (value, name)
+    with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt, or left out \(got True\): MetaGPT's λ sum "
                                            r"to 1 .*which is not MetaGPT's merge$"):
         merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": True})
 

@@ -182,3 +182,41 @@ def test_the_console_handlers_are_given_back_after_the_pre_pass(llama_family, tm
     with pytest.raises(Exception, match="a pre-pass that fails"):
         run_recipe(recipe(llama_family[0], ["model1"]), str(tmp_path / "out2"), MergeOptions(copy_tokenizer=False))
     assert root.handlers == before
+
+
+def test_a_bar_that_stalled_past_tqdms_monitor_interval_counts_as_drawn_again():
+    """tqdm's monitor thread redraws a bar stalled for `maxinterval` without noting when:
+    the pre-pass stalls mergekit's bar that long on real models, so a line written then
+    ends the bar's line first (at worst an empty line), not glued to it."""
+    import io
+    import time
+
+    import tqdm
+    from mergekit_metagpt import progress
+
+    stream = io.StringIO()
+    bar = tqdm.tqdm(total=10, file=stream, mininterval=0)
+    try:
+        progress._LINE_ENDED[id(stream)] = time.time()
+        bar.last_print_t = time.time() - 1  # drawn before that line, not stalled: closed
+        assert not progress._bar_line_open(stream)
+        bar.last_print_t = time.time() - bar.maxinterval - 1  # stalled: the monitor may have redrawn it
+        assert progress._bar_line_open(stream) is bool(tqdm.tqdm.monitor_interval)
+    finally:
+        bar.close()
+        progress._LINE_ENDED.pop(id(stream), None)
+
+
+def test_progress_into_a_closed_stderr_does_not_fail_the_pass(monkeypatch):
+    import io
+
+    from mergekit_metagpt import progress
+
+    monkeypatch.delenv("MERGEKIT_METAGPT_PROGRESS")
+    monkeypatch.setattr(progress, "LINE_EVERY_S", 0.0)
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    with progress.progress_bar(total=2, desc="MetaGPT norm pre-pass") as bar:
+        bar.update(1, 10)
+        bar.update(1, 10)
