@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Tuple
@@ -241,11 +242,30 @@ def _announce(run) -> None:
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
+    _say_lambdas(run)
     if run.record_at_end:  # written once mergekit has written the model (integration); the
         # earlier run's goes now, before the weights it was of are replaced
         remove_stale_record(run.out_path)
     else:
         write_record(run)
+
+
+def _say_lambdas(run) -> None:
+    """A merge's λ in one line per model set where its log does not show the table
+    (mergekit's default verbosity), with the progress lines: what MetaGPT chose, without -v."""
+    from mergekit_metagpt.progress import say
+    from mergekit_metagpt.similarity import short_names
+
+    if not run.out_path or LOG.isEnabledFor(logging.INFO):  # the CLI's own tables; -v: the table
+        return
+    count = len(run.result.merging)
+    for number, set_norms in enumerate(run.result.merging, 1):
+        lambdas = set_norms.coefficients.lambdas
+        names = short_names(list(lambdas))
+        which = f" (model set {number} of {count})" if count > 1 else ""
+        say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
+            + f" (-v logs the table; the record: {os.path.join(str(run.out_path), 'metagpt_coefficients.json')})",
+            quiet=bool(getattr(run.options, "quiet", False)))
 
 
 def compute(run, device: torch.device, method=None, products: str = "when read") -> RunNorms:

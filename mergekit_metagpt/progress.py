@@ -115,6 +115,16 @@ def progress_bar(total: int, desc: str, quiet: bool = False) -> _Bar:
     return _Bar(total, desc, quiet)
 
 
+def say(text: str, quiet: bool = False) -> None:
+    """One line on stderr where progress is shown (not quiet), beside the bars as the
+    pre-pass's summary is; never an error of its own."""
+    if progress_enabled(quiet):
+        try:
+            _write_line(sys.stderr, text)
+        except (OSError, ValueError, AttributeError):  # stderr closed or replaced
+            pass
+
+
 class _LineAboveBars(logging.Handler):
     """Stands in for a console handler while the pre-pass runs inside mergekit's
     "Executing graph" bar: each record on a line of its own. On a terminal the bars are

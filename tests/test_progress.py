@@ -79,14 +79,19 @@ def test_log_lines_of_the_pre_pass_are_not_glued_to_mergekits_bar(llama_family, 
 def test_the_pre_pass_writes_lines_not_a_bar_into_a_file_or_pipe(llama_family, tmp_path):
     """Into a log (> log 2>&1, nohup, a job scheduler) a second tqdm bar under mergekit's
     wrote a new line with cursor codes at every refresh; there the pre-pass writes one
-    summary line instead (and a line every LINE_EVERY_S seconds of a long pass)."""
+    summary line instead (and a line every LINE_EVERY_S seconds of a long pass). Without
+    -v, a line gives the λ (the log shows no table); --quiet: nothing of either."""
     import os
     import re
     import subprocess
 
     from merging import write_yaml
 
-    config = write_yaml(recipe(llama_family[0], ["model0", "model1"]), str(tmp_path / "r.yml"))
+    from checkpoints import closed_form
+
+    paths, sds = llama_family
+    lams, _ = closed_form(sds["base"], [sds["model0"], sds["model1"]])
+    config = write_yaml(recipe(paths, ["model0", "model1"]), str(tmp_path / "r.yml"))
     script = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     env = dict(os.environ, MERGEKIT_METAGPT_CACHE="0")
     env.pop("MERGEKIT_METAGPT_PROGRESS", None)
@@ -101,6 +106,14 @@ def test_the_pre_pass_writes_lines_not_a_bar_into_a_file_or_pipe(llama_family, t
                                              r"\d+\.\d s", lines[at[0]]), [lines[i] for i in at]
         assert lines[at[0] - 1].strip(), err[-3000:]  # no blank line: only a bar's open line is ended first
         assert "\x1b[A" not in err  # no cursor-up of a nested bar
+        # the λ in one line where the log shows no table (mergekit's default verbosity)
+        said = [line for line in lines if line.startswith("MetaGPT λ")]
+        assert said == ([] if flags else [
+            f"MetaGPT λ: model0 {lams[0]:.3g}, model1 {lams[1]:.3g} (-v logs the table; the record: "
+            f"{tmp_path / 'out' / 'metagpt_coefficients.json'})"]), said
+    quiet = subprocess.run([script, config, str(tmp_path / "out"), "--no-copy-tokenizer", "--quiet"],
+                           capture_output=True, text=True, timeout=600, env=env)
+    assert quiet.returncode == 0 and "MetaGPT" not in quiet.stderr, quiet.stderr[-3000:]
 
 
 def test_a_long_pre_pass_writes_a_line_now_and_then_into_a_file_or_pipe(llama_family, tmp_path, monkeypatch, capsys):
