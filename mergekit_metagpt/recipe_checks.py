@@ -169,30 +169,22 @@ def _unknown_name(name: str, known, models) -> str:
 def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False,
                                models=None) -> str:
     """The refusal of parameters a MetaGPT variant does not take, with why for those
-    copied from other methods' recipes (shared by recipes and in-memory calls); `models`:
-    name -> the models the recipe gives it for."""
-    unknown = set(unknown)
-    parts = []
-    if "normalize" in unknown:  # a value other than false (which is accepted)
-        unknown.discard("normalize")
-        parts.append(f"normalize must be false for {method_name}, or left out: {NORMALIZE_HELP}")
-    if unknown:
-        message = (
-            f"Unknown parameter(s) for {method_name}: "
-            f"{', '.join(_unknown_name(n, known, (models or {}).get(n, ())) for n in sorted(unknown))} "
-            f"(it takes: {', '.join(sorted(known))})"
-        )
-        weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
-        helps = {"weight": weight_help, "int8_mask": INT8_MASK_HELP, "rescale": RESCALE_HELP,
-                 "density": DENSITY_HELP, "epsilon": EPSILON_HELP}
-        for name in sorted(unknown, key=lambda n: (n not in helps, n)):
-            if name in helps:
-                message += f". {helps[name]}"
-            elif others := _methods_taking(name):
-                message += (f". {name} is a parameter of mergekit's {', '.join(others)}, "
-                            f"not of MetaGPT: remove it")
-        parts.append(message)
-    return ". Also: ".join(parts)
+    copied from other methods' recipes (shared by recipes and in-memory calls; `normalize`
+    is checked before, by value); `models`: name -> the models the recipe gives it for."""
+    message = (
+        f"Unknown parameter(s) for {method_name}: "
+        f"{', '.join(_unknown_name(n, known, (models or {}).get(n, ())) for n in sorted(unknown))} "
+        f"(it takes: {', '.join(sorted(known))})"
+    )
+    weight_help = WEIGHT_HELP_IN_MEMORY if in_memory else WEIGHT_HELP
+    helps = {"weight": weight_help, "int8_mask": INT8_MASK_HELP, "rescale": RESCALE_HELP,
+             "density": DENSITY_HELP, "epsilon": EPSILON_HELP}
+    for name in sorted(unknown, key=lambda n: (n not in helps, n)):
+        if name in helps:
+            message += f". {helps[name]}"
+        elif others := _methods_taking(name):
+            message += f". {name} is a parameter of mergekit's {', '.join(others)}, not of MetaGPT: remove it"
+    return message
 
 
 def _methods_taking(name: str):
