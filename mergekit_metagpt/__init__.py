@@ -1,6 +1,6 @@
 """MetaGPT (Model Exclusive Task Arithmetic) merge methods for mergekit.
 
-Importing this package registers ``metagpt``, ``metagpt_ties`` and ``metagpt_dare`` in
+Importing this package registers ``metagpt``, ``metagpt_ties``, ``metagpt_dare`` and ``metagpt_dare_ties`` in
 mergekit's merge-method registry (idempotently). With the package installed, a start-up hook does the same as soon
 as ``mergekit.merge_methods`` is imported, so ``mergekit-yaml`` needs no import.
 """

@@ -123,6 +123,7 @@ def coefficients_text(payload, seed=None, places=None) -> str:
     """``coefficients`` without --json: the record's numbers as tables, per model set."""
     from mergekit_metagpt.coefficients import formula, scale_note
     from mergekit_metagpt.inspect_report import one_draw
+    from mergekit_metagpt.method import RANDOM_DROP
     from mergekit_metagpt.record import passed_through_text, per_tensor_count, sparse_norms
 
     merges = payload["merges"]
@@ -150,7 +151,7 @@ def coefficients_text(payload, seed=None, places=None) -> str:
         notes.append(passed_through_text(payload["passed_through"], ascii=True))
     if sparse_norms(payload):
         notes.append("lambda_from: sparse: the norms are of the sparsified task vectors"
-                     + ("; " + one_draw(seed, "these lambda") if payload["merge_method"] == "metagpt_dare" else ""))
+                     + ("; " + one_draw(seed, "these lambda") if payload["merge_method"] in RANDOM_DROP else ""))
     return "\n\n".join(blocks) + ("\n\n" + "\n".join(notes) if notes else "")
 
 
@@ -251,7 +252,7 @@ def _next_step(paths, dtype: str) -> str:
 
 def _add_seed(parser) -> None:
     parser.add_argument("--random-seed", metavar="N", type=int, default=None,
-                        help="as mergekit-yaml's: metagpt_dare with lambda_from: sparse then draws the "
+                        help="as mergekit-yaml's: metagpt_dare(_ties) with lambda_from: sparse then draws the "
                              "masks of its norms as that merge does")
 
 
@@ -284,8 +285,8 @@ def version_text() -> str:
     installed = getattr(sys, "_mergekit_metagpt_hook_installed", False)
     if hook_dir and installed:
         hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
-                "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties and "
-                "metagpt_dare without an import")
+                "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties, "
+                "metagpt_dare and metagpt_dare_ties without an import")
     else:
         why = (f": {os.path.join(hook_dir, 'mergekit_metagpt.pth')} is there, but its module "
                "mergekit_metagpt_hook did not install (another or a broken copy first on sys.path?)"
@@ -333,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the versions, and whether the start-up hook is active, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda, per model set")
-    coeff.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
+    coeff.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties, metagpt_dare or metagpt_dare_ties)")
     coeff.add_argument("--json", action="store_true",
                        help="print JSON (the shape of the merge's metagpt_coefficients.json)")
     coeff.add_argument("--cuda", action="store_true", help="compute on the GPU")
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_planning_flags(coeff)
     coeff.set_defaults(run=_coefficients)
     bake = sub.add_parser("bake", help="write an equivalent stock mergekit recipe with the lambdas as weights")
-    bake.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
+    bake.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties, metagpt_dare or metagpt_dare_ties)")
     bake.add_argument("output", metavar="OUT.yml", help="the stock recipe to write")
     bake.add_argument("--cuda", action="store_true", help="compute on the GPU")
     _add_planning_flags(bake)
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="without merging: lambda, cosine similarity of the task vectors, ||delta||^2 per layer; "
              "writes a report, JSON and pictures to OUT_DIR",
     )
-    inspect.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties or metagpt_dare)")
+    inspect.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties, metagpt_dare or metagpt_dare_ties)")
     inspect.add_argument("out_dir", metavar="OUT_DIR", help="folder for the report, JSON and pictures")
     inspect.add_argument("--json", action="store_true", help="print the numbers as JSON (also written to OUT_DIR)")
     inspect.add_argument("--cuda", action="store_true", help="compute on the GPU")

@@ -140,15 +140,15 @@ def one_draw(seed, these: str = "these", code: str = "") -> str:
 
 
 def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) -> str:
-    from mergekit_metagpt.similarity import COSINE_WARNING, cosine_text, short_names
-
+    from mergekit_metagpt.method import RANDOM_DROP
     from mergekit_metagpt.record import passed_through_entries, passed_through_text
+    from mergekit_metagpt.similarity import COSINE_WARNING, cosine_text, short_names
 
     sets = run.result.merging
     sparse = any(s.sparse for s in sets)
     delta = ("δ_t the sparsified θ_t − θ₀ (lambda_from: sparse: ‖δ‖², λ and the layers below are of the "
              "sparsified task vectors" + ("; " + one_draw(getattr(run.options, "random_seed", None), code="`")
-                                          if run.method_name == "metagpt_dare" else "") + ")" if sparse
+                                          if run.method_name in RANDOM_DROP else "") + ")" if sparse
              else "δ_t = θ_t − θ₀")
     lines = [f"# MetaGPT inspection of `{os.path.basename(recipe_path)}`", "",
              f"Merge method `{run.method_name}`; {len(sets)} model set(s). {formula(s.stats.alpha for s in sets)}, "

@@ -46,7 +46,12 @@ VARIANTS = {
     "metagpt": None,
     "metagpt_ties": "ties",
     "metagpt_dare": "dare_linear",
+    "metagpt_dare_ties": "dare_ties",
 }
+#: The variants that elect signs (TIES's consensus: ``int8_mask``) and that drop at random
+#: (DARE: ``rescale``, and masks a seed makes reproducible).
+SIGN_ELECTION = {"metagpt_ties", "metagpt_dare_ties"}
+RANDOM_DROP = {"metagpt_dare", "metagpt_dare_ties"}
 
 
 def meant_variant(name) -> Optional[str]:
@@ -63,7 +68,8 @@ def meant_variant(name) -> Optional[str]:
     return meant if meant in VARIANTS and meant != name else None
 
 
-PRETTY = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE"}
+PRETTY = {"metagpt": "MetaGPT", "metagpt_ties": "MetaGPT + TIES", "metagpt_dare": "MetaGPT + DARE",
+          "metagpt_dare_ties": "MetaGPT + DARE-TIES"}
 
 
 class MetaGPTMerge(GroupMergeMethod):
@@ -102,9 +108,9 @@ class MetaGPTMerge(GroupMergeMethod):
                               default="dense",
                               description="Norms of the dense or of the sparsified task vectors"),
             ]
-        if self.delegate_name == "ties":
+        if name in SIGN_ELECTION:
             parameters.append(ParameterSpec("int8_mask", bool, ParameterScope.SHARED, default=False))
-        if self.delegate_name == "dare_linear":
+        if name in RANDOM_DROP:
             parameters.append(ParameterSpec("rescale", bool, ParameterScope.SHARED, default=True))
         self.spec = MergeMethodSpec(
             name=name,
@@ -344,7 +350,7 @@ def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: D
                              delegate: Optional[str], cast: bool) -> None:
     """A float16 output beyond ±65504 is refused, not written as Inf (as stock mergekit
     writes it): the inputs are finite (the pre-pass checked them), so the merge overflowed,
-    through a `lambda` above 1, mergekit's ties / dare_linear arithmetic in float16 (DARE's
+    through a `lambda` above 1, mergekit's ties / dare arithmetic in float16 (DARE's
     1/density rescale), or a cast of wider results to float16 (`out_dtype`)."""
     if result.dtype != torch.float16 or bool(torch.isfinite(result).all()):
         return

@@ -55,29 +55,29 @@ def normalize_is_off(value: Any) -> bool:
 
 EPSILON_HELP = (
     "epsilon sets DELLA's magnitude-ranked drop probabilities (and RAM's threshold); MetaGPT has no "
-    "such setting (metagpt_dare drops at random at `density`, as DARE; metagpt_ties keeps the largest, "
-    "as TIES): remove epsilon"
+    "such setting (metagpt_dare and metagpt_dare_ties drop at random at `density`, as DARE; "
+    "metagpt_ties keeps the largest, as TIES): remove epsilon"
 )
 
 
 INT8_MASK_HELP = (
-    "int8_mask sets the dtype of TIES's sign election, which only metagpt_ties does (metagpt_dare "
-    "is mergekit's dare_linear, DARE without sign election; metagpt merges dense task vectors; "
-    "for sign election with MetaGPT's λ, use metagpt_ties); "
-    "drop it from a recipe copied from ties or dare_ties"
+    "int8_mask sets the dtype of TIES's sign election, which metagpt_ties and metagpt_dare_ties do "
+    "(metagpt_dare is mergekit's dare_linear, DARE without sign election; metagpt merges dense task "
+    "vectors): use metagpt_dare_ties for a recipe copied from dare_ties, or drop int8_mask"
 )
 
 
 RESCALE_HELP = (
-    "rescale sets whether DARE rescales the entries it keeps, which only metagpt_dare does "
-    "(metagpt_ties is TIES, which does not rescale; metagpt merges dense task vectors); "
-    "drop it from a recipe copied from dare_linear or dare_ties"
+    "rescale sets whether DARE rescales the entries it keeps, which metagpt_dare and "
+    "metagpt_dare_ties do (metagpt_ties is TIES, which does not rescale; metagpt merges dense task "
+    "vectors): use metagpt_dare_ties for a recipe copied from dare_ties, metagpt_dare for one from "
+    "dare_linear, or drop rescale"
 )
 
 
 DENSITY_HELP = (
     "metagpt merges the dense task vectors; for TIES or DARE sparsification with MetaGPT's λ, "
-    "use merge_method: metagpt_ties or metagpt_dare"
+    "use merge_method: metagpt_ties, metagpt_dare or metagpt_dare_ties"
 )
 
 

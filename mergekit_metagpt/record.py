@@ -9,8 +9,8 @@ One shape, written by a merge and printed by ``mergekit-metagpt coefficients --j
 
 Each entry: ``base_model``, ``tensors`` (output tensors the set merges), ``granularity``,
 ``lambda`` (the overall scale), ``alpha`` (the tempering exponent of the λ; 1 unless the
-recipe sets it), ``lambda_from`` and ``density`` (variants), ``int8_mask`` (``metagpt_ties``) and ``rescale``
-(``metagpt_dare``) as the merge took them, and
+recipe sets it), ``lambda_from`` and ``density`` (variants), ``int8_mask`` (``metagpt_ties``,
+``metagpt_dare_ties``) and ``rescale`` (``metagpt_dare``, ``metagpt_dare_ties``) as the merge took them, and
 ``models``: ``[{model, squared_norm, lambda}]`` (with ``lambda_per_tensor``:
 ``{tensors, min, median, max}`` over the tensors with ``granularity: per_tensor``), and ``cosine_similarity``:
 ``{models, matrix, note, verdict}`` of the task vectors (matrix entries null where not

@@ -236,13 +236,14 @@ CASES = {
     # the most common DARE recipe is dare_ties with int8_mask: metagpt_dare elects no signs
     "int8_mask from a dare_ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_dare", parameters={"density": 0.5, "int8_mask": True}),
-        r"Unknown parameter\(s\) for metagpt_dare: int8_mask .*only metagpt_ties does \(metagpt_dare is "
-        r"mergekit's dare_linear, DARE without sign election.*drop it from a recipe copied from ties or "
-        r"dare_ties$"),
+        r"Unknown parameter\(s\) for metagpt_dare: int8_mask .*which metagpt_ties and metagpt_dare_ties do "
+        r"\(metagpt_dare is mergekit's dare_linear, DARE without sign election.*: use metagpt_dare_ties for a "
+        r"recipe copied from dare_ties, or drop int8_mask$"),
     "rescale from a dare_linear recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"density": 0.5, "rescale": False}),
-        r"Unknown parameter\(s\) for metagpt_ties: rescale .*only metagpt_dare does \(metagpt_ties is TIES, which "
-        r"does not rescale.*drop it from a recipe copied from dare_linear or dare_ties$"),
+        r"Unknown parameter\(s\) for metagpt_ties: rescale .*which metagpt_dare and metagpt_dare_ties do "
+        r"\(metagpt_ties is TIES, which does not rescale.*metagpt_dare for one from dare_linear, or drop "
+        r"rescale$"),
     "unknown per-model parameter": (lambda p: {**recipe(p, ["good"]),
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
                                     r"Unknown parameter\(s\) for metagpt: density \(given for model .*/good\) \(it takes"
@@ -484,7 +485,7 @@ models:
     assert "normalize" not in str(error.value).split(" (it takes")[0]
     assert ". epsilon sets DELLA's magnitude-ranked drop probabilities (and RAM's threshold); " in str(error.value)
     assert ". gamma is a parameter of mergekit's breadcrumbs, breadcrumbs_ties, not of MetaGPT: remove it" in str(error.value)
-    assert "for sign election with MetaGPT's λ, use metagpt_ties" in str(error.value)
+    assert "use metagpt_dare_ties for a recipe copied from dare_ties, or drop int8_mask" in str(error.value)
     assert str(error.value).endswith(". Also: Parameter(s) lambda of metagpt_dare apply to the whole merge (one value "
                                      "for every model), but are given for a single model (./a); move them to the "
                                      "top-level (or slice-level) `parameters:`")

@@ -487,14 +487,16 @@ def test_bake_pins_hub_models_to_the_commits_of_their_lambdas(llama_family, tmp_
     assert str(config.base_model) == pinned["base"]
 
 
-def test_coefficients_and_inspect_draw_sparse_dare_norms_as_a_merge_with_that_seed(llama_family, tmp_path, capsys):
-    """metagpt_dare with lambda_from: sparse: DARE's masks are random. --random-seed N seeds
-    torch where run_merge does (before planning), so the λ printed are those of the merge
-    run with that seed; without it they are one draw, and the text says which."""
+@pytest.mark.parametrize("method", ["metagpt_dare", "metagpt_dare_ties"])
+def test_coefficients_and_inspect_draw_sparse_dare_norms_as_a_merge_with_that_seed(method, llama_family, tmp_path,
+                                                                                   capsys):
+    """metagpt_dare(_ties) with lambda_from: sparse: DARE's masks are random. --random-seed N
+    seeds torch where run_merge does (before planning), so the λ printed are those of the
+    merge run with that seed; without it they are one draw, and the text says which."""
     from mergekit.options import MergeOptions
 
     paths, _ = llama_family
-    config = recipe(paths, MODELS, method="metagpt_dare", parameters={"density": 0.5, "lambda_from": "sparse"})
+    config = recipe(paths, MODELS, method=method, parameters={"density": 0.5, "lambda_from": "sparse"})
     path = write_yaml(config, str(tmp_path / "r.yml"))
 
     def printed(*flags):

@@ -17,7 +17,7 @@ EXAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "examp
 
 def test_there_are_examples_for_each_method():
     methods = {yaml.safe_load(open(p))["merge_method"] for p in EXAMPLES}
-    assert {"metagpt", "metagpt_ties", "metagpt_dare"} <= methods
+    assert {"metagpt", "metagpt_ties", "metagpt_dare", "metagpt_dare_ties"} <= methods
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=os.path.basename)
@@ -26,14 +26,15 @@ def test_example_is_a_valid_recipe(path):
     assert config.merge_method.startswith("metagpt") and config.base_model is not None
 
 
-TINY = ["metagpt-tiny.yml", "metagpt-tiny-ties.yml", "metagpt-tiny-dare.yml", "metagpt-tiny-tempered.yml"]
+TINY = ["metagpt-tiny.yml", "metagpt-tiny-ties.yml", "metagpt-tiny-dare.yml", "metagpt-tiny-dare-ties.yml",
+        "metagpt-tiny-tempered.yml"]
 
 
 def test_each_method_has_a_tiny_example():
     names = {os.path.basename(p) for p in EXAMPLES}
     assert set(TINY) <= names
     tiny = {yaml.safe_load(open(p))["merge_method"] for p in EXAMPLES if os.path.basename(p) in TINY}
-    assert tiny == {"metagpt", "metagpt_ties", "metagpt_dare"}
+    assert tiny == {"metagpt", "metagpt_ties", "metagpt_dare", "metagpt_dare_ties"}
 
 
 @pytest.mark.parametrize("name", TINY)

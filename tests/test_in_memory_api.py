@@ -52,7 +52,7 @@ def test_normalize_false_is_accepted_and_true_refused_in_memory():
         merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": True})
 
 
-@pytest.mark.parametrize("method", ["metagpt", "metagpt_ties", "metagpt_dare"])
+@pytest.mark.parametrize("method", ["metagpt", "metagpt_ties", "metagpt_dare", "metagpt_dare_ties"])
 def test_strided_inputs_are_merged_and_never_modified(method):
     """Transposed (non-contiguous) inputs, as in mergekit's own regression test: the
     merge equals the merge of contiguous copies, and no input changes."""
@@ -237,7 +237,7 @@ def test_an_unknown_parameter_in_memory_is_refused_with_why(tmp_path):
                                          r"from the task-vector norms \(logged at INFO\); to set weights by hand, "
                                          r"merge with task_arithmetic and those λ as weights$"):
         merge_state_dicts(models, "metagpt", base="base", parameters={"weight": {"a": 0.5, "b": 0.5}})
-    with pytest.raises(ValueError, match=r"for metagpt_ties: rescale .*only metagpt_dare does"):
+    with pytest.raises(ValueError, match=r"for metagpt_ties: rescale .*which metagpt_dare and metagpt_dare_ties do"):
         merge_state_dicts(models, "metagpt_ties", base="base", parameters={"rescale": True, "density": 0.5})
 
 

@@ -676,6 +676,7 @@ def test_a_value_that_varies_is_listed_once_per_value_in_numeric_order():
     ("metagpt_dare", {"rescale": False}, {"rescale": False}),
     ("metagpt_dare", {}, {"rescale": True}),
     ("metagpt_ties", {}, {"int8_mask": False}),
+    ("metagpt_dare_ties", {"int8_mask": True}, {"int8_mask": True, "rescale": True}),
     ("metagpt", {}, {}),
 ])
 def test_record_says_how_the_variant_sparsified(method, parameters, flags, llama_family, tmp_path, capsys):

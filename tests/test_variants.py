@@ -27,7 +27,11 @@ def stock_recipe(paths, method, lams, density, **params):
     ("metagpt_dare", "dare_linear", {"rescale": False}),
     # as copied from a ties recipe: normalize: false is what MetaGPT does, so it is accepted
     ("metagpt_ties", "ties", {"normalize": False}),
-], ids=["ties", "dare", "ties-lambda", "dare-lambda", "dare-no-rescale", "ties-normalize-false"])
+    # DARE's drop, then TIES's sign election: what a dare_ties recipe becomes
+    ("metagpt_dare_ties", "dare_ties", {}),
+    ("metagpt_dare_ties", "dare_ties", {"int8_mask": True, "rescale": False, "lambda": 0.6}),
+], ids=["ties", "dare", "ties-lambda", "dare-lambda", "dare-no-rescale", "ties-normalize-false", "dare-ties",
+        "dare-ties-flags"])
 def test_variant_equals_stock_method_with_lambda_weights(ours, stock, extra, llama_family, tmp_path):
     from mergekit.options import MergeOptions
 
