@@ -78,6 +78,13 @@ class RunContext:
     runs: List[object] = field(default_factory=list)  # merge_plan.MergeRun objects
 
 
+#: Inside a mergekit command (its click callback) in this thread: a dict that receives the
+#: MergeOptions mergekit-pytorch's plan_flat_merge is handed, for its plan, made without
+#: run_merge (quiet). None outside.
+RAW_OPTIONS: contextvars.ContextVar[Optional[dict]] = contextvars.ContextVar(
+    "mergekit_metagpt_raw_options", default=None
+)
+
 #: The run_merge call in progress in this thread (None outside run_merge).
 RUN_CONTEXT: contextvars.ContextVar[Optional[RunContext]] = contextvars.ContextVar(
     "mergekit_metagpt_run_context", default=None
@@ -402,22 +409,32 @@ def _one_line_errors(module) -> None:
     exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` keeps it for these too."""
     import click
 
+    from mergekit_metagpt.errors import MetaGPTError
+
     command = _need(module, "main", module.__name__)
     original = _unwrapped(_need(command, "callback", f"{module.__name__}.main"))
     if original is None:
         return
 
+    class Refusal(click.ClickException, MetaGPTError):
+        """Shown by click as one line; still a MetaGPTError (a ValueError) for a caller of
+        the command with ``standalone_mode=False``."""
+
     @functools.wraps(original)
     def callback(*args, **kwargs):
         from mergekit_metagpt.env import switched_on
-        from mergekit_metagpt.errors import MetaGPTError
 
+        # mergekit-pytorch plans without run_merge: its options (quiet), which its
+        # plan_flat_merge is handed, reach the plan through this holder
+        token = RAW_OPTIONS.set({})
         try:
             return original(*args, **kwargs)
         except MetaGPTError as error:
-            if switched_on("MERGEKIT_METAGPT_DEBUG"):
+            if switched_on("MERGEKIT_METAGPT_DEBUG") or isinstance(error, click.ClickException):
                 raise
-            raise click.ClickException(str(error)) from error
+            raise Refusal(str(error)) from error
+        finally:
+            RAW_OPTIONS.reset(token)
 
     callback._mergekit_metagpt_wrapper = True
     command.callback = callback
@@ -434,6 +451,9 @@ def _attach_raw_pytorch(module) -> None:
 
     @functools.wraps(original)
     def plan_flat_merge(config, *args, **kwargs):
+        holder = RAW_OPTIONS.get()
+        if holder is not None:  # inside the command: its MergeOptions (an argument with `quiet`)
+            holder["options"] = next((a for a in (*args, *kwargs.values()) if hasattr(a, "quiet")), None)
         if _is_ours(getattr(config, "merge_method", None)):
             from mergekit_metagpt.recipe_checks import check_config
 

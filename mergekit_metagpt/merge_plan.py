@@ -54,8 +54,12 @@ class MergeRun:
     """The MetaGPT tasks of one merge plan, grouped into merge sets."""
 
     def __init__(self, method_name: str, tasks, context=None, out_path: Optional[str] = None):
+        from mergekit_metagpt.integration import RAW_OPTIONS
+
         self.method_name = method_name
         self.context = context
+        #: without run_merge (mergekit-pytorch): the command's options, where it gave them
+        self._raw_options = (RAW_OPTIONS.get() or {}).get("options") if context is None else None
         self.out_path = getattr(context, "out_path", None) or out_path
         self.sets: Dict[tuple, MergeSet] = {}
         self._set_of: Dict[int, MergeSet] = {}
@@ -162,7 +166,7 @@ class MergeRun:
 
     @property
     def options(self):
-        return getattr(self.context, "options", None)
+        return getattr(self.context, "options", None) if self.context is not None else self._raw_options
 
     @property
     def config(self):

@@ -242,7 +242,10 @@ def _announce(run) -> None:
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
-    _say_lambdas(run)
+    try:
+        _say_lambdas(run)
+    except Exception:  # a line of output is no reason to fail the merge
+        LOG.debug("MetaGPT: the λ line was not written", exc_info=True)
     if run.record_at_end:  # written once mergekit has written the model (integration); the
         # earlier run's goes now, before the weights it was of are replaced
         remove_stale_record(run.out_path)
@@ -254,6 +257,7 @@ def _say_lambdas(run) -> None:
     """A merge's λ in one line per model set where its log does not show the table
     (mergekit's default verbosity), with the progress lines: what MetaGPT chose, without -v."""
     from mergekit_metagpt.progress import say
+    from mergekit_metagpt.record import set_parameters
     from mergekit_metagpt.similarity import short_names
 
     if not run.out_path or LOG.isEnabledFor(logging.INFO):  # the CLI's own tables; -v: the table
@@ -263,6 +267,8 @@ def _say_lambdas(run) -> None:
         lambdas = set_norms.coefficients.lambdas
         names = short_names(list(lambdas))
         which = f" (model set {number} of {count})" if count > 1 else ""
+        if set_parameters(set_norms)["granularity"] != "global":  # its tensors take their own
+            which += " (global shares; granularity per_tensor merges each tensor with its own)"
         say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
             + f" (-v logs the table; the record: {os.path.join(str(run.out_path), 'metagpt_coefficients.json')})",
             quiet=bool(getattr(run.options, "quiet", False)))

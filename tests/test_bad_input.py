@@ -248,7 +248,7 @@ CASES = {
                                                "models": [{"model": p["good"], "parameters": {"density": 0.5}}]},
                                     r"Unknown parameter\(s\) for metagpt: density \(given for model .*/good\) \(it takes"
                                     r".*for TIES or DARE sparsification "
-                                    r"with MetaGPT's λ, use merge_method: metagpt_ties or metagpt_dare$"),
+                                    r"with MetaGPT's λ, use merge_method: metagpt_ties, metagpt_dare or metagpt_dare_ties$"),
     "negative lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": -0.5}),
                         r"lambda must be a number in \[0, 3.4e38\]"),
     "non-numeric lambda": (lambda p: recipe(p, ["good"], parameters={"lambda": "big"}),
@@ -496,6 +496,23 @@ models:
     with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt_dare, or left out \(got True for "
                                            r"model \./a\): MetaGPT's λ sum to 1 "):
         check_config(config)
+
+
+def test_a_caller_of_mergekits_command_still_gets_a_metagpt_error(family, tmp_path):
+    """The one-line refusal is click's: a program that calls mergekit-yaml's command with
+    standalone_mode=False (click then raises rather than exits) still gets the
+    MetaGPTError (a ValueError) it caught before, as a click exception too."""
+    import click
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.scripts import run_yaml
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = family
+    path = write_yaml(recipe(paths, ["good", "twin1"], parameters={"lamda": 0.5}), str(tmp_path / "r.yml"))
+    with pytest.raises(MetaGPTError, match="lamda") as error:
+        run_yaml.main.main([path, str(tmp_path / "out")], standalone_mode=False)
+    assert isinstance(error.value, click.ClickException) and isinstance(error.value, ValueError)
 
 
 def test_a_mergekit_pytorch_recipe_is_checked_as_a_recipe_is():

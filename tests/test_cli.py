@@ -427,7 +427,8 @@ def test_demo_models_says_what_to_run_next_with_a_recipe_for_its_folders(tmp_pat
 def test_the_pre_pass_shows_a_progress_bar_on_a_terminal(terminal, flags, shown, llama_family, tmp_path,
                                                          monkeypatch, capfd):
     """A person at a terminal sees the pre-pass advance (minutes on a 7B model); --quiet and
-    output to a file or pipe have none."""
+    output to a file or pipe have none. (Here stderr is captured, so what shows is what the
+    pre-pass writes where it draws no bar, its summary; the bar itself: test_progress.)"""
     from mergekit_metagpt import cli
 
     monkeypatch.delenv("MERGEKIT_METAGPT_PROGRESS")
@@ -436,7 +437,7 @@ def test_the_pre_pass_shows_a_progress_bar_on_a_terminal(terminal, flags, shown,
     capfd.readouterr()
     assert main(["coefficients", path, *flags]) == 0
     err = capfd.readouterr().err
-    assert ("MetaGPT norm pre-pass: 100%" in err) == shown, err
+    assert ("MetaGPT norm pre-pass: 21 tensors, " in err) == shown, err
 
 
 def test_a_plan_without_metagpt_tasks_is_refused_not_reported_empty(llama_family, tmp_path, capfd, monkeypatch):

@@ -897,7 +897,8 @@ def test_mergekit_pytorch_metagpt_matches_closed_form_and_writes_the_record(raw_
     assert_lambdas(got, lams)
 
 
-@pytest.mark.parametrize("ours, stock", [("metagpt_ties", "ties"), ("metagpt_dare", "dare_linear")])
+@pytest.mark.parametrize("ours, stock", [("metagpt_ties", "ties"), ("metagpt_dare", "dare_linear"),
+                                         ("metagpt_dare_ties", "dare_ties")])
 def test_mergekit_pytorch_variants_equal_stock_with_lambda_weights(ours, stock, raw_family, tmp_path):
     paths, sds = raw_family
     env = {"PYTHONHASHSEED": "0"}  # mergekit-pytorch plans from a set of names: one order

@@ -233,3 +233,39 @@ def test_progress_into_a_closed_stderr_does_not_fail_the_pass(monkeypatch):
     with progress.progress_bar(total=2, desc="MetaGPT norm pre-pass") as bar:
         bar.update(1, 10)
         bar.update(1, 10)
+
+
+def test_mergekit_pytorch_follows_its_quiet_option_and_says_per_tensor_shares_are_global(llama_family, tmp_path):
+    """mergekit-pytorch plans without run_merge: its --quiet reaches the pre-pass through
+    its command (the bar and the λ line showed through it). Without --quiet, the λ line
+    says when the recipe merges each tensor with its own λ."""
+    import os
+    import subprocess
+
+    from safetensors.torch import save_file
+
+    from checkpoints import load_checkpoint
+    from merging import write_yaml
+
+    paths, _ = llama_family
+    files = {}
+    for name in ("base", "model0", "model1"):
+        files[name] = str(tmp_path / f"{name}.safetensors")
+        save_file(load_checkpoint(paths[name]), files[name])
+    config = write_yaml({"merge_method": "metagpt", "base_model": files["base"],
+                         "parameters": {"granularity": "per_tensor"},
+                         "models": [{"model": files["model0"]}, {"model": files["model1"]}]}, str(tmp_path / "r.yml"))
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-pytorch")
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE="0")
+    env.pop("MERGEKIT_METAGPT_PROGRESS", None)
+    for flags in ([], ["--quiet"]):
+        result = subprocess.run([script, config, str(tmp_path / "out"), *flags], capture_output=True, text=True,
+                                timeout=600, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        ours = [line for line in result.stderr.splitlines() if line.startswith("MetaGPT")]
+        if flags:
+            assert ours == [], ours
+        else:
+            assert len(ours) == 2 and ours[0].startswith("MetaGPT norm pre-pass: "), ours
+            assert ours[1].startswith("MetaGPT λ (global shares; granularity per_tensor merges each tensor with its "
+                                      "own): model0.safetensors "), ours
