@@ -160,10 +160,26 @@ def _unknown_name(name: str, known, models) -> str:
     """An unknown parameter as the refusal lists it: with the known name it may be a
     misspelling of, and the models it is given for (none: at the top or a slice's level)."""
     close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+    meant = f" (did you mean {close[0]}?)" if close else ""
+    if not close:  # a misspelling of another variant's parameter (densty under metagpt)
+        variants = _variants_taking()
+        close = difflib.get_close_matches(name, sorted(set(variants) - {name}), n=1, cutoff=0.75)
+        meant = f" (did you mean {close[0]}? a parameter of {', '.join(variants[close[0]])})" if close else ""
     given = _given_for([m for m in models if m is not None])
     if given and None in models:  # also at the top or a slice's level
         given = given[:-1] + ", and for all models)"
-    return name + (f" (did you mean {close[0]}?)" if close else "") + given
+    return name + meant + given
+
+
+def _variants_taking():
+    """Parameter name -> the MetaGPT variants that take it."""
+    from mergekit_metagpt.method import VARIANTS, MetaGPTMerge
+
+    out = {}
+    for variant in VARIANTS:
+        for parameter in MetaGPTMerge(variant).spec.parameters:
+            out.setdefault(parameter.name, []).append(variant)
+    return out
 
 
 def unknown_parameters_message(method_name: str, unknown, known, in_memory: bool = False,

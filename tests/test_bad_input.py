@@ -528,6 +528,17 @@ def test_a_mergekit_pytorch_recipe_is_checked_as_a_recipe_is():
         check_config(config)
 
 
+def test_a_misspelt_parameter_of_another_variant_is_named_with_its_variants():
+    """`densty` under plain metagpt: density is not metagpt's, but the variants'; the
+    refusal says both what was meant and where it belongs."""
+    import mergekit_metagpt  # noqa: F401
+    from mergekit_metagpt.recipe_checks import unknown_parameters_message
+
+    message = unknown_parameters_message("metagpt", {"densty"}, {"alpha", "granularity", "lambda"})
+    assert message.startswith("Unknown parameter(s) for metagpt: densty (did you mean density? a parameter of "
+                              "metagpt_ties, metagpt_dare, metagpt_dare_ties) (it takes: "), message
+
+
 def test_the_other_methods_parameters_are_named_whatever_mergekit_registers(monkeypatch):
     """The registry of another mergekit may hold a method of another shape: the refusal
     still comes, naming what it can."""
