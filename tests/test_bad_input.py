@@ -727,7 +727,6 @@ def test_a_refusal_ends_mergekits_commands_as_one_error_line(command, family, tm
     import subprocess
     import sys
 
-    import yaml
     from safetensors.torch import save_file
 
     paths, _ = family

@@ -82,12 +82,10 @@ def test_the_pre_pass_writes_lines_not_a_bar_into_a_file_or_pipe(llama_family, t
     summary line instead (and a line every LINE_EVERY_S seconds of a long pass). Without
     -v, a line gives the λ (the log shows no table); --quiet: nothing of either."""
     import os
-    import re
     import subprocess
 
-    from merging import write_yaml
-
     from checkpoints import closed_form
+    from merging import write_yaml
 
     paths, sds = llama_family
     lams, _ = closed_form(sds["base"], [sds["model0"], sds["model1"]])
