@@ -373,6 +373,7 @@ METHODS: Tuple[Method, ...] = (
     Method("metagpt", "metagpt", group="paper"),
     Method("metagpt_ties (density 0.55)", "metagpt_ties", (), (("density", DENSITY),), "paper"),
     Method("metagpt_dare (density 0.55)", "metagpt_dare", (), (("density", DENSITY),), "paper"),
+    Method("metagpt_dare_ties (density 0.55)", "metagpt_dare_ties", (), (("density", DENSITY),), "paper"),
     Method("metagpt_ties (density 0.55, lambda_from: sparse)", "metagpt_ties",
            (("lambda_from", "sparse"),), (("density", DENSITY),), "paper"),
     Method("metagpt, granularity: per_tensor", "metagpt", (("granularity", "per_tensor"),),
@@ -387,6 +388,8 @@ METHODS: Tuple[Method, ...] = (
     Method("ties (density 0.55, normalize)", "ties", (("normalize", True),),
            (("weight", 1.0), ("density", DENSITY))),
     Method("dare_linear (density 0.55, normalize)", "dare_linear", (("normalize", True),),
+           (("weight", 1.0), ("density", DENSITY))),
+    Method("dare_ties (density 0.55, normalize)", "dare_ties", (("normalize", True),),
            (("weight", 1.0), ("density", DENSITY))),
     Method("sce", "sce"),
 )
