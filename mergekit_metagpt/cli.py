@@ -68,11 +68,10 @@ def _options(args):
     return MergeOptions(quiet=quiet, **flags, **settings, **seed)
 
 
-def _is_terminal(stream) -> bool:
-    try:
-        return bool(stream.isatty())
-    except (AttributeError, ValueError):  # replaced or closed
-        return False
+def _is_terminal(stream) -> bool:  # a name of its own here: tests stand a terminal in for stderr
+    from mergekit_metagpt.progress import is_terminal
+
+    return is_terminal(stream)
 
 
 def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None,

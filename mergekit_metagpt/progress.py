@@ -30,7 +30,8 @@ def progress_enabled(quiet: bool = False) -> bool:
     return not quiet
 
 
-def _is_terminal(stream) -> bool:
+def is_terminal(stream) -> bool:
+    """Whether `stream` is a terminal (False for a file, a pipe, or one replaced or closed)."""
     try:
         return bool(stream.isatty())
     except (AttributeError, ValueError):  # replaced or closed
@@ -64,7 +65,7 @@ def _bar_line_open(stream) -> bool:
 def _write_line(stream, text: str) -> None:
     """`text` on a line of its own: on a terminal above the bars (tqdm clears and redraws
     them); in a file or pipe after ending a bar's open line."""
-    if _is_terminal(stream):
+    if is_terminal(stream):
         tqdm.tqdm.write(text, file=stream)
     else:
         stream.write(("\n" if _bar_line_open(stream) else "") + text + "\n")
@@ -79,7 +80,7 @@ class _Bar:
         self._enabled = progress_enabled(quiet)
         self._started = self._last_line = time.monotonic()
         self._bar = None
-        if self._enabled and _is_terminal(self._stream):
+        if self._enabled and is_terminal(self._stream):
             self._bar = tqdm.tqdm(total=total, desc=desc, unit="tensor", leave=False, file=self._stream)
 
     def update(self, tensors: int, nbytes: int = 0) -> None:
