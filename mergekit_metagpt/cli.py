@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
 from typing import List, Optional
@@ -372,8 +373,29 @@ def build_parser() -> argparse.ArgumentParser:
 DEBUG_SWITCH = "MERGEKIT_METAGPT_DEBUG"
 
 
+class _WarningLines(logging.Formatter):
+    """This plugin's warnings as the command's other lines read (``mergekit-metagpt: warning:
+    …``, beside ``mergekit-metagpt: error: …``); other loggers' records (mergekit's, …) as
+    ``logging.basicConfig`` writes them, which mergekit's options would set up."""
+
+    def format(self, record):
+        if record.name.split(".")[0] == "mergekit_metagpt":
+            return f"mergekit-metagpt: {record.levelname.lower()}: {record.getMessage()}"
+        return super().format(record)
+
+
+def _log_lines() -> None:
+    """The root logger's console handler, set up first (mergekit's own ``basicConfig``,
+    run when its options are made, then leaves it as it is)."""
+    logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(_WarningLines(logging.BASIC_FORMAT))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    _log_lines()
     try:
         return args.run(args)
     except KeyboardInterrupt:

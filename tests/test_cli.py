@@ -87,6 +87,9 @@ def cli_runs(llama_family, tmp_path_factory):
              "rc = main(sys.argv[1:])\nprint(f'ELAPSED {time.perf_counter() - t:.3f}')\nsys.exit(rc)\n")
     jobs[("hub_offline", "coefficients")] = (
         [sys.executable, "-c", timed, "coefficients", hub], None, dict(env, HF_HUB_OFFLINE="1"))
+    # a warning (one model: λ 1), which comes after mergekit's options set up logging
+    one = write_yaml(recipe(paths, ["model0"]), str(root / "one_model.yml"))
+    jobs[("one_model", "coefficients")] = ([SCRIPT, "coefficients", one], None, env)
     # mergekit-yaml itself, with a per-model lambda (the start-up hook's run_merge check)
     per_model = write_yaml(cases["per_model_lambda"][0], str(root / "per_model_lambda.yml"))
     merged = str(root / "per-model-lambda-merged")
@@ -185,6 +188,14 @@ def test_console_script_refuses_a_bad_lambda_in_one_line(command, cli_runs):
     line = _one_error_line(rc, stderr)
     assert "parameter lambda must be a number in [0, 3.4e38] (got -1)" in line, line
     assert not wrote
+
+
+def test_the_commands_warnings_read_as_its_error_lines_do(cli_runs):
+    rc, stdout, stderr, _ = cli_runs[("one_model", "coefficients")]
+    assert rc == 0 and "1.000000" in stdout, stderr
+    lines = [l for l in stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith(
+        "mergekit-metagpt: warning: MetaGPT: only one model besides the base"), stderr
 
 
 def test_bake_refuses_slices_and_says_why(cli_runs):
