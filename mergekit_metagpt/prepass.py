@@ -530,10 +530,11 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
 
             base_tensor = _load(base_read, move, bar, 1, releaser)
         if base_tensor is None:
+            holders = [m for m in to_read if _holds(item.reads[m])] or to_read
             raise MetaGPTError(
                 f"MetaGPT: the base model {task.base_model} has no tensor "
                 f"{base_read.name!r}, which model(s) "
-                f"{', '.join(str(m) for m in to_read)} have"
+                f"{', '.join(str(m) for m in holders)} have"
             )
         if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight, adds 0
             # (None is kept for a tensor the model lacks, which the cache's check tells apart)
@@ -548,6 +549,15 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, found, done)
         del base_tensor, fetch
         releaser.after_task()
+
+
+def _holds(read: TensorRead) -> bool:
+    """Whether the model's checkpoint holds the tensor `read` takes (for a message: a
+    model that cannot say is counted)."""
+    try:
+        return read.checkpoint_name() is not None
+    except Exception:
+        return True
 
 
 def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Tensor]:

@@ -917,6 +917,55 @@ def test_mergekit_pytorch_variants_equal_stock_with_lambda_weights(ours, stock, 
         assert torch.allclose(mine[name], reference[name], atol=2e-6, rtol=0), name
 
 
+@pytest.mark.parametrize("flag", ["--tensor-union", "--tensor-intersection"])
+def test_mergekit_pytorch_union_and_intersection_count_what_each_merges(flag, raw_family, tmp_path):
+    """A tensor model b lacks: with --tensor-union it is merged from a and c, and adds
+    nothing to b's norm (b keeps its global λ, as in the merge); with
+    --tensor-intersection no model's norm counts it, and it is not written."""
+    from safetensors.torch import save_file
+
+    paths, sds = raw_family
+    lacking = "model.layers.1.mlp.down_proj.weight"
+    b = {k: v for k, v in sds["b"].items() if k != lacking}
+    paths = {**paths, "b": str(tmp_path / "b-lacking.safetensors")}
+    save_file({k: v.contiguous() for k, v in b.items()}, paths["b"])
+    out = mergekit_pytorch(_raw_recipe(paths, "metagpt"), tmp_path, "out", flag)
+    base, models = sds["base"], {"a": sds["a"], "b": b, "c": sds["c"]}
+    union = flag == "--tensor-union"
+    names = [n for n in base if union or n != lacking]
+    norms = {m: sum(sq(sd[n], base[n]) for n in names if n in sd) for m, sd in models.items()}
+    lams = {m: v / sum(norms.values()) for m, v in norms.items()}
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    merged = load_checkpoint(out)
+    assert set(merged) == set(names)
+    for name in names:
+        want = base[name].double() + sum(
+            lams[m] * (sd[name].double() - base[name].double()) for m, sd in models.items() if name in sd)
+        assert (merged[name].double() - want).abs().max().item() < 1e-5, name
+
+
+def test_a_tensor_the_base_lacks_is_refused_naming_the_models_that_hold_it(raw_family, tmp_path):
+    """--tensor-union plans a tensor that only model a holds: no task vector without the
+    base's tensor (stock: "Base input is not present"); the message names a, not b or c,
+    and nothing is written."""
+    from safetensors.torch import save_file
+
+    paths, sds = raw_family
+    a = {**sds["a"], "extra.adapter.weight": torch.ones(4, 4)}
+    paths = {**paths, "a": str(tmp_path / "a-extra.safetensors")}
+    save_file({k: v.contiguous() for k, v in a.items()}, paths["a"])
+    path = write_yaml(_raw_recipe(paths, "metagpt"), str(tmp_path / "extra.yml"))
+    out = str(tmp_path / "out")
+    result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, "--quiet", "--tensor-union"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line == (f"Error: MetaGPT: the base model {paths['base']} has no tensor 'extra.adapter.weight', "
+                    f"which model(s) {paths['a']} have"), result.stderr[-3000:]
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
 # =====================================================================================
 # 6. mergekit-multi
 # =====================================================================================
