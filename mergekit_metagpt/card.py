@@ -9,6 +9,7 @@ from typing import List
 
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.coefficients import formula, scale_note
+from mergekit_metagpt.markdown import table
 from mergekit_metagpt.record import (
     model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload, sparse_norms,
 )
@@ -26,7 +27,7 @@ def card_section(run) -> str:
         "",
         f"{formula(e['alpha'] for e in payload['merges'])}, with δ_t = θ_t − θ₀; norms over every tensor that each set of "
         f"models merges ([MetaGPT]({PAPER_URL}))"
-        + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" if sparse else "")
+        + ("; the norms are of the sparsified task vectors (`lambda_from: sparse`)" + _draw(payload) if sparse else "")
         + ":",
     ]
     merges = payload["merges"]
@@ -36,13 +37,10 @@ def card_section(run) -> str:
         if len(merges) > 1:
             lines += [f"### Model set {number} of {len(merges)}: base {entry['base_model']}, "
                       f"{entry['tensors']} tensors", ""]
+        header = ["model", "‖δ‖²", "λ"]
         if per_tensor:
-            lines += [f"| model | ‖δ‖² | λ (whole set) | λ per tensor{per_tensor_of(entry)}: min / median / max |",
-                      "|---|---|---|---|"]
-        else:
-            lines += ["| model | ‖δ‖² | λ |", "|---|---|---|"]
-        for row in entry["models"]:
-            lines.append("| " + " | ".join(model_row(row, bool(per_tensor))) + " |")
+            header = ["model", "‖δ‖²", "λ (whole set)", f"λ per tensor{per_tensor_of(entry)}: min / median / max"]
+        lines += table(header, [model_row(row, bool(per_tensor)) for row in entry["models"]])
         scaled = scale_note(entry.get("lambda", 1.0))
         if scaled:
             lines += ["", scaled + "."]
@@ -50,6 +48,16 @@ def card_section(run) -> str:
     if payload["passed_through"]:
         lines += ["", passed_through_text(payload["passed_through"]) + "."]
     return "\n".join(lines) + "\n"
+
+
+def _draw(payload) -> str:
+    """For DARE's random masks: the seed that draws them again (the record's)."""
+    from mergekit_metagpt.inspect_report import one_draw
+    from mergekit_metagpt.method import RANDOM_DROP
+
+    if payload["merge_method"] not in RANDOM_DROP:
+        return ""
+    return "; " + one_draw(payload["random_seed"], "these λ", code="`")
 
 
 def _card_cosines(entry, out_path) -> List[str]:
@@ -65,10 +73,8 @@ def _card_cosines(entry, out_path) -> List[str]:
     if all(v is None for v in off_diagonal):  # none computed: the verdict says why, no table of dashes
         lines = ["", cos["verdict"]]
     else:
-        lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", "",
-                 "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-        for name, row in zip(names, cos["matrix"]):
-            lines.append(f"| {name} | " + " | ".join(cosine_text(v) for v in row) + " |")
+        lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", ""]
+        lines += table(["", *names], [[name, *(cosine_text(v) for v in row)] for name, row in zip(names, cos["matrix"])])
         lines += ["", cos["verdict"]]
     pictures = inspect_pictures(out_path, entry)
     if pictures:
@@ -124,6 +130,15 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
     return []
 
 
+def _has_section(text: str) -> bool:
+    """Whether the card holds our section already: its heading as a line of its own after
+    the last code fence (mergekit copies the recipe, comments and all, into a fenced block,
+    where the same words may stand)."""
+    lines = text.splitlines()
+    fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
+    return CARD_MARK in (line.rstrip() for line in lines[fences[-1] + 1 if fences else 0:])
+
+
 def add_card_sections(context) -> None:
     """After run_merge: append each run's tables to the card mergekit just wrote."""
     card = os.path.join(context.out_path, "README.md")
@@ -133,7 +148,7 @@ def add_card_sections(context) -> None:
     try:
         with open(card, encoding="utf-8") as f:
             text = f.read()
-        if CARD_MARK in text:
+        if _has_section(text):
             return
         with open(card, "a", encoding="utf-8") as f:
             for run in runs:

@@ -14,6 +14,7 @@ import os
 from typing import List
 
 from mergekit_metagpt.coefficients import formula, text_table
+from mergekit_metagpt.markdown import table
 
 REPORT_NAME = "metagpt-report.md"
 JSON_NAME = "metagpt-inspect.json"
@@ -39,7 +40,8 @@ def payload(run, recipe_path: str) -> dict:
         merges.append(entry)
     return {
         "format": 1,
-        "recipe": recipe_path,
+        "recipe": os.path.basename(recipe_path),  # its folder may be the user's home: written to be shared
+        "random_seed": getattr(run.options, "random_seed", None),
         "merge_method": run.method_name,
         "plugin_version": __version__,
         "norms": norms_text(),
@@ -124,12 +126,6 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     return written
 
 
-def _md_table(header, rows) -> List[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(row) + " |" for row in rows
-    ]
-
-
 def one_draw(seed, these: str = "these", code: str = "") -> str:
     """What sparse DARE λ are: a draw of the masks, seeded (as a merge with that seed) or not.
     `code`: the quote marks around commands (a backtick in Markdown)."""
@@ -175,7 +171,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
                       "the merge takes each such tensor's own λ (the ‖δ‖² of that tensor alone); the λ here "
                       "are over the whole set, as the merge takes them for its other tensors "
                       "(`mergekit-metagpt coefficients` gives the spread per tensor).", ""]
-        lines += _md_table(["model", "‖δ‖²", "λ"], [
+        lines += table(["model", "‖δ‖²", "λ"], [
             [f"`{m}`", f"{n:.6e}", f"{lam:.6f}"] for m, n, lam in zip(stats.models, stats.squared_norms, stats.lambdas)
         ])
         if drawn:
@@ -183,7 +179,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         lines += ["", "### Cosine similarity of the task vectors", ""]
         computed = stats.computed
         if computed or not stats.pairs():
-            lines += _md_table(["", *names], [
+            lines += table(["", *names], [
                 [names[a], *(cosine_text(v) for v in row)] for a, row in enumerate(stats.cosine)
             ])
             if stats.note:
@@ -197,7 +193,7 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
                   "tensor outside the blocks), `head` (`lm_head`).", ""]
         if drawn:
             lines += [f"![‖δ‖² per layer](metagpt-layer-norms{suffix}.png)", ""]
-        lines += _md_table(["layer", *names], [
+        lines += table(["layer", *names], [
             [layer, *(f"{stats.layer_norms[i][j]:.3e}" for i in range(len(names)))]
             for j, layer in enumerate(stats.layers)
         ])
@@ -217,12 +213,12 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
                 return "–" if value is None else f"{value:+.3f}"
 
             if len(pairs) > len(stats.layers):  # many models, few layers: a row per pair
-                lines += _md_table(["pair", *stats.layers], [
+                lines += table(["pair", *stats.layers], [
                     [f"{names[a]} / {names[b]}", *(cell((a, b), j) for j in range(len(stats.layers)))]
                     for a, b in pairs
                 ])
             else:
-                lines += _md_table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
+                lines += table(["layer", *(f"{names[a]} / {names[b]}" for a, b in pairs)], [
                     [layer, *(cell(p, j) for p in pairs)] for j, layer in enumerate(stats.layers)
                 ])
         lines.append("")

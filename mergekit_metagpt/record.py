@@ -129,6 +129,9 @@ def record_payload(run) -> Dict[str, Any]:
         "plugin_version": __version__,
         "dtype": dtype,
         "out_dtype": out_dtype,
+        # mergekit's --random-seed as the merge ran (DARE's masks, and so the λ of
+        # lambda_from: sparse, depend on it); None where none was given
+        "random_seed": getattr(run.options, "random_seed", None),
         "norms": (SPARSE_NORMS if sparse else "of the dense task vectors")
         + ", over the tensors each model set reads; float32 (float64 for float64 tensors) within a chunk "
           "or block, float64 across them",

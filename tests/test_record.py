@@ -418,6 +418,66 @@ def slice_sets(sds):
     ]
 
 
+def _markdown_tables(text):
+    """Each table of `text` as rows of cells, split as GitHub splits them (not at ``\|``)."""
+    import re
+
+    tables, rows = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in re.split(r"(?<!\\)\|", line.strip()[1:-1])])
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def test_what_is_published_keeps_tables_whole_and_no_recipe_path(llama_family, merge_options, tmp_path):
+    """A local folder may be named `ma|th`: unescaped, the bar split its cell, and the
+    row's ‖δ‖² stood under λ (the real λ dropped), and the cosine table did not render."""
+    paths, sds = llama_family
+    named = dict(paths)
+    for model, name in zip(MODELS, ("ma|th", "co*de", "chat")):
+        named[model] = str(tmp_path / name)
+        os.symlink(paths[model], named[model])
+    config = recipe(named, MODELS)
+    out = str(tmp_path / "out")
+    run_recipe(config, out, merge_options)
+    lams = lambdas_of(squared_norms(sds, MODELS))
+    report = tmp_path / "inspect"
+    assert main(["inspect", write_yaml(config, str(tmp_path / "r.yml")), str(report), "--no-pictures"]) == 0
+    # inspect's files go into folders that are shared: the recipe by its name, not its path
+    assert json.loads((report / "metagpt-inspect.json").read_text())["recipe"] == "r.yml"
+    for text in (read_card(out), (report / "metagpt-report.md").read_text(encoding="utf-8")):
+        tables = _markdown_tables(text)
+        assert len(tables) >= 2
+        for rows in tables:
+            assert rows[1][0] == "---" and all(len(row) == len(rows[0]) for row in rows), rows
+        (lambda_table,) = [t for t in tables if t[0] == ["model", "‖δ‖²", "λ"]]
+        got = {row[0].strip("`").replace("\\|", "|"): float(row[2]) for row in lambda_table[2:]}
+        assert got == {named[m]: pytest.approx(lam, abs=1e-6) for m, lam in zip(MODELS, lams)}
+
+
+def test_a_recipe_comment_with_the_sections_heading_does_not_keep_it_from_the_card(llama_family, merge_options,
+                                                                                   tmp_path):
+    """mergekit copies the recipe's text into the card: a comment reading as our heading
+    is the recipe's, not our section."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    paths, sds = llama_family
+    config = recipe(paths, MODELS[:2])
+    text = CARD_MARK + "\n# (the λ are in the card)\n" + yaml.safe_dump(config)
+    out = str(tmp_path / "out")
+    run_merge(MergeConfiguration.model_validate(config), out, options=merge_options, config_source=text)
+    card = read_card(out)
+    assert card.count(CARD_MARK) == 2
+    ((norm, lam),) = card_rows(card, paths["model0"])
+    norms = squared_norms(sds, MODELS[:2])
+    assert norm == pytest.approx(norms[0], rel=1e-6) and lam == pytest.approx(lambdas_of(norms)[0], abs=1e-6)
+
+
 def test_slices_record_and_card_have_one_entry_per_model_set(llama_family, merge_options, tmp_path):
     paths, sds = llama_family
     out = str(tmp_path / "out")
@@ -611,8 +671,8 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 
 
 # -- the record and `coefficients --json` are one shape ----------------------------------
-FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "out_dtype", "norms", "merges",
-          "passed_through"}
+FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "out_dtype", "random_seed", "norms",
+          "merges", "passed_through"}
 ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
                 "int8_mask", "models"}
 
@@ -633,7 +693,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     assert set(record) == set(printed) == FIELDS
     for data in (record, printed):
         assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32" and data["out_dtype"] is None
-        assert data["plugin_version"] == __version__ and data["format"] == 2
+        assert data["plugin_version"] == __version__ and data["format"] == 2 and data["random_seed"] is None
         (entry,) = data["merges"]
         assert data["passed_through"] == []
         assert set(entry) == ENTRY_FIELDS
@@ -651,6 +711,23 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     for a, b in zip(record["merges"][0]["models"], printed["merges"][0]["models"]):
         assert a["model"] == b["model"] and a["squared_norm"] == pytest.approx(b["squared_norm"], rel=1e-9)
     assert {k: v for k, v in record.items() if k != "merges"} == {k: v for k, v in printed.items() if k != "merges"}
+
+
+def test_record_gives_the_seed_that_drew_dares_masks(llama_family, tmp_path):
+    """The λ of lambda_from: sparse (and any DARE merge) are one draw of the masks: the
+    record gives the seed that draws them again, and two seeds give two draws."""
+    from mergekit.options import MergeOptions
+
+    paths, _ = llama_family
+    config = recipe(paths, MODELS, method="metagpt_dare", parameters={"density": 0.5, "lambda_from": "sparse"})
+    records = {}
+    for seed in (3, 4):
+        out = str(tmp_path / f"out{seed}")
+        run_recipe(config, out, MergeOptions(copy_tokenizer=False, quiet=True, random_seed=seed))
+        records[seed] = read_record(out)
+        assert records[seed]["random_seed"] == seed
+        assert f"drawn as by `mergekit-yaml --random-seed {seed}`" in read_card(out)
+    assert records[3]["merges"][0]["models"][0]["lambda"] != records[4]["merges"][0]["models"][0]["lambda"]
 
 
 def test_record_gives_the_out_dtype_the_weights_were_written_in(llama_family, tmp_path, capsys):
