@@ -841,6 +841,31 @@ def test_tied_base_lm_head_is_read_from_its_embeddings(tied_family, tmp_path):
     assert_lambdas(got, lams)
 
 
+def test_a_tied_model_beside_an_untied_one_counts_its_embeddings_for_lm_head_too(tied_family, tmp_path):
+    """One untied input makes mergekit write an lm_head, which it reads from each tied
+    model's embed_tokens (and the tied base's): that change counts once as embed_tokens and
+    once as lm_head, as the merge applies it twice; so an untied model changes the λ of
+    the tied ones."""
+    paths, sds = tied_family
+    base = sds["base"]
+    untied = noisy(base, by_part(embed=0.01, layers=(0.01, 0.01), norm=0.01, head=0.05), 45)
+    untied[HEAD] = untied[HEAD].clone()
+    paths = {**paths, "c": save_checkpoint(str(tmp_path / "c"), untied)}
+    models = {"a": sds["a"], "c": untied}  # a: tied, most of its change in the embeddings
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "models": [{"model": paths[m]} for m in models]}
+    out = mergekit_yaml(config, tmp_path, "out")
+    reads = [(n, n) for n in base]  # lm_head too: a's (and the base's) is its embed_tokens
+    lams = closed_lambdas(base, models, reads, base_name=lambda n: EMBED if n == HEAD else n)
+    once = closed_lambdas(base, models, [(n, n) for n in base if n != HEAD])
+    assert abs(lams["a"] - once["a"]) > 0.05  # the fixture tells the two apart
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    merged = load_checkpoint(out)
+    assert HEAD in merged
+    assert_close(merged, closed_merge({**base, HEAD: base[EMBED]}, models, lams, reads))
+
+
 # =====================================================================================
 # 5. mergekit-pytorch: raw safetensors files
 # =====================================================================================
