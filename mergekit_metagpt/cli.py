@@ -280,10 +280,14 @@ def version_text() -> str:
             return "not installed"
 
     hook_dir = _hook_folder()
+    mergekit_version = version_of("mergekit")
     # the finder's mark: set by the .pth line, or by this command's own import of the
     # package (so the .pth file must be there too); unset where the hook failed to import
     installed = getattr(sys, "_mergekit_metagpt_hook_installed", False)
-    if hook_dir and installed:
+    if hook_dir and installed and mergekit_version == "not installed":
+        hook = (f"start-up hook: installed ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}), but mergekit "
+                f"is not installed in this Python ({sys.executable}): pip install mergekit==0.1.5")
+    elif hook_dir and installed:
         hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
                 "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties, "
                 "metagpt_dare and metagpt_dare_ties without an import")
@@ -297,8 +301,62 @@ def version_text() -> str:
         hook = (f"start-up hook: NOT active{why}, so mergekit-yaml will say 'Unimplemented merge "
                 "method metagpt'; install with pip into the environment that runs mergekit-yaml, "
                 "or `import mergekit_metagpt` before merging from Python")
-    return (f"mergekit-metagpt {__version__} (mergekit {version_of('mergekit')}, "
-            f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}")
+    return (f"mergekit-metagpt {__version__} (mergekit {mergekit_version}, "
+            f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}\n{_mergekit_yaml_line()}")
+
+
+def _script_python(script: str) -> Optional[str]:
+    """The Python a console script runs, from its first line (pip's ``#!python``, or for
+    a long path a ``/bin/sh`` line and then ``exec`` of the Python); None where it cannot
+    be told (``#!/usr/bin/env python``, a binary launcher)."""
+    import re
+
+    try:
+        with open(script, "rb") as f:
+            head = f.read(2048).decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = head.splitlines()
+    if not lines or not lines[0].startswith("#!"):
+        return None
+    python = lines[0][2:].strip().split(" ")[0]
+    if os.path.basename(python) == "sh":
+        found = re.search(r"exec' \"?([^\"\n]+?)\"? \"\$0\"", head)
+        python = found.group(1) if found else ""
+    if not python or os.path.basename(python) == "env":
+        return None
+    return python
+
+
+def _mergekit_yaml_line() -> str:
+    """Which ``mergekit-yaml`` this shell finds, and whether it runs this Python or, if not,
+    a Python that has this plugin too (a merge run by another environment's mergekit-yaml
+    says "Unimplemented merge method metagpt", while this command, here, says all is well)."""
+    import shutil
+    import subprocess
+
+    found = shutil.which("mergekit-yaml")
+    own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    if found is None:
+        return "mergekit-yaml: not on PATH" + (f" (this Python's: {own})" if os.path.exists(own) else "")
+    python = _script_python(found)
+    if python is None:
+        return f"mergekit-yaml: {found}"
+    if os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
+        return f"mergekit-yaml: {found} (this Python's)"
+    probe = ("import importlib.util as u; print(u.find_spec('mergekit_metagpt') is not None "
+             "and u.find_spec('mergekit_metagpt_hook') is not None)")
+    try:
+        answer = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        answer = ""
+    if answer == "True":
+        return f"mergekit-yaml: {found}, of another Python ({python}), which has mergekit-metagpt too"
+    instead = f", or run this Python's: {own}" if os.path.exists(own) else ""
+    has = "has no mergekit-metagpt" if answer == "False" else "may lack mergekit-metagpt"
+    return (f"mergekit-yaml: {found} (WARNING: it runs another Python, {python}, which {has}: a "
+            f"MetaGPT recipe there ends in 'Unimplemented merge method metagpt'. Install mergekit-metagpt "
+            f"into that Python ({python} -m pip install …){instead})")
 
 
 def _hook_folder() -> Optional[str]:

@@ -542,6 +542,13 @@ class NoMergekit(importlib.abc.MetaPathFinder):
         if name.split(".")[0] == "mergekit":
             raise ModuleNotFoundError(f"No module named {{name!r}}", name=name)
 sys.meta_path.insert(0, NoMergekit())
+import importlib.metadata
+version = importlib.metadata.version
+def without_mergekit(name):
+    if name == "mergekit":
+        raise importlib.metadata.PackageNotFoundError(name)
+    return version(name)
+importlib.metadata.version = without_mergekit
 import mergekit_metagpt
 from mergekit_metagpt.cli import main
 try:
@@ -553,7 +560,10 @@ print("coefficients exit", main(["coefficients", {str(recipe_path)!r}]))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr
-    assert "mergekit-metagpt 0.1.0" in result.stdout and "version exit 0" in result.stdout, result.stdout
+    assert "mergekit-metagpt 0.1.0 (mergekit not installed" in result.stdout and "version exit 0" in result.stdout
+    # the hook's line does not say "active" where mergekit is not there to find metagpt
+    assert (f"mergekit_metagpt.pth), but mergekit is not installed in this Python ({sys.executable}): "
+            "pip install mergekit==0.1.5") in result.stdout, result.stdout
     assert "coefficients exit 1" in result.stdout
     assert result.stderr.strip().splitlines() == [
         f"mergekit-metagpt: error: mergekit is not installed in this Python ({sys.executable}): "

@@ -187,7 +187,7 @@ def test_version_names_what_runs_and_whether_the_hook_is_active(tmp_path):
     script = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
     shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
-    first, hook = shown.stdout.strip().splitlines()
+    first, hook, _ = shown.stdout.strip().splitlines()
     assert first.startswith(f"mergekit-metagpt {mergekit_metagpt.__version__} "
                             f"(mergekit {importlib.metadata.version('mergekit')}, ")
     assert mergekit_metagpt.__version__ == importlib.metadata.version("mergekit-metagpt")
@@ -208,6 +208,34 @@ def test_version_names_what_runs_and_whether_the_hook_is_active(tmp_path):
     shadowed = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300, env=env)
     assert shadowed.returncode == 0, shadowed.stderr
     assert f"start-up hook: NOT active: {pth} is there, but its module" in shadowed.stdout, shadowed.stdout
+
+
+def test_version_says_when_the_mergekit_yaml_on_path_runs_a_python_without_the_plugin(tmp_path):
+    """Two environments, the plugin in one: the mergekit-yaml a shell finds may be the
+    other's, which says "Unimplemented merge method metagpt" while this one's --version
+    said all was well."""
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
+    other = tmp_path / "other" / "bin"
+    other.mkdir(parents=True)
+    python = other / "python"  # a Python without site-packages: no plugin there
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    (other / "mergekit-yaml").write_text(f"#!{python}\nraise SystemExit('a stand-in')\n")
+    for each in (python, other / "mergekit-yaml"):
+        each.chmod(0o755)
+    own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    lines = {}
+    for case, path in {"other": f"{other}{os.pathsep}{os.environ['PATH']}",
+                       "own": os.path.dirname(sys.executable), "none": str(tmp_path)}.items():
+        shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300,
+                               env=dict(os.environ, PATH=path))
+        assert shown.returncode == 0, shown.stderr
+        lines[case] = shown.stdout.strip().splitlines()[-1]
+    assert lines["other"] == (
+        f"mergekit-yaml: {other / 'mergekit-yaml'} (WARNING: it runs another Python, {python}, which has no "
+        "mergekit-metagpt: a MetaGPT recipe there ends in 'Unimplemented merge method metagpt'. Install "
+        f"mergekit-metagpt into that Python ({python} -m pip install …), or run this Python's: {own})")
+    assert lines["own"] == f"mergekit-yaml: {own} (this Python's)"
+    assert lines["none"] == f"mergekit-yaml: not on PATH (this Python's: {own})"
 
 
 def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_path):
