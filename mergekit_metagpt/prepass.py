@@ -551,15 +551,6 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
         releaser.after_task()
 
 
-def _holds(read: TensorRead) -> bool:
-    """Whether the model's checkpoint holds the tensor `read` takes (for a message: a
-    model that cannot say is counted)."""
-    try:
-        return read.checkpoint_name() is not None
-    except Exception:
-        return True
-
-
 def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Tensor]:
     tensor = read.load()
     if tensor is None:
