@@ -44,16 +44,10 @@ def _check_lora_merge_dtype(options) -> None:
     """A ``--lora-merge-dtype`` mergekit does not know: mergekit makes the adapter's merge
     folder before it reads the dtype, and a later run takes that empty folder for the
     merged model."""
-    from mergekit.common import dtype_from_name
+    from mergekit_metagpt.recipe_checks import floating_dtype
 
     value = getattr(options, "lora_merge_dtype", None)
-    if value is None:
-        return
-    try:
-        usable = dtype_from_name(value).is_floating_point
-    except RuntimeError:
-        usable = False
-    if not usable:  # mergekit also names int64, which no model is instantiated in
+    if value is not None and not floating_dtype(value):  # int64: no model is instantiated in it
         raise MetaGPTError(f"--lora-merge-dtype {value!r} is not a floating-point dtype mergekit knows "
                            f"(bfloat16, float16, float32, float64)")
 

@@ -285,15 +285,22 @@ def _check_dtypes(config) -> None:
     """``dtype``/``out_dtype`` mergekit cannot read: its own message (``Unimplemented dtype``)
     names neither key, and for ``out_dtype`` comes only at the first tensor written, after
     the whole pre-pass."""
-    from mergekit.common import dtype_from_name
-
     for key in ("dtype", "out_dtype"):
         value = getattr(config, key, None)
-        try:
-            dtype_from_name(value)
-        except RuntimeError:
-            raise MetaGPTError(f"the recipe's {key} {value!r} is not a dtype mergekit knows "
-                               f"(bfloat16, float16, float32, float64)") from None
+        if value is not None and not floating_dtype(value):  # int64: weights cut to integers (zeros)
+            raise MetaGPTError(f"the recipe's {key} {value!r} is not a floating-point dtype mergekit knows "
+                               f"(bfloat16, float16, float32, float64)")
+
+
+def floating_dtype(name: str) -> bool:
+    """Whether mergekit reads `name` as a floating-point dtype (it also knows int64, in
+    which weights are cut to integers)."""
+    from mergekit.common import dtype_from_name
+
+    try:
+        return dtype_from_name(name).is_floating_point
+    except RuntimeError:
+        return False
 
 
 def _check_slices_have_sources(config) -> None:

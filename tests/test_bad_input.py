@@ -269,9 +269,15 @@ CASES = {
         "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
     # mergekit's own message names no key, and for out_dtype comes after the whole pre-pass
     "unknown out_dtype": (lambda p: {**recipe(p, ["good"]), "out_dtype": "fp16"},
-                          r"the recipe's out_dtype 'fp16' is not a dtype mergekit knows"),
+                          r"the recipe's out_dtype 'fp16' is not a floating-point dtype mergekit knows"),
     "unknown dtype": (lambda p: {**recipe(p, ["good"]), "dtype": "bf16"},
-                      r"the recipe's dtype 'bf16' is not a dtype mergekit knows"),
+                      r"the recipe's dtype 'bf16' is not a floating-point dtype mergekit knows"),
+    # mergekit knows int64: as out_dtype it wrote every weight as 0, and as dtype it failed
+    # mid-merge blaming a norm's weight
+    "integer out_dtype": (lambda p: {**recipe(p, ["good"]), "out_dtype": "int64"},
+                          r"the recipe's out_dtype 'int64' is not a floating-point dtype mergekit knows"),
+    "integer dtype": (lambda p: {**recipe(p, ["good"]), "dtype": "int64"},
+                      r"the recipe's dtype 'int64' is not a floating-point dtype mergekit knows"),
     # stock mergekit refuses only the same spelling twice; this one got two λ
     "one model under two spellings": (
         lambda p: {**recipe(p, ["good"]), "models": [{"model": p["good"]},
