@@ -219,8 +219,9 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.recipe_checks import check_config
         from mergekit_metagpt.card import add_card_sections
 
-        check_config(config)
+        # the keys first: a misspelt key (base_modle) is what the other checks then miss
         _check_recipe_keys(bound.arguments.get("config_source"))
+        check_config(config)
         options = bound.arguments.get("options")
         if getattr(config, "modules", None):
             _check_module_names(config, options)

@@ -331,6 +331,11 @@ CASES = {
         lambda p: {**recipe(p, ["good"]), "paramters": {"lambda": 0.5}},
         r"the recipe key 'paramters' \(at the top level\) is not one mergekit reads: it would be "
         r"ignored silently; did you mean 'parameters'\?$"),
+    # checked before the recipe's other checks, which said "needs a base_model"
+    "misspelt base_model key": (
+        lambda p: {**{k: v for k, v in recipe(p, ["good"]).items() if k != "base_model"}, "base_modle": p["base"]},
+        r"the recipe key 'base_modle' \(at the top level\) is not one mergekit reads: it would be "
+        r"ignored silently; did you mean 'base_model'\?$"),
     "misspelt filter": (
         lambda p: recipe(p, ["good"], parameters={"alpha": [{"fliter": "mlp", "value": 0.5}, {"value": 1.0}]}),
         r"the recipe key 'fliter' \(under parameters\.alpha\[0\]\) .*did you mean 'filter'\?$"),
