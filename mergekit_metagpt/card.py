@@ -130,26 +130,13 @@ def inspect_pictures(out_path, entry) -> List[tuple]:
     return []
 
 
-def _has_section(text: str) -> bool:
-    """Whether the card holds our section already: its heading as a line of its own after
-    the last code fence (mergekit copies the recipe, comments and all, into a fenced block,
-    where the same words may stand)."""
-    lines = text.splitlines()
-    fences = [i for i, line in enumerate(lines) if line.lstrip().startswith("```")]
-    return CARD_MARK in (line.rstrip() for line in lines[fences[-1] + 1 if fences else 0:])
-
-
 def add_card_sections(context) -> None:
     """After run_merge: append each run's tables to the card mergekit just wrote."""
     card = os.path.join(context.out_path, "README.md")
     runs = [r for r in context.runs if r.result is not None and r.record_written]  # λ the weights were merged with
     if not runs or not getattr(context.options, "write_model_card", True) or not os.path.exists(card):
         return
-    try:
-        with open(card, encoding="utf-8") as f:
-            text = f.read()
-        if _has_section(text):
-            return
+    try:  # mergekit has just written the card afresh (its recipe block may hold our heading's words)
         with open(card, "a", encoding="utf-8") as f:
             for run in runs:
                 f.write(card_section(run))
