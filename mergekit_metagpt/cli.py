@@ -428,9 +428,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-DEBUG_SWITCH = "MERGEKIT_METAGPT_DEBUG"
-
-
 class _WarningLines(logging.Formatter):
     """This plugin's warnings as the command's other lines read (``mergekit-metagpt: warning:
     …``, beside ``mergekit-metagpt: error: …``); other loggers' records (mergekit's, …) as
@@ -460,8 +457,6 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("mergekit-metagpt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `mergekit-metagpt coefficients r.yml --json | head`
-        import os
-
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except (OSError, ValueError):
@@ -480,7 +475,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _report(error: BaseException) -> int:
     """One line on stderr (the traceback first with MERGEKIT_METAGPT_DEBUG=1); exit status 1.
     Called while `error` is being handled."""
-    from mergekit_metagpt.env import switched_on
+    from mergekit_metagpt.env import DEBUG_SWITCH, switched_on
     from mergekit_metagpt.errors import one_line, reported_as_bug
 
     if switched_on(DEBUG_SWITCH):

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 
+#: Keeps a refusal's traceback (the CLI's and mergekit's commands print one line otherwise).
+DEBUG_SWITCH = "MERGEKIT_METAGPT_DEBUG"
+
 OFF = ("0", "false", "no", "off")
 ON = ("1", "true", "yes", "on")
 

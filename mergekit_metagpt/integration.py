@@ -166,9 +166,10 @@ def _attach_task_adapter(module) -> None:
 
 
 def _attach_io_tasks(module) -> None:
-    """``FinalizeModel.execute`` (mergekit writes the model's last shard and its index):
-    a merge planned without ``run_merge`` (``mergekit-pytorch``) writes its record then,
-    so that a merge stopped or failed before leaves none beside its partial output."""
+    """``FinalizeModel.execute`` (mergekit writes the model's last shard and its index),
+    which every graph merge's plan ends with (``run_merge``'s and ``mergekit-pytorch``'s):
+    the record is written then, so that a merge stopped or failed before leaves none
+    beside its partial output."""
     task_cls = _need(module, "FinalizeModel", module.__name__)
     original = _unwrapped(_need(task_cls, "execute", "FinalizeModel"))
     if original is None:
@@ -423,7 +424,7 @@ def _one_line_errors(module) -> None:
 
     @functools.wraps(original)
     def callback(*args, **kwargs):
-        from mergekit_metagpt.env import switched_on
+        from mergekit_metagpt.env import DEBUG_SWITCH, switched_on
 
         # mergekit-pytorch plans without run_merge: its options (quiet), which its
         # plan_flat_merge is handed, reach the plan through this holder
@@ -431,7 +432,7 @@ def _one_line_errors(module) -> None:
         try:
             return original(*args, **kwargs)
         except MetaGPTError as error:
-            if switched_on("MERGEKIT_METAGPT_DEBUG") or isinstance(error, click.ClickException):
+            if switched_on(DEBUG_SWITCH) or isinstance(error, click.ClickException):
                 raise
             raise Refusal(str(error)) from error
         finally:

@@ -257,7 +257,7 @@ def _say_lambdas(run) -> None:
     """A merge's λ in one line per model set where its log does not show the table
     (mergekit's default verbosity), with the progress lines: what MetaGPT chose, without -v."""
     from mergekit_metagpt.progress import say
-    from mergekit_metagpt.record import set_parameters
+    from mergekit_metagpt.record import RECORD_NAME, set_parameters
     from mergekit_metagpt.similarity import short_names
 
     if not run.out_path or LOG.isEnabledFor(logging.INFO):  # the CLI's own tables; -v: the table
@@ -270,7 +270,7 @@ def _say_lambdas(run) -> None:
         if set_parameters(set_norms)["granularity"] != "global":  # its tensors take their own
             which += " (global shares; granularity per_tensor merges each tensor with its own)"
         say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
-            + f" (-v logs the table; the record: {os.path.join(str(run.out_path), 'metagpt_coefficients.json')})",
+            + f" (-v logs the table; the record: {os.path.join(str(run.out_path), RECORD_NAME)})",
             quiet=bool(getattr(run.options, "quiet", False)))
 
 

@@ -245,9 +245,8 @@ def check_config(config) -> None:
         wrong = [(v, c) for v, c in values if not normalize_is_off(v)] or ([] if values else [(setting, ())])
         if wrong:
             value, condition = wrong[0]
-            parts = where + condition
-            place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
-            problems.append(f"normalize must be false for {method_name}, or left out (got {value!r}{place}): "
+            problems.append(f"normalize must be false for {method_name}, or left out "
+                            f"(got {value!r}{_place(model, where + condition)}): "
                             f"{NORMALIZE_HELP}")
             break
     for name, _setting, model, _where in settings:
@@ -276,9 +275,13 @@ def check_config(config) -> None:
         for value, condition in _scalars(setting):
             problem = _value_problem(specs[name], value)
             if problem is not None:
-                parts = where + condition
-                place = (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
-                raise MetaGPTError(f"MetaGPT: parameter {name}{place} {problem} (got {value!r})")
+                raise MetaGPTError(f"MetaGPT: parameter {name}{_place(model, where + condition)} {problem} "
+                                   f"(got {value!r})")
+
+
+def _place(model, parts) -> str:
+    """Where a value is given: " for model M (layers 0-2, filter mlp)", or "" at the top."""
+    return (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
 
 
 def _check_dtypes(config) -> None:
