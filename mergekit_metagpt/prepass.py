@@ -244,8 +244,9 @@ def _announce(run) -> None:
         LOG.info("MetaGPT: %s", passed)
     try:
         _say_lambdas(run)
-    except Exception:  # a line of output is no reason to fail the merge
-        LOG.debug("MetaGPT: the λ line was not written", exc_info=True)
+    except Exception as error:  # a line of output is no reason to fail the merge, nor to hide a bug
+        LOG.warning("MetaGPT: the λ line was not written (%s: %s); the record and -v's table have them",
+                    type(error).__name__, error, exc_info=LOG.isEnabledFor(logging.DEBUG))
     if run.record_at_end:  # written once mergekit has written the model (integration); the
         # earlier run's goes now, before the weights it was of are replaced
         remove_stale_record(run.out_path)

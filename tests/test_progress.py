@@ -114,6 +114,27 @@ def test_the_pre_pass_writes_lines_not_a_bar_into_a_file_or_pipe(llama_family, t
     assert quiet.returncode == 0 and "MetaGPT" not in quiet.stderr, quiet.stderr[-3000:]
 
 
+def test_a_failure_of_the_lambda_line_is_warned_of_and_the_merge_goes_on(llama_family, tmp_path, monkeypatch,
+                                                                         caplog):
+    """The one-line λ summary is output, not the merge: a bug in it is a WARNING naming the
+    error (it was a DEBUG line), and the merge and its record are written."""
+    import os
+
+    from mergekit.options import MergeOptions
+
+    def broken(run):
+        raise KeyError("granularity")
+
+    monkeypatch.setattr(prepass, "_say_lambdas", broken)
+    prepass.clear_memo()
+    out = str(tmp_path / "out")
+    run_recipe(recipe(llama_family[0], ["model0", "model1"]), out, MergeOptions(copy_tokenizer=False))
+    assert os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "λ line" in r.getMessage()]
+    assert warned == ["MetaGPT: the λ line was not written (KeyError: 'granularity'); the record and -v's table "
+                      "have them"], warned
+
+
 def test_a_long_pre_pass_writes_a_line_now_and_then_into_a_file_or_pipe(llama_family, tmp_path, monkeypatch, capsys):
     from mergekit.options import MergeOptions
     from mergekit_metagpt import progress
