@@ -191,6 +191,8 @@ class MetaGPTMerge(GroupMergeMethod):
             result = result.to(dtype=out_dtype) if out_dtype is not None else result
             if group.non_base:  # a slice of the base alone is passed through as it is
                 _refuse_float16_overflow(result, group, params, self.delegate_name, cast=dtype != result.dtype)
+                if out_dtype is None and result.dtype != torch.float16 and _written_as_float16():
+                    _refuse_float16_overflow(result.to(torch.float16), group, params, self.delegate_name, cast=True)
             results.append(result)
             del group, result
         return tuple(results)
@@ -344,6 +346,26 @@ def _models_of(groups) -> List[Hashable]:
             if entry.id not in models:
                 models.append(entry.id)
     return models
+
+
+def _written_as_float16() -> bool:
+    """Whether mergekit will write the current task's tensor as float16: in a graph merge it
+    hands the method no out_dtype, and casts to the recipe's (or the weight's forced dtype)
+    only when it saves the tensor."""
+    from mergekit.common import dtype_from_name
+
+    from mergekit_metagpt.integration import CURRENT_TASK
+    from mergekit_metagpt.merge_plan import run_for_task
+
+    task = CURRENT_TASK.get()
+    run = run_for_task(task)  # in mergekit's worker threads too (--multi-gpu)
+    if run is None:
+        return False
+    name = getattr(task.output_weight, "force_dtype", None) or getattr(run.config, "out_dtype", None)
+    try:
+        return name is not None and dtype_from_name(name) == torch.float16
+    except RuntimeError:
+        return False
 
 
 def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any],

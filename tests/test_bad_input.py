@@ -825,6 +825,30 @@ def test_a_model_beyond_float16_once_cast_in_memory_is_said_to_be_read_as_float1
         merge_state_dicts({"base": base, "large": large}, "metagpt", base="base")
 
 
+def test_a_recipe_out_dtype_float16_that_overflows_is_refused_naming_the_tensor(tmp_path):
+    """mergekit hands a graph merge's method no out_dtype and casts to the recipe's only
+    when it writes: a float32 merge beyond ±65504 was written as Inf with `out_dtype:
+    float16`, without a word (stock mergekit does the same)."""
+    big = "model.layers.0.mlp.up_proj.weight"
+    base = random_state_dict(5)
+    base[big] = base[big] * (6.4e4 / float(base[big].abs().max()))
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base)}
+    for number, name in enumerate(("a", "b")):
+        sd = perturbed(base, 0.01, number)
+        sd[big] = base[big] * 1.05  # its largest elements beyond float16's ±65504
+        paths[name] = save_checkpoint(str(tmp_path / name), sd)
+    config = {**recipe(paths, ["a", "b"]), "out_dtype": "float16"}
+    rc, last, out, log = run_cli(config, tmp_path)
+    assert rc != 0, log
+    assert re.search(rf"the merge of tensor '{re.escape(big)}' overflows float16: \d+ values beyond ±65504 "
+                     r"\(out_dtype float16 of wider merged values\); merge and write in float32", last), last
+    assert not os.path.exists(os.path.join(out, "metagpt_coefficients.json"))
+    # the same recipe in float32 merges (the inputs are finite)
+    config["out_dtype"] = "float32"
+    rc, last, out, log = run_cli(config, tmp_path)
+    assert rc == 0, log
+
+
 COMMIT_BASE, COMMIT_GOOD, COMMIT_OTHER = "b" * 40, "c" * 40, "d" * 40
 
 
