@@ -61,7 +61,8 @@ class PinnedStaging:
         return out
 
     def close(self) -> None:
-        """Wait for the queued transfers, then let the buffers go."""
+        """Wait for the queued transfers, then let the buffers go (back to torch's pinned-memory
+        cache, which keeps them for the process's next pass)."""
         for event in self._events:
             if event is not None:
                 event.synchronize()

@@ -48,6 +48,22 @@ def test_inner_products_in_the_same_pass_match_float64(matmul_precision, monkeyp
     assert bool(used) == (matmul_precision == "highest")
 
 
+def test_inner_products_under_a_callers_cpu_autocast_stay_float32(monkeypatch):
+    """A merge or `coefficients` run inside `torch.autocast("cpu")` (bfloat16): the block
+    Gram products are the pre-pass's own float32 ones (autocast gave 4e-5 relative errors)."""
+    from matmul_settings import precision_restored
+
+    from mergekit_metagpt import norms as norms_module
+
+    used = []
+    real = norms_module._block_gram
+    monkeypatch.setattr(norms_module, "_block_gram", lambda stacked: used.append(1) or real(stacked))
+    with precision_restored(), torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.set_float32_matmul_precision("highest")
+        _check_inner_products()
+    assert used
+
+
 def _check_inner_products():
     gen = torch.Generator().manual_seed(2)
     n = 9_000_000
