@@ -41,8 +41,9 @@ def enabled() -> bool:
 
 def cache_dir() -> str:
     explicit = os.environ.get("MERGEKIT_METAGPT_CACHE_DIR")
-    if explicit:
-        return explicit
+    if explicit:  # "~/x" as a shell leaves it quoted (.env files, Docker's ENV): the home's, not
+        # a folder named "~" here; a relative one, from the folder the process started in
+        return os.path.abspath(os.path.expanduser(explicit))
     root = os.environ.get("XDG_CACHE_HOME", "")
     if not os.path.isabs(root):  # unset, empty or relative: ignored, as the XDG spec says
         root = os.path.join(os.path.expanduser("~"), ".cache")

@@ -642,3 +642,15 @@ def test_the_cache_folder_follows_xdg_cache_home_only_where_it_is_absolute(xdg, 
     monkeypatch.setenv("HOME", str(tmp_path))
     expected = os.path.join(under or os.path.join(str(tmp_path), ".cache"), "mergekit-metagpt", "norms")
     assert norm_cache.cache_dir() == expected
+
+
+@pytest.mark.parametrize("given, expected", [("~/norms", "home/norms"), ("rel/norms", "here/rel/norms"),
+                                             ("{tmp}/abs", "abs")])
+def test_a_cache_dir_given_with_a_tilde_or_relative_is_made_absolute(given, expected, monkeypatch, tmp_path):
+    """MERGEKIT_METAGPT_CACHE_DIR="~/norms", as a shell leaves it quoted (.env files, Docker's
+    ENV): the home's folder, not a folder named "~" in the current one."""
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", given.format(tmp=tmp_path))
+    assert norm_cache.cache_dir() == str(tmp_path / expected)
