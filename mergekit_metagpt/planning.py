@@ -61,6 +61,11 @@ def _check_models_load(config, options) -> None:
         path = model.model.path
         for part, what in ((path, "no such folder"),
                            (model.lora.path if model.lora else "", "no such LoRA adapter folder")):
+            if part.startswith("~") and not os.path.exists(part):  # a YAML recipe is no shell
+                raise MetaGPTError(
+                    f"model {model}: mergekit does not expand ~ (it would read a folder named "
+                    f"{part.split('/')[0]!r} in {os.getcwd()}, or ask the hub): write the path in full"
+                    + (f", {os.path.expanduser(part)}" if part != os.path.expanduser(part) else ""))
             if part and looks_local(part) and not os.path.exists(os.path.expanduser(part)):
                 where = "" if os.path.isabs(os.path.expanduser(part)) else (
                     f" (a relative path, read from the folder the command runs in: {os.getcwd()})")

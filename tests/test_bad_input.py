@@ -331,6 +331,12 @@ CASES = {
         lambda p: {**recipe(p, ["good"]), "paramters": {"lambda": 0.5}},
         r"the recipe key 'paramters' \(at the top level\) is not one mergekit reads: it would be "
         r"ignored silently; did you mean 'parameters'\?$"),
+    # mergekit takes "~/m" for a hub id ("Repo id must be in the form ..."), where the
+    # plugin's own check had looked for the home's folder and found it
+    "a model path with a tilde": (
+        lambda p: {**recipe(p, ["good"]), "models": [{"model": "~/models/good"}]},
+        r"model ~/models/good: mergekit does not expand ~ \(it would read a folder named '~' in \S+, or ask "
+        r"the hub\): write the path in full, \S+/models/good$"),
     # checked before the recipe's other checks, which said "needs a base_model"
     "misspelt base_model key": (
         lambda p: {**{k: v for k, v in recipe(p, ["good"]).items() if k != "base_model"}, "base_modle": p["base"]},
