@@ -254,6 +254,12 @@ def _announce(run) -> None:
         write_record(run)
 
 
+def _as_written(path) -> str:
+    """The output folder as mergekit writes it: a quoted "~/out" is a folder named "~" here."""
+    path = str(path)
+    return os.path.join(".", path) if path.startswith("~") else path
+
+
 def _say_lambdas(run) -> None:
     """A merge's λ in one line per model set where its log does not show the table
     (mergekit's default verbosity), with the progress lines: what MetaGPT chose, without -v."""
@@ -271,7 +277,7 @@ def _say_lambdas(run) -> None:
         if set_parameters(set_norms)["granularity"] != "global":  # its tensors take their own
             which += " (global shares; granularity per_tensor merges each tensor with its own)"
         say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
-            + f" (-v logs the table; the record: {os.path.join(str(run.out_path), RECORD_NAME)})",
+            + f" (-v logs the table; the record: {os.path.join(_as_written(run.out_path), RECORD_NAME)})",
             quiet=bool(getattr(run.options, "quiet", False)))
 
 

@@ -288,3 +288,12 @@ def test_mergekit_pytorch_follows_its_quiet_option_and_says_per_tensor_shares_ar
             assert len(ours) == 2 and ours[0].startswith("MetaGPT norm pre-pass: "), ours
             assert ours[1].startswith("MetaGPT λ (global shares; granularity per_tensor merges each tensor with its "
                                       "own): model0.safetensors "), ours
+
+
+def test_the_lambda_line_names_the_record_where_mergekit_writes_it():
+    """`mergekit-yaml r.yml "~/out"` (quoted: no shell expands it) writes into a folder named
+    "~" here, not the home's: the λ line says ./~/out, where it said ~/out."""
+    import os
+
+    assert prepass._as_written("~/out") == os.path.join(".", "~/out")
+    assert prepass._as_written("out/x") == "out/x" and prepass._as_written("/abs/out") == "/abs/out"
