@@ -217,13 +217,14 @@ def _attach_merge(module) -> None:
             _refuse_our_method_misspelt(getattr(config, "merge_method", None))
             remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
-        from mergekit_metagpt.recipe_checks import check_config
+        from mergekit_metagpt.recipe_checks import check_config, check_recipe_writable
         from mergekit_metagpt.card import add_card_sections
 
         # the keys first: a misspelt key (base_modle) is what the other checks then miss
         _check_recipe_keys(bound.arguments.get("config_source"))
         check_config(config)
         options = bound.arguments.get("options")
+        check_recipe_writable(config, bound.arguments.get("config_source"), options)
         if getattr(config, "modules", None):
             _check_module_names(config, options)
         if options is not None:  # mergekit's run_merge needs them (and says so)
@@ -457,9 +458,10 @@ def _attach_raw_pytorch(module) -> None:
         if holder is not None:  # inside the command: its MergeOptions (an argument with `quiet`)
             holder["options"] = next((a for a in (*args, *kwargs.values()) if hasattr(a, "quiet")), None)
         if _is_ours(getattr(config, "merge_method", None)):
-            from mergekit_metagpt.recipe_checks import check_config
+            from mergekit_metagpt.recipe_checks import check_config, check_raw_paths
 
             check_config(config)
+            check_raw_paths(config)
         return original(config, *args, **kwargs)
 
     plan_flat_merge._mergekit_metagpt_wrapper = True

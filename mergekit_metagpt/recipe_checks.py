@@ -284,6 +284,45 @@ def _place(model, parts) -> str:
     return (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _unserialisable(paths) -> Optional[str]:
+    """The first model path mergekit 0.1.5 cannot serialise (its ModelReference gives itself
+    back for a path holding a space or '"': pydantic's "Circular reference detected")."""
+    from mergekit.common import ModelReference
+
+    for path in paths:
+        try:
+            ModelReference.model_validate(str(path)).model_dump_json()
+        except ValueError:  # pydantic's errors are ValueErrors
+            return str(path)
+    return None
+
+
+def check_recipe_writable(config, config_source, options) -> None:
+    """mergekit writes the recipe into the card and mergekit_config.yml once every weight is
+    written, from its text where run_merge is given it (mergekit-yaml), else by serialising
+    the recipe (mergekit-multi, run_merge from Python), which fails on such a path: the whole
+    merge done, then a traceback, whatever the method."""
+    if config_source is not None or not getattr(options, "write_model_card", True):
+        return
+    path = _unserialisable(config.referenced_models())
+    if path is not None:
+        raise MetaGPTError(
+            f"model {path}: mergekit 0.1.5 cannot write a path holding a space or '\"' into the model "
+            "card and mergekit_config.yml, which it does after the merge (\"Circular reference "
+            "detected\"), whatever the method: rename the folder, merge with mergekit-yaml (which "
+            "writes the recipe's own text; from Python: run_merge(..., config_source=TEXT)), or turn "
+            "the model card off (--no-write-model-card)")
+
+
+def check_raw_paths(config) -> None:
+    """mergekit-pytorch serialises each model's path while it merges: a path holding a space
+    or '"' failed mid-merge (after the pre-pass), whatever the method."""
+    path = _unserialisable([p for p in [config.base_model, *(m.model for m in config.models)] if p])
+    if path is not None:
+        raise MetaGPTError(f"model {path}: mergekit-pytorch 0.1.5 fails on a path holding a space or '\"' "
+                           "(\"Circular reference detected\", whatever the method): rename the file")
+
+
 def _check_dtypes(config) -> None:
     """``dtype``/``out_dtype`` mergekit cannot read: its own message (``Unimplemented dtype``)
     names neither key, and for ``out_dtype`` comes only at the first tensor written, after

@@ -855,6 +855,37 @@ def test_a_recipe_out_dtype_float16_that_overflows_is_refused_naming_the_tensor(
     assert rc == 0, log
 
 
+@pytest.mark.parametrize("source, card", [(None, True), ("text", True), (None, False)])
+def test_a_path_mergekit_cannot_write_into_the_card_is_refused_before_merging(source, card, family, tmp_path):
+    """run_merge without the recipe's text (mergekit-multi, Python) serialises the recipe
+    for the card after every weight is written: mergekit 0.1.5 fails on a path holding a
+    space ("Circular reference detected"): refused before anything is read. With the text
+    (mergekit-yaml), or no card, the merge goes through."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = family
+    spaced = str(tmp_path / "good model")
+    os.symlink(paths["good"], spaced)
+    config = recipe({**paths, "good": spaced}, ["good"])
+    text = write_yaml(config, str(tmp_path / "r.yml")) and open(tmp_path / "r.yml").read()
+    out = str(tmp_path / "out")
+    options = MergeOptions(copy_tokenizer=False, quiet=True, write_model_card=card)
+    merge = lambda: run_merge(MergeConfiguration.model_validate(config), out, options=options,  # noqa: E731
+                              config_source=text if source else None)
+    if source or not card:
+        merge()
+        assert safetensors_in(out)
+        return
+    with pytest.raises(MetaGPTError, match=re.escape(
+            f"model {spaced}: mergekit 0.1.5 cannot write a path holding a space or '\"' into the model card")):
+        merge()
+    assert not os.path.exists(out) or not safetensors_in(out)
+
+
 COMMIT_BASE, COMMIT_GOOD, COMMIT_OTHER = "b" * 40, "c" * 40, "d" * 40
 
 

@@ -991,6 +991,24 @@ def test_a_tensor_the_base_lacks_is_refused_naming_the_models_that_hold_it(raw_f
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
+def test_mergekit_pytorch_refuses_a_path_with_a_space_before_reading(raw_family, tmp_path):
+    """mergekit-pytorch 0.1.5 serialises each model's path while it merges, and fails on a
+    space or '"' ("Circular reference detected"), whatever the method: said at once, by
+    name, before the pre-pass reads anything."""
+    paths, _ = raw_family
+    spaced = str(tmp_path / "math model.safetensors")
+    os.symlink(paths["a"], spaced)
+    path = write_yaml(_raw_recipe({**paths, "a": spaced}, "metagpt"), str(tmp_path / "r.yml"))
+    out = str(tmp_path / "out")
+    result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, "--quiet"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"Error: model {spaced}: mergekit-pytorch 0.1.5 fails on a path holding a space or '\"' (\"Circular "
+        "reference detected\", whatever the method): rename the file"), result.stderr[-2000:]
+    assert "MetaGPT norm pre-pass" not in result.stderr and not os.path.exists(out)
+
+
 # =====================================================================================
 # 6. mergekit-multi
 # =====================================================================================
