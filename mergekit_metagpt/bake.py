@@ -83,7 +83,9 @@ def baked_recipe(path: str, coefficients) -> str:
         header.append("# Hub models pinned to the commits the weights were computed from: "
                       + ", ".join(f"{model} -> {commit[:12]}" for model, commit in pinned.items()) + ".")
     header.append("# It runs on stock mergekit, without the plugin. Re-bake if any checkpoint changes.")
-    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False)
+    # a name with a line break (a folder may have one) would end its comment line early
+    header = ["\n# ".join(line.splitlines()) for line in header]
+    return "\n".join(header) + "\n" + yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
 
 
 def _pinned(written, model, pinned: dict):

@@ -247,7 +247,7 @@ def _next_step(paths, dtype: str) -> str:
     recipe = {"merge_method": "metagpt", "base_model": local[0], "dtype": dtype,
               "models": [{"model": p} for p in local[1:]]}
     return ("next: save this recipe as metagpt-demo.yml and run, from this folder, "
-            "mergekit-yaml metagpt-demo.yml ./merged -v\n" + yaml.safe_dump(recipe, sort_keys=False).rstrip())
+            "mergekit-yaml metagpt-demo.yml ./merged -v\n" + yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True).rstrip())
 
 
 def _add_seed(parser) -> None:

@@ -259,6 +259,22 @@ def test_bake_accepts_mergekits_dict_form_of_a_model(llama_family, merge_options
     assert all(torch.allclose(a[k], b[k], atol=2e-6, rtol=0) for k in a)
 
 
+def test_bake_keeps_a_name_with_a_line_break_in_its_comment(llama_family, tmp_path, capsys):
+    """A folder named with a line break: the header's comment line ended early, and the rest
+    of the name became YAML (the baked file did not load)."""
+    paths, _ = llama_family
+    odd = str(tmp_path / "ma|th\nmerge_method: linear é")
+    os.symlink(paths["model0"], odd)
+    config = recipe({**paths, "model0": odd}, MODELS[:2])
+    baked_path = str(tmp_path / "baked.yml")
+    assert main(["bake", write_yaml(config, str(tmp_path / "r.yml")), baked_path]) == 0
+    text = open(baked_path, encoding="utf-8").read()
+    baked = yaml.safe_load(text)
+    assert baked["merge_method"] == "task_arithmetic"
+    assert [m["model"] for m in baked["models"]] == [odd, paths["model1"]]
+    assert "linear é" in text  # written as it reads, not as \xE9
+
+
 def test_coefficients_reports_each_model_set_of_a_slices_recipe(llama_family, tmp_path, capsys):
     paths, sds = llama_family
     path = write_yaml(slices_recipe(paths), str(tmp_path / "slices.yml"))
