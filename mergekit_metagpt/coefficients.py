@@ -101,9 +101,22 @@ def formula(alphas=(1.0,), ascii: bool = False) -> str:
 
 
 def text_table(header, rows) -> str:
-    """Left-aligned plain-text columns under a dashed rule."""
-    widths = [max(len(r[i]) for r in list(rows) + [header]) for i in range(len(header))]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
-    lines += [fmt.format(*row) for row in rows]
-    return "\n".join(line.rstrip() for line in lines)
+    """Left-aligned plain-text columns under a dashed rule, aligned as a terminal shows them
+    (a CJK character or an emoji takes two columns)."""
+    rows = [list(map(str, row)) for row in rows]
+    table = [list(map(str, header))] + rows
+    widths = [max(_columns(r[i]) for r in table) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c + " " * (w - _columns(c)) for c, w in zip(cells, widths)).rstrip()
+
+    return "\n".join([line(table[0]), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def _columns(text: str) -> int:
+    """How many terminal columns `text` takes: wide (CJK) and full-width characters two,
+    combining marks none."""
+    import unicodedata
+
+    return sum(0 if unicodedata.combining(ch) else 2 if unicodedata.east_asian_width(ch) in "WF" else 1
+               for ch in text)

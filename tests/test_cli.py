@@ -604,3 +604,19 @@ except ModuleNotFoundError as error:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=str(tmp_path))
     assert result.stdout.strip() == "import failed: mergekit.merge_methods.registry", (result.stdout, result.stderr)
+
+
+def test_text_tables_align_wide_characters_as_a_terminal_shows_them():
+    """A model folder named in CJK (two terminal columns a character) pushed its row's λ
+    out of the column."""
+    import unicodedata
+
+    from mergekit_metagpt.coefficients import text_table
+
+    lines = text_table(["model", "lambda"], [["./数学 demo/math", "0.1"], ["./code", "0.75"]]).splitlines()
+
+    def column_of_last_cell(line):
+        head = line.rsplit("  ", 1)[0] + "  "
+        return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in head)
+
+    assert len({column_of_last_cell(line) for line in lines}) == 1, lines
