@@ -95,7 +95,7 @@ def _pinned(written, model, pinned: dict):
 
     from mergekit_metagpt.merge_plan import read_folder
 
-    if model.lora is not None or os.path.exists(os.path.expanduser(model.model.path)):
+    if model.lora is not None or os.path.exists(model.model.path):
         return written
     folder = read_folder(model)  # None where not opened here: as written
     found = re.search(r"[\\/]snapshots[\\/]([0-9a-f]{40})$", folder or "")

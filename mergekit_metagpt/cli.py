@@ -171,8 +171,7 @@ def _coefficients(args) -> int:
 
 def _check_writable(path: str, folder: bool, recipe: str) -> None:
     """Refuse, before the pre-pass reads anything, an output the command could not write."""
-    path = os.path.expanduser(path)
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(os.path.abspath(path))  # as written (a quoted ~ is a folder named ~)
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
             raise MetaGPTError(f"{path} is a file, not a folder")
@@ -323,9 +322,17 @@ def _script_python(script: str) -> Optional[str]:
     if os.path.basename(python) == "sh":
         found = re.search(r"exec' \"?([^\"\n]+?)\"? \"\$0\"", head)
         python = found.group(1) if found else ""
-    if not python or os.path.basename(python) == "env":
+    # a Python (python3.11, pypy3), not a wrapper script's shell or `env`
+    if not python or not re.fullmatch(r"(python|pypy)[\d.]*(\.exe)?", os.path.basename(python)):
         return None
     return python
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _mergekit_yaml_line() -> str:
@@ -342,12 +349,18 @@ def _mergekit_yaml_line() -> str:
     python = _script_python(found)
     if python is None:
         return f"mergekit-yaml: {found}"
-    if os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
-        return f"mergekit-yaml: {found} (this Python's)"
-    probe = ("import importlib.util as u; print(u.find_spec('mergekit_metagpt') is not None "
-             "and u.find_spec('mergekit_metagpt_hook') is not None)")
+    if _same_file(python, sys.executable) and \
+            os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
+        return f"mergekit-yaml: {found} (this Python's)"  # (two venvs' pythons link to one binary)
+    # not from the current folder (`python -c` reads it first): a checkout of this
+    # repository there would be found as if installed
+    probe = ("import sys, importlib.util as u; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
+             "print(u.find_spec('mergekit_metagpt') is not None and u.find_spec('mergekit_metagpt_hook') is not None)")
     try:
-        answer = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30).stdout.strip()
+        import tempfile
+
+        answer = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30,
+                                cwd=tempfile.gettempdir()).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         answer = ""
     if answer == "True":
@@ -434,18 +447,22 @@ class _WarningLines(logging.Formatter):
     ``logging.basicConfig`` writes them, which mergekit's options would set up."""
 
     def format(self, record):
-        if record.name.split(".")[0] == "mergekit_metagpt":
-            return f"mergekit-metagpt: {record.levelname.lower()}: {record.getMessage()}"
-        return super().format(record)
+        if record.name.split(".")[0] != "mergekit_metagpt":
+            return super().format(record)
+        text = f"mergekit-metagpt: {record.levelname.lower()}: {record.getMessage()}"
+        return text + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
 
 
 def _log_lines() -> None:
-    """The root logger's console handler, set up first (mergekit's own ``basicConfig``,
-    run when its options are made, then leaves it as it is)."""
-    logging.basicConfig(level=logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        if type(handler) is logging.StreamHandler:
-            handler.setFormatter(_WarningLines(logging.BASIC_FORMAT))
+    """The console handler the command's logging goes to, where nothing has set one up (the
+    console script: mergekit's own ``basicConfig``, run when its options are made, then
+    leaves it as it is). A program that set up its logging and calls ``main()`` keeps it."""
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(_WarningLines(logging.BASIC_FORMAT))
+    root.addHandler(handler)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

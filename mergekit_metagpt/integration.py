@@ -495,7 +495,7 @@ def _check_multimerge(config_source, loaded) -> None:
     import yaml
 
     from mergekit_metagpt.errors import MetaGPTError
-    from mergekit_metagpt.recipe_checks import check_config
+    from mergekit_metagpt.recipe_checks import check_config, check_serialisable
     from mergekit_metagpt.recipe_keys import check_duplicate_keys, check_recipe_keys
 
     try:
@@ -516,6 +516,8 @@ def _check_multimerge(config_source, loaded) -> None:
         if _is_ours(getattr(config, "merge_method", None)):
             try:
                 check_config(config)
+                # mergekit-multi serialises each recipe before its first merge
+                check_serialisable(config, "rename the folder (mergekit-multi writes every recipe out)")
             except MetaGPTError as error:  # which of the file's recipes
                 where = f"merge {name!r}" if name is not None else "the final merge"
                 text = str(error).removeprefix("MetaGPT: ")

@@ -219,7 +219,7 @@ def place(path) -> Optional[tuple]:
     """A mergekit ModelPath as (local folder resolved, else the hub id; revision)."""
     if path is None:
         return None
-    local = os.path.expanduser(path.path)
+    local = path.path  # as mergekit reads it: it expands no ~
     return os.path.realpath(local) if os.path.isdir(local) else path.path, getattr(path, "revision", None)
 
 

@@ -191,8 +191,10 @@ class MetaGPTMerge(GroupMergeMethod):
             result = result.to(dtype=out_dtype) if out_dtype is not None else result
             if group.non_base:  # a slice of the base alone is passed through as it is
                 _refuse_float16_overflow(result, group, params, self.delegate_name, cast=dtype != result.dtype)
-                if out_dtype is None and result.dtype != torch.float16 and _written_as_float16():
-                    _refuse_float16_overflow(result.to(torch.float16), group, params, self.delegate_name, cast=True)
+                written = _written_as_float16() if out_dtype is None and result.dtype != torch.float16 else None
+                if written:
+                    _refuse_float16_overflow(result.to(torch.float16), group, params, self.delegate_name,
+                                             cast=written)
             results.append(result)
             del group, result
         return tuple(results)
@@ -348,10 +350,10 @@ def _models_of(groups) -> List[Hashable]:
     return models
 
 
-def _written_as_float16() -> bool:
-    """Whether mergekit will write the current task's tensor as float16: in a graph merge it
-    hands the method no out_dtype, and casts to the recipe's (or the weight's forced dtype)
-    only when it saves the tensor."""
+def _written_as_float16() -> Optional[str]:
+    """Why mergekit will write the current task's tensor as float16, if it will: in a graph
+    merge it hands the method no out_dtype, and casts to the weight's forced dtype or the
+    recipe's out_dtype only when it saves the tensor."""
     from mergekit.common import dtype_from_name
 
     from mergekit_metagpt.integration import CURRENT_TASK
@@ -360,26 +362,31 @@ def _written_as_float16() -> bool:
     task = CURRENT_TASK.get()
     run = run_for_task(task)  # in mergekit's worker threads too (--multi-gpu)
     if run is None:
-        return False
-    name = getattr(task.output_weight, "force_dtype", None) or getattr(run.config, "out_dtype", None)
+        return None
+    forced = getattr(task.output_weight, "force_dtype", None)
+    name = forced or getattr(run.config, "out_dtype", None)
     try:
-        return name is not None and dtype_from_name(name) == torch.float16
+        if name is None or dtype_from_name(name) != torch.float16:
+            return None
     except RuntimeError:
-        return False
+        return None
+    return ("the float16 its architecture forces for this weight" if forced
+            else "out_dtype float16") + " of wider merged values"
 
 
 def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any],
-                             delegate: Optional[str], cast: bool) -> None:
+                             delegate: Optional[str], cast) -> None:
     """A float16 output beyond ±65504 is refused, not written as Inf (as stock mergekit
     writes it): the inputs are finite (the pre-pass checked them), so the merge overflowed,
     through a `lambda` above 1, mergekit's ties / dare arithmetic in float16 (DARE's
-    1/density rescale), or a cast of wider results to float16 (`out_dtype`)."""
+    1/density rescale), or a cast of wider results to float16 (`cast`: True for the
+    call's out_dtype, or the cast's reason as text)."""
     if result.dtype != torch.float16 or bool(torch.isfinite(result).all()):
         return
     count = int((~torch.isfinite(result)).sum())
     scale = float(params.get("lambda", 1.0))
     causes = ([f"lambda {scale:g}"] if scale > 1.0 else []) + (
-        ["out_dtype float16 of wider merged values"] if cast else
+        [cast if isinstance(cast, str) else "out_dtype float16 of wider merged values"] if cast else
         [f"mergekit's {delegate} arithmetic in float16"] if delegate else [])
     raise MetaGPTError(
         f"MetaGPT: the merge of tensor {group.metadata.name!r} overflows float16: {count} values beyond "

@@ -47,7 +47,7 @@ def _check_lora_merge_dtype(options) -> None:
     from mergekit_metagpt.recipe_checks import floating_dtype
 
     value = getattr(options, "lora_merge_dtype", None)
-    if value is not None and not floating_dtype(value):  # int64: no model is instantiated in it
+    if value and not floating_dtype(value):  # int64: no model is instantiated in it
         raise MetaGPTError(f"--lora-merge-dtype {value!r} is not a floating-point dtype mergekit knows "
                            f"(bfloat16, float16, float32, float64)")
 
@@ -66,11 +66,11 @@ def _check_models_load(config, options) -> None:
                     f"model {model}: mergekit does not expand ~ (it would read a folder named "
                     f"{part.split('/')[0]!r} in {os.getcwd()}, or ask the hub): write the path in full"
                     + (f", {os.path.expanduser(part)}" if part != os.path.expanduser(part) else ""))
-            if part and looks_local(part) and not os.path.exists(os.path.expanduser(part)):
-                where = "" if os.path.isabs(os.path.expanduser(part)) else (
+            if part and looks_local(part) and not os.path.exists(part):  # as mergekit reads it: no ~
+                where = "" if os.path.isabs(part) else (
                     f" (a relative path, read from the folder the command runs in: {os.getcwd()})")
                 raise MetaGPTError(f"model {model}: {what}{where}")
-        _refuse_a_folder_that_is_no_model(model, os.path.expanduser(path))
+        _refuse_a_folder_that_is_no_model(model, path)
         if model.lora and not options.lora_merge_cache:
             raise MetaGPTError(
                 f"model {model}: a LoRA adapter is merged by mergekit into --lora-merge-cache DIR; "
@@ -83,7 +83,7 @@ def _check_models_load(config, options) -> None:
             model.config(trust_remote_code=options.trust_remote_code)
         except Exception as error:  # hub errors, bad configs: name the model
             hints = []
-            if not os.path.exists(os.path.expanduser(path)):
+            if not os.path.exists(path):
                 # `models/foo` is a hub id to mergekit: a local folder misspelt ends here
                 hints.append(f"read as a hub id: there is no folder {path} in {os.getcwd()}")
                 if not switched_on("HF_HUB_OFFLINE"):
@@ -148,7 +148,7 @@ def _warn_of_a_local_typo(model, path: str) -> None:
     which asks the hub about it: without network that takes tens of seconds of retries
     before the refusal. Said before the wait, where it is most likely a misspelt local folder."""
     first = path.split("/", 1)[0]
-    if ("/" not in path or os.path.exists(os.path.expanduser(path)) or not first
+    if ("/" not in path or os.path.exists(path) or not first
             or not os.path.isdir(first) or switched_on("HF_HUB_OFFLINE")):
         return
     LOG.warning("MetaGPT: model %s: there is no folder %s in %s, though %s/ is a folder there; "
@@ -247,7 +247,7 @@ def _cached_snapshot_hint(model, options) -> str:
     hub for its list of files (``list_repo_files``) even when it is cached, so with no
     network only the snapshot's folder loads."""
     path, lora = model.model.path, getattr(model, "lora", None)
-    if lora is not None or os.path.exists(os.path.expanduser(path)):
+    if lora is not None or os.path.exists(path):
         return ""
     try:
         import huggingface_hub

@@ -284,43 +284,56 @@ def _place(model, parts) -> str:
     return (f" for model {model}" if model else "") + (f" ({', '.join(parts)})" if parts else "")
 
 
-def _unserialisable(paths) -> Optional[str]:
-    """The first model path mergekit 0.1.5 cannot serialise (its ModelReference gives itself
-    back for a path holding a space or '"': pydantic's "Circular reference detected")."""
-    from mergekit.common import ModelReference
-
-    for path in paths:
-        try:
-            ModelReference.model_validate(str(path)).model_dump_json()
-        except ValueError:  # pydantic's errors are ValueErrors
-            return str(path)
-    return None
-
-
 def check_recipe_writable(config, config_source, options) -> None:
-    """mergekit writes the recipe into the card and mergekit_config.yml once every weight is
-    written, from its text where run_merge is given it (mergekit-yaml), else by serialising
-    the recipe (mergekit-multi, run_merge from Python), which fails on such a path: the whole
-    merge done, then a traceback, whatever the method."""
-    if config_source is not None or not getattr(options, "write_model_card", True):
-        return
-    path = _unserialisable(config.referenced_models())
-    if path is not None:
+    """mergekit writes the recipe into the model card and mergekit_config.yml once every
+    weight is written: from its text where run_merge is given it (mergekit-yaml), else by
+    serialising it (run_merge from Python), which fails on a path mergekit 0.1.5 cannot
+    serialise: the whole merge done, then a traceback, whatever the method."""
+    if config_source is None and getattr(options, "write_model_card", True):
+        check_serialisable(config, "it writes the recipe into the model card and mergekit_config.yml after the "
+                                   "merge; rename the folder, merge with mergekit-yaml (which writes the "
+                                   "recipe's own text; from Python: run_merge(..., config_source=TEXT)), or "
+                                   "turn the model card off (--no-write-model-card)")
+
+
+def check_serialisable(config, advice: str) -> None:
+    """mergekit serialises a recipe (``to_yaml``) where it has no text of it (run_merge from
+    Python, for the card; mergekit-multi, every recipe before its first merge). mergekit
+    0.1.5 fails there on a model path holding a space or '"' (its ModelReference gives
+    itself back: "Circular reference detected"). `advice`: what to do, where it is checked."""
+    from mergekit_metagpt.errors import one_line
+
+    try:
+        config.to_yaml()
+    except Exception as error:
+        culprit = next((str(m) for m in config.referenced_models() if not _serialises(m)), None)
         raise MetaGPTError(
-            f"model {path}: mergekit 0.1.5 cannot write a path holding a space or '\"' into the model "
-            "card and mergekit_config.yml, which it does after the merge (\"Circular reference "
-            "detected\"), whatever the method: rename the folder, merge with mergekit-yaml (which "
-            "writes the recipe's own text; from Python: run_merge(..., config_source=TEXT)), or turn "
-            "the model card off (--no-write-model-card)")
+            f"{'model ' + culprit if culprit else 'the recipe'}: mergekit 0.1.5 cannot serialise it "
+            f"({one_line(error)}; a path holding a space or '\"'), whatever the method: {advice}") from None
+
+
+def _serialises(reference) -> bool:
+    try:
+        reference.model_dump_json()
+        return True
+    except Exception:
+        return False
 
 
 def check_raw_paths(config) -> None:
-    """mergekit-pytorch serialises each model's path while it merges: a path holding a space
-    or '"' failed mid-merge (after the pre-pass), whatever the method."""
-    path = _unserialisable([p for p in [config.base_model, *(m.model for m in config.models)] if p])
-    if path is not None:
-        raise MetaGPTError(f"model {path}: mergekit-pytorch 0.1.5 fails on a path holding a space or '\"' "
-                           "(\"Circular reference detected\", whatever the method): rename the file")
+    """mergekit-pytorch serialises each model's path (as text, a ModelReference) while it
+    merges: a path holding a space or '"' failed mid-merge (after the pre-pass), whatever
+    the method; so does one it cannot parse (two '+')."""
+    from mergekit.common import ModelReference
+
+    from mergekit_metagpt.errors import one_line
+
+    for path in [p for p in [config.base_model, *(m.model for m in config.models)] if p]:
+        try:
+            ModelReference.model_validate(str(path)).model_dump_json()
+        except Exception as error:
+            raise MetaGPTError(f"model {path}: mergekit-pytorch 0.1.5 fails on this path ({one_line(error)}; "
+                               "a path holding a space or '\"'), whatever the method: rename the file") from None
 
 
 def _check_dtypes(config) -> None:
@@ -329,7 +342,7 @@ def _check_dtypes(config) -> None:
     the whole pre-pass."""
     for key in ("dtype", "out_dtype"):
         value = getattr(config, key, None)
-        if value is not None and not floating_dtype(value):  # int64: weights cut to integers (zeros)
+        if value and not floating_dtype(value):  # int64: weights cut to integers (zeros); "": none
             raise MetaGPTError(f"the recipe's {key} {value!r} is not a floating-point dtype mergekit knows "
                                f"(bfloat16, float16, float32, float64)")
 
@@ -340,9 +353,10 @@ def floating_dtype(name: str) -> bool:
     from mergekit.common import dtype_from_name
 
     try:
-        return dtype_from_name(name).is_floating_point
+        dtype = dtype_from_name(name)
     except RuntimeError:
         return False
+    return dtype is not None and dtype.is_floating_point
 
 
 def _check_slices_have_sources(config) -> None:

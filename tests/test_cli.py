@@ -8,6 +8,7 @@ script in fresh processes (started together, to keep the suite quick).
 import json
 import os
 import subprocess
+import textwrap
 import sys
 
 import pytest
@@ -196,6 +197,27 @@ def test_the_commands_warnings_read_as_its_error_lines_do(cli_runs):
     lines = [l for l in stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith(
         "mergekit-metagpt: warning: MetaGPT: only one model besides the base"), stderr
+
+
+def test_a_program_that_calls_main_keeps_its_own_logging(llama_family, tmp_path):
+    """main() called in-process by a program that set up its logging: its handlers and
+    format stay as they were (main reformatted every console handler, for good)."""
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, ["model0"]), str(tmp_path / "one.yml"))
+    code = textwrap.dedent(f"""
+        import logging
+        logging.basicConfig(format="APP %(name)s %(message)s", level=logging.INFO)
+        from mergekit_metagpt.cli import main
+        assert main(["coefficients", {path!r}]) == 0
+        logging.getLogger("myapp").info("after")
+        print(len(logging.getLogger().handlers))
+    """)
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "1"
+    assert "APP myapp after" in result.stderr.splitlines(), result.stderr[-3000:]
+    assert "APP mergekit_metagpt MetaGPT: only one model besides the base" in result.stderr, result.stderr[-3000:]
 
 
 def test_bake_refuses_slices_and_says_why(cli_runs):
@@ -620,3 +642,20 @@ def test_text_tables_align_wide_characters_as_a_terminal_shows_them():
         return sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in head)
 
     assert len({column_of_last_cell(line) for line in lines}) == 1, lines
+
+
+def test_a_folder_named_tilde_is_read_as_mergekit_reads_it(llama_family, tmp_path, monkeypatch, capsys):
+    """mergekit expands no ~: `~/m` is a folder named "~" here where there is one (stock
+    mergekit merges it), and the plugin's checks read it so too (they looked in the home,
+    and said "no such folder")."""
+    paths, _ = llama_family
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "~").mkdir()
+    for name in ("base", "model0", "model1"):
+        os.symlink(paths[name], tmp_path / "~" / name)
+    tilde = {name: f"~/{name}" for name in ("base", "model0", "model1")}
+    assert main(["coefficients", write_yaml(recipe(tilde, ["model0", "model1"]), str(tmp_path / "r.yml")),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["merges"][0]["models"]
+    assert [row["model"] for row in rows] == ["~/model0", "~/model1"]

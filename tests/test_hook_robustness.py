@@ -218,18 +218,28 @@ def test_version_says_when_the_mergekit_yaml_on_path_runs_a_python_without_the_p
     other = tmp_path / "other" / "bin"
     other.mkdir(parents=True)
     python = other / "python"  # a Python without site-packages: no plugin there
-    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -I -S "$@"\n')
+    python.write_text(f'#!/bin/sh\nexec "{sys.executable}" -S -E "$@"\n')
     (other / "mergekit-yaml").write_text(f"#!{python}\nraise SystemExit('a stand-in')\n")
-    for each in (python, other / "mergekit-yaml"):
+    wrapper = tmp_path / "wrapper" / "bin"  # a shell script that runs this Python's (module systems, Nix)
+    wrapper.mkdir(parents=True)
+    (wrapper / "mergekit-yaml").write_text(f'#!/bin/bash\nexec "{sys.executable}" -m mergekit.scripts.run_yaml "$@"\n')
+    for each in (python, other / "mergekit-yaml", wrapper / "mergekit-yaml"):
         each.chmod(0o755)
+    # run from a checkout of the plugin: `python -c` reads the current folder first
+    checkout = tmp_path / "checkout"
+    for package in ("mergekit_metagpt", "mergekit_metagpt_hook"):
+        (checkout / package).mkdir(parents=True)
+        (checkout / package / "__init__.py").write_text("")
     own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
     lines = {}
     for case, path in {"other": f"{other}{os.pathsep}{os.environ['PATH']}",
+                       "wrapper": f"{wrapper}{os.pathsep}{os.environ['PATH']}",
                        "own": os.path.dirname(sys.executable), "none": str(tmp_path)}.items():
         shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300,
-                               env=dict(os.environ, PATH=path))
+                               env=dict(os.environ, PATH=path), cwd=str(checkout))
         assert shown.returncode == 0, shown.stderr
         lines[case] = shown.stdout.strip().splitlines()[-1]
+    assert lines["wrapper"] == f"mergekit-yaml: {wrapper / 'mergekit-yaml'}"  # no Python to tell: no guess
     assert lines["other"] == (
         f"mergekit-yaml: {other / 'mergekit-yaml'} (WARNING: it runs another Python, {python}, which has no "
         "mergekit-metagpt: a MetaGPT recipe there ends in 'Unimplemented merge method metagpt'. Install "

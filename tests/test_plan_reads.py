@@ -1003,9 +1003,10 @@ def test_mergekit_pytorch_refuses_a_path_with_a_space_before_reading(raw_family,
     result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, "--quiet"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"Error: model {spaced}: mergekit-pytorch 0.1.5 fails on a path holding a space or '\"' (\"Circular "
-        "reference detected\", whatever the method): rename the file"), result.stderr[-2000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: model {spaced}: mergekit-pytorch 0.1.5 fails on this path (") and \
+        "Circular reference detected" in line and line.endswith(
+            "a path holding a space or '\"'), whatever the method: rename the file"), result.stderr[-2000:]
     assert "MetaGPT norm pre-pass" not in result.stderr and not os.path.exists(out)
 
 
@@ -1043,6 +1044,35 @@ def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
     names = {**_names(paths), os.path.join(inter, "step1"): "step1"}
     (got,) = record_sets(out, names)
     assert_lambdas(got, lams2)
+
+
+def test_mergekit_multi_refuses_a_path_it_cannot_serialise_in_one_line(slice_family, tmp_path):
+    """mergekit-multi serialises every recipe before its first merge; mergekit 0.1.5 fails
+    on a path holding a space ("Circular reference detected", a traceback): one line naming
+    the merge and the model, nothing written."""
+    paths, _ = slice_family
+    spaced = str(tmp_path / "model a")
+    os.symlink(paths["a"], spaced)
+    docs = [
+        {"name": "step1", "merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+         "models": [{"model": spaced}, {"model": paths["b"]}]},
+        {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+         "models": [{"model": "step1"}, {"model": paths["c"]}]},
+    ]
+    config = str(tmp_path / "multi.yml")
+    with open(config, "w") as f:
+        yaml.safe_dump_all(docs, f)
+    inter, out = str(tmp_path / "inter"), str(tmp_path / "out")
+    result = subprocess.run(
+        [os.path.join(BIN, "mergekit-multi"), config, "--intermediate-dir", inter, "--out-path", out,
+         "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: MetaGPT: merge 'step1' of the mergekit-multi file: model {spaced}: mergekit "
+                           "0.1.5 cannot serialise it (") and line.endswith(
+        "whatever the method: rename the folder (mergekit-multi writes every recipe out)"), result.stderr[-2000:]
+    assert "Traceback" not in result.stderr and not os.path.exists(out)
+    assert not os.path.exists(inter) or not os.listdir(inter)  # (mergekit-multi makes the folder first)
 
 
 def test_a_tensor_planned_twice_counts_once_and_from_other_inputs_is_refused(llama_family):
