@@ -283,9 +283,18 @@ def version_text() -> str:
     # the finder's mark: set by the .pth line, or by this command's own import of the
     # package (so the .pth file must be there too); unset where the hook failed to import
     installed = getattr(sys, "_mergekit_metagpt_hook_installed", False)
+    import mergekit_metagpt
+    from mergekit_metagpt.errors import one_line
+
+    broken = mergekit_metagpt.MERGEKIT_IMPORT_ERROR
     if hook_dir and installed and mergekit_version == "not installed":
         hook = (f"start-up hook: installed ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}), but mergekit "
                 f"is not installed in this Python ({sys.executable}): pip install mergekit==0.1.5")
+    elif broken is not None:
+        fix = ("pip install --force-reinstall mergekit==0.1.5, which installs the dependencies it asks for"
+               if mergekit_version == "0.1.5" else "this plugin is made for mergekit 0.1.5: pip install mergekit==0.1.5")
+        hook = (f"start-up hook: NOT active: mergekit {mergekit_version} fails to import in this Python "
+                f"({one_line(broken)}), and so mergekit-yaml fails too; {fix}")
     elif hook_dir and installed:
         hook = (f"start-up hook: active ({os.path.join(hook_dir, 'mergekit_metagpt.pth')}): "
                 "mergekit-yaml and mergekit's Python API find metagpt, metagpt_ties, "

@@ -12,6 +12,10 @@ _INSIDE = threading.local()
 _METHODS = None
 
 
+class MergekitUnusable(Exception):
+    """Importing mergekit failed here (not: it is absent), for a reason of its own."""
+
+
 def methods():
     """The method objects this plugin provides, built once."""
     global _METHODS
@@ -27,7 +31,12 @@ def register_all() -> None:
     and attach the plugin's wrappers to the mergekit modules already imported."""
     if getattr(_INSIDE, "active", False):
         return
-    from mergekit.merge_methods import registry
+    try:
+        from mergekit.merge_methods import registry
+    except ModuleNotFoundError:
+        raise
+    except Exception as error:  # mergekit itself fails to import (another version, its dependencies)
+        raise MergekitUnusable(error) from error
 
     with _LOCK:
         _INSIDE.active = True

@@ -133,6 +133,33 @@ def test_mergekit_failing_to_import_is_its_own_error(tmp_path):
     assert "still alive" in result.stdout
 
 
+def test_version_says_when_mergekit_fails_to_import(tmp_path):
+    """A mergekit that does not import here (another version, or a dependency it does not
+    work with: mergekit 0.1.4 under pydantic 2.14): --version printed a 100-line traceback,
+    the diagnostic the README points to; it now says what fails and what to install."""
+    import importlib.metadata
+
+    fake_mergekit(tmp_path, "raise RuntimeError('cannot generate a schema for torch.Tensor')\n")
+    script = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
+    shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, PYTHONPATH=str(tmp_path)))
+    assert shown.returncode == 0, shown.stderr
+    version = importlib.metadata.version("mergekit")
+    assert shown.stdout.splitlines()[1] == (
+        f"start-up hook: NOT active: mergekit {version} fails to import in this Python (RuntimeError: cannot "
+        "generate a schema for torch.Tensor), and so mergekit-yaml fails too; pip install --force-reinstall "
+        "mergekit==0.1.5, which installs the dependencies it asks for"), shown.stdout
+    # importing the plugin leaves the error to mergekit's own import
+    result = run_python("""
+        import mergekit_metagpt
+        try:
+            import mergekit.merge_methods
+        except RuntimeError as error:
+            print("mergekit said:", error)
+    """, pythonpath=[str(tmp_path)])
+    assert result.returncode == 0 and "mergekit said: cannot generate" in result.stdout, result.stderr
+
+
 def test_registration_failure_only_warns(tmp_path):
     # a mergekit whose merge_methods has no registry: registering fails, importing does not
     fake_mergekit(tmp_path, "VALUE = 42\n")
