@@ -98,7 +98,7 @@ def test_inspect_json_says_how_the_sums_are_taken():
     assert "float64" in text and "exact" in text
     from mergekit_metagpt.set_norms import RunNorms
 
-    run = SimpleNamespace(result=RunNorms(sets=[]), method_name="metagpt")
+    run = SimpleNamespace(result=RunNorms(sets=[]), method_name="metagpt", options=None)
     assert payload(run, "recipe.yml")["norms"] == text
 
 
