@@ -1013,12 +1013,12 @@ def test_mergekit_pytorch_refuses_a_path_with_a_space_before_reading(raw_family,
 # =====================================================================================
 # 6. mergekit-multi
 # =====================================================================================
-def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
-    """An intermediate MetaGPT merge feeding a final one, each with its own λ."""
-    paths, sds = slice_family
+def mergekit_multi(paths, first: str, tmp_path):
+    """mergekit-multi on two MetaGPT recipes: step1 merges `first` and b, the final merge
+    step1 and c. (result, intermediate folder, output folder)."""
     docs = [
         {"name": "step1", "merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
-         "models": [{"model": paths["a"]}, {"model": paths["b"]}]},
+         "models": [{"model": first}, {"model": paths["b"]}]},
         {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
          "models": [{"model": "step1"}, {"model": paths["c"]}]},
     ]
@@ -1031,6 +1031,13 @@ def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
          "--no-copy-tokenizer", "--quiet"],
         capture_output=True, text=True, timeout=600,
     )
+    return result, inter, out
+
+
+def test_mergekit_multi_matches_closed_form(slice_family, tmp_path):
+    """An intermediate MetaGPT merge feeding a final one, each with its own λ."""
+    paths, sds = slice_family
+    result, inter, out = mergekit_multi(paths, paths["a"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     base = sds["base"]
     reads = [(n, n) for n in base]
@@ -1053,19 +1060,7 @@ def test_mergekit_multi_refuses_a_path_it_cannot_serialise_in_one_line(slice_fam
     paths, _ = slice_family
     spaced = str(tmp_path / "model a")
     os.symlink(paths["a"], spaced)
-    docs = [
-        {"name": "step1", "merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
-         "models": [{"model": spaced}, {"model": paths["b"]}]},
-        {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
-         "models": [{"model": "step1"}, {"model": paths["c"]}]},
-    ]
-    config = str(tmp_path / "multi.yml")
-    with open(config, "w") as f:
-        yaml.safe_dump_all(docs, f)
-    inter, out = str(tmp_path / "inter"), str(tmp_path / "out")
-    result = subprocess.run(
-        [os.path.join(BIN, "mergekit-multi"), config, "--intermediate-dir", inter, "--out-path", out,
-         "--no-copy-tokenizer", "--quiet"], capture_output=True, text=True, timeout=600)
+    result, inter, out = mergekit_multi(paths, spaced, tmp_path)
     assert result.returncode == 1
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith(f"Error: MetaGPT: merge 'step1' of the mergekit-multi file: model {spaced}: mergekit "
