@@ -419,7 +419,7 @@ def slice_sets(sds):
 
 
 def _markdown_tables(text):
-    """Each table of `text` as rows of cells, split as GitHub splits them (not at ``\|``)."""
+    """Each table of `text` as rows of cells, split as GitHub splits them (not at an escaped bar)."""
     import re
 
     tables, rows = [], []
