@@ -370,8 +370,8 @@ def _written_as_float16() -> Optional[str]:
             return None
     except RuntimeError:
         return None
-    return ("the float16 its architecture forces for this weight" if forced
-            else "out_dtype float16") + " of wider merged values"
+    # (a weight's force_dtype: its architecture's)
+    return f"{'force_dtype' if forced else 'out_dtype'} float16 of wider merged values"
 
 
 def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: Dict[str, Any],
