@@ -379,7 +379,7 @@ def _refuse_float16_overflow(result: torch.Tensor, group: TensorGroup, params: D
     """A float16 output beyond ±65504 is refused, not written as Inf (as stock mergekit
     writes it): the inputs are finite (the pre-pass checked them), so the merge overflowed,
     through a `lambda` above 1, mergekit's ties / dare arithmetic in float16 (DARE's
-    1/density rescale), or a cast of wider results to float16 (`cast`: True for the
+    rescale, about 1/density), or a cast of wider results to float16 (`cast`: True for the
     call's out_dtype, or the cast's reason as text)."""
     if result.dtype != torch.float16 or bool(torch.isfinite(result).all()):
         return
