@@ -4,10 +4,24 @@
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
-_MEMO: Dict[Tuple[str, str], Dict[str, Optional[float]]] = {}
+#: entries each memo keeps, the least recently used dropped first: a process that merges
+#: checkpoints rewritten between merges (each version another key) keeps no more than this;
+#: a dropped entry is read from the disk cache again when it is next asked for
+MEMO_ENTRIES = 256
+
+_MEMO: "OrderedDict[Tuple[str, str], Dict[str, Optional[float]]]" = OrderedDict()
 _MEMO_LOCK = threading.Lock()
+
+
+def _keep(memo, key, value) -> None:
+    """`memo[key] = value`, as its most recent entry, within MEMO_ENTRIES (under the lock)."""
+    memo[key] = value
+    memo.move_to_end(key)
+    while len(memo) > MEMO_ENTRIES:
+        memo.popitem(last=False)
 
 
 def clear_memo() -> None:
@@ -30,10 +44,15 @@ def _known(memo, key, load) -> Dict[str, Optional[float]]:
     use; a value another thread stored meanwhile is kept, not overwritten by the load."""
     with _MEMO_LOCK:
         hit = memo.get(key)
+        if hit is not None:
+            memo.move_to_end(key)
     if hit is None:
         loaded = load() or {}
         with _MEMO_LOCK:
-            hit = memo.setdefault(key, loaded)
+            hit = memo.get(key)
+            if hit is None:
+                hit = loaded
+            _keep(memo, key, hit)
     return dict(hit)
 
 
@@ -62,11 +81,11 @@ def _merge_and_store(memo, key, values, load, store) -> None:
         on_disk = load() or {}
         with _MEMO_LOCK:
             merged = {**on_disk, **memo.get(key, {}), **values}
-            memo[key] = merged
+            _keep(memo, key, merged)
         store(merged)
 
 
-_PRODUCTS_MEMO: Dict[Tuple[str, str, str], Dict[str, Optional[float]]] = {}
+_PRODUCTS_MEMO: "OrderedDict[Tuple[str, str, str], Dict[str, Optional[float]]]" = OrderedDict()
 
 
 def known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[float]]:

@@ -328,6 +328,28 @@ def test_a_first_lookup_does_not_overwrite_what_another_thread_stored(monkeypatc
     assert norm_memo.known("base-key", "model-key") == {"stored": 1.0}
 
 
+def test_the_memo_keeps_its_latest_entries_and_reads_a_dropped_one_from_disk_again(monkeypatch):
+    """A process merging checkpoints rewritten between merges (each version another key) keeps
+    at most MEMO_ENTRIES per memo, the least recently used dropped: an entry asked for again
+    stays, and a dropped one comes back from the disk cache, unchanged."""
+    monkeypatch.setattr(norm_memo, "MEMO_ENTRIES", 4)
+    norm_memo.remember("base-key", "model-0", {"t": 0.0}, ("b", "m"))
+    for version in range(1, 7):
+        norm_memo.remember("base-key", f"model-{version}", {"t": float(version)}, ("b", "m"))
+        assert norm_memo.known("base-key", "model-0") == {"t": 0.0}  # in use: kept
+    assert list(norm_memo._MEMO) == [("base-key", f"model-{v}") for v in (4, 5, 6)] + [("base-key", "model-0")]
+    norm_memo.remember_products(["base-key", "model-1", "model-2"], {"t": 0.5}, ("b", "m", "n"))
+    for version in range(3, 9):
+        norm_memo.remember_products(["base-key", "model-1", f"model-{version}"], {"t": 1.0}, ("b", "m", "n"))
+    assert len(norm_memo._PRODUCTS_MEMO) == 4
+    loads = []
+    real_load = norm_cache.load
+    monkeypatch.setattr(norm_cache, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    assert norm_memo.known("base-key", "model-1") == {"t": 1.0}  # dropped: from disk
+    assert loads == [("base-key", "model-1")]
+    assert norm_memo.known_products("base-key", "model-1", "model-2") == {"t": 0.5}
+
+
 OTHER_PROCESS = """
 import fcntl, os, sys
 from mergekit_metagpt import norm_cache
