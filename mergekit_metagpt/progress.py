@@ -13,6 +13,7 @@ import logging
 import sys
 import threading
 import time
+import weakref
 
 import tqdm
 
@@ -38,8 +39,23 @@ def is_terminal(stream) -> bool:
         return False
 
 
-#: id(stream) -> time.time() when a line written here last ended on it
-_LINE_ENDED: dict = {}
+#: stream -> time.time() when a line written here last ended on it (held weakly: a process
+#: that gives each run a fresh stream, as a notebook or a service may, keeps none of them)
+_LINE_ENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _line_ended(stream) -> float:
+    try:
+        return _LINE_ENDED.get(stream, 0.0)
+    except TypeError:  # a stream that takes no weak reference: any bar on it counts as open
+        return 0.0
+
+
+def _note_line_ended(stream) -> None:
+    try:
+        _LINE_ENDED[stream] = time.time()
+    except TypeError:
+        pass
 
 
 def _bar_line_open(stream) -> bool:
@@ -48,7 +64,7 @@ def _bar_line_open(stream) -> bool:
     writes to, and notes when it last drew; its monitor thread may also redraw a bar that
     stalled for `maxinterval` without noting it: the pre-pass stalls mergekit's bar, so
     such a bar counts as open, at worst an empty line)."""
-    ended, now = _LINE_ENDED.get(id(stream), 0.0), time.time()
+    ended, now = _line_ended(stream), time.time()
     monitored = bool(getattr(tqdm.tqdm, "monitor_interval", 0))
     with tqdm.tqdm.get_lock():  # bars other threads make or close meanwhile
         bars = list(getattr(tqdm.tqdm, "_instances", ()))
@@ -70,7 +86,7 @@ def _write_line(stream, text: str) -> None:
     else:
         stream.write(("\n" if _bar_line_open(stream) else "") + text + "\n")
         stream.flush()
-        _LINE_ENDED[id(stream)] = time.time()
+        _note_line_ended(stream)
 
 
 class _Bar:

@@ -229,14 +229,49 @@ def test_a_bar_that_stalled_past_tqdms_monitor_interval_counts_as_drawn_again():
     stream = io.StringIO()
     bar = tqdm.tqdm(total=10, file=stream, mininterval=0)
     try:
-        progress._LINE_ENDED[id(stream)] = time.time()
+        progress._LINE_ENDED[stream] = time.time()
         bar.last_print_t = time.time() - 1  # drawn before that line, not stalled: closed
         assert not progress._bar_line_open(stream)
         bar.last_print_t = time.time() - bar.maxinterval - 1  # stalled: the monitor may have redrawn it
         assert progress._bar_line_open(stream) is bool(tqdm.tqdm.monitor_interval)
     finally:
         bar.close()
-        progress._LINE_ENDED.pop(id(stream), None)
+        progress._LINE_ENDED.pop(stream, None)
+
+
+def test_streams_written_to_are_not_kept_alive_and_any_stream_takes_a_line():
+    """A notebook or service gives each run a fresh stderr: the note of when a line last ended
+    on a stream holds it weakly (none kept after the run), and a stream that takes no weak
+    reference still gets its lines."""
+    import gc
+    import io
+
+    from mergekit_metagpt import progress
+
+    before = len(progress._LINE_ENDED)
+    for _ in range(20):
+        stream = io.StringIO()
+        progress._write_line(stream, "a line")
+        assert stream.getvalue() == "a line\n"
+    del stream
+    gc.collect()
+    assert len(progress._LINE_ENDED) == before
+
+    class Slotted:
+        __slots__ = ("lines",)
+
+        def __init__(self):
+            self.lines = []
+
+        def write(self, text):
+            self.lines.append(text)
+
+        def flush(self):
+            pass
+
+    slotted = Slotted()
+    progress._write_line(slotted, "another")
+    assert "".join(slotted.lines) == "another\n"
 
 
 def test_progress_into_a_closed_stderr_does_not_fail_the_pass(monkeypatch):
