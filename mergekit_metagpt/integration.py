@@ -9,9 +9,9 @@ the plugin wraps, without changing what they do:
   task universe from its plan, in the thread that starts the merge, before any
   tensor is written. The wrapper records the plan's MetaGPT tasks
   (``merge_plan.register_universe``), checks them (``MergeRun.check``: each file they
-  read opens, among others) and, for a merge planned outside ``run_merge``
-  (``mergekit-pytorch``), removes an earlier run's record from the folder the plan's
-  writer task writes to, whatever the merge's method.
+  read opens, among others) and, for a merge of another method or one planned outside
+  ``run_merge`` (``mergekit-pytorch``), removes an earlier run's record from the folder
+  the plan's writer task writes to.
 - ``mergekit.merge_methods.task_adapter.ExecuteMergeMethodTask.execute``: sets a
   context variable naming the task being executed, in whichever thread runs it, so
   the method can find its plan.
@@ -23,8 +23,9 @@ the plugin wraps, without changing what they do:
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
-  does not), removes an earlier run's record (another method: before the merge;
-  MetaGPT: after one that wrote none), makes the output folder and options known to the
+  does not), removes an earlier run's record (another method: once planned, through the
+  task universe's wrapper, or before the merge without it; MetaGPT: after one that wrote
+  none), makes the output folder and options known to the
   plan (record, progress bar), and adds the λ tables to the model card mergekit has
   just written.
 - ``mergekit.scripts.multimerge.load_config`` (``mergekit-multi``): checks each MetaGPT
@@ -215,7 +216,9 @@ def _attach_merge(module) -> None:
 
         if not _is_ours(getattr(config, "merge_method", None)):
             _refuse_our_method_misspelt(getattr(config, "merge_method", None))
-            remove_stale_record(bound.arguments.get("out_path"))
+            if not attached("mergekit.graph"):  # else: once planned (register_universe), so that
+                # a merge that fails before (a missing parameter, a model not found) keeps it
+                remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
         from mergekit_metagpt.recipe_checks import check_config, check_recipe_writable
         from mergekit_metagpt.card import add_card_sections

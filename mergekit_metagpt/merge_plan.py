@@ -345,8 +345,9 @@ def ours(tasks) -> List[object]:
 
 def register_universe(universe, context=None) -> Optional[MergeRun]:
     """For the task universe of one graph merge: record its MetaGPT tasks as one MergeRun
-    and, outside ``run_merge`` (whose wrapper does it itself), remove the earlier record
-    from the folder the merge writes to, whatever its method."""
+    and, outside a MetaGPT ``run_merge`` (whose wrapper does it itself), remove the earlier
+    record from the folder the merge writes to, whatever its method: planned, nothing
+    written yet (a merge that fails before, e.g. on a missing parameter, keeps it)."""
     tasks = getattr(universe, "tasks", None) or []
     mine = ours(tasks)
     run = None

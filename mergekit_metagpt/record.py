@@ -188,11 +188,11 @@ def passed_through_text(entries, ascii: bool = False) -> str:
 
 def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: Optional[BaseException] = None) -> None:
     """Remove the record in `out_path`, so that the folder never holds λ that the model in
-    it was not merged with: an earlier run's, before a merge of another method (or, for a
-    MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or was
-    interrupted once written. Called by the ``run_merge`` wrapper and, for merges planned
-    without it (``mergekit-pytorch``), when the plan's task universe is made
-    (``merge_plan.register_universe``). `stopped`: the error that stopped a merge after its
+    it was not merged with: an earlier run's, once a merge of another method is planned (or,
+    for a MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or
+    was interrupted once written. Called by the ``run_merge`` wrapper and, for merges of
+    another method or planned without it (``mergekit-pytorch``), when the plan's task
+    universe is made (``merge_plan.register_universe``). `stopped`: the error that stopped a merge after its
     pre-pass, said as a warning, record or not (the folder may hold part of its weights)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return

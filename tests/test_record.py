@@ -91,6 +91,29 @@ def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, 
     assert CARD_MARK not in read_card(out)
 
 
+@pytest.mark.parametrize("broken", ["no weight", "no such model"])
+def test_a_merge_of_another_method_that_fails_before_planning_keeps_the_earlier_record(
+        broken, llama_family, merge_options, tmp_path):
+    """A task_arithmetic recipe that mergekit refuses before it plans (a missing `weight`,
+    a model not found) writes nothing: the earlier MetaGPT run's record stays beside its
+    weights, as stock mergekit leaves the folder; once such a merge is planned, it goes."""
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    record = read_record(out)
+    if broken == "no weight":
+        bad = recipe(paths, ["model0", "model1"], method="task_arithmetic")
+    else:
+        bad = recipe(dict(paths, gone=str(tmp_path / "gone")), ["model0", "gone"], method="task_arithmetic",
+                     parameters={"weight": 0.5})
+    with pytest.raises(Exception):
+        run_recipe(bad, out, merge_options)
+    assert read_record(out) == record
+    run_recipe(recipe(paths, ["model0", "model1"], method="task_arithmetic", parameters={"weight": 0.5}),
+               out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+
+
 def test_a_merge_that_fails_before_writing_leaves_the_folder_as_it_was(llama_family, merge_options, tmp_path):
     """A MetaGPT merge refused in its pre-pass (NaN in a model) keeps the earlier run's
     record beside the earlier run's weights: the folder stays consistent."""
