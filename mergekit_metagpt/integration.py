@@ -37,9 +37,9 @@ the plugin wraps, without changing what they do:
 - ``mergekit.scripts.merge_raw_pytorch.plan_flat_merge`` (``mergekit-pytorch``, which
   runs no ``run_merge``): checks a MetaGPT recipe's parameters, base and dtypes as
   ``run_merge``'s wrapper does.
-- ``main.callback`` of ``mergekit.scripts.run_yaml``, ``merge_raw_pytorch`` and
-  ``multimerge`` (the click commands of ``mergekit-yaml``, ``mergekit-pytorch`` and
-  ``mergekit-multi``): a refusal of the plugin's (``MetaGPTError``) ends the command as
+- ``main.callback`` of ``mergekit.scripts.run_yaml``, ``merge_raw_pytorch``,
+  ``multimerge`` and ``legacy`` (the click commands of ``mergekit-yaml``,
+  ``mergekit-pytorch``, ``mergekit-multi`` and ``mergekit-legacy``): a refusal of the plugin's (``MetaGPTError``) ends the command as
   click's one ``Error: …`` line, exit status 1, not a traceback.
 
 Where mergekit has changed shape (a class, attribute or parameter missing), the wrapper
@@ -536,6 +536,7 @@ _ATTACHERS = {
     "mergekit.io.tasks": _attach_io_tasks,
     "mergekit.scripts.run_yaml": _one_line_errors,
     "mergekit.scripts.merge_raw_pytorch": _attach_raw_pytorch,
+    "mergekit.scripts.legacy": _one_line_errors,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -552,6 +553,7 @@ WITHOUT_WRAPPER = {
     "mergekit.io.tasks": "Merges run; the record is written when the pre-pass ends, before the "
                          "weights (a merge killed midway leaves it).",
     "mergekit.scripts.run_yaml": "Merges run; mergekit-yaml shows the plugin's refusals after a traceback.",
+    "mergekit.scripts.legacy": "Merges run; mergekit-legacy shows the plugin's refusals after a traceback.",
     "mergekit.scripts.merge_raw_pytorch": "Merges run; mergekit-pytorch checks no MetaGPT recipe's parameters "
                                           "before it reads, and shows the plugin's refusals after a traceback.",
 }

@@ -14,9 +14,10 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
   its file before the first merge;
 - ``mergekit.io.tasks``: a merge planned without ``run_merge`` (``mergekit-pytorch``)
   writes its record once mergekit has written the model;
-- ``mergekit.scripts.run_yaml``, ``mergekit.scripts.merge_raw_pytorch`` (and
-  ``multimerge``): the plugin's refusals end ``mergekit-yaml``, ``mergekit-pytorch`` and
-  ``mergekit-multi`` as one ``Error:`` line, not a traceback.
+- ``mergekit.scripts.run_yaml``, ``mergekit.scripts.merge_raw_pytorch``,
+  ``mergekit.scripts.legacy`` (and ``multimerge``): the plugin's refusals end
+  ``mergekit-yaml``, ``mergekit-pytorch``, ``mergekit-legacy`` and ``mergekit-multi`` as
+  one ``Error:`` line, not a traceback.
 
 Nothing here may break Python: a missing or broken mergekit, a second copy of this
 hook (two installs), or a failing registration only ever produces a warning.
@@ -35,6 +36,7 @@ WATCHED = (
     "mergekit.io.tasks",
     "mergekit.scripts.run_yaml",
     "mergekit.scripts.merge_raw_pytorch",
+    "mergekit.scripts.legacy",
 )
 _MARK = "_mergekit_metagpt_hook_installed"
 

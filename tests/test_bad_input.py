@@ -773,6 +773,33 @@ def test_a_refusal_ends_mergekits_commands_as_one_error_line(command, family, tm
         assert "Traceback" not in result.stderr and last == "Error: " + message, result.stderr[-3000:]
 
 
+def test_mergekit_legacy_refuses_its_default_normalize_in_one_line_and_merges_without_it(family, tmp_path):
+    """mergekit-legacy writes `normalize: true` unless given --no-normalize: refused as one
+    `Error:` line that says so (it ended in a traceback), nothing written; with
+    --no-normalize it merges to the closed form."""
+    import subprocess
+    import sys
+
+    paths, base = family
+    legacy = os.path.join(os.path.dirname(sys.executable), "mergekit-legacy")
+    args = ["--merge", paths["good"], "--merge", paths["param_bin"], "--base-model", paths["base"],
+            "--method", "metagpt", "--no-copy-tokenizer"]
+    out = tmp_path / "out"
+    result = subprocess.run([legacy, str(out), *args], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr and last.startswith("Error: normalize must be false for metagpt"), \
+        result.stderr[-3000:]
+    assert "unless given --no-normalize" in last and not out.exists()
+    result = subprocess.run([legacy, str(out), *args, "--no-normalize"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _, expected = closed_form(base, [perturbed(base, 0.02, 1), perturbed(base, 0.03, 9)])
+    merged = load_checkpoint(str(out))
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name].double(), tensor, atol=1e-6, rtol=1e-5)
+
+
 def test_a_bin_checkpoint_of_parameters_is_merged(family, tmp_path):
     """The file checks read a .bin as mergekit does: a valid one is not refused."""
     paths, base = family
