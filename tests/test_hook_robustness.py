@@ -257,11 +257,12 @@ def test_version_says_when_the_mergekit_yaml_on_path_runs_a_python_without_the_p
     for package in ("mergekit_metagpt", "mergekit_metagpt_hook"):
         (checkout / package).mkdir(parents=True)
         (checkout / package / "__init__.py").write_text("")
-    own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    # as the command's own Python has it (a pytest started as ../.venv/bin/python keeps the ..)
+    own = os.path.join(os.path.dirname(os.path.normpath(sys.executable)), "mergekit-yaml")
     lines = {}
     for case, path in {"other": f"{other}{os.pathsep}{os.environ['PATH']}",
                        "wrapper": f"{wrapper}{os.pathsep}{os.environ['PATH']}",
-                       "own": os.path.dirname(sys.executable), "none": str(tmp_path)}.items():
+                       "own": os.path.dirname(own), "none": str(tmp_path)}.items():
         shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300,
                                env=dict(os.environ, PATH=path), cwd=str(checkout))
         assert shown.returncode == 0, shown.stderr
