@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
-from typing import Any, Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
-
-from typing_extensions import Literal
+from typing import Any, Dict, Hashable, List, Literal, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (

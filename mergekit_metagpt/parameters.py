@@ -7,11 +7,10 @@ every value against these types before mergekit resolves it) are in ``recipe_che
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional
+from typing import Annotated, Any, Callable, Optional
 
 from pydantic import BeforeValidator
 from pydantic_core import PydanticCustomError
-from typing_extensions import Annotated
 
 
 def _number_in(value: Any, accept: Callable[[float], bool]) -> Optional[float]:
