@@ -2,6 +2,7 @@
 and writes no weights."""
 
 import glob
+import json
 import os
 import re
 import shutil
@@ -231,8 +232,8 @@ CASES = {
     "normalize from a ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"normalize": True, "int8_mask": True}),
         r"normalize must be false for metagpt_ties, or left out \(got True\): MetaGPT's λ sum to 1 .*as with "
-        r"mergekit's "
-        r"normalize: false; normalize: true would divide .*which is not MetaGPT's merge$"),
+        r"mergekit's normalize: false; normalize: true would divide .*which is not MetaGPT's merge "
+        r"\(mergekit-legacy sets normalize: true unless given --no-normalize\)$"),
     # the most common DARE recipe is dare_ties with int8_mask: metagpt_dare elects no signs
     "int8_mask from a dare_ties recipe": (
         lambda p: recipe(p, ["good"], method="metagpt_dare", parameters={"density": 0.5, "int8_mask": True}),
@@ -397,6 +398,8 @@ def test_all_zero_task_vectors_output_the_base_with_warning(family, tmp_path):
     merged = load_checkpoint(out)
     for name, tensor in base.items():
         assert torch.equal(merged[name], tensor), name
+    with open(os.path.join(out, "metagpt_coefficients.json")) as f:  # said as merged: λ 0, not 1/T
+        assert [row["lambda"] for row in json.load(f)["merges"][0]["models"]] == [0.0, 0.0]
 
 
 def test_a_dequantized_model_that_kept_its_quantization_config_is_merged_and_warned_of(family, tmp_path):

@@ -48,7 +48,8 @@ def test_normalize_false_is_accepted_and_true_refused_in_memory():
         for name, ref in reference.items():
             assert (merged[name].double() - ref).abs().max().item() < 1e-5, (value, name)
     with pytest.raises(MetaGPTError, match=r"^normalize must be false for metagpt, or left out \(got True\): MetaGPT's λ sum "
-                                           r"to 1 .*which is not MetaGPT's merge$"):
+                                           r"to 1 .*which is not MetaGPT's merge \(mergekit-legacy sets "
+                                           r"normalize: true unless given --no-normalize\)$"):
         merge_state_dicts(sds, "metagpt", base="base", parameters={"normalize": True})
 
 
@@ -172,19 +173,49 @@ def test_per_group_alpha_must_still_be_one_value_with_mixed_granularity():
         })
 
 
-def test_norms_are_those_of_the_tensors_cast_to_the_merge_dtype():
+@pytest.mark.parametrize("granularity", ["global", "per_tensor"])
+def test_norms_are_those_of_the_tensors_cast_to_the_merge_dtype(granularity):
     """merge_state_dicts(dtype=…) casts every tensor before merging: the norms are those of
     the cast tensors, as in a graph merge with `dtype:`. Model a moves 0.003 where the base
     is 1 (bfloat16 rounds that away: its cast task vector is zero), model b 0.003 where the
-    base is 0 (kept): cast, λ_b = 1; from the float32 inputs, λ_a = λ_b = 1/2."""
+    base is 0 (kept): cast, λ_b = 1; from the float32 inputs, λ_a = λ_b = 1/2. `z` holds
+    both in one tensor, for per-tensor λ."""
     base = {"x": torch.ones(64), "y": torch.zeros(64)}
     a = {"x": torch.full((64,), 1.003), "y": torch.zeros(64)}
     b = {"x": torch.ones(64), "y": torch.full((64,), 0.003)}
+    for sd in (base, a, b):
+        sd["z"] = torch.cat([sd["x"], sd["y"]])
     merged = merge_state_dicts({"base": base, "a": a, "b": b}, "metagpt", base="base",
-                               dtype=torch.bfloat16, out_dtype=torch.float32)
+                               dtype=torch.bfloat16, out_dtype=torch.float32,
+                               parameters={"granularity": granularity})
     expected = torch.full((64,), 0.003).to(torch.bfloat16).float()  # λ_b = 1
     assert torch.equal(merged["y"], expected), merged["y"][:4]
     assert torch.equal(merged["x"], torch.ones(64))
+    assert torch.equal(merged["z"], torch.cat([torch.ones(64), expected])), merged["z"][60:68]
+
+
+def test_views_of_one_fused_tensor_each_count():
+    """q, k and v as chunk(3) views of one fused tensor in every state dict: three tensors,
+    each in the norms (not one, as views of one storage that tied weights would be)."""
+    gen = torch.Generator().manual_seed(3)
+    fused = torch.randn(24, 8, generator=gen)
+    sds = {"base": dict(zip("qkv", fused.chunk(3)))}
+    for name, scales in (("m0", (0.1, 0.01, 0.01)), ("m1", (0.01, 0.01, 0.1))):
+        noise = torch.cat([torch.randn(8, 8, generator=gen) * s for s in scales])
+        sds[name] = dict(zip("qkv", (fused + noise).chunk(3)))
+    assert sds["m0"]["k"].storage_offset() == 64  # views of one storage
+    lams, reference = closed_form(sds["base"], [sds["m0"], sds["m1"]])
+    merged = merge_state_dicts(sds, "metagpt", base="base")
+    only_q, _ = closed_form({"q": sds["base"]["q"]}, [{"q": sds[m]["q"]} for m in ("m0", "m1")])
+    assert abs(only_q[0] - lams[0]) > 0.1  # counting one view would show
+    for name, ref in reference.items():
+        torch.testing.assert_close(merged[name].double(), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_an_in_memory_merge_without_a_base_says_metagpt_needs_one():
+    base, models = _tiny_models()
+    with pytest.raises(MetaGPTError, match="MetaGPT needs a base_model"):
+        merge_state_dicts({"base": base, **models}, "metagpt")
 
 
 def test_task_vectors_too_small_for_float32_squares_are_warned_of(caplog):
