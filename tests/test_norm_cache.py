@@ -654,6 +654,61 @@ def test_sparse_norms_are_not_reused_across_variants(llama_family, merge_options
         assert abs(row["squared_norm"] - expected[row["model"]]) / expected[row["model"]] < 1e-5, row
 
 
+def _offset_slices(paths):
+    """One layer: the base's layer 1 against the fine-tunes' layer 0 (other pairs than a
+    `models:` recipe reads, of the same tensor names of the fine-tunes)."""
+    return {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+            "slices": [{"sources": [{"model": paths["base"], "layer_range": [1, 2]},
+                                    *({"model": paths[m], "layer_range": [0, 1]} for m in MODELS)]}]}
+
+
+WARM_CASES = {
+    # (the recipe that fills the cache, the recipe then run): what tells their reads apart
+    "dtype": (lambda p: recipe(p, MODELS), lambda p: recipe(p, MODELS, dtype="bfloat16")),
+    "the base's tensor": (lambda p: recipe(p, MODELS), _offset_slices),
+    "dense then sparse": (lambda p: recipe(p, MODELS),
+                          lambda p: recipe(p, MODELS, method="metagpt_ties",
+                                           parameters={"density": 0.4, "lambda_from": "sparse"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WARM_CASES))
+def test_what_another_recipe_cached_never_changes_a_merges_norms(case, llama_family, merge_options, tmp_path,
+                                                                 monkeypatch):
+    """A recipe run after another of the same checkpoints (in the same process, and in a
+    new one: memo, then disk) gets the norms it gets with an empty cache, where the two
+    read other things under the same names: the inputs cast to another dtype, another
+    tensor of the base against the same one of a model, sparsified task vectors."""
+    from mergekit.io.tasks import LoaderCache
+
+    paths, _ = llama_family
+    first, then = (make(paths) for make in WARM_CASES[case])
+
+    def norms_of(out):
+        with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+            (entry,) = json.load(f)["merges"]
+        return [(row["model"], row["squared_norm"]) for row in entry["models"]]
+
+    def run(config, name):
+        LoaderCache().flush_all()
+        run_recipe(config, str(tmp_path / name), merge_options)
+        return norms_of(str(tmp_path / name))
+
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "cold-cache"))
+    fresh_process_state()
+    cold = run(then, "cold")
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "warm-cache"))
+    fresh_process_state()
+    filled = run(first, "first")
+    assert [n for _, n in filled] != pytest.approx([n for _, n in cold], rel=1e-6)  # they do read apart
+    for name in ("memo", "disk"):
+        if name == "disk":
+            fresh_process_state()
+        warm = run(then, name)
+        assert [m for m, _ in warm] == [m for m, _ in cold]
+        assert [n for _, n in warm] == pytest.approx([n for _, n in cold], rel=1e-12), name
+
+
 @pytest.mark.parametrize("xdg, under", [("/somewhere/cache", "/somewhere/cache"), ("relative/cache", None),
                                         ("", None)])
 def test_the_cache_folder_follows_xdg_cache_home_only_where_it_is_absolute(xdg, under, monkeypatch, tmp_path):
