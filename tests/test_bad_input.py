@@ -112,6 +112,16 @@ def family(tmp_path_factory):
 
     wider = random_state_dict(7, intermediate_size=56)
     paths["wider"] = save_checkpoint(str(root / "wider"), wider, intermediate_size=56)
+    from safetensors.torch import load_file, save_file
+
+    # good's copy with one weight transposed: as many elements as the base's, in another shape
+    shutil.copytree(paths["good"], root / "transposed")
+    paths["transposed"] = str(root / "transposed")
+    for shard in glob.glob(os.path.join(paths["transposed"], "*.safetensors")):
+        tensors = load_file(shard)
+        if "model.layers.0.mlp.up_proj.weight" in tensors:
+            tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].t().contiguous()
+            save_file(tensors, shard, metadata={"format": "pt"})
 
     deeper = random_state_dict(7, num_hidden_layers=3)
     paths["deeper"] = save_checkpoint(str(root / "deeper"), deeper, num_hidden_layers=3)
@@ -185,6 +195,9 @@ CASES = {
     "base is the only model": (lambda p: recipe(p, ["base"]), "at least one model besides the base"),
     "tensor shapes differ": (lambda p: recipe(p, ["good", "wider"]),
                              r"shape mismatch for tensor 'model\.layers\.0\.mlp\.[\w.]+'.*/wider"),
+    "a tensor transposed": (lambda p: recipe(p, ["good", "transposed"]),
+                            r"shape mismatch for tensor 'model\.layers\.0\.mlp\.up_proj\.weight': model "
+                            r"\S*/transposed has \(\d+, \d+\)"),
     "NaN in a model": (lambda p: recipe(p, ["good", "nan"]),
                        r"NaN or Inf.*'model\.layers\.1\.self_attn\.k_proj\.weight' of model .*/nan$"),
     "finite values too large to square in float32": (
