@@ -32,7 +32,9 @@ def test_tempered_graph_merge_matches_closed_form(alpha, llama_family, merge_opt
     record = json.load(open(out / "metagpt_coefficients.json"))
     (entry,) = record["merges"]
     assert entry["alpha"] == alpha
-    assert [m["lambda"] for m in entry["models"]] == pytest.approx(lams, abs=1e-9)
+    # the norms are exact to ~1e-8 relative (tests/test_norm_precision.py), the λ to as much:
+    # 2e-9 apart was seen in another environment (summation order)
+    assert [m["lambda"] for m in entry["models"]] == pytest.approx(lams, abs=1e-8)
     card = open(out / "README.md", encoding="utf-8").read()
     assert f"(‖δ_k‖²)^α, α = {alpha:g}, with δ_t = θ_t − θ₀" in card
 
