@@ -39,8 +39,10 @@ the plugin wraps, without changing what they do:
   ``run_merge``'s wrapper does.
 - ``main.callback`` of ``mergekit.scripts.run_yaml``, ``merge_raw_pytorch``,
   ``multimerge`` and ``legacy`` (the click commands of ``mergekit-yaml``,
-  ``mergekit-pytorch``, ``mergekit-multi`` and ``mergekit-legacy``): a refusal of the plugin's (``MetaGPTError``) ends the command as
-  click's one ``Error: …`` line, exit status 1, not a traceback.
+  ``mergekit-pytorch``, ``mergekit-multi`` and ``mergekit-legacy``): a refusal of the
+  plugin's (``MetaGPTError``) ends the command as click's one ``Error: …`` line, exit
+  status 1, not a traceback; ``mergekit-legacy --method metagpt`` without
+  ``--no-normalize`` is refused as such.
 
 Where mergekit has changed shape (a class, attribute or parameter missing), the wrapper
 is not installed; a warning says so when the hook sees the module load. Without one of
@@ -408,11 +410,12 @@ def _check_slice_depths(definition, module_name) -> None:
             )
 
 
-def _one_line_errors(module) -> None:
+def _one_line_errors(module, check_arguments=None) -> None:
     """mergekit's click command of a script (``main``): a MetaGPTError (a refusal of the
     plugin's: what to fix, in one message) ends it as click's own ``Error: …`` line with
     exit status 1, where Python printed a traceback whose last line said it. Other
-    exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` keeps it for these too."""
+    exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` keeps it for these too.
+    `check_arguments`: called with the command's keyword arguments before it runs."""
     import click
 
     from mergekit_metagpt.errors import MetaGPTError
@@ -434,6 +437,8 @@ def _one_line_errors(module) -> None:
         # plan_flat_merge is handed, reach the plan through this holder
         token = RAW_OPTIONS.set({})
         try:
+            if check_arguments is not None:
+                check_arguments(kwargs)
             return original(*args, **kwargs)
         except MetaGPTError as error:
             if switched_on(DEBUG_SWITCH) or isinstance(error, click.ClickException):
@@ -444,6 +449,23 @@ def _one_line_errors(module) -> None:
 
     callback._mergekit_metagpt_wrapper = True
     command.callback = callback
+
+
+def _attach_legacy(module) -> None:
+    """``mergekit-legacy``: one-line refusals, and ``--method metagpt`` without
+    ``--no-normalize`` refused as such (the command writes ``normalize: true`` unless told
+    otherwise, which a MetaGPT recipe refuses in words the command's user never wrote)."""
+
+    def check_arguments(arguments) -> None:
+        if _is_ours(arguments.get("method")) and arguments.get("normalize"):
+            from mergekit_metagpt.errors import MetaGPTError
+            from mergekit_metagpt.recipe_checks import NORMALIZE_HELP
+
+            raise MetaGPTError(
+                f"mergekit-legacy --method {arguments['method']} needs --no-normalize (without it, "
+                f"mergekit-legacy writes normalize: true): {NORMALIZE_HELP}")
+
+    _one_line_errors(module, check_arguments)
 
 
 def _attach_raw_pytorch(module) -> None:
@@ -536,7 +558,7 @@ _ATTACHERS = {
     "mergekit.io.tasks": _attach_io_tasks,
     "mergekit.scripts.run_yaml": _one_line_errors,
     "mergekit.scripts.merge_raw_pytorch": _attach_raw_pytorch,
-    "mergekit.scripts.legacy": _one_line_errors,
+    "mergekit.scripts.legacy": _attach_legacy,
 }
 #: Without these two, a graph merge cannot know its plan (the method refuses to guess).
 REQUIRED_FOR_GRAPH_MERGES = ("mergekit.graph", "mergekit.merge_methods.task_adapter")
@@ -553,7 +575,8 @@ WITHOUT_WRAPPER = {
     "mergekit.io.tasks": "Merges run; the record is written when the pre-pass ends, before the "
                          "weights (a merge killed midway leaves it).",
     "mergekit.scripts.run_yaml": "Merges run; mergekit-yaml shows the plugin's refusals after a traceback.",
-    "mergekit.scripts.legacy": "Merges run; mergekit-legacy shows the plugin's refusals after a traceback.",
+    "mergekit.scripts.legacy": "Merges run; mergekit-legacy shows the plugin's refusals after a "
+                               "traceback.",
     "mergekit.scripts.merge_raw_pytorch": "Merges run; mergekit-pytorch checks no MetaGPT recipe's parameters "
                                           "before it reads, and shows the plugin's refusals after a traceback.",
 }

@@ -34,7 +34,7 @@ NORMALIZE_HELP = (
     "MetaGPT's λ sum to 1 (times lambda) and are applied as computed, as with mergekit's "
     "normalize: false; normalize: true would divide each element by the sum of the λ of the models "
     "that contribute to it (after TIES or DARE trimming, or where a model lacks a tensor), which is "
-    "not MetaGPT's merge (mergekit-legacy sets normalize: true unless given --no-normalize)"
+    "not MetaGPT's merge"
 )
 
 
