@@ -45,6 +45,7 @@ _LINE_ENDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _line_ended(stream) -> float:
+    """When a line written here last ended on `stream` (0: never, or not known)."""
     try:
         return _LINE_ENDED.get(stream, 0.0)
     except TypeError:  # a stream that takes no weak reference: any bar on it counts as open
@@ -52,6 +53,7 @@ def _line_ended(stream) -> float:
 
 
 def _note_line_ended(stream) -> None:
+    """Note that a line written here ended on `stream` now (where it takes a weak reference)."""
     try:
         _LINE_ENDED[stream] = time.time()
     except TypeError:

@@ -252,7 +252,7 @@ def test_streams_written_to_are_not_kept_alive_and_any_stream_takes_a_line():
     for _ in range(20):
         stream = io.StringIO()
         progress._write_line(stream, "a line")
-        assert stream.getvalue() == "a line\n"
+        assert stream.getvalue() == "a line\n" and stream in progress._LINE_ENDED
     del stream
     gc.collect()
     assert len(progress._LINE_ENDED) == before

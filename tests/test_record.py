@@ -92,10 +92,10 @@ def test_a_later_merge_into_the_folder_removes_the_earlier_record(llama_family, 
 
 
 @pytest.mark.parametrize("broken", ["no weight", "no such model"])
-def test_a_merge_of_another_method_that_fails_before_planning_keeps_the_earlier_record(
+def test_a_merge_of_another_method_that_mergekit_refuses_in_planning_keeps_the_earlier_record(
         broken, llama_family, merge_options, tmp_path):
-    """A task_arithmetic recipe that mergekit refuses before it plans (a missing `weight`,
-    a model not found) writes nothing: the earlier MetaGPT run's record stays beside its
+    """A task_arithmetic recipe that mergekit refuses before its plan is made (a missing
+    `weight`, a model not found) writes nothing: the earlier MetaGPT run's record stays beside its
     weights, as stock mergekit leaves the folder; once such a merge is planned, it goes."""
     paths, _ = llama_family
     out = str(tmp_path / "out")
@@ -106,9 +106,30 @@ def test_a_merge_of_another_method_that_fails_before_planning_keeps_the_earlier_
     else:
         bad = recipe(dict(paths, gone=str(tmp_path / "gone")), ["model0", "gone"], method="task_arithmetic",
                      parameters={"weight": 0.5})
-    with pytest.raises(Exception):
+    with pytest.raises(Exception, match="Missing required parameter weight" if broken == "no weight" else "gone"):
         run_recipe(bad, out, merge_options)
     assert read_record(out) == record
+    run_recipe(recipe(paths, ["model0", "model1"], method="task_arithmetic", parameters={"weight": 0.5}),
+               out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+
+
+def test_without_the_task_universe_wrapper_another_methods_merge_still_removes_the_earlier_record(
+        llama_family, merge_options, tmp_path, monkeypatch):
+    """Where mergekit changed shape and the TaskUniverse wrapper is missing, the run_merge
+    wrapper removes an earlier record before a merge of another method, as it did before
+    it left that to the planned merge."""
+    from mergekit.graph import TaskUniverse
+
+    from mergekit_metagpt import integration
+
+    paths, _ = llama_family
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert os.path.exists(os.path.join(out, RECORD))
+    assert TaskUniverse.__init__._mergekit_metagpt_wrapper
+    monkeypatch.setattr(TaskUniverse, "__init__", TaskUniverse.__init__.__wrapped__)
+    monkeypatch.delitem(integration._ATTACHED, "mergekit.graph")
     run_recipe(recipe(paths, ["model0", "model1"], method="task_arithmetic", parameters={"weight": 0.5}),
                out, merge_options)
     assert not os.path.exists(os.path.join(out, RECORD))
