@@ -25,9 +25,8 @@ the plugin wraps, without changing what they do:
   and that each model's folder, config and mergekit loader open, naming the model that
   does not), removes an earlier run's record (another method: once planned, through the
   task universe's wrapper, or before the merge without it; MetaGPT: after one that wrote
-  none), makes the output folder and options known to the
-  plan (record, progress bar), and adds the λ tables to the model card mergekit has
-  just written.
+  none), makes the output folder and options known to the plan (record, progress bar),
+  and adds the λ tables to the model card mergekit has just written.
 - ``mergekit.scripts.multimerge.load_config`` (``mergekit-multi``): checks each MetaGPT
   recipe of the file (keys, parameters, dtypes) before the first merge runs.
 - ``mergekit.plan.MergePlanner.plan_module`` / ``plan_tensor``, for MetaGPT recipes

@@ -192,8 +192,9 @@ def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: Opt
     for a MetaGPT merge, after one that wrote none); a MetaGPT merge's own, after it failed or
     was interrupted once written. Called by the ``run_merge`` wrapper and, for merges of
     another method or planned without it (``mergekit-pytorch``), when the plan's task
-    universe is made (``merge_plan.register_universe``). `stopped`: the error that stopped a merge after its
-    pre-pass, said as a warning, record or not (the folder may hold part of its weights)."""
+    universe is made (``merge_plan.register_universe``). `stopped`: the error that stopped
+    a merge after its pre-pass, said as a warning, record or not (the folder may hold part
+    of its weights)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     path = os.path.join(out_path, RECORD_NAME)
