@@ -167,6 +167,16 @@ class MetaGPTMerge(GroupMergeMethod):
                 f"MetaGPT needs a base_model (the pre-trained model the fine-tunes "
                 f"share){' for ' + group_name if group_name else ''}"
             )
+        from mergekit_metagpt.integration import CURRENT_TASK
+
+        if CURRENT_TASK.get() is not None and base_id not in input_ids and input_ids:
+            # merging: the loader left out the base's tensor, which the base lacks (e.g.
+            # mergekit-pytorch --tensor-union). The pre-pass says the same, but this task may
+            # be the first to run, and mergekit's check comes before the method's work
+            raise MetaGPTError(
+                f"MetaGPT: the base model {base_id} has no tensor {group_name!r}, which model(s) "
+                f"{', '.join(str(m) for m in input_ids)} have"
+            )
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def _execute(
