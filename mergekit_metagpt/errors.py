@@ -5,6 +5,12 @@ class MetaGPTError(ValueError):
     """Bad input for a MetaGPT merge: the message names the model and tensor."""
 
 
+def base_lacks(base, name: str, holders) -> MetaGPTError:
+    """A tensor the base model lacks, which `holders` have: no task vector without it."""
+    return MetaGPTError(f"MetaGPT: the base model {base} has no tensor {name!r}, which model(s) "
+                        f"{', '.join(str(m) for m in holders)} have")
+
+
 def out_of_memory(error: BaseException) -> bool:
     """Out of host or GPU memory: not bad input, so never re-raised as a MetaGPTError."""
     if isinstance(error, MemoryError):

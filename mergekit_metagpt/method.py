@@ -21,7 +21,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt import PAPER_URL
-from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.errors import MetaGPTError, base_lacks
 from mergekit_metagpt.merge_plan import uniform_alpha
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total, work_dtype
 from mergekit_metagpt.scratch import chunks, thread_scratch
@@ -173,10 +173,7 @@ class MetaGPTMerge(GroupMergeMethod):
             # merging: the loader left out the base's tensor, which the base lacks (e.g.
             # mergekit-pytorch --tensor-union). The pre-pass says the same, but this task may
             # be the first to run, and mergekit's check comes before the method's work
-            raise MetaGPTError(
-                f"MetaGPT: the base model {base_id} has no tensor {group_name!r}, which model(s) "
-                f"{', '.join(str(m) for m in input_ids)} have"
-            )
+            raise base_lacks(base_id, group_name, input_ids)
         super().validate_inputs(input_ids, base_id, group_name=group_name)
 
     def _execute(

@@ -42,7 +42,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 
 from mergekit_metagpt.env import switched_off
-from mergekit_metagpt.errors import MetaGPTError, out_of_memory
+from mergekit_metagpt.errors import MetaGPTError, base_lacks, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
@@ -538,11 +538,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             base_tensor = _load(base_read, move, bar, 1, releaser)
         if base_tensor is None:
             holders = [m for m in to_read if _holds(item.reads[m])] or to_read
-            raise MetaGPTError(
-                f"MetaGPT: the base model {task.base_model} has no tensor "
-                f"{base_read.name!r}, which model(s) "
-                f"{', '.join(str(m) for m in holders)} have"
-            )
+            raise base_lacks(task.base_model, base_read.name, holders)
         if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight, adds 0
             # (None is kept for a tensor the model lacks, which the cache's check tells apart)
             for model in to_read:
