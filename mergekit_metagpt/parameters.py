@@ -18,7 +18,7 @@ def _number_in(value: Any, accept: Callable[[float], bool]) -> Optional[float]:
     -0.0 comes back as 0.0."""
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float's range
         return None
     return number + 0.0 if not isinstance(value, bool) and accept(number) else None
 

@@ -277,6 +277,14 @@ CASES = {
                               r"lambda must be a number in \[0, 3.4e38\] \(got 1e\+39\)$"),
     "alpha above 1": (lambda p: recipe(p, ["good"], parameters={"alpha": 1.5}),
                       r"alpha must be a number in \[0, 1\]"),
+    # an integer beyond float's range: float() raises OverflowError, which was reported as a bug
+    "lambda an integer beyond float": (lambda p: recipe(p, ["good"], parameters={"lambda": 10 ** 400}),
+                                       r"lambda must be a number in \[0, 3.4e38\] \(got 1000+\)$"),
+    "alpha an integer beyond float": (lambda p: recipe(p, ["good"], parameters={"alpha": 10 ** 400}),
+                                      r"alpha must be a number in \[0, 1\] \(got 1000+\)$"),
+    "density an integer beyond float": (
+        lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={"density": 10 ** 400}),
+        r"density must be a number in \(0, 1\] \(got 1000+\)$"),
     "alpha differs between tensors": (
         lambda p: recipe(p, ["good"], parameters={"alpha": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}),
         "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
