@@ -1,11 +1,13 @@
 """The plugin's error type (bad input, named), and how the CLI prints any error on one line."""
 
+from typing import Optional
+
 
 class MetaGPTError(ValueError):
     """Bad input for a MetaGPT merge: the message names the model and tensor."""
 
 
-def base_lacks(base, name: str, holders) -> MetaGPTError:
+def base_lacks(base, name: Optional[str], holders) -> MetaGPTError:
     """A tensor the base model lacks, which `holders` have: no task vector without it."""
     return MetaGPTError(f"MetaGPT: the base model {base} has no tensor {name!r}, which model(s) "
                         f"{', '.join(str(m) for m in holders)} have")

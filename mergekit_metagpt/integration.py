@@ -56,11 +56,12 @@ import contextvars
 import functools
 import inspect
 import logging
+import os
 import sys
 import threading
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -74,7 +75,7 @@ CURRENT_TASK: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar(
 class RunContext:
     """A ``run_merge`` call in progress: what the plan cannot tell."""
 
-    out_path: str
+    out_path: Optional[Union[str, os.PathLike]]  # None: a plan made without run_merge
     config: object
     options: object
     runs: List[object] = field(default_factory=list)  # merge_plan.MergeRun objects

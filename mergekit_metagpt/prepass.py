@@ -493,7 +493,7 @@ def _stream(run, device, todo, found: _Found) -> None:
             releaser.close()
     values = accumulator.finish()
     values.pop(BASE, None)
-    for model, by_slot in values.items():
+    for by_slot in values.values():
         for slot, value in by_slot.items():
             if isinstance(slot[0], int):  # sparse: (task id, model)
                 found.sparse[slot] = value
