@@ -309,7 +309,9 @@ def version_text() -> str:
         hook = (f"start-up hook: NOT active{why}, so mergekit-yaml will say 'Unimplemented merge "
                 "method metagpt'; install with pip into the environment that runs mergekit-yaml, "
                 "or `import mergekit_metagpt` before merging from Python")
-    return (f"mergekit-metagpt {__version__} (mergekit {mergekit_version}, "
+    from mergekit_metagpt.code_digest import code_digest
+
+    return (f"mergekit-metagpt {__version__} (code {code_digest()}; mergekit {mergekit_version}, "
             f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}\n{_mergekit_yaml_line()}")
 
 

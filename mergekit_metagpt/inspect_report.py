@@ -29,6 +29,7 @@ PLOTS_HINT = "pictures need matplotlib: pip install matplotlib"
 
 def payload(run, recipe_path: str) -> dict:
     from mergekit_metagpt import __version__
+    from mergekit_metagpt.code_digest import code_digest
 
     from mergekit_metagpt.record import passed_through_entries, set_parameters
 
@@ -44,6 +45,7 @@ def payload(run, recipe_path: str) -> dict:
         "random_seed": getattr(run.options, "random_seed", None),
         "merge_method": run.method_name,
         "plugin_version": __version__,
+        "plugin_code_sha256": code_digest(),
         "norms": norms_text(),
         "merges": merges,
         "passed_through": passed_through_entries(run.result),

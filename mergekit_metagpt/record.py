@@ -2,7 +2,8 @@
 
 One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
 
-    {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ..., "dtype": ...,
+    {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ...,
+     "plugin_code_sha256": ... (12 hex digits, ``code_digest``), "dtype": ...,
      "out_dtype": ... (null unless the recipe sets it), "norms": "...", "merges": [ one entry per model set (per set of models merged) ],
      "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base
                          alone passes through, unmerged ]}
@@ -113,6 +114,7 @@ def set_entry(set_norms) -> Dict[str, Any]:
 
 def record_payload(run) -> Dict[str, Any]:
     from mergekit_metagpt import __version__
+    from mergekit_metagpt.code_digest import code_digest
 
     config = run.config
     dtype = getattr(config, "dtype", None)
@@ -127,6 +129,8 @@ def record_payload(run) -> Dict[str, Any]:
         "merge_method": run.method_name,
         "paper": PAPER_URL,
         "plugin_version": __version__,
+        # the installed code (two builds of one version differ here): code_digest
+        "plugin_code_sha256": code_digest(),
         "dtype": dtype,
         "out_dtype": out_dtype,
         # mergekit's --random-seed as the merge ran (DARE's masks, and so the λ of

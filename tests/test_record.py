@@ -715,14 +715,15 @@ def test_sparse_record_and_card_say_the_norms_are_of_the_sparsified_vectors(llam
 
 
 # -- the record and `coefficients --json` are one shape ----------------------------------
-FIELDS = {"format", "merge_method", "paper", "plugin_version", "dtype", "out_dtype", "random_seed", "norms",
-          "merges", "passed_through"}
+FIELDS = {"format", "merge_method", "paper", "plugin_version", "plugin_code_sha256", "dtype", "out_dtype",
+          "random_seed", "norms", "merges", "passed_through"}
 ENTRY_FIELDS = {"cosine_similarity", "base_model", "tensors", "granularity", "lambda", "alpha", "lambda_from", "density",
                 "int8_mask", "models"}
 
 
 def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_options, tmp_path, capsys):
     from mergekit_metagpt import __version__
+    from mergekit_metagpt.code_digest import code_digest
 
     paths, sds = llama_family
     config = recipe(paths, MODELS, method="metagpt_ties", parameters={"lambda": 0.7, "int8_mask": True})
@@ -738,6 +739,7 @@ def test_record_and_coefficients_json_have_the_same_fields(llama_family, merge_o
     for data in (record, printed):
         assert data["merge_method"] == "metagpt_ties" and data["dtype"] == "float32" and data["out_dtype"] is None
         assert data["plugin_version"] == __version__ and data["format"] == 2 and data["random_seed"] is None
+        assert data["plugin_code_sha256"] == code_digest()
         (entry,) = data["merges"]
         assert data["passed_through"] == []
         assert set(entry) == ENTRY_FIELDS
