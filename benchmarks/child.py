@@ -46,6 +46,8 @@ def timed(owner, name, phase):
 
 
 def main():
+    if len(sys.argv) < 3 or sys.argv[2] != "--":
+        sys.exit(__doc__)
     report, args = sys.argv[1], sys.argv[3:]
 
     def write_report():

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Wheels for the lent GPU machine (x86-64, Python 3.12, no network; torch, transformers,
 # tokenizers, safetensors, accelerate, peft, huggingface_hub, scipy, sentencepiece,
-# protobuf, tqdm, click and pyyaml are already there; `datasets`, which mergekit lists, is
-# not, and no merge imports it): mergekit 0.1.5 and the dependencies that image lacks, and
-# this package, into .whl/ (ignored by git). Then run benchmarks/cuda_checks.sh there as
+# protobuf, tqdm, click, pyyaml and pytest are already there; `datasets`, which mergekit
+# lists, is not, and no merge imports it): mergekit 0.1.5 and the dependencies that image
+# lacks (typing_extensions too: pydantic 2.14.4 needs >= 4.16.0), and this package, into
+# .whl/ (ignored by git). Then run benchmarks/cuda_checks.sh there as
 # its header says.
 set -euo pipefail
 cd "$(dirname "$0")/.."

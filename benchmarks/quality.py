@@ -1,6 +1,7 @@
 """Merge quality on real text: which method keeps most of each fine-tune's gain?
 
     python benchmarks/quality.py [--quick] [--seeds 0,1,2] [--jobs 2] [--work DIR] [--base-domains code,licenses,docs]
+                                 [--only 'LABEL;LABEL']
 
 Offline, from files any Debian machine with Python has. A byte-level LLaMA-shaped causal LM
 (~0.86M parameters, transformers) is trained as the base on equal shares of two of three
@@ -453,6 +454,12 @@ def _normalised(values: torch.Tensor) -> Dict[str, float]:
     return {d: float(v / values.sum()) for d, v in zip(DOMAINS, values)}
 
 
+EQUAL = "variant: equal contributions (lambda ~ 1/||delta||)"
+PER_BLOCK = "variant: lambda per transformer block"
+GRAM = "variant: Gram correction (G lambda = diag G)"
+VARIANT_LABELS = (EQUAL, PER_BLOCK, GRAM)
+
+
 def variant_methods(models: Dict[str, str]) -> List[Method]:
     """The ideas tried for a variant that beats the stock methods (rows 'variant: ...'),
     other than the plugin's own ``alpha`` (a row of METHODS)."""
@@ -460,7 +467,7 @@ def variant_methods(models: Dict[str, str]) -> List[Method]:
     whole = sum(grams.values())
     sq = whole.diagonal()
     out = [
-        Method("variant: equal contributions (lambda ~ 1/||delta||)", "task_arithmetic",
+        Method(EQUAL, "task_arithmetic",
                weights=tuple(_normalised(sq.rsqrt()).items()), group="variant"),
     ]
     per_block = {d: [] for d in DOMAINS}
@@ -469,10 +476,10 @@ def variant_methods(models: Dict[str, str]) -> List[Method]:
             per_block[d].append({"filter": key, "value": lam})
     for d in DOMAINS:  # mergekit needs a default after the filters
         per_block[d].append({"value": _normalised(sq)[d]})
-    out.append(Method("variant: lambda per transformer block", "task_arithmetic",
+    out.append(Method(PER_BLOCK, "task_arithmetic",
                       weights=tuple(per_block.items()), group="variant"))
     solved = torch.linalg.solve(whole, sq)  # <delta_merged, delta_t> = ||delta_t||^2 for every t
-    out.append(Method("variant: Gram correction (G lambda = diag G)", "task_arithmetic",
+    out.append(Method(GRAM, "task_arithmetic",
                       weights=tuple((d, float(x)) for d, x in zip(DOMAINS, solved)),
                       group="variant"))
     return out
@@ -579,6 +586,13 @@ def _merge_all(methods, models, out_root, seed, jobs, threads):
             sys.exit(f"quality: {exc}")
 
 
+def results_file(work: str, run_key: str, wanted=None) -> str:
+    """Where a run's results go: a run of some rows (``--only``) in a file of its own, so
+    that it never overwrites a full run's."""
+    only = "" if wanted is None else "-only-" + hashlib.sha256(";".join(sorted(wanted)).encode()).hexdigest()[:8]
+    return os.path.join(work, f"quality-results-{run_key}{only}.json")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller run: shorter training, 2 seeds")
@@ -586,7 +600,8 @@ def main(argv=None) -> None:
     ap.add_argument("--jobs", type=int, default=2, help="merges run at once (default 2)")
     ap.add_argument("--work", default=os.path.join(HERE, "..", "bench-work", "quality"),
                     help="models, merges and results (default bench-work/quality)")
-    ap.add_argument("--only", help="semicolon-separated row labels to merge (default: all)")
+    ap.add_argument("--only", help="semicolon-separated row labels to merge (default: all; the "
+                    "results then go to a file of their own, beside a full run's)")
     ap.add_argument("--base-domains", default=",".join(Settings.base_domains),
                     help="comma-separated domains the base is trained on (default: "
                          f"{','.join(Settings.base_domains)}, so the license fine-tune learns a "
@@ -601,6 +616,10 @@ def main(argv=None) -> None:
     settings = replace(settings, base_domains=base_domains)
     seeds = [int(x) for x in (args.seeds or ("0,1" if args.quick else "0,1,2")).split(",")]
     wanted = set(args.only.split(";")) if args.only else None
+    labels = [m.label for m in METHODS] + list(VARIANT_LABELS)
+    if wanted is not None and wanted - set(labels):
+        sys.exit(f"quality: --only: no row {', '.join(repr(x) for x in sorted(wanted - set(labels)))}; "
+                 "rows: " + "; ".join(labels))
     methods = [m for m in METHODS if wanted is None or m.label in wanted]
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
@@ -612,7 +631,7 @@ def main(argv=None) -> None:
     run_key = settings.key("finetunes", data)
     print("held-out bytes per domain: " + ", ".join(f"{d} {len(domains[d].held_out)}" for d in DOMAINS))
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
-    results_path = os.path.join(work, f"quality-results-{run_key}.json")
+    results_path = results_file(work, run_key, wanted)
     results, timings, groups = {}, {"train": 0.0, "merge": 0.0, "evaluate": 0.0}, {}
     for seed in seeds:
         t0 = time.time()

@@ -1,6 +1,6 @@
 """MetaGPT vs mergekit's task_arithmetic on the same local models, side by side.
 
-    python benchmarks/run.py [--sizes 10m,100m,100m-bin] [--runs 3] [--cuda] [--evict] [--work DIR]
+    python benchmarks/run.py [--sizes 10m,100m] [--runs 3] [--cuda] [--evict] [--work DIR]
 
 For each size it writes a LLaMA-shaped bf16 family (base + 3 variants, sharded) once
 (`SIZE-bin`: the same as PyTorch `.bin` shards), then runs stock mergekit-yaml

@@ -183,3 +183,17 @@ def test_base_domains_leave_licenses_out_of_the_base_by_default_under_its_own_ke
 
     assert default.key("base", "d") != key_before(("code", "docs"))
     assert every.key("base", "d") == key_before(quality.DOMAINS)
+
+
+def test_only_names_known_rows_and_keeps_a_full_runs_results(tmp_path, capsys):
+    # a misspelt row is refused before any training (it merged nothing and exited 0)
+    with pytest.raises(SystemExit) as refused:
+        quality.main(["--quick", "--only", "metagtp;metagpt", "--work", str(tmp_path)])
+    assert "--only: no row 'metagtp'; rows: metagpt; " in str(refused.value)
+    assert quality.GRAM in str(refused.value) and not os.listdir(tmp_path)
+    # a run of some rows writes its own file: it overwrote a full run's results
+    full = quality.results_file("w", "k")
+    some = quality.results_file("w", "k", {"metagpt"})
+    assert full == os.path.join("w", "quality-results-k.json")
+    assert some != full and some != quality.results_file("w", "k", {"metagpt", quality.GRAM})
+    assert some == quality.results_file("w", "k", {"metagpt"})
