@@ -210,13 +210,14 @@ def test_version_names_what_runs_and_whether_the_hook_is_active(tmp_path):
     import importlib.metadata
 
     import mergekit_metagpt
+    from mergekit_metagpt.code_digest import code_digest
 
     script = os.path.join(os.path.dirname(sys.executable), "mergekit-metagpt")
     shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300)
     assert shown.returncode == 0, shown.stderr
     first, hook, _ = shown.stdout.strip().splitlines()
-    assert first.startswith(f"mergekit-metagpt {mergekit_metagpt.__version__} "
-                            f"(mergekit {importlib.metadata.version('mergekit')}, ")
+    assert first.startswith(f"mergekit-metagpt {mergekit_metagpt.__version__} (code {code_digest()}; "
+                            f"mergekit {importlib.metadata.version('mergekit')}, "), first
     assert mergekit_metagpt.__version__ == importlib.metadata.version("mergekit-metagpt")
     pth = os.path.join(sysconfig.get_paths()["purelib"], "mergekit_metagpt.pth")
     assert hook.startswith(f"start-up hook: active ({pth})"), hook
