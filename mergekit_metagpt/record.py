@@ -4,7 +4,8 @@ One shape, written by a merge and printed by ``mergekit-metagpt coefficients --j
 
     {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ...,
      "plugin_code_sha256": ... (12 hex digits, ``code_digest``), "dtype": ...,
-     "out_dtype": ... (null unless the recipe sets it), "norms": "...", "merges": [ one entry per model set (per set of models merged) ],
+     "out_dtype": ... (null unless the recipe sets it), "norms": "...",
+     "merges": [ one entry per model set (per set of models merged) ],
      "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base
                          alone passes through, unmerged ]}
 
