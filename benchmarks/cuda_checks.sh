@@ -76,7 +76,10 @@ print("torch", torch.__version__, "cpus", os.cpu_count(), "cuda", torch.cuda.is_
 assert torch.cuda.is_available(), "torch finds no CUDA device"
 PY
 if ((rc)); then  # nothing below can pass: stop before spending the machine's time
-    echo "environment check failed (its last line in $OUT/gpu.txt says which): metagpt not registered (the package not installed, or installed with --target, whose .pth hook Python does not run; see benchmarks/cuda_wheels.sh), or torch finds no CUDA device" | tee -a "$OUT/summary.txt"
+    why="mergekit or torch fails to import; metagpt not registered (the package not installed,"
+    why+=" or installed with --target, whose .pth hook Python does not run: see cuda_wheels.sh);"
+    why+=" or torch finds no CUDA device"
+    echo "environment check failed (the end of $OUT/gpu.txt says which): $why" | tee -a "$OUT/summary.txt"
     exit 1
 fi
 

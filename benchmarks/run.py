@@ -3,7 +3,7 @@
     python benchmarks/run.py [--sizes 10m,100m] [--runs 3] [--cuda] [--evict] [--work DIR]
 
 For each size it writes a LLaMA-shaped bf16 family (base + 3 variants, sharded) once
-(`SIZE-bin`: the same as PyTorch `.bin` shards), then runs stock mergekit-yaml
+(a size given as `100m-bin`: the same family as PyTorch `.bin` shards), then runs stock mergekit-yaml
 alternately with task_arithmetic, metagpt with an empty norm cache (cold) and metagpt
 with the norm cache filled (warm), each in a fresh process. It prints markdown tables:
 medians of wall time and peak RSS and their ratios to task_arithmetic, the I/O floor

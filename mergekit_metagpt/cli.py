@@ -311,7 +311,7 @@ def version_text() -> str:
                 "or `import mergekit_metagpt` before merging from Python")
     from mergekit_metagpt.code_digest import code_digest
 
-    return (f"mergekit-metagpt {__version__} (code {code_digest()}; mergekit {mergekit_version}, "
+    return (f"mergekit-metagpt {__version__} (code {code_digest() or 'unknown'}; mergekit {mergekit_version}, "
             f"torch {version_of('torch')}, Python {platform.python_version()})\n{hook}\n{_mergekit_yaml_line()}")
 
 
@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mergekit-metagpt", description="MetaGPT tools for mergekit recipes"
     )
     parser.add_argument("--version", action=_VersionAction,
-                        help="print the versions, and whether the start-up hook is active, and exit")
+                        help="print the versions (and a digest of this plugin's code), and whether the start-up "
+                        "hook is active, and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     coeff = sub.add_parser("coefficients", help="print each model's ||delta||^2 and lambda, per model set")
     coeff.add_argument("recipe", metavar="RECIPE.yml", help="a mergekit recipe (merge_method metagpt, metagpt_ties, metagpt_dare or metagpt_dare_ties)")

@@ -9,7 +9,8 @@ class MetaGPTError(ValueError):
 
 def base_lacks(base, name: Optional[str], holders) -> MetaGPTError:
     """A tensor the base model lacks, which `holders` have: no task vector without it."""
-    return MetaGPTError(f"MetaGPT: the base model {base} has no tensor {name!r}, which model(s) "
+    tensor = repr(name) if name is not None else "(unnamed)"
+    return MetaGPTError(f"MetaGPT: the base model {base} has no tensor {tensor}, which model(s) "
                         f"{', '.join(str(m) for m in holders)} have")
 
 

@@ -246,7 +246,7 @@ def check_config(config) -> None:
         if wrong:
             value, condition = wrong[0]
             problems.append(f"normalize must be false for {method_name}, or left out "
-                            f"(got {value!r}{_place(model, where + condition)}): "
+                            f"(got {shown(value)}{_place(model, where + condition)}): "
                             f"{NORMALIZE_HELP}")
             break
     for name, _setting, model, _where in settings:
@@ -276,7 +276,17 @@ def check_config(config) -> None:
             problem = _value_problem(specs[name], value)
             if problem is not None:
                 raise MetaGPTError(f"MetaGPT: parameter {name}{_place(model, where + condition)} {problem} "
-                                   f"(got {value!r})")
+                                   f"(got {shown(value)})")
+
+
+def shown(value: Any) -> str:
+    """A recipe's value in an error message: its repr, cut to 60 characters (a recipe's
+    ``lambda: 1000…`` of 5000 digits, which Python refuses to print, by its size)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond sys.get_int_max_str_digits()
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 60 else f"{text[:40]}… ({len(text)} characters)"
 
 
 def _place(model, parts) -> str:
@@ -343,7 +353,7 @@ def _check_dtypes(config) -> None:
     for key in ("dtype", "out_dtype"):
         value = getattr(config, key, None)
         if value and not floating_dtype(value):  # int64: weights cut to integers (zeros); "": none
-            raise MetaGPTError(f"the recipe's {key} {value!r} is not a floating-point dtype mergekit knows "
+            raise MetaGPTError(f"the recipe's {key} {shown(value)} is not a floating-point dtype mergekit knows "
                                f"(bfloat16, float16, float32, float64)")
 
 

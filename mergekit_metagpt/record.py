@@ -3,7 +3,7 @@
 One shape, written by a merge and printed by ``mergekit-metagpt coefficients --json``::
 
     {"format": 2, "merge_method": ..., "paper": ..., "plugin_version": ...,
-     "plugin_code_sha256": ... (12 hex digits, ``code_digest``), "dtype": ...,
+     "plugin_code_sha256": ... (``code_digest``: 12 hex digits, null where unknown), "dtype": ...,
      "out_dtype": ... (null unless the recipe sets it), "norms": "...",
      "merges": [ one entry per model set (per set of models merged) ],
      "passed_through": [ {base_model, tensors} per base whose tensors a slice of the base

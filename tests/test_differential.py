@@ -1,8 +1,8 @@
 """Differential tests: merges through mergekit's ``run_merge`` against an independent float64
 closed form, tensor by tensor and λ by λ.
 
-A fixed subset, each case written out, of the cases of a randomised differential harness run in
-session 18 (560 random recipes, none in disagreement; the harness is not kept here). The closed
+A fixed subset, each case written out, of the cases of a randomised differential harness
+(560 random recipes, none in disagreement; the harness is not kept in this repository). The closed
 form imports nothing of ``mergekit_metagpt``: it reads the checkpoints' safetensors, re-derives
 mergekit 0.1.5's plan of the recipe (which tensor of which model feeds each output tensor; the
 embedding from the first slice's models, ``model.norm`` and ``lm_head`` from the last slice's;
@@ -299,6 +299,8 @@ def plan(case: Case, sds) -> List[Tuple[str, List[Tuple[str, str]], int]]:
                             index))
             layer += 1
     last = len(slices) - 1
+    # mergekit 0.1.5 takes the post-layer tensors (norm, lm_head) from the last slice's
+    # sources, as many as the first slice has (no case here has a longer last slice)
     post = [m for m, _, _ in slices[last]][: len(slices[0])]
     out.append((NORM, [(m, NORM) for m in post], last))
     if any(LM in sds[m] for m in post):  # lm_head is optional: written where a model has one
@@ -364,7 +366,7 @@ def closed_form(case: Case, sds, tokens=None, pad=0):
         sd_names = dict(ins)
         raw = {}
         for m, key in ins:
-            t = sds[m][key] if key in sds[m] else sds[m][EMB]  # a tied lm_head is the embedding
+            t = sds[m][EMB] if key == LM and LM not in sds[m] else sds[m][key]  # a tied lm_head: the embedding
             raw[m] = t.to(cast) if cast is not None else t
         if tokens is not None and name in VOCAB_TENSORS:
             raw = align(case, raw, tokens, pad)
@@ -414,6 +416,8 @@ def closed_form(case: Case, sds, tokens=None, pad=0):
             ref = b + scale * sum(weighted)
             if density < 1:  # DARE's random drop; kept elements unchanged (rescale: false)
                 assert case.params.get("rescale") is False, "the closed form knows no rescaled drop"
+                # its candidates are unrounded sums: exact only where mergekit computes in float32
+                assert compute == torch.float32, "the closed form knows DARE in float32 only"
                 dare = [scale * w for w in weighted]
         expected[name] = Expected(ref, compute, DTYPES[case.out_dtype] if case.out_dtype else compute, mag,
                                   certain, dare)

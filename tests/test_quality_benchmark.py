@@ -191,7 +191,7 @@ def test_only_names_known_rows_and_keeps_a_full_runs_results(tmp_path, capsys):
         quality.main(["--quick", "--only", "metagtp;metagpt", "--work", str(tmp_path)])
     assert "--only: no row 'metagtp'; rows: metagpt; " in str(refused.value)
     assert quality.GRAM in str(refused.value) and not os.listdir(tmp_path)
-    # a run of some rows writes its own file: it overwrote a full run's results
+    # a run of some rows writes its own file (it used to overwrite a full run's results)
     full = quality.results_file("w", "k")
     some = quality.results_file("w", "k", {"metagpt"})
     assert full == os.path.join("w", "quality-results-k.json")

@@ -491,7 +491,11 @@ def test_what_is_published_keeps_tables_whole_and_no_recipe_path(llama_family, m
     report = tmp_path / "inspect"
     assert main(["inspect", write_yaml(config, str(tmp_path / "r.yml")), str(report), "--no-pictures"]) == 0
     # inspect's files go into folders that are shared: the recipe by its name, not its path
-    assert json.loads((report / "metagpt-inspect.json").read_text())["recipe"] == "r.yml"
+    shown = json.loads((report / "metagpt-inspect.json").read_text())
+    assert shown["recipe"] == "r.yml"
+    from mergekit_metagpt.code_digest import code_digest
+
+    assert shown["plugin_code_sha256"] == code_digest() == read_record(out)["plugin_code_sha256"]
     for text in (read_card(out), (report / "metagpt-report.md").read_text(encoding="utf-8")):
         tables = _markdown_tables(text)
         assert len(tables) >= 2
