@@ -25,14 +25,17 @@ def available() -> bool:
     return True
 
 
-def _pyplot():
-    import matplotlib
+#: matplotlib settings while drawing (set for the drawing only: a notebook's stay its own)
+RC = {"font.size": FONT, "axes.titlesize": FONT + 2, "axes.labelsize": FONT}
 
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
 
-    plt.rcParams.update({"font.size": FONT, "axes.titlesize": FONT + 2, "axes.labelsize": FONT})
-    return plt
+def _figure(size):
+    """A figure and its axes, outside pyplot: the caller's backend (a notebook's display)
+    is neither switched nor used, and no figure is left open."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=DPI)
+    return fig, fig.subplots()
 
 
 #: Most layer columns labelled on the heatmap (every k-th beyond it) and its widest figure.
@@ -92,20 +95,27 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     each title (which model set, what the λ are); `sparse`: the norms are of the
     sparsified task vectors. The cosine matrix is drawn only where some pair was computed
     (an earlier picture of that name is removed otherwise)."""
+    import matplotlib
+
+    with matplotlib.rc_context(RC):
+        return _draw(stats, out_dir, suffix, context, sparse)
+
+
+def _draw(stats, out_dir: str, suffix: str, context: Sequence[str], sparse: bool) -> List[str]:
+    import matplotlib
     from matplotlib.colors import LogNorm
     from matplotlib.patches import Rectangle
 
     from mergekit_metagpt.coefficients import formula
     from mergekit_metagpt.similarity import COSINE_WARNING, cosine_text
 
-    plt = _pyplot()
     names = picture_labels(stats.models)
     below = "".join("\n" + line for line in context)
     paths = []
 
     # 1. ‖δ‖² per layer
     size = layer_norms_size(stats)
-    fig, ax = plt.subplots(figsize=size, dpi=DPI)
+    fig, ax = _figure(size)
     values = [[max(v, 0.0) for v in row] for row in stats.layer_norms]
     positive = [v for row in values for v in row if v > 0]
     norm = LogNorm(vmin=min(positive), vmax=max(positive)) if positive and min(positive) < max(positive) else None
@@ -122,10 +132,10 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     what = "‖sparsified δ_t‖²" if sparse else "‖θ_t − θ₀‖²"
     ax.set_title(f"Where each fine-tune changed the model: {what} per layer{below}")
     fig.colorbar(image, ax=ax, label="‖δ‖² of the layer (log scale)", fraction=0.03, pad=0.01)
-    paths.append(_save(fig, plt, out_dir, "metagpt-layer-norms", suffix))
+    paths.append(_save(fig, out_dir, "metagpt-layer-norms", suffix))
 
     # 2. λ
-    fig, ax = plt.subplots(figsize=lambdas_size(stats), dpi=DPI)
+    fig, ax = _figure(lambdas_size(stats))
     bars = ax.bar(range(len(names)), stats.lambdas, color="tab:blue")  # one bar each, whatever the labels
     ax.set_xticks(range(len(names)), names)
     ax.bar_label(bars, labels=[f"{v:.3f}" for v in stats.lambdas], padding=2)
@@ -137,7 +147,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     ax.set_xlabel("model")
     ax.set_ylabel(formula([stats.alpha]))
     ax.set_title(f"MetaGPT coefficients{' (of the sparsified task vectors)' if sparse else ''}{below}")
-    paths.append(_save(fig, plt, out_dir, "metagpt-lambdas", suffix))
+    paths.append(_save(fig, out_dir, "metagpt-lambdas", suffix))
 
     # 3. cosine matrix
     path = os.path.join(out_dir, f"metagpt-cosines{suffix}.png")
@@ -149,10 +159,10 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
         except OSError as error:
             LOG.warning("MetaGPT: could not remove the earlier %s: %s", path, error)
         return paths
-    fig, ax = plt.subplots(figsize=cosines_size(stats), dpi=DPI)
+    fig, ax = _figure(cosines_size(stats))
     matrix = [[float("nan") if v is None or a == b else v for b, v in enumerate(row)]
               for a, row in enumerate(stats.cosine)]
-    cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#e6e6e6")  # the diagonal, and pairs not computed
+    cmap = matplotlib.colormaps["RdBu_r"].with_extremes(bad="#e6e6e6")  # the diagonal, and pairs not computed
     image = ax.imshow(matrix, cmap=cmap, vmin=-1.0, vmax=1.0)
     for a, row in enumerate(stats.cosine):
         for b, v in enumerate(row):
@@ -167,14 +177,11 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
     ax.set_title(f"Cosine similarity of the task vectors{below}")
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
                  label=f"cosine (MetaGPT assumes ~0; outlined: |cosine| ≥ {COSINE_WARNING})")
-    paths.append(_save(fig, plt, out_dir, "metagpt-cosines", suffix))
+    paths.append(_save(fig, out_dir, "metagpt-cosines", suffix))
     return paths
 
 
-def _save(fig, plt, out_dir, stem, suffix) -> str:
+def _save(fig, out_dir, stem, suffix) -> str:
     path = os.path.join(out_dir, f"{stem}{suffix}.png")
-    try:
-        fig.savefig(path, dpi=DPI, bbox_inches="tight")  # nothing cut off at the edges
-    finally:
-        plt.close(fig)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")  # nothing cut off at the edges
     return path

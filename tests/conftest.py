@@ -15,14 +15,25 @@ SCALES = (0.01, 0.03, 0.1)
 def _isolated_environment(monkeypatch, tmp_path):
     """No progress bars, a norm cache of the test's own (never the user's), an empty
     in-process memo before and after, and none of mergekit's loaders (it keeps one per
-    model for the whole process): no test leans on what another read or computed."""
+    model for the whole process), loader settings (LoRA cache folder, lazy unpickling) or
+    cached architectures: no test leans on what another read, set or computed."""
     from mergekit.io.tasks import LoaderCache
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
 
-    from mergekit_metagpt import prepass
+    from mergekit_metagpt import checkpoint_files, prepass
 
     def forget_loaders():
         LoaderCache().flush_all()
         LoaderCache.loaders.clear()
+        LoaderCache().setup(MergeOptions())
+        MergePlanner._model_arch.cache_clear()
+        checkpoint_files._meta_shard.cache_clear()
+        raw = sys.modules.get("mergekit.scripts.merge_raw_pytorch")  # mergekit-pytorch's own, if imported
+        if raw is not None and raw.SimpleLoaderCache._instance is not None:
+            for loader in raw.SimpleLoaderCache._instance.loaders.values():
+                loader.flush()
+            raw.SimpleLoaderCache._instance.loaders.clear()
 
     monkeypatch.setenv("MERGEKIT_METAGPT_PROGRESS", "0")
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "norm-cache"))

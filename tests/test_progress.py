@@ -245,17 +245,19 @@ def test_streams_written_to_are_not_kept_alive_and_any_stream_takes_a_line():
     reference still gets its lines."""
     import gc
     import io
+    import weakref
 
     from mergekit_metagpt import progress
 
-    before = len(progress._LINE_ENDED)
+    written = []  # this test's own streams (another test's may be collected meanwhile)
     for _ in range(20):
         stream = io.StringIO()
         progress._write_line(stream, "a line")
         assert stream.getvalue() == "a line\n" and stream in progress._LINE_ENDED
+        written.append(weakref.ref(stream))
     del stream
     gc.collect()
-    assert len(progress._LINE_ENDED) == before
+    assert all(ref() is None for ref in written)
 
     class Slotted:
         __slots__ = ("lines",)

@@ -159,10 +159,10 @@ def test_pictures_draw_one_bar_per_model_and_label_every_kind_of_layer(tmp_path,
     figures = {}
     save = plots._save
 
-    def keep(fig, plt, out_dir, stem, suffix):
+    def keep(fig, out_dir, stem, suffix):
         ax = fig.axes[0]
         figures[stem] = (len({round(p.get_x(), 6) for p in ax.patches}), [t.get_text() for t in ax.get_xticklabels()])
-        return save(fig, plt, out_dir, stem, suffix)
+        return save(fig, out_dir, stem, suffix)
 
     monkeypatch.setattr(plots, "_save", keep)
     monkeypatch.setattr(plots, "picture_labels", lambda names: ["same label"] * len(names))  # at worst
@@ -259,9 +259,9 @@ def test_cosine_picture_shows_the_values_of_the_table(tmp_path, monkeypatch):
     cells = {}
     save = plots._save
 
-    def keep(fig, plt, out_dir, stem, suffix):
+    def keep(fig, out_dir, stem, suffix):
         cells[stem] = sorted(t.get_text() for t in fig.axes[0].texts)
-        return save(fig, plt, out_dir, stem, suffix)
+        return save(fig, out_dir, stem, suffix)
 
     monkeypatch.setattr(plots, "_save", keep)
     plots.write_pictures(stats, str(tmp_path))
@@ -546,3 +546,26 @@ def test_inspect_of_two_model_sets_names_the_set_on_each_picture(llama_family, t
         assert len(context) == 1 and context[0].startswith(f"model set {number} of 2 ("), context
         assert (out / f"metagpt-cosines-{number}.png").exists()
 
+
+
+def test_pictures_leave_the_callers_matplotlib_as_it_was(tmp_path):
+    """A notebook that runs inspect in-process keeps its backend and its settings (they were
+    switched to Agg and to the pictures' font sizes for the rest of the session)."""
+    import matplotlib
+
+    from mergekit_metagpt import plots
+    from mergekit_metagpt.similarity import SetStats
+
+    stats = SetStats(models=["/a", "/b"], squared_norms=[1.0, 2.0], lambdas=[1 / 3, 2 / 3],
+                     cosine=[[1.0, 0.1], [0.1, 1.0]], layers=["embed", "0", "head"],
+                     layer_norms=[[1.0] * 3, [2.0] * 3], layer_cosine={}, top_tensors=[[], []])
+    backend, size = matplotlib.get_backend(), matplotlib.rcParams["font.size"]
+    try:
+        matplotlib.use("svg")
+        matplotlib.rcParams["font.size"] = 7.0
+        written = plots.write_pictures(stats, str(tmp_path))
+        assert len(written) == 3 and all(os.path.getsize(p) > 0 for p in written)
+        assert matplotlib.get_backend() == "svg" and matplotlib.rcParams["font.size"] == 7.0
+    finally:
+        matplotlib.use(backend)
+        matplotlib.rcParams["font.size"] = size
