@@ -62,6 +62,10 @@ def save_checkpoint(
     model = LlamaForCausalLM(config).to(dtype)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     assert not unexpected, unexpected
+    # a tensor left out would be written with the model's random initialisation (its values
+    # then depend on what ran before); only a tied lm_head may be, being the embedding
+    tied = config.tie_word_embeddings and "model.embed_tokens.weight" in state_dict
+    assert not [k for k in missing if not (tied and k == "lm_head.weight")], missing
     kwargs = {"max_shard_size": shard_size} if shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
     return path
