@@ -478,6 +478,7 @@ def _log_lines() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    _stdout_writes_anything()
     args = build_parser().parse_args(argv)
     _log_lines()
     try:
@@ -499,6 +500,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except Exception as error:  # every error is one line; mergekit's and pydantic's too
         return _report(error)
+
+
+def _stdout_writes_anything() -> None:
+    """What the commands print has λ, δ and ‖ in it. Where stdout's encoding lacks them
+    (PYTHONIOENCODING=ascii, a legacy console), they are written as \\u escapes, as Python
+    writes them to stderr, rather than failing the command after its work is done."""
+    stream = sys.stdout
+    if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except Exception:  # a stream that looks like a TextIOWrapper but is not one: as it is
+            pass
 
 
 def _report(error: BaseException) -> int:

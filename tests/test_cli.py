@@ -221,6 +221,22 @@ def test_a_program_that_calls_main_keeps_its_own_logging(llama_family, tmp_path)
     assert "APP mergekit_metagpt MetaGPT: only one model besides the base" in result.stderr, result.stderr[-3000:]
 
 
+def test_a_console_that_cannot_show_lambda_gets_it_escaped_not_an_error(llama_family, tmp_path):
+    """inspect prints the verdict, which has a λ in it: to a stdout whose encoding lacks λ
+    (PYTHONIOENCODING=ascii) it failed with a UnicodeEncodeError after its work was done."""
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, ["model0", "model1"]), str(tmp_path / "two.yml"))
+    out = tmp_path / "inspect"
+    code = f"import sys\nfrom mergekit_metagpt.cli import main\nsys.exit(main(['inspect', {path!r}, {str(out)!r}, '--no-pictures']))\n"
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0",
+               PYTHONIOENCODING="ascii")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, env=env,
+                            cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert b"MetaGPT's \\u03bb assume" in result.stdout, result.stdout[-3000:]
+    assert "MetaGPT's λ assume" in (out / "metagpt-report.md").read_text(encoding="utf-8")
+
+
 def test_bake_refuses_slices_and_says_why(cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("bake_slices", "bake")]
     line = _one_error_line(rc, stderr)
