@@ -136,9 +136,16 @@ def add_card_sections(context) -> None:
     runs = [r for r in context.runs if r.result is not None and r.record_written]  # λ the weights were merged with
     if not runs or not getattr(context.options, "write_model_card", True) or not os.path.exists(card):
         return
+    size = None
     try:  # mergekit has just written the card afresh (its recipe block may hold our heading's words)
+        size = os.path.getsize(card)
         with open(card, "a", encoding="utf-8") as f:
             for run in runs:
                 f.write(card_section(run))
     except OSError as error:
+        if size is not None:  # not half a section (a full disk): the card as mergekit wrote it
+            try:
+                os.truncate(card, size)
+            except OSError:
+                pass
         LOG.warning("MetaGPT: could not add the coefficients to %s: %s", card, error)

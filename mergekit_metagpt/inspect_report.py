@@ -10,11 +10,17 @@ pictures (when they are of the same models and norms).
 
 from __future__ import annotations
 
+import logging
 import os
+import shutil
+import tempfile
 from typing import List
 
 from mergekit_metagpt.coefficients import formula, text_table
+from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.markdown import table
+
+LOG = logging.getLogger("mergekit_metagpt")
 
 REPORT_NAME = "metagpt-report.md"
 JSON_NAME = "metagpt-inspect.json"
@@ -105,11 +111,45 @@ def _context(set_norms, number: int, count: int, place: str = "") -> List[str]:
 
 
 def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[str]:
-    """Write the report, JSON and (if matplotlib is there) pictures; returns the paths."""
+    """Write the report, JSON and (if matplotlib is there) pictures; returns the paths.
+
+    All or nothing: the files are made in a temporary folder inside `out_dir`, then each
+    renamed over an earlier run's, so that a full disk leaves neither a cut-off picture nor
+    this run's pictures beside an earlier run's report. An earlier cosine picture the
+    report would not name (no pair computed) is removed."""
     from mergekit_metagpt import plots
-    from mergekit_metagpt.atomic_json import write_json
 
     os.makedirs(out_dir, exist_ok=True)
+    try:
+        staging = tempfile.mkdtemp(prefix=".tmp-inspect-", dir=out_dir)
+        try:
+            names = _write_files(run, recipe_path, staging, pictures)
+            for name in names:
+                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        raise MetaGPTError(f"inspect: cannot write the report in {out_dir}: {error.strerror or error}"
+                           " (files of an earlier run there are as they were)") from None
+    if pictures and plots.available():
+        count = len(run.result.merging)
+        for number in range(1, count + 1):
+            name = f"metagpt-cosines{_suffix(number, count)}.png"
+            if name not in names:  # an earlier run's: the card would link it
+                try:
+                    os.remove(os.path.join(out_dir, name))
+                except FileNotFoundError:
+                    pass
+                except OSError as error:
+                    LOG.warning("MetaGPT: could not remove the earlier %s: %s", os.path.join(out_dir, name), error)
+    return [os.path.join(out_dir, name) for name in names]
+
+
+def _write_files(run, recipe_path: str, out_dir: str, pictures: bool) -> List[str]:
+    """The files' names, written in `out_dir`."""
+    from mergekit_metagpt import plots
+    from mergekit_metagpt.atomic_files import write_json
+
     data = payload(run, recipe_path)
     written = []
     count = len(run.result.merging)
@@ -125,7 +165,7 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
     with open(path, "w", encoding="utf-8") as f:
         f.write(report_text(run, recipe_path, drawn, turned_off=not pictures))
     written.append(path)
-    return written
+    return [os.path.basename(p) for p in written]
 
 
 def one_draw(seed, these: str = "these", code: str = "") -> str:

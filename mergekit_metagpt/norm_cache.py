@@ -26,7 +26,7 @@ import threading
 import time
 from typing import Dict, Optional
 
-from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt.atomic_files import write_json
 from mergekit_metagpt.env import switched_off
 
 LOG = logging.getLogger("mergekit_metagpt")

@@ -7,11 +7,9 @@ the cosine matrix of the task vectors (not drawn where no pair was computed).
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import List, Sequence
 
-LOG = logging.getLogger("mergekit_metagpt")
 
 DPI = 100
 FONT = 11
@@ -93,8 +91,7 @@ def write_pictures(stats, out_dir: str, suffix: str = "", context: Sequence[str]
                    sparse: bool = False) -> List[str]:
     """Write the PNGs of one model set; returns their paths. `context`: lines added under
     each title (which model set, what the λ are); `sparse`: the norms are of the
-    sparsified task vectors. The cosine matrix is drawn only where some pair was computed
-    (an earlier picture of that name is removed otherwise)."""
+    sparsified task vectors. The cosine matrix is drawn only where some pair was computed."""
     import matplotlib
 
     with matplotlib.rc_context(RC):
@@ -150,14 +147,7 @@ def _draw(stats, out_dir: str, suffix: str, context: Sequence[str], sparse: bool
     paths.append(_save(fig, out_dir, "metagpt-lambdas", suffix))
 
     # 3. cosine matrix
-    path = os.path.join(out_dir, f"metagpt-cosines{suffix}.png")
     if not stats.computed:
-        try:  # an earlier run's: the card would link it
-            os.remove(path)
-        except FileNotFoundError:
-            pass
-        except OSError as error:
-            LOG.warning("MetaGPT: could not remove the earlier %s: %s", path, error)
         return paths
     fig, ax = _figure(cosines_size(stats))
     matrix = [[float("nan") if v is None or a == b else v for b, v in enumerate(row)]

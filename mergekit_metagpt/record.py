@@ -28,7 +28,7 @@ import os
 import statistics
 from typing import Any, Dict, List, Optional
 
-from mergekit_metagpt.atomic_json import write_json
+from mergekit_metagpt.atomic_files import write_json
 from mergekit_metagpt.merge_plan import task_parameter
 from mergekit_metagpt import PAPER_URL
 

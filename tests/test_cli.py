@@ -237,6 +237,57 @@ def test_a_console_that_cannot_show_lambda_gets_it_escaped_not_an_error(llama_fa
     assert "MetaGPT's λ assume" in (out / "metagpt-report.md").read_text(encoding="utf-8")
 
 
+def _run_with_a_file_size_limit(command_args, limit: int, tmp_path):
+    """main(command_args) in a child process whose files may not grow beyond `limit` bytes
+    (RLIMIT_FSIZE: a write past it fails with EFBIG, as on a full disk; no mount needed)."""
+    code = textwrap.dedent(f"""
+        import resource, sys
+        from mergekit_metagpt.cli import main
+        try:  # matplotlib's font cache, written on first use, before the limit
+            import matplotlib.font_manager
+        except ImportError:
+            pass
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+        sys.exit(main({command_args!r}))
+    """)
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE="0", MERGEKIT_METAGPT_PROGRESS="0",
+               MPLCONFIGDIR=str(tmp_path / "mpl"))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=str(tmp_path))
+
+
+def test_bake_on_a_full_disk_leaves_the_earlier_file_not_a_shorter_recipe(llama_family, tmp_path):
+    """A recipe cut short is YAML that merges other weights (a model left out, a weight cut
+    to fewer digits): bake writes all of it or nothing, and names the file."""
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    out = tmp_path / "baked.yml"
+    out.write_text("# an earlier bake\n")
+    result = _run_with_a_file_size_limit(["bake", path, str(out)], 300, tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = _one_error_line(result.returncode, result.stderr)
+    assert line.startswith(f"mergekit-metagpt: error: cannot write {out}: File too large"), line
+    assert out.read_text() == "# an earlier bake\n"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
+    assert main(["bake", path, str(out)]) == 0 and os.path.getsize(out) > 300  # the limit did cut it
+
+
+def test_inspect_on_a_full_disk_leaves_the_earlier_report_whole(llama_family, tmp_path):
+    """No cut-off picture, and not this run's pictures beside an earlier run's report."""
+    paths, _ = llama_family
+    out = tmp_path / "inspect"
+    two = write_yaml(recipe(paths, MODELS[:2]), str(tmp_path / "two.yml"))
+    assert main(["inspect", two, str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "metagpt-lambdas.png" in before and "metagpt-report.md" in before
+    limit = min(len(v) for k, v in before.items() if k.endswith(".png")) // 2
+    three = write_yaml(recipe(paths, MODELS), str(tmp_path / "three.yml"))
+    result = _run_with_a_file_size_limit(["inspect", three, str(out)], limit, tmp_path)
+    line = _one_error_line(result.returncode, result.stderr)
+    assert f"inspect: cannot write the report in {out}: File too large" in line, line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
 def test_bake_refuses_slices_and_says_why(cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("bake_slices", "bake")]
     line = _one_error_line(rc, stderr)

@@ -526,6 +526,52 @@ def test_a_recipe_comment_with_the_sections_heading_does_not_keep_it_from_the_ca
     assert norm == pytest.approx(norms[0], rel=1e-6) and lam == pytest.approx(lambdas_of(norms)[0], abs=1e-6)
 
 
+def test_a_card_section_cut_short_by_a_full_disk_is_taken_back(llama_family, merge_options, tmp_path,
+                                                               monkeypatch, caplog):
+    """A full disk while the λ section is appended to mergekit's card: the card stays as
+    mergekit wrote it (it ended mid-sentence), with a warning; the record and merge stand."""
+    import builtins
+
+    from mergekit_metagpt import card as card_module
+
+    paths, _ = llama_family
+    wrote_part = []
+
+    class FillsTheDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            wrote_part.append(len(text) // 2)
+            raise OSError(28, "No space left on device")
+
+    def open_filling(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return FillsTheDisk(f) if "a" in mode else f
+
+    monkeypatch.setattr(card_module, "open", open_filling, raising=False)
+    out = str(tmp_path / "out")
+    config = recipe(paths, MODELS[:2])
+    with monkeypatch.context() as m:  # mergekit's own card, to compare with
+        m.setattr(card_module, "add_card_sections", lambda context: None)
+        run_recipe(config, str(tmp_path / "plain" / "out"), merge_options)  # the card's title: "out"
+    run_recipe(config, out, merge_options)
+    assert wrote_part and wrote_part[0] > 0
+    assert read_card(out) == read_card(str(tmp_path / "plain" / "out"))
+    assert CARD_MARK not in read_card(out)
+    assert os.path.exists(os.path.join(out, RECORD))
+    assert any(r.levelname == "WARNING" and "could not add the coefficients" in r.getMessage()
+               and "No space left on device" in r.getMessage() for r in caplog.records)
+
+
 def test_slices_record_and_card_have_one_entry_per_model_set(llama_family, merge_options, tmp_path):
     paths, sds = llama_family
     out = str(tmp_path / "out")
