@@ -15,7 +15,7 @@ products ⟨δ_a, δ_b⟩ of each pair of dense task vectors (the cosine similar
 is closed once RELEASE_BYTES (16 MiB) of its tensors were read since the pre-pass last
 closed it, and every shard at the end, so that mapped pages do not pile up in RSS while
 a shard of many small tensors is not reopened per tensor (``.bin`` shards stay loaded:
-unpickling them costs).
+unpickling them costs; under an address-space limit, every shard stays open to the end).
 
 Where the plan aligns vocabularies (``tokenizer_source``: mergekit's
 ``PermutedVocabulary``; ``--unsafe-truncate-embeddings``: ``TruncatedVocabulary``),
@@ -417,6 +417,16 @@ class _Found:
 RELEASE_BYTES = 16 * 1024 * 1024
 
 
+def address_space_limited() -> bool:
+    """Whether this process has a finite RLIMIT_AS (``ulimit -v``, a cluster's ``h_vmem``)."""
+    try:
+        import resource
+
+        return resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    except Exception:  # no `resource` (Windows), or no such limit here
+        return False
+
+
 class _Releaser:
     """Closes the safetensors shards the pre-pass mapped (mergekit's own flush, under the
     loader's lock) once RELEASE_BYTES of a loader's tensors were read since the pre-pass
@@ -427,6 +437,14 @@ class _Releaser:
 
     def __init__(self):
         self.mapped = {}  # id(loader) -> [loader, bytes read since it was closed]
+        # Under an address-space limit, a shard closed mid-pass may still be mapped for
+        # mergekit (the first merge task's inputs), and opening it again maps it twice:
+        # there, shards stay open until the end, as the merge keeps them (RSS, which a
+        # limit on the address space bounds too, is then the merge's)
+        self.hold = address_space_limited()
+        if self.hold:
+            LOG.info("MetaGPT: an address-space limit (ulimit -v) is set: the pre-pass keeps each shard "
+                     "mapped until it ends, as the merge does, rather than map it again")
 
     def track(self, item: "_Planned") -> None:
         """The loaders a task is about to read (closed at the end even if a read fails)."""
@@ -439,6 +457,8 @@ class _Releaser:
             self.mapped.setdefault(id(read.loader), [read.loader, 0])[1] += nbytes
 
     def after_task(self) -> None:
+        if self.hold:
+            return
         for key in [k for k, (_, n) in self.mapped.items() if n >= RELEASE_BYTES]:
             self.mapped.pop(key)[0].flush()
 
