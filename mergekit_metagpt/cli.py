@@ -76,7 +76,7 @@ def _is_terminal(stream) -> bool:  # a name of its own here: tests stand a termi
 
 
 def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None, products=None,
-                    before_norms=None):
+                    before_norms=None, text=None):
     """Validate and plan the recipe as ``mergekit-yaml`` would, then run the pre-pass;
     ``before_planning(config)`` and ``before_norms(run)`` refuse what a command cannot do
     before anything is read."""
@@ -90,7 +90,7 @@ def _plan_and_norms(recipe_path: str, cuda: bool, options, before_planning=None,
 
     if cuda and not torch.cuda.is_available():  # else: a warm cache needs no GPU, a cold one fails late
         raise MetaGPTError("--cuda: torch finds no CUDA device here")
-    config = load_recipe(recipe_path)
+    config = load_recipe(recipe_path, text)
     check_metagpt(config, recipe_path)
     if before_planning is not None:
         before_planning(config)
@@ -196,13 +196,15 @@ def _check_writable(path: str, folder: bool, recipe: str) -> None:
 
 def _bake(args) -> int:
     from mergekit_metagpt.bake import baked_recipe, check_bakeable, check_bakeable_recipe
+    from mergekit_metagpt.recipe import read_recipe_text
 
     _check_writable(args.output, folder=False, recipe=args.recipe)
-    run = _plan_and_norms(args.recipe, args.cuda, _options(args),
+    recipe_text = read_recipe_text(args.recipe)  # once: bake writes the recipe its λ were computed from
+    run = _plan_and_norms(args.recipe, args.cuda, _options(args), text=recipe_text,
                           before_planning=lambda c: check_bakeable_recipe(c, args.recipe),
                           before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
-    text = baked_recipe(args.recipe, set_norms.coefficients)
+    text = baked_recipe(args.recipe, set_norms.coefficients, recipe_text)
     from mergekit_metagpt.atomic_files import write_text
 
     try:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights

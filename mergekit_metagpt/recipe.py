@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import yaml
 
 from mergekit_metagpt.errors import MetaGPTError
 
 
-def load_recipe(path: str):
-    """Parse a mergekit YAML recipe into a MergeConfiguration."""
-    from mergekit.config import MergeConfiguration
-
+def read_recipe_text(path: str) -> str:
+    """The recipe's text, read once, as mergekit-yaml reads it (UTF-8): a command that needs
+    it again (bake) takes this text, never the file a second time (a pipe, <(...) or
+    /dev/stdin can be read only once, and a file may change during the pre-pass)."""
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
-        data = yaml.safe_load(text)
+            return f.read()
     except OSError as error:
         raise MetaGPTError(f"cannot read recipe {path}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        raise MetaGPTError(
+            f"recipe {path} is not UTF-8 text (byte 0x{error.object[error.start]:02x} at offset {error.start}): "
+            f"mergekit-yaml reads recipes as UTF-8; save it as UTF-8") from None
+
+
+def load_recipe(path: str, text: Optional[str] = None):
+    """Parse a mergekit YAML recipe into a MergeConfiguration (`text`: the recipe's text,
+    already read by read_recipe_text)."""
+    from mergekit.config import MergeConfiguration
+
+    if text is None:
+        text = read_recipe_text(path)
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         if getattr(error, "problem", None) == "but found another document":
             raise MetaGPTError(
@@ -26,7 +42,12 @@ def load_recipe(path: str):
             ) from None
         mark = getattr(error, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        problem = getattr(error, "problem", None) or "syntax error"
+        problem = getattr(error, "problem", None)
+        if problem is None and isinstance(error, yaml.reader.ReaderError):  # a NUL, a control character
+            line = text.count("\n", 0, error.position) + 1
+            where = f" (line {line})"
+            problem = str(error).splitlines()[0]
+        problem = problem or "syntax error"
         raise MetaGPTError(f"recipe {path} is not valid YAML{where}: {problem}") from None
     if not isinstance(data, dict):
         raise MetaGPTError(f"recipe {path} is not a YAML mapping")

@@ -52,7 +52,8 @@ def _options(annotation) -> List[Any]:
 
 
 def _unknown(value: Any, annotation, where: str, out: List[Tuple[str, str, List[str]]]) -> None:
-    """Append (place, key, keys known there) for each key of `value` its annotation lacks."""
+    """Append (place, key, keys known there) for each key of `value` its annotation lacks
+    (each level one annotation deeper: a YAML alias cycle ends with the annotations)."""
     options = _options(annotation)
     if isinstance(value, dict):
         models = [option for option in options if _is_model(option)]
@@ -129,8 +130,12 @@ def duplicate_keys(text: str) -> List[Tuple[str, str, int, int]]:
     except yaml.YAMLError:  # the loader reports it in its words
         return []
     out: List[Tuple[str, str, int, int]] = []
+    seen = set()  # an alias is the node it names: walked once (a cycle, `&a [*a]`, or aliases of aliases)
 
     def walk(node, where: str) -> None:
+        if id(node) in seen:
+            return
+        seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
             first = {}
             for key, value in node.value:

@@ -1185,6 +1185,57 @@ def test_yaml_merge_keys_and_keys_of_other_mappings_are_not_duplicates():
     assert duplicate_keys(text + "models: []\n") == [("", "models", 7, 12)]
 
 
+def test_yaml_aliases_met_again_or_in_a_cycle_are_checked_once(family, tmp_path, capfd):
+    """An alias is the node it names: a self-referring one (`&n [a, *n]`, in a key mergekit
+    ignores) merged with stock methods but ended the plugin's key checks in a RecursionError;
+    aliases of aliases (a YAML "billion laughs") took exponential time."""
+    import sys
+
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.recipe_keys import duplicate_keys
+
+    paths, _ = family
+    head = f"merge_method: metagpt\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['good']}\n"
+    cycle = tmp_path / "cycle.yml"
+    cycle.write_text(head + "x-notes: &n [a, *n]\n")
+    assert main(["coefficients", str(cycle)]) == 0
+    laughs = head + "".join(f"x-a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10) if i else '1'}]\n" for i in range(4))
+    walked = []
+    sys.setprofile(lambda frame, event, arg: walked.append(1) if event == "call"
+                   and frame.f_code.co_name == "walk" else None)
+    try:
+        assert duplicate_keys(laughs) == []
+    finally:
+        sys.setprofile(None)
+    assert 0 < len(walked) < 200, len(walked)  # 10 000 leaves through the aliases; 40-odd nodes
+    capfd.readouterr()
+    cyclic_lambda = tmp_path / "cyclic-lambda.yml"
+    cyclic_lambda.write_text(head + "parameters:\n  lambda: &l [0.5, *l]\n")
+    assert main(["coefficients", str(cyclic_lambda)]) == 1
+    err = capfd.readouterr().err
+    assert "RecursionError" not in err and "lambda" in err, err
+
+
+@pytest.mark.parametrize("content, expected", [
+    (b"\0", "is not valid YAML (line 5): unacceptable character #x0000: special characters are not allowed"),
+    ("# caf\u00e9\n".encode("latin-1"),
+     "is not UTF-8 text (byte 0xe9 at offset {offset}): mergekit-yaml reads recipes as UTF-8; save it as UTF-8"),
+])
+def test_a_recipe_that_is_not_yaml_text_says_what_and_where(content, expected, family, tmp_path, capfd):
+    """A NUL was "not valid YAML: syntax error" (PyYAML's reader error has no problem or
+    mark); latin-1 text a bare UnicodeDecodeError naming neither the file nor the fix."""
+    from mergekit_metagpt.cli import main
+
+    paths, _ = family
+    head = f"merge_method: metagpt\nbase_model: {paths['base']}\nmodels:\n  - model: {paths['good']}\n".encode()
+    path = tmp_path / "r.yml"
+    path.write_bytes(head + content)
+    capfd.readouterr()
+    assert main(["coefficients", str(path)]) == 1
+    err = capfd.readouterr().err.strip()
+    assert err == f"mergekit-metagpt: error: recipe {path} " + expected.format(offset=len(head) + 5), err
+
+
 def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(family, tmp_path):
     """mergekit would overwrite the model's config.json and card and write its shards beside
     the model's, under an index that still names the model's: refused, the folder untouched."""

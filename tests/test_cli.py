@@ -288,6 +288,22 @@ def test_inspect_on_a_full_disk_leaves_the_earlier_report_whole(llama_family, tm
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
+def test_bake_reads_its_recipe_once_so_a_pipe_bakes_as_the_file_does(llama_family, tmp_path):
+    """bake read the recipe a second time to write it out: from a pipe (`/dev/stdin`,
+    `<(...)`) that read got nothing (a TypeError, after the whole pre-pass), and a file edited
+    during the pre-pass was written with the λ of its earlier text."""
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0")
+    with open(path) as f:  # a pipe (a file as stdin could be opened again at its start)
+        result = subprocess.run([SCRIPT, "bake", "/dev/stdin", str(tmp_path / "piped.yml")], input=f.read(),
+                                capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert main(["bake", path, str(tmp_path / "file.yml")]) == 0
+    piped, from_file = (yaml.safe_load((tmp_path / name).read_text()) for name in ("piped.yml", "file.yml"))
+    assert piped == from_file and len(piped["models"]) == len(MODELS)
+
+
 def test_bake_refuses_slices_and_says_why(cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("bake_slices", "bake")]
     line = _one_error_line(rc, stderr)
