@@ -1,13 +1,15 @@
 """Write a file all at once: to a temporary file in the same folder, then renamed.
 
 A reader (or an interrupted writer) never sees half a file; on any error, including
-Ctrl-C or a full disk, the temporary file is removed and the old file (if any) stays.
+Ctrl-C or a full disk, the temporary file is removed and the old file (if any) stays
+(what is not a regular file, e.g. a pipe, is written directly).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
 from typing import IO, Callable
 
@@ -23,14 +25,28 @@ _UMASK = _umask()  # read once, at import: setting it later would race with othe
 
 def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
     """`write(f)` fills the file (text in UTF-8, or bytes with `binary`). Raises OSError
-    (the caller decides whether that is only a warning)."""
+    (the caller decides whether that is only a warning).
+
+    A symlink is followed (the file it names is replaced, the link stays), an existing
+    file keeps its permissions, and what is not a regular file (a pipe, ``/dev/stdout``,
+    ``/dev/fd/N``) is written directly, where no rename can be."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
+            write(f)
+        return
+    path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
     try:
         # closes fd whatever follows
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # as open() would create it (mkstemp makes 0600)
+            # as open() would create it (mkstemp makes 0600), or as the file it replaces
+            os.fchmod(f.fileno(), stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
             write(f)
             if fsync:
                 f.flush()

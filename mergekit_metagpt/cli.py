@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 from typing import List, Optional
 
 from mergekit_metagpt.errors import MetaGPTError
@@ -180,16 +181,17 @@ def _check_writable(path: str, folder: bool, recipe: str) -> None:
         raise MetaGPTError(f"{path} is a folder; give the file to write")
     if not os.path.isdir(parent):
         raise MetaGPTError(f"cannot write {path}: no folder {parent}")
-    if os.path.exists(path) and os.path.samefile(path, recipe):
+    if os.path.exists(path) and os.path.exists(recipe) and os.path.samefile(path, recipe):
         raise MetaGPTError(f"{path} is the recipe itself; give another file to write")
     try:  # a file the folder takes (permissions, a read-only or special file system)
-        if os.path.exists(path):
+        if os.path.exists(path):  # a file you may not write is not replaced either
             with open(path, "a", encoding="utf-8"):
                 pass
-        else:
-            with open(path, "x", encoding="utf-8"):
-                pass
-            os.remove(path)
+        if not os.path.exists(path) or os.path.isfile(path):  # a pipe or /dev/stdout is written directly
+            # a regular file is written beside the file it replaces (a link's), then renamed over it
+            fd, probe = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(os.path.realpath(path)))
+            os.close(fd)
+            os.remove(probe)
     except OSError as error:
         raise MetaGPTError(f"cannot write {path}: {error.strerror or error}") from None
 
@@ -513,6 +515,11 @@ def _stdout_writes_anything() -> None:
     (PYTHONIOENCODING=ascii, a legacy console), they are written as \\u escapes, as Python
     writes them to stderr, rather than failing the command after its work is done."""
     stream = sys.stdout
+    try:
+        "λδ‖".encode(stream.encoding)
+        return
+    except (UnicodeEncodeError, LookupError, AttributeError, TypeError):
+        pass
     if getattr(stream, "errors", None) == "strict" and hasattr(stream, "reconfigure"):
         try:
             stream.reconfigure(errors="backslashreplace")

@@ -124,8 +124,20 @@ def write(run, recipe_path: str, out_dir: str, pictures: bool = True) -> List[st
         staging = tempfile.mkdtemp(prefix=".tmp-inspect-", dir=out_dir)
         try:
             names = _write_files(run, recipe_path, staging, pictures)
-            for name in names:
-                os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+            for name in names:  # before any is replaced
+                target = os.path.join(out_dir, name)
+                if os.path.lexists(target) and not os.path.isfile(target):
+                    raise MetaGPTError(f"inspect: cannot write {target}: it is not a file (nothing was written "
+                                       f"in {out_dir})")
+            replaced = []
+            try:
+                for name in names:
+                    os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+                    replaced.append(name)
+            except OSError as error:
+                raise MetaGPTError(f"inspect: cannot write {os.path.join(out_dir, name)}: "
+                                   f"{error.strerror or error} (written before it: {', '.join(replaced) or 'none'})"
+                                   ) from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     except OSError as error:

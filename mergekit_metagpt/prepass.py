@@ -433,7 +433,8 @@ class _Releaser:
     last closed it (or first used it), and all of them at the end, a failed read's too, so
     that mapped pages do not pile up in RSS (with ``--cuda`` too: safetensors maps the files
     whatever the device tensors are read to), while a shard of many small tensors is
-    not reopened (its header parsed) per tensor."""
+    not reopened (its header parsed) per tensor. Under an address-space limit, only at
+    the end (see ``__init__``)."""
 
     def __init__(self):
         self.mapped = {}  # id(loader) -> [loader, bytes read since it was closed]

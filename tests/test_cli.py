@@ -211,12 +211,16 @@ def test_a_program_that_calls_main_keeps_its_own_logging(llama_family, tmp_path)
         from mergekit_metagpt.cli import main
         assert main(["coefficients", {path!r}]) == 0
         logging.getLogger("myapp").info("after")
+        import sys
+        print(sys.stdout.errors)  # a stdout that shows λ is left as it was
         print(len(logging.getLogger().handlers))
     """)
-    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0",
+               PYTHONIOENCODING="utf-8")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                            cwd=str(tmp_path))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "1"
+    assert result.stdout.strip().splitlines()[-2:] == ["strict", "1"]
     assert "APP myapp after" in result.stderr.splitlines(), result.stderr[-3000:]
     assert "APP mergekit_metagpt MetaGPT: only one model besides the base" in result.stderr, result.stderr[-3000:]
 
@@ -270,6 +274,49 @@ def test_bake_on_a_full_disk_leaves_the_earlier_file_not_a_shorter_recipe(llama_
     assert out.read_text() == "# an earlier bake\n"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")) == []
     assert main(["bake", path, str(out)]) == 0 and os.path.getsize(out) > 300  # the limit did cut it
+
+
+def test_bake_writes_through_a_link_into_a_pipe_and_keeps_a_files_permissions(llama_family, tmp_path, capfd):
+    """Written all at once by a rename, bake's output must still go where a plain write went:
+    the file a symlink names (the link stays), a pipe (`/dev/fd/1`, `>(...)`), an existing
+    file's permissions. A missing recipe beside an existing output is named as missing."""
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    env = dict(os.environ, MERGEKIT_METAGPT_CACHE_DIR=str(tmp_path / "cache"), MERGEKIT_METAGPT_PROGRESS="0")
+    result = subprocess.run([SCRIPT, "bake", path, "/dev/fd/1"], capture_output=True, text=True, timeout=300,
+                            env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    baked = yaml.safe_load(result.stdout.rsplit("wrote /dev/fd/1", 1)[0])
+    assert baked["merge_method"] == "task_arithmetic" and len(baked["models"]) == len(MODELS)
+    (tmp_path / "shared").mkdir()
+    target = tmp_path / "shared" / "baked.yml"
+    target.write_text("# earlier\n")
+    os.chmod(target, 0o640)
+    (tmp_path / "link.yml").symlink_to(target)
+    assert main(["bake", path, str(tmp_path / "link.yml")]) == 0
+    assert (tmp_path / "link.yml").is_symlink() and yaml.safe_load(target.read_text()) == baked
+    assert oct(os.stat(target).st_mode & 0o777) == oct(0o640)
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == ["baked.yml"]
+    capfd.readouterr()
+    line = _one_error_line(main(["bake", str(tmp_path / "missing.yml"), str(target)]), capfd.readouterr().err)
+    assert "cannot read recipe" in line and "missing.yml" in line, line
+
+
+def test_inspect_refuses_a_name_it_writes_that_is_not_a_file_before_replacing_any(llama_family, tmp_path, capfd):
+    paths, _ = llama_family
+    out = tmp_path / "inspect"
+    two = write_yaml(recipe(paths, MODELS[:2]), str(tmp_path / "two.yml"))
+    assert main(["inspect", two, str(out), "--no-pictures"]) == 0
+    (out / "metagpt-report.md").unlink()
+    (out / "metagpt-report.md").mkdir()
+    (out / "metagpt-report.md" / "x").write_text("")
+    before = (out / "metagpt-inspect.json").read_bytes()
+    three = write_yaml(recipe(paths, MODELS), str(tmp_path / "three.yml"))
+    capfd.readouterr()
+    line = _one_error_line(main(["inspect", three, str(out), "--no-pictures"]), capfd.readouterr().err)
+    assert f"inspect: cannot write {out / 'metagpt-report.md'}: it is not a file (nothing was written" in line, line
+    assert (out / "metagpt-inspect.json").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == ["metagpt-inspect.json", "metagpt-report.md"]
 
 
 def test_inspect_on_a_full_disk_leaves_the_earlier_report_whole(llama_family, tmp_path):

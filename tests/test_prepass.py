@@ -417,7 +417,11 @@ def test_the_pre_pass_closes_a_shard_after_a_bounded_read_and_every_shard_at_its
 
 def test_a_finite_address_space_limit_is_seen(tmp_path):
     code = ("import resource\nfrom mergekit_metagpt.prepass import address_space_limited\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (1 << 46, resource.getrlimit(resource.RLIMIT_AS)[1]))\n"
+            "hard = resource.getrlimit(resource.RLIMIT_AS)[1]\n"
+            "if hard == resource.RLIM_INFINITY:\n"
+            "    resource.setrlimit(resource.RLIMIT_AS, (hard, hard))\n"
+            "    assert address_space_limited() is False\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (1 << 46, hard))\n"
             "print(address_space_limited())\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                             cwd=str(tmp_path))
