@@ -23,21 +23,26 @@ def _umask() -> int:
 _UMASK = _umask()  # read once, at import: setting it later would race with other threads
 
 
-def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
+def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False,
+                     into_special: bool = False) -> None:
     """`write(f)` fills the file (text in UTF-8, or bytes with `binary`). Raises OSError
     (the caller decides whether that is only a warning).
 
-    A symlink is followed (the file it names is replaced, the link stays), an existing
-    file keeps its permissions, and what is not a regular file (a pipe, ``/dev/stdout``,
-    ``/dev/fd/N``) is written directly, where no rename can be."""
+    A symlink is followed (the file it names is replaced, the link stays) and an existing
+    file keeps its permissions. With `into_special` (a command's output a user names),
+    what is not a regular file (a pipe, ``/dev/stdout``, ``/dev/fd/N``) is written
+    directly, where no rename can be; otherwise it is replaced by the file (a named pipe in
+    a cache folder would block the write)."""
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
+    except OSError:  # none yet (or a link to none)
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
-        with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
-            write(f)
-        return
+        if into_special:
+            with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
+                write(f)
+            return
+        mode = None  # replaced by the file
     path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -65,5 +70,5 @@ def write_json(path: str, data, indent=None, fsync: bool = False) -> None:
     write_atomically(path, lambda f: json.dump(data, f, indent=indent), fsync=fsync)
 
 
-def write_text(path: str, text: str) -> None:
-    write_atomically(path, lambda f: f.write(text))
+def write_text(path: str, text: str, into_special: bool = False) -> None:
+    write_atomically(path, lambda f: f.write(text), into_special=into_special)

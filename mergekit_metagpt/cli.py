@@ -210,7 +210,7 @@ def _bake(args) -> int:
     from mergekit_metagpt.atomic_files import write_text
 
     try:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights
-        write_text(args.output, text)
+        write_text(args.output, text, into_special=True)
     except OSError as error:
         raise MetaGPTError(f"cannot write {args.output}: {error.strerror or error}") from None
     print(f"wrote {args.output}")
