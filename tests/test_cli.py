@@ -247,7 +247,10 @@ def _run_with_a_file_size_limit(command_args, limit: int, tmp_path):
     code = textwrap.dedent(f"""
         import resource, sys
         from mergekit_metagpt.cli import main
-        try:  # matplotlib's font cache, written on first use, before the limit
+        # imported before the limit: what writes files as it is imported or first used
+        # (matplotlib's font cache; torch <= 2.9 writes a module to /tmp as mergekit imports it)
+        import mergekit.architecture, mergekit.common, mergekit.config, mergekit.merge, mergekit.options, mergekit.plan
+        try:
             import matplotlib.font_manager
         except ImportError:
             pass
