@@ -51,7 +51,8 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
         # closes fd whatever follows
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
             # as open() would create it (mkstemp makes 0600), or as the file it replaces
-            os.fchmod(f.fileno(), stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
+            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(f.fileno(), stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
             write(f)
             if fsync:
                 f.flush()
