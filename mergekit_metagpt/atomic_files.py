@@ -2,7 +2,7 @@
 
 A reader (or an interrupted writer) never sees half a file; on any error, including
 Ctrl-C or a full disk, the temporary file is removed and the old file (if any) stays
-(what is not a regular file, e.g. a pipe, is written directly).
+(a command's output that is not a regular file, e.g. a pipe, is written directly).
 """
 
 from __future__ import annotations

@@ -197,6 +197,7 @@ def _check_writable(path: str, folder: bool, recipe: str) -> None:
 
 
 def _bake(args) -> int:
+    from mergekit_metagpt.atomic_files import write_text
     from mergekit_metagpt.bake import baked_recipe, check_bakeable, check_bakeable_recipe
     from mergekit_metagpt.recipe import read_recipe_text
 
@@ -207,8 +208,6 @@ def _bake(args) -> int:
                           before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, set_norms.coefficients, recipe_text)
-    from mergekit_metagpt.atomic_files import write_text
-
     try:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights
         write_text(args.output, text, into_special=True)
     except OSError as error:
