@@ -1,8 +1,7 @@
 """Write a file all at once: to a temporary file in the same folder, then renamed.
 
 A reader (or an interrupted writer) never sees half a file; on any error, including
-Ctrl-C or a full disk, the temporary file is removed and the old file (if any) stays
-(a command's output that is not a regular file, e.g. a pipe, is written directly).
+Ctrl-C or a full disk, the temporary file is removed and the old file (if any) stays.
 """
 
 from __future__ import annotations
@@ -23,26 +22,18 @@ def _umask() -> int:
 _UMASK = _umask()  # read once, at import: setting it later would race with other threads
 
 
-def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False,
-                     into_special: bool = False) -> None:
+def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
     """`write(f)` fills the file (text in UTF-8, or bytes with `binary`). Raises OSError
     (the caller decides whether that is only a warning).
 
     A symlink is followed (the file it names is replaced, the link stays) and an existing
-    file keeps its permissions. With `into_special` (a command's output a user names),
-    what is not a regular file (a pipe, ``/dev/stdout``, ``/dev/fd/N``) is written
-    directly, where no rename can be; otherwise it is replaced by the file (a named pipe in
-    a cache folder would block the write)."""
+    file keeps its permissions; what is not a regular file (a named pipe) is replaced."""
     try:
         mode = os.stat(path).st_mode
     except OSError:  # none yet (or a link to none)
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
-        if into_special:
-            with open(path, "wb") if binary else open(path, "w", encoding="utf-8") as f:
-                write(f)
-            return
-        mode = None  # replaced by the file
+        mode = None
     path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
@@ -71,5 +62,5 @@ def write_json(path: str, data, indent=None, fsync: bool = False) -> None:
     write_atomically(path, lambda f: json.dump(data, f, indent=indent), fsync=fsync)
 
 
-def write_text(path: str, text: str, into_special: bool = False) -> None:
-    write_atomically(path, lambda f: f.write(text), into_special=into_special)
+def write_text(path: str, text: str) -> None:
+    write_atomically(path, lambda f: f.write(text))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import yaml
 
@@ -48,7 +47,7 @@ def check_bakeable(run, path: str = "recipe") -> None:
                                "lambda_from: dense, or merge this one with the plugin itself)")
 
 
-def baked_recipe(path: str, coefficients, text: Optional[str] = None) -> str:
+def baked_recipe(path: str, coefficients, text: str) -> str:
     """The recipe at `path` (its `text`, the one the λ were computed from: the file is not
     read again) as a stock mergekit recipe with the λ filled in as weights."""
     from mergekit.common import ModelReference
@@ -56,9 +55,6 @@ def baked_recipe(path: str, coefficients, text: Optional[str] = None) -> str:
     from mergekit_metagpt import __version__
     from mergekit_metagpt.coefficients import formula
 
-    if text is None:  # a caller without the text: read it (as the λ's recipe, the file must not have changed)
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
     data = yaml.safe_load(text)
     method = data["merge_method"]
     data["merge_method"] = STOCK[method]

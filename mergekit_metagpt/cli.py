@@ -208,8 +208,12 @@ def _bake(args) -> int:
                           before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, set_norms.coefficients, recipe_text)
-    try:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights
-        write_text(args.output, text, into_special=True)
+    try:
+        if os.path.exists(args.output) and not os.path.isfile(args.output):  # a pipe, /dev/stdout: no rename
+            with open(args.output, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights
+            write_text(args.output, text)
     except OSError as error:
         raise MetaGPTError(f"cannot write {args.output}: {error.strerror or error}") from None
     print(f"wrote {args.output}")
