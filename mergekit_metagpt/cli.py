@@ -374,15 +374,17 @@ def _mergekit_yaml_line() -> str:
     if _same_file(python, sys.executable) and \
             os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
         return f"mergekit-yaml: {found} (this Python's)"  # (two venvs' pythons link to one binary)
-    # not from the current folder (`python -c` reads it first): a checkout of this
-    # repository there would be found as if installed
+    # run in an empty folder of its own: `python -c` imports from the folder it runs in
+    # first, so a checkout of this repository there would be found as if installed, and in a
+    # shared folder (/tmp) anyone's `importlib.py` would run (the probe's own import)
     probe = ("import sys, importlib.util as u; sys.path[:] = [p for p in sys.path if p not in ('', '.')]; "
              "print(u.find_spec('mergekit_metagpt') is not None and u.find_spec('mergekit_metagpt_hook') is not None)")
     try:
         import tempfile
 
-        answer = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30,
-                                cwd=tempfile.gettempdir()).stdout.strip()
+        with tempfile.TemporaryDirectory(prefix="mergekit-metagpt-probe-") as empty:
+            answer = subprocess.run([python, "-c", probe], capture_output=True, text=True, timeout=30,
+                                    cwd=empty).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         answer = ""
     if answer == "True":

@@ -260,14 +260,22 @@ def test_version_says_when_the_mergekit_yaml_on_path_runs_a_python_without_the_p
         (checkout / package / "__init__.py").write_text("")
     # as the command's own Python has it (a pytest started as ../.venv/bin/python keeps the ..)
     own = os.path.join(os.path.dirname(os.path.normpath(sys.executable)), "mergekit-yaml")
+    # anyone's module in the shared temporary folder: the probe of the other Python must not
+    # run it (it ran there, and `python -c` imports from the folder it runs in first)
+    shared_tmp = tmp_path / "shared-tmp"
+    shared_tmp.mkdir()
+    planted = tmp_path / "planted-code-ran"
+    (shared_tmp / "importlib.py").write_text(f"open({str(planted)!r}, 'w').close()\n")
     lines = {}
     for case, path in {"other": f"{other}{os.pathsep}{os.environ['PATH']}",
                        "wrapper": f"{wrapper}{os.pathsep}{os.environ['PATH']}",
                        "own": os.path.dirname(own), "none": str(tmp_path)}.items():
         shown = subprocess.run([script, "--version"], capture_output=True, text=True, timeout=300,
-                               env=dict(os.environ, PATH=path), cwd=str(checkout))
+                               env=dict(os.environ, PATH=path, TMPDIR=str(shared_tmp)), cwd=str(checkout))
         assert shown.returncode == 0, shown.stderr
         lines[case] = shown.stdout.strip().splitlines()[-1]
+    assert not planted.exists()
+    assert os.listdir(shared_tmp) == ["importlib.py"]  # the probe's own folder is gone
     assert lines["wrapper"] == f"mergekit-yaml: {wrapper / 'mergekit-yaml'}"  # no Python to tell: no guess
     assert lines["other"] == (
         f"mergekit-yaml: {other / 'mergekit-yaml'} (WARNING: it runs another Python, {python}, which has no "
