@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, Hashable, Mapping, Tuple
+
+from mergekit_metagpt.errors import MetaGPTError
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -36,12 +39,25 @@ class Coefficients:
 
     @property
     def lambdas(self) -> Dict[Hashable, float]:
+        """Raises for a squared norm that is not finite (a sum past float64's range): its λ
+        would be NaN, or 0 for every model, and the merge NaN or the base."""
+        for key, value in self.squared_norms:
+            if not math.isfinite(value):
+                raise MetaGPTError(
+                    f"MetaGPT: model {key}'s squared task-vector norm is {value} (its tensors' ‖δ‖² sum "
+                    f"past float64's largest number, 1.8e308: weights that differ from the base's by more "
+                    f"than about 1e154, which no fine-tune does, or a norm cache entry that holds such "
+                    f"values; MERGEKIT_METAGPT_CACHE=0 computes them afresh)")
         if self.all_zero:
             return {key: 0.0 for key, _ in self.squared_norms}
         # x ** 1.0 == x exactly; 0.0 ** 0 == 1: at alpha 0 a model equal to the base
         # counts in the average
         powers = [value ** self.alpha for _, value in self.squared_norms]
         total = sum(powers)
+        if not math.isfinite(total):  # finite norms whose sum is not: shares of the largest
+            top = max(powers)
+            powers = [power / top for power in powers]
+            total = sum(powers)
         return {key: power / total for (key, _), power in zip(self.squared_norms, powers)}
 
     def table(self) -> str:

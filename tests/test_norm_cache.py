@@ -215,6 +215,41 @@ def test_a_norm_no_prepass_writes_makes_the_entry_corrupt(bad, llama_family, mer
             assert all(v is None or v >= 0 for v in json.load(f)["norms"].values())
 
 
+def test_finite_norms_whose_sum_overflows_are_refused_before_any_weights(llama_family, merge_options, tmp_path):
+    """Every cached value 1e308 (each finite, as the entry check asks): a model's total is
+    Inf. Its λ were NaN and the merge wrote all-NaN weights with no error."""
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = llama_family
+    models = ["model0", "model2"]
+    run_recipe(recipe(paths, models), str(tmp_path / "a"), merge_options)
+    for name in entries():
+        path = os.path.join(norm_cache.cache_dir(), name)
+        with open(path) as f:
+            data = json.load(f)
+        data["norms"] = {k: (None if v is None else 1e308) for k, v in data["norms"].items()}
+        with open(path, "w") as f:
+            json.dump(data, f)
+    fresh_process_state()
+    with pytest.raises(MetaGPTError, match=r"model .*model0.*'s squared task-vector norm is inf .*float64"):
+        run_recipe(recipe(paths, models), str(tmp_path / "b"), merge_options)
+    assert not list((tmp_path / "b").glob("*.safetensors"))
+
+
+def test_lambdas_of_finite_norms_whose_sum_overflows_are_their_shares():
+    """Each model's norm finite, their sum not: λ are still the shares (they were 0 for
+    every model: x / Inf), in the tempered form too."""
+    from mergekit_metagpt.coefficients import Coefficients
+    from mergekit_metagpt.errors import MetaGPTError
+
+    assert Coefficients.from_norms({"a": 1.5e308, "b": 0.5e308}).lambdas == {"a": 0.75, "b": 0.25}
+    assert Coefficients.from_norms({"a": 4.0, "b": 1.0, "c": 0.0}).lambdas == {"a": 0.8, "b": 0.2, "c": 0.0}
+    tempered = Coefficients.from_norms({"a": 1.5e308, "b": 0.5e308}, alpha=0.5).lambdas
+    assert tempered["a"] == pytest.approx(3 ** 0.5 / (3 ** 0.5 + 1), rel=1e-12)
+    with pytest.raises(MetaGPTError, match="model b's squared task-vector norm is nan"):
+        Coefficients.from_norms({"a": 1.0, "b": float("nan")}).lambdas
+
+
 def test_lacks_it_for_a_tensor_the_checkpoint_holds_is_read_again(llama_family, merge_options, tmp_path, caplog):
     """null (what the pre-pass records of an optional tensor a model lacks) for a tensor the
     model's checkpoint holds: not trusted (it dropped that tensor from the model's norm:
