@@ -8,42 +8,37 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import stat
-import tempfile
 from typing import IO, Callable
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _umask()  # read once, at import: setting it later would race with other threads
-
-
-def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
+def write_atomically(path: str, write: Callable[[IO], None], binary: bool = False, fsync: bool = False,
+                     follow_links: bool = True) -> None:
     """`write(f)` fills the file (text in UTF-8, or bytes with `binary`). Raises OSError
     (the caller decides whether that is only a warning).
 
-    A symlink is followed (the file it names is replaced, the link stays) and an existing
-    file keeps its permissions; what is not a regular file (a named pipe) is replaced."""
+    A symlink is followed (the file it names is replaced, the link stays), unless
+    `follow_links` is False (files of the plugin's own, such as the norm cache's: the link
+    itself is replaced); an existing file keeps its permissions, a new one has what open()
+    would give it (the umask as it is now); what is not a regular file (a named pipe) is
+    replaced."""
     try:
-        mode = os.stat(path).st_mode
+        mode = (os.stat if follow_links else os.lstat)(path).st_mode
     except OSError:  # none yet (or a link to none)
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         mode = None
-    path = os.path.realpath(path)
+    if follow_links:
+        path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
+    fd, tmp = _new_file(folder, os.path.splitext(path)[1])
     try:
         # closes fd whatever follows
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
-            # as open() would create it (mkstemp makes 0600), or as the file it replaces
-            if hasattr(os, "fchmod"):  # not on Windows before Python 3.13
-                os.fchmod(f.fileno(), stat.S_IMODE(mode) if mode is not None else 0o666 & ~_UMASK)
+            if mode is not None and hasattr(os, "fchmod"):  # not on Windows before Python 3.13
+                os.fchmod(f.fileno(), stat.S_IMODE(mode))
             write(f)
             if fsync:
                 f.flush()
@@ -58,8 +53,22 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
                 pass
 
 
-def write_json(path: str, data, indent=None, fsync: bool = False) -> None:
-    write_atomically(path, lambda f: json.dump(data, f, indent=indent), fsync=fsync)
+def _new_file(folder: str, suffix: str):
+    """(descriptor, path) of a new file of a random name in `folder`, made as open() makes
+    one (mode 0666 less the umask, which the system applies as it is at this moment: read
+    once at import, a later ``os.umask`` in the process was missed; mkstemp makes 0600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        path = os.path.join(folder, f".tmp-{secrets.token_hex(6)}{suffix}")
+        try:
+            return os.open(path, flags, 0o666), path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temporary name in {folder}")
+
+
+def write_json(path: str, data, indent=None, fsync: bool = False, follow_links: bool = True) -> None:
+    write_atomically(path, lambda f: json.dump(data, f, indent=indent), fsync=fsync, follow_links=follow_links)
 
 
 def write_text(path: str, text: str) -> None:

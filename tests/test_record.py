@@ -901,3 +901,28 @@ def test_a_recipe_lambda_is_said_beside_the_shares_it_scales(llama_family, merge
     plain = str(tmp_path / "plain")
     run_recipe(recipe(paths, MODELS), plain, merge_options)
     assert "the recipe's scale" not in read_card(plain)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_files_written_whole_take_the_umask_set_later_in_the_process(tmp_path):
+    """The record, baked recipe and cache entries are written to a new file then renamed: the
+    new file took the umask read when the plugin was imported, so a notebook's later
+    ``os.umask(0o077)`` left metagpt_coefficients.json readable by all (0644) where open()
+    made 0600. A file replaced keeps its own mode."""
+    from mergekit_metagpt.atomic_files import write_json
+
+    earlier = os.umask(0o077)
+    try:
+        write_json(str(tmp_path / "private.json"), {"a": 1})
+        os.umask(0o022)
+        write_json(str(tmp_path / "public.json"), {"a": 1})
+        (tmp_path / "kept.json").write_text("{}")
+        os.chmod(tmp_path / "kept.json", 0o640)
+        os.umask(0o077)
+        write_json(str(tmp_path / "kept.json"), {"a": 2})
+    finally:
+        os.umask(earlier)
+    modes = {name: os.stat(tmp_path / name).st_mode & 0o777 for name in ("private.json", "public.json", "kept.json")}
+    assert modes == {"private.json": 0o600, "public.json": 0o644, "kept.json": 0o640}
+    assert json.loads((tmp_path / "kept.json").read_text()) == {"a": 2}
+    assert sorted(os.listdir(tmp_path)) == ["kept.json", "private.json", "public.json"]
