@@ -2,7 +2,7 @@
 
 For each shard file, in shard order:
 
-- a file in a Hugging Face hub cache (a ``blobs/<hash>`` file, usually reached through
+- a file in a Hugging Face hub cache (a ``models--*/blobs/<hash>`` file, usually reached through
   a snapshot symlink) is named by the hash of its content when huggingface_hub wrote it;
   but writing to a snapshot's path (``cp`` onto the symlink) rewrites the blob under
   its old name. Its key is that name, its size and ``st_mtime_ns``, and the samples
@@ -41,10 +41,14 @@ def checkpoint_files(index) -> Tuple[str, ...]:
 
 
 def hub_blob_name(path: str):
-    """The content hash naming a Hugging Face cache blob, or None for other files."""
+    """The content hash naming a Hugging Face cache blob (``models--<org>--<name>/blobs/<hash>``),
+    or None for other files (a folder of another shape with a ``blobs/`` in it, e.g. one
+    unpacked from an archive, gets the stricter key of any file)."""
     real = os.path.realpath(path)
     name = os.path.basename(real)
-    if os.path.basename(os.path.dirname(real)) == "blobs" and _BLOB.match(name):
+    folder = os.path.dirname(real)
+    if (os.path.basename(folder) == "blobs" and os.path.basename(os.path.dirname(folder)).startswith("models--")
+            and _BLOB.match(name)):
         return name
     return None
 

@@ -10,6 +10,8 @@ temporary file that is renamed into place, so an interrupted merge never leaves 
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
 A write reads the entry again and merges it with what it adds, holding the folder's lock
 file (``.lock``, ``flock``) so that no other process writes in between.
+An entry is read and replaced as a file of its own: a symlink or named pipe at its name is
+ignored (never followed), and a folder the cache makes is private (0700).
 Corrupt includes values that no pre-pass writes: a number that is not finite (or does not fit
 a float), and a negative squared norm. An entry of an older format is a miss.
 """
@@ -17,11 +19,13 @@ a float), and a negative squared norm. An entry of an older format is a miss.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import math
 import os
+import stat
 import threading
 import time
 from typing import Dict, Optional
@@ -48,6 +52,12 @@ def cache_dir() -> str:
     if not os.path.isabs(root):  # unset, empty or relative: ignored, as the XDG spec says
         root = os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(root, "mergekit-metagpt", "norms")
+
+
+def make_folder() -> None:
+    """The cache folder, made readable by this user only (its entries name the models merged)
+    where it is new; an existing one (a team's shared folder) keeps its permissions."""
+    os.makedirs(cache_dir(), mode=0o700, exist_ok=True)
 
 
 def entry_path(base_fingerprint: str, model_fingerprint: str) -> str:
@@ -91,9 +101,9 @@ def _flock():
     handle = None
     try:
         try:
-            os.makedirs(cache_dir(), exist_ok=True)
+            make_folder()
             # read-only: another user's lock file (0644) locks too; flock needs no write access
-            handle = os.open(os.path.join(cache_dir(), ".lock"), os.O_RDONLY | os.O_CREAT, 0o666)
+            handle = os.open(os.path.join(cache_dir(), ".lock"), _READ_FLAGS | os.O_CREAT, 0o666)
             with _HELD_LOCK:
                 _HELD.add(handle)
             folder = cache_dir()
@@ -146,20 +156,37 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_close_held_in_child)
 
 
+#: Opening an entry: a symlink is not followed (entries are files the plugin writes; one
+#: planted in the folder must not make it read, or later replace, a file elsewhere), nor
+#: does a named pipe block the open (it waited for a writer forever).
+_READ_FLAGS = (os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+               | getattr(os, "O_BINARY", 0))  # (Windows: no newline translation)
+
+
 def _read(path: str, quiet: bool = False):
     """The entry's JSON, or None if absent or unreadable (with a warning: for an entry
-    that is not JSON, each time; for one the system cannot read, e.g. a cache folder that
-    is not a folder, once per folder and kind of error)."""
+    that is not JSON, nested beyond Python's reach, a symlink or not a file, each time; for
+    one the system cannot read, e.g. a cache folder that is not a folder, once per folder
+    and kind of error)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        fd = os.open(path, _READ_FLAGS)
+        with open(fd, encoding="utf-8") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError("not a file")
             return json.load(f)
     except FileNotFoundError:
         return None
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         if not quiet:
-            LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path, error)
+            LOG.warning("MetaGPT: ignoring unreadable norm cache entry %s (%s); recomputing", path,
+                        "nested too deeply" if isinstance(error, RecursionError) else error)
         return None
     except OSError as error:
+        if error.errno == errno.ELOOP and os.path.islink(path):
+            if not quiet:
+                LOG.warning("MetaGPT: ignoring norm cache entry %s: a symbolic link (the cache's entries "
+                            "are files it writes); recomputing", path)
+            return None
         if not quiet:
             _warn_once(path, error, "MetaGPT: could not read the norm cache in %s (%s); computing the norms")
         return None
@@ -202,8 +229,10 @@ def _load_entry(path: str, field: str, nonnegative: bool, identity: dict, quiet:
 
 
 def _write_entry(path: str, payload: dict) -> None:
+    """Written as a file of its own: a symlink at the entry's name is replaced, not followed."""
     try:
-        write_json(path, payload, fsync=True)
+        make_folder()
+        write_json(path, payload, fsync=True, follow_links=False)
     except OSError as error:
         _write_failed(path, error)
 

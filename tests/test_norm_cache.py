@@ -490,6 +490,66 @@ def test_a_lock_file_this_user_cannot_write_still_locks():
                 fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
+@pytest.mark.skipif(not hasattr(os, "O_NOFOLLOW"), reason="symlinks as POSIX has them")
+def test_entries_and_the_lock_are_never_followed_through_a_symlink(tmp_path, caplog):
+    """Anyone who can write the cache folder (a shared one; root run with a user's HOME)
+    could plant links there: an entry's link was read as the entry, then the file it named
+    replaced by the entry's JSON, and a link at .lock created the file it named."""
+    elsewhere = tmp_path / "elsewhere.json"  # a valid entry for the pair, outside the cache
+    elsewhere.write_text(json.dumps({"format": norm_cache.FORMAT, "base": "b", "model": "m",
+                                     "norms": {"k": 5.0}}))
+    before = elsewhere.read_text()
+    norm_cache.make_folder()
+    path = norm_cache.entry_path("b", "m")
+    os.symlink(elsewhere, path)
+    os.symlink(tmp_path / "made-by-the-lock", os.path.join(norm_cache.cache_dir(), ".lock"))
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    assert norm_cache.load("b", "m") is None
+    assert any("a symbolic link" in r.getMessage() for r in caplog.records)
+    with norm_cache.folder_lock():
+        norm_cache.store("b", "m", {"k": 1.0})
+    assert elsewhere.read_text() == before and not os.path.islink(path)
+    assert norm_cache.load("b", "m") == {"k": 1.0}
+    assert not os.path.lexists(tmp_path / "made-by-the-lock")
+
+
+def test_a_named_pipe_or_an_entry_nested_too_deeply_is_a_miss(caplog):
+    """A FIFO at an entry's name blocked the merge forever (waiting for a writer); JSON
+    nested beyond Python's recursion limit ended every merge of the pair in a RecursionError."""
+    import threading
+
+    norm_cache.make_folder()
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    path = norm_cache.entry_path("b", "pipe")
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(path)
+        got = []
+        reader = threading.Thread(target=lambda: got.append(norm_cache.load("b", "pipe")), daemon=True)
+        reader.start()
+        reader.join(30)
+        assert not reader.is_alive() and got == [None]
+        norm_cache.store("b", "pipe", {"k": 2.0})  # replaced by a file
+        assert norm_cache.load("b", "pipe") == {"k": 2.0}
+    with open(norm_cache.entry_path("b", "deep"), "w") as f:
+        f.write("[" * 200_000)
+    assert norm_cache.load("b", "deep") is None
+    assert any("nested too deeply" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_a_new_cache_folder_is_private_an_existing_one_keeps_its_mode(monkeypatch, tmp_path):
+    """Entries name the models merged: a folder the cache makes is 0700 (it was 0755 with the
+    usual umask); a team's folder made beforehand keeps its mode."""
+    norm_cache.store("b", "m", {"k": 1.0})
+    assert os.stat(norm_cache.cache_dir()).st_mode & 0o777 == 0o700
+    shared = tmp_path / "team-cache"
+    shared.mkdir()
+    os.chmod(shared, 0o2775)
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(shared))
+    norm_cache.store("b", "m", {"k": 1.0})
+    assert os.stat(shared).st_mode & 0o7777 == 0o2775 and norm_cache.load("b", "m") == {"k": 1.0}
+
+
 def test_unwritable_cache_warns_and_merges(llama_family, merge_options, tmp_path, monkeypatch, caplog):
     paths, _ = llama_family
     blocker = tmp_path / "not-a-dir"
@@ -635,15 +695,21 @@ def test_a_hub_cache_blob_keeps_its_key_in_a_copy_of_the_cache_not_when_rewritte
         return struct.pack("<Q", len(header)) + header + torch.randn(100_000, generator=torch.Generator().manual_seed(seed)).numpy().tobytes()
 
     digest = "ab" * 32
-    repo = tmp_path / "hub1"
+    repo = tmp_path / "hub1" / "models--org--tiny"
     (repo / "blobs").mkdir(parents=True)
     (repo / "blobs" / digest).write_bytes(weights(0))
     (repo / "snapshots" / "rev").mkdir(parents=True)
     os.symlink(os.path.join("..", "..", "blobs", digest), repo / "snapshots" / "rev" / "model.safetensors")
-    shutil.copytree(repo, tmp_path / "hub2", symlinks=True)  # copy2: mtimes kept, other inodes
+    copy = tmp_path / "hub2" / "models--org--tiny"
+    shutil.copytree(repo, copy, symlinks=True)  # copy2: mtimes kept, other inodes
     first = file_key(str(repo / "snapshots" / "rev" / "model.safetensors"))
     assert first.startswith("blob:")
-    assert file_key(str(tmp_path / "hub2" / "snapshots" / "rev" / "model.safetensors")) == first
+    assert file_key(str(copy / "snapshots" / "rev" / "model.safetensors")) == first
+    # the same layout outside a hub cache (a model folder unpacked from an archive): the
+    # stricter key of any file, which a rewrite with its mtime put back misses
+    unpacked = tmp_path / "unpacked" / "tiny"
+    shutil.copytree(repo, unpacked, symlinks=True)
+    assert file_key(str(unpacked / "snapshots" / "rev" / "model.safetensors")).startswith("file:")
 
     blob = repo / "blobs" / digest
     stat = os.stat(blob)
