@@ -247,26 +247,51 @@ def _checkpoint(model) -> Optional[tuple]:
     return ((folder, None) if folder else place(model.model)), place(lora)
 
 
+def same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one existing folder or file: by device and inode, not by their
+    resolved strings (on a case-insensitive disk, macOS's or Windows', ``./Tiny/Math`` and
+    ``./tiny/math`` are one folder that resolves to two strings)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _identity(key):
+    """A `_checkpoint` key with each local folder as its device and inode (`same_folder`)."""
+    def one(where):
+        if where is None or not os.path.isabs(where[0]):  # a hub id
+            return where
+        try:
+            st = os.stat(where[0])
+        except OSError:
+            return where
+        return (st.st_dev, st.st_ino), where[1]
+
+    return None if key is None else tuple(one(where) for where in key)
+
+
 def _refuse_one_checkpoint_twice(models, base=None) -> None:
     """Two inputs of a model set that are one checkpoint under two spellings would each get
     a λ (mergekit refuses only the same spelling twice); the base under another spelling
     would be a model with a zero task vector, counted by ``alpha: 0`` (mergekit takes the
     base's own spelling among the models as the base)."""
-    base_key = _checkpoint(base) if base is not None else None
+    base_key = _identity(_checkpoint(base)) if base is not None else None
     seen: Dict[tuple, Hashable] = {}
     for model in models:
-        key = _checkpoint(model)
+        shown = _checkpoint(model)
+        key = _identity(shown)
         if key is None:
             continue
         if key == base_key and model != base:
             raise MetaGPTError(
                 f"MetaGPT: model {model} is the base model {base} under another spelling "
-                f"({key[0][0]}); write it as the base is written (mergekit then takes it as the "
+                f"({shown[0][0]}); write it as the base is written (mergekit then takes it as the "
                 f"base) or leave it out: as a model it would get a λ of its own"
             )
         if key in seen and seen[key] != model:
             raise MetaGPTError(
-                f"MetaGPT: models {seen[key]} and {model} are one checkpoint ({key[0][0]}); "
+                f"MetaGPT: models {seen[key]} and {model} are one checkpoint ({shown[0][0]}); "
                 f"list it once (each listing would get its own λ)"
             )
         seen.setdefault(key, model)

@@ -268,12 +268,12 @@ def refuse_output_into_an_input(config, out_path) -> None:
     still names the model's: neither model is left)."""
     if not isinstance(out_path, (str, os.PathLike)) or not os.path.isdir(out_path):
         return
-    from mergekit_metagpt.merge_plan import place
+    from mergekit_metagpt.merge_plan import place, same_folder
 
-    out = os.path.realpath(out_path)
     for model in models_in_order(config):
         for path in (model.model, model.lora):
-            if path is not None and place(path)[0] == out:  # a local folder, resolved
+            # a local folder, resolved (a hub id is no path here); one folder, however spelt
+            if path is not None and same_folder(place(path)[0], out_path):
                 raise MetaGPTError(
                     f"the output folder {out_path} is model {model}'s own folder: the merge would overwrite its "
                     f"files; give another output folder"

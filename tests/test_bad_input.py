@@ -1,11 +1,13 @@
 """Bad input: stock mergekit-yaml exits non-zero, names the problem on its last line,
 and writes no weights."""
 
+import contextlib
 import glob
 import json
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -1250,6 +1252,44 @@ def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(famil
     assert last.endswith(f"the output folder {own}/ is model {own}'s own folder: the merge would overwrite its "
                          f"files; give another output folder"), last
     assert {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)} == before
+
+
+@contextlib.contextmanager
+def _second_name(folder: str, name: str):
+    """`folder` reached under a second name that resolves to another string (a bind mount), as
+    one folder on a case-insensitive disk (macOS's, Windows') is under ./Good and ./good."""
+    os.makedirs(name)
+    mounted = subprocess.run(["mount", "--bind", folder, name], capture_output=True).returncode == 0
+    try:
+        if not mounted:
+            pytest.skip("a bind mount (root, mount(8)) stands in for a case-insensitive disk")
+        assert os.path.realpath(name) != os.path.realpath(folder)
+        yield name
+    finally:
+        if mounted:
+            subprocess.run(["umount", name], check=True)
+
+
+def test_one_folder_under_two_names_that_resolve_apart_is_one_input(family, tmp_path):
+    """On a case-insensitive disk realpath keeps the case typed: an output folder spelt as an
+    input's in another case was written into that model (its config.json replaced, shards
+    added), and one model listed in two cases got two λ. Compared by device and inode now."""
+    paths, _ = family
+    own = str(tmp_path / "good")
+    shutil.copytree(paths["good"], own)
+    before = {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)}
+    with _second_name(own, str(tmp_path / "Good")) as other:
+        result = run_mergekit_yaml(write_yaml(recipe(dict(paths, good=own), ["good"]), str(tmp_path / "r.yml")),
+                                   other)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode != 0 and last.endswith(f"the output folder {other} is model {own}'s own folder: "
+                                                        "the merge would overwrite its files; give another output "
+                                                        "folder"), last
+        assert {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)} == before
+        rc, last, out, _ = run_cli({**recipe(paths, ["good"]), "models": [{"model": own}, {"model": other}]},
+                                   tmp_path)
+        assert rc != 0 and re.search(f"models {own} and {other} are one checkpoint", last), last
+        assert not safetensors_in(out)
 
 
 def test_a_bin_shard_is_unpickled_once_for_the_file_checks(family, tmp_path, monkeypatch, capfd):
