@@ -23,7 +23,7 @@ from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.errors import MetaGPTError, base_lacks
 from mergekit_metagpt.merge_plan import uniform_alpha
-from mergekit_metagpt.norms import Sparsifier, in_memory_norms, total, work_dtype
+from mergekit_metagpt.norms import Sparsifier, in_memory_norms, no_autocast, total, work_dtype
 from mergekit_metagpt.scratch import chunks, thread_scratch
 from mergekit_metagpt.parameters import Alpha, Density, NonNegativeFloat
 
@@ -191,7 +191,7 @@ class MetaGPTMerge(GroupMergeMethod):
         results = []
         for group, params, lams, dtype in zip(groups, parameters, lambdas, input_dtypes):
             group = align_dtype(group, dtype)
-            with torch.autocast(device_type=group.entries[0].tensor.device.type, enabled=False):
+            with no_autocast(group.entries[0].tensor.device.type):
                 result = self.merge_with_lambdas(group, lams, params)
             result = result.to(dtype=out_dtype) if out_dtype is not None else result
             if group.non_base:  # a slice of the base alone is passed through as it is

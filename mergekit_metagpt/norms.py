@@ -3,6 +3,7 @@ tensors, `work_dtype`), added in float64."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Dict, Hashable, List, Mapping, Optional, Sequence, Tuple
 
@@ -134,6 +135,31 @@ def task_vector_sums(
     return norms, products, base_sum
 
 
+#: Devices without float64, in which the norms are summed: Apple's GPUs.
+NO_FLOAT64 = ("mps",)
+
+
+def norms_device(device: torch.device) -> torch.device:
+    """Where norms are summed for a merge on `device`: there, or on the CPU for a device
+    without float64 (``--device mps``: its float64 sums raised a TypeError)."""
+    return torch.device("cpu") if device.type in NO_FLOAT64 else device
+
+
+def on_float64_device(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor`, copied to the CPU where its device has no float64 (one tensor at a time)."""
+    return tensor.cpu() if tensor.device.type in NO_FLOAT64 else tensor
+
+
+def no_autocast(device_type: str):
+    """``torch.autocast`` turned off for the device, or nothing where torch has no autocast
+    for it (``mps`` before torch 2.5 raised "unsupported autocast device_type"): nothing is
+    cast there to turn off."""
+    try:
+        return torch.autocast(device_type=device_type, enabled=False)
+    except RuntimeError:
+        return contextlib.nullcontext()
+
+
 def exact_cpu_matmul() -> bool:
     """Whether float32 matrix products on the CPU are plain float32 (not rounded
     through TF32 or bf16), so that the block Gram products are exact.
@@ -163,7 +189,7 @@ def _block_gram(stacked: torch.Tensor) -> torch.Tensor:
     rows, size = stacked.shape
     blocks = size // GRAM_BLOCK
     result = torch.zeros((rows, rows), dtype=torch.float64, device=stacked.device)
-    with torch.autocast(device_type=stacked.device.type, enabled=False):
+    with no_autocast(stacked.device.type):
         if blocks:
             batched = stacked[:, : blocks * GRAM_BLOCK].view(rows, blocks, GRAM_BLOCK).transpose(0, 1)
             result.add_(torch.bmm(batched, batched.transpose(1, 2)).sum(0, dtype=torch.float64))
@@ -316,7 +342,7 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
         dtype = dtype_of(index) if dtype_of else None
 
         def cast(tensor, dtype=dtype):
-            return tensor if dtype is None else tensor.to(dtype=dtype)
+            return on_float64_device(tensor if dtype is None else tensor.to(dtype=dtype))
 
         base_tensor = base.tensor.detach()
         base_view = storage_view(base_tensor)

@@ -46,7 +46,8 @@ from mergekit_metagpt.errors import MetaGPTError, base_lacks, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
 from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benchmarks call it here)
-from mergekit_metagpt.norms import BASE, NormAccumulator, Sparsifier, non_finite, squared_delta, task_vector_sums
+from mergekit_metagpt.norms import (BASE, NormAccumulator, Sparsifier, non_finite, norms_device, squared_delta,
+                                    task_vector_sums)
 from mergekit_metagpt.plan_inputs import (
     InputDigest, TensorRead, VocabularyAdapter, input_digest, vocabulary_adapter,
 )
@@ -183,7 +184,8 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
 
             with logs_above_bars():  # mergekit's "Executing graph" bar is on screen
                 try:
-                    run.result = compute(run, torch.device(device), method, products or merge_products())
+                    run.result = compute(run, norms_device(torch.device(device)), method,
+                                         products or merge_products())
                     _announce(run)
                 except BaseException as error:
                     # no λ without their log and record: the other callers get the error

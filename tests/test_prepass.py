@@ -454,3 +454,40 @@ def test_a_read_that_fails_mid_pre_pass_leaves_no_shard_mapped(llama_family, tmp
     assert main(["coefficients", path]) == 1
     assert calls[0] == 3 and len(loaders) == 3
     assert all(loader.current_shard is None for loader in loaders.values())
+
+
+def test_norms_of_a_merge_on_a_device_without_float64_are_summed_on_the_cpu(monkeypatch):
+    """``--device mps`` (Apple's GPUs have no float64): the pre-pass's float64 sums there
+    raised a TypeError; they are taken on the CPU. Other devices keep their own."""
+    import threading
+    from types import SimpleNamespace
+
+    from mergekit_metagpt.norms import norms_device
+
+    assert norms_device(torch.device("mps")) == torch.device("cpu")
+    assert norms_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    seen = []
+    monkeypatch.setattr(prepass, "compute", lambda run, device, method, products: seen.append(device) or "norms")
+    monkeypatch.setattr(prepass, "_announce", lambda run: None)
+    run = SimpleNamespace(lock=threading.Lock(), error=None, result=None)
+    assert prepass.run_norms(run, torch.device("mps")) == "norms" and seen == [torch.device("cpu")]
+
+
+def test_a_torch_without_autocast_for_the_device_still_merges(monkeypatch):
+    """torch before 2.5 has no autocast for ``mps`` and raised "unsupported autocast
+    device_type" where the merge turns autocast off: nothing is cast there to turn off."""
+    from mergekit.merge_methods import merge_state_dicts
+
+    from checkpoints import closed_form, perturbed, random_state_dict
+
+    base = random_state_dict(seed=3)
+    sds = {"base": base, **{f"m{i}": perturbed(base, scale, seed=i) for i, scale in enumerate((0.01, 0.03))}}
+
+    def no_such_autocast(*args, **kwargs):
+        raise RuntimeError("User specified an unsupported autocast device_type 'cpu'")
+
+    monkeypatch.setattr(torch, "autocast", no_such_autocast)
+    merged = merge_state_dicts(sds, "metagpt", base="base")
+    _, reference = closed_form(base, [sds["m0"], sds["m1"]])
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5
