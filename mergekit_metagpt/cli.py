@@ -328,13 +328,19 @@ def version_text() -> str:
 
 def _script_python(script: str) -> Optional[str]:
     """The Python a console script runs, from its first line (pip's ``#!python``, or for
-    a long path a ``/bin/sh`` line and then ``exec`` of the Python); None where it cannot
-    be told (``#!/usr/bin/env python``, a binary launcher)."""
+    a long path a ``/bin/sh`` line and then ``exec`` of the Python), or on Windows from the
+    ``#!`` line pip's launcher (``mergekit-yaml.exe``) holds after its program; None where it
+    cannot be told (``#!/usr/bin/env python``, another program)."""
     import re
 
     try:
         with open(script, "rb") as f:
-            head = f.read(2048).decode("utf-8", "replace")
+            head = f.read(2048)
+            if head.startswith(b"MZ"):  # a Windows program: pip's launcher, then #!, then a zip
+                found = re.findall(rb'#!"?([^"\r\n]*?(?:python|pypy)[\d.]*\.exe)"?\r?\n',
+                                   head + f.read(8 << 20), re.IGNORECASE)
+                return found[-1].decode("utf-8", "replace") if found else None
+            head = head.decode("utf-8", "replace")
     except OSError:
         return None
     lines = head.splitlines()
@@ -366,6 +372,10 @@ def _mergekit_yaml_line() -> str:
 
     found = shutil.which("mergekit-yaml")
     own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
+    if os.name == "nt":  # Scripts\mergekit-yaml.exe (beside python.exe in a venv only)
+        import sysconfig
+
+        own = os.path.join(sysconfig.get_path("scripts"), "mergekit-yaml.exe")
     if found is None:
         return "mergekit-yaml: not on PATH" + (f" (this Python's: {own})" if os.path.exists(own) else "")
     python = _script_python(found)

@@ -285,6 +285,33 @@ def test_version_says_when_the_mergekit_yaml_on_path_runs_a_python_without_the_p
     assert lines["none"] == f"mergekit-yaml: not on PATH (this Python's: {own})"
 
 
+def test_the_python_of_a_windows_launcher_is_read_from_its_shebang(tmp_path):
+    """pip's console scripts on Windows are programs (``mergekit-yaml.exe``: a launcher, its
+    ``#!`` line, a zip): the first line is the program's, so --version could never say that
+    the mergekit-yaml found runs another Python."""
+    import io
+    import zipfile
+
+    from mergekit_metagpt.cli import _script_python
+
+    try:  # the launcher pip itself writes, where pip has it; else a stand-in program's bytes
+        import pip._vendor.distlib as distlib
+
+        program = open(os.path.join(os.path.dirname(distlib.__file__), "t64.exe"), "rb").read()
+    except OSError:
+        program = b"MZ" + bytes(range(256)) * 400
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("__main__.py", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())\n")
+    for shebang, python in [(b'#!"C:\\Program Files\\Py 3\\python.exe"\r\n', "C:\\Program Files\\Py 3\\python.exe"),
+                            (b"#!C:\\venv\\Scripts\\python.exe\n", "C:\\venv\\Scripts\\python.exe")]:
+        launcher = tmp_path / "mergekit-yaml.exe"
+        launcher.write_bytes(program + shebang + archive.getvalue())
+        assert _script_python(str(launcher)) == python
+    launcher.write_bytes(program + archive.getvalue())  # another program: no guess
+    assert _script_python(str(launcher)) is None
+
+
 def test_mergekit_imported_from_a_zip_archive_registers_and_does_not_hang(tmp_path):
     """One zipimporter loads every module of the archive: the hook's wrapper on it must act
     only for the module it was set for (it fired 'merge_methods loaded' for each later
