@@ -9,7 +9,7 @@ from typing import List
 
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.coefficients import formula, scale_note
-from mergekit_metagpt.markdown import table
+from mergekit_metagpt.markdown import line, table
 from mergekit_metagpt.record import (
     model_row, passed_through_text, per_tensor_count, per_tensor_of, record_payload, sparse_norms,
 )
@@ -35,7 +35,7 @@ def card_section(run) -> str:
         per_tensor = per_tensor_count(entry)
         lines.append("")
         if len(merges) > 1:
-            lines += [f"### Model set {number} of {len(merges)}: base {entry['base_model']}, "
+            lines += [f"### Model set {number} of {len(merges)}: base {line(entry['base_model'])}, "
                       f"{entry['tensors']} tensors", ""]
         header = ["model", "‖δ‖²", "λ"]
         if per_tensor:
@@ -71,11 +71,11 @@ def _card_cosines(entry, out_path) -> List[str]:
     names = short_names(cos["models"])
     off_diagonal = [v for a, row in enumerate(cos["matrix"]) for b, v in enumerate(row) if a != b]
     if all(v is None for v in off_diagonal):  # none computed: the verdict says why, no table of dashes
-        lines = ["", cos["verdict"]]
+        lines = ["", line(cos["verdict"])]
     else:
         lines = ["", "Cosine similarity of the task vectors (MetaGPT's λ assume ~0 off the diagonal):", ""]
         lines += table(["", *names], [[name, *(cosine_text(v) for v in row)] for name, row in zip(names, cos["matrix"])])
-        lines += ["", cos["verdict"]]
+        lines += ["", line(cos["verdict"])]
     pictures = inspect_pictures(out_path, entry)
     if pictures:
         lines += ["", "Pictures (`mergekit-metagpt inspect`): "

@@ -119,7 +119,9 @@ def formula(alphas=(1.0,), ascii: bool = False) -> str:
 def text_table(header, rows) -> str:
     """Left-aligned plain-text columns under a dashed rule, aligned as a terminal shows them
     (a CJK character or an emoji takes two columns)."""
-    rows = [list(map(str, row)) for row in rows]
+    from mergekit_metagpt.errors import printable
+
+    rows = [[printable(" ".join(str(c).splitlines())) for c in row] for row in rows]
     table = [list(map(str, header))] + rows
     widths = [max(_columns(r[i]) for r in table) for i in range(len(header))]
 

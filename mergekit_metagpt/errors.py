@@ -38,9 +38,34 @@ def reported_as_bug(error: BaseException) -> bool:
     return not isinstance(error, expected)
 
 
+#: Bidirectional-text controls: they reorder what a terminal or page shows of the text after
+#: them (a name that reads as another).
+_BIDI = set("\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (ESC of a terminal's escape sequences, BEL, NUL, C1's
+    CSI …) and bidirectional controls written as escapes (``\\x1b``, ``\\u202e``): a recipe's
+    strings (a parameter's name, a model's path) printed as they were could retitle or clear
+    the terminal, or set its clipboard. Line breaks and tabs are left to the caller."""
+    import unicodedata
+
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch in "\n\t" or (ch not in _BIDI and unicodedata.category(ch) != "Cc")
+        else ascii(ch)[1:-1]
+        for ch in text
+    )
+
+
 def one_line(error: BaseException) -> str:
     """The error as one line for the CLI: ours as written, pydantic's validation errors
     as 'where: message (got value)', others prefixed with their type."""
+    return printable(_one_line(error))
+
+
+def _one_line(error: BaseException) -> str:
     if isinstance(error, MetaGPTError):
         return " ".join(str(error).split())
     try:

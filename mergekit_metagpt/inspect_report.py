@@ -18,7 +18,7 @@ from typing import List
 
 from mergekit_metagpt.coefficients import formula, text_table
 from mergekit_metagpt.errors import MetaGPTError
-from mergekit_metagpt.markdown import table
+from mergekit_metagpt.markdown import line, table
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -215,9 +215,9 @@ def report_text(run, recipe_path: str, drawn: bool, turned_off: bool = False) ->
         names = short_names(stats.models)
         suffix = _suffix(number, len(sets))
         title = f"Model set {number} of {len(sets)}: " if len(sets) > 1 else ""
-        lines += [f"## {title}base `{set_norms.merge_set.base}`, {len(set_norms.merge_set.tasks)} tensors"
+        lines += [f"## {title}base `{line(set_norms.merge_set.base)}`, {len(set_norms.merge_set.tasks)} tensors"
                   f"{', ' + place if place else ''}", ""]
-        lines += ["### Verdict", "", stats.verdict(), ""]
+        lines += ["### Verdict", "", line(stats.verdict()), ""]
         lines += ["### λ", ""]
         per_tensor = _per_tensor(set_norms)
         if per_tensor:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from checkpoints import closed_form
-from merging import recipe, run_recipe, slices_recipe, write_yaml
+from merging import recipe, run_mergekit_yaml, run_recipe, slices_recipe, write_yaml
 from mergekit_metagpt import prepass
 from mergekit_metagpt.cli import main
 
@@ -926,3 +926,38 @@ def test_files_written_whole_take_the_umask_set_later_in_the_process(tmp_path):
     assert modes == {"private.json": 0o600, "public.json": 0o644, "kept.json": 0o640}
     assert json.loads((tmp_path / "kept.json").read_text()) == {"a": 2}
     assert sorted(os.listdir(tmp_path)) == ["kept.json", "private.json", "public.json"]
+
+
+def test_control_characters_and_line_breaks_of_a_recipe_are_escaped_where_shown(llama_family, merge_options,
+                                                                                 tmp_path, capfd):
+    """A recipe's strings reached the terminal and the card as written: an unknown parameter's
+    name with a terminal's escape sequences (retitle, clear) was printed raw by the error line,
+    before any model was read; a folder whose name holds a line break and '## …' made a
+    heading of its own in the card's verdict, and its ESC reached the λ table."""
+    import shutil
+
+    from mergekit_metagpt.cli import main as cli_main
+
+    paths, _ = llama_family
+    evil = "lamda\x1b]0;TITLE\x07\x1b[2J\u202e"
+    path = write_yaml({**recipe(paths, ["model0", "model1"]), "parameters": {evil: 0.5}}, str(tmp_path / "r.yml"))
+    capfd.readouterr()
+    assert cli_main(["coefficients", path]) == 1
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\u202e" not in err
+    assert "lamda\\x1b]0;TITLE\\x07\\x1b[2J\\u202e" in err, err
+    result = run_mergekit_yaml(path, str(tmp_path / "refused"))
+    assert result.returncode == 1 and "\x1b" not in result.stderr and "\u202e" not in result.stderr
+    assert "lamda\\x1b]0;TITLE\\x07\\x1b[2J\\u202e" in result.stderr.splitlines()[-1], result.stderr
+    odd = str(tmp_path / "math\n##Injected\x1b[31mred")  # (mergekit cannot serialise a space)
+    shutil.copytree(paths["model1"], odd)
+    paths = {**paths, "odd": odd}
+    capfd.readouterr()
+    assert cli_main(["coefficients", write_yaml(recipe(paths, ["model0", "odd"]), str(tmp_path / "o.yml"))]) == 0
+    out = capfd.readouterr().out
+    assert "\x1b" not in out and "\\x1b[31mred" in out, out
+    run_recipe(recipe(paths, ["model0", "odd"]), str(tmp_path / "out"), merge_options)
+    card = (tmp_path / "out" / "README.md").read_text()
+    section = card[card.index("MetaGPT coefficients"):]
+    assert "\x1b" not in section and "\\x1b[31mred" in section
+    assert not any(l.startswith("##Injected") for l in section.splitlines()), section
