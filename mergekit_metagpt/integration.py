@@ -63,6 +63,8 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Union
 
+from mergekit_metagpt.fork_safety import renew_after_fork
+
 LOG = logging.getLogger("mergekit_metagpt")
 
 #: The ExecuteMergeMethodTask whose execute() is running in this thread.
@@ -94,6 +96,7 @@ RUN_CONTEXT: contextvars.ContextVar[Optional[RunContext]] = contextvars.ContextV
 )
 
 _LOCK = threading.Lock()
+renew_after_fork(__name__, "_LOCK")
 _ATTACHED: Dict[str, bool] = {}
 #: Why a wrapper could not be installed, by module name (empty when all is well).
 PROBLEMS: Dict[str, str] = {}

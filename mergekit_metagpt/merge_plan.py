@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.fork_safety import renew_after_fork
 
 LOG = logging.getLogger("mergekit_metagpt")
 
@@ -354,6 +355,7 @@ def task_models(task, reads) -> Tuple[Hashable, ...]:
 # same thread, would wait on that lock for ever).
 _REGISTRY: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}
 _REGISTRY_LOCK = threading.Lock()
+renew_after_fork(__name__, "_REGISTRY_LOCK")
 
 
 def ours(tasks) -> List[object]:

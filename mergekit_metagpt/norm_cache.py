@@ -32,6 +32,7 @@ from typing import Dict, Optional
 
 from mergekit_metagpt.atomic_files import write_json
 from mergekit_metagpt.env import switched_off
+from mergekit_metagpt.fork_safety import renew_after_fork
 
 LOG = logging.getLogger("mergekit_metagpt")
 # 4: float64 checkpoints' norms in float64 (3 summed their differences in float32);
@@ -267,6 +268,7 @@ def store(
 
 _WARNED_FOLDERS = set()
 _WARNED_LOCK = threading.Lock()
+renew_after_fork(__name__, "_WARNED_LOCK")
 
 
 def _write_failed(path: str, error: OSError) -> None:

@@ -7,6 +7,8 @@ import threading
 from collections import OrderedDict
 from typing import Dict, Optional, Tuple
 
+from mergekit_metagpt.fork_safety import renew_after_fork
+
 #: entries each memo keeps, the least recently used dropped first: a process that merges
 #: checkpoints rewritten between merges (each version another key) keeps no more than this;
 #: a dropped entry is read from the disk cache again when it is next asked for
@@ -14,6 +16,7 @@ MEMO_ENTRIES = 256
 
 _MEMO: "OrderedDict[Tuple[str, str], Dict[str, Optional[float]]]" = OrderedDict()
 _MEMO_LOCK = threading.Lock()
+renew_after_fork(__name__, "_MEMO_LOCK")
 
 
 def _keep(memo, key, value) -> None:
@@ -30,28 +33,30 @@ def clear_memo() -> None:
         _PRODUCTS_MEMO.clear()
 
 
-def known(base_key: str, model_key: str) -> Dict[str, Optional[float]]:
-    """{read key: squared norm} known for a (base, model) pair, from the memo or the cache."""
+def known(base_key: str, model_key: str, refresh: bool = False) -> Dict[str, Optional[float]]:
+    """{read key: squared norm} known for a (base, model) pair, from the memo or the cache;
+    `refresh`: the cache read again where the memo holds the pair (see `_known`)."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
         return {}
-    return _known(_MEMO, (base_key, model_key), lambda: norm_cache.load(base_key, model_key))
+    return _known(_MEMO, (base_key, model_key), lambda: norm_cache.load(base_key, model_key), refresh)
 
 
-def _known(memo, key, load) -> Dict[str, Optional[float]]:
+def _known(memo, key, load, refresh: bool = False) -> Dict[str, Optional[float]]:
     """What `memo` holds under `key`, loaded from the cache (outside the lock) at its first
-    use; a value another thread stored meanwhile is kept, not overwritten by the load."""
+    use, or again with `refresh` (another process sharing the cache folder may have added
+    reads to the entry since this one loaded it: a driver process merging after its workers
+    ran the pre-pass again); what the memo holds wins over the load (a value another thread
+    stored meanwhile is kept, not overwritten)."""
     with _MEMO_LOCK:
         hit = memo.get(key)
         if hit is not None:
             memo.move_to_end(key)
-    if hit is None:
+    if hit is None or refresh:
         loaded = load() or {}
         with _MEMO_LOCK:
-            hit = memo.get(key)
-            if hit is None:
-                hit = loaded
+            hit = {**loaded, **memo.get(key, {})}
             _keep(memo, key, hit)
     return dict(hit)
 
@@ -88,13 +93,13 @@ def _merge_and_store(memo, key, values, load, store) -> None:
 _PRODUCTS_MEMO: "OrderedDict[Tuple[str, str, str], Dict[str, Optional[float]]]" = OrderedDict()
 
 
-def known_products(base_key: str, a_key: str, b_key: str) -> Dict[str, Optional[float]]:
+def known_products(base_key: str, a_key: str, b_key: str, refresh: bool = False) -> Dict[str, Optional[float]]:
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
         return {}
     triple = (base_key, a_key, b_key)
-    return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple))
+    return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple), refresh)
 
 
 def remember_products(fingerprints, products, labels) -> None:

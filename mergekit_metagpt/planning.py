@@ -13,6 +13,7 @@ import os
 import weakref
 
 from mergekit_metagpt.env import switched_on
+from mergekit_metagpt.fork_safety import renew_after_fork
 from mergekit_metagpt.errors import MetaGPTError, one_line
 
 LOG = logging.getLogger("mergekit_metagpt")
@@ -182,6 +183,10 @@ def open_loaders(config, options) -> None:
 
 #: Each loader's files and settings (``_loader_key``) when the plugin opened or replaced it.
 _OPENED_AT: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+# after a fork, mergekit's loaders are the parent's, each with a lock another thread of the
+# parent may have held (reading a tensor) then: forgotten, the child's next MetaGPT merge
+# replaces them (`_current_loader`) rather than wait on such a lock for ever
+renew_after_fork(__name__, "_OPENED_AT", factory=weakref.WeakKeyDictionary)
 
 #: The settings of mergekit's loader cache a loader is made with.
 _SETTINGS = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code", "lora_merge_dtype")

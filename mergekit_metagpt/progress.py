@@ -18,6 +18,7 @@ import weakref
 import tqdm
 
 from mergekit_metagpt.env import switched_off
+from mergekit_metagpt.fork_safety import renew_after_fork
 
 #: In a file or pipe, the seconds between two progress lines of one pass.
 LINE_EVERY_S = 30.0
@@ -168,6 +169,7 @@ class _LineAboveBars(logging.Handler):
 
 
 _SWAP_LOCK = threading.Lock()
+renew_after_fork(__name__, "_SWAP_LOCK")
 
 
 @contextlib.contextmanager

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import threading
 
+from mergekit_metagpt.fork_safety import renew_after_fork
+
 _LOCK = threading.RLock()
+renew_after_fork(__name__, "_LOCK", factory=threading.RLock)
 #: set while this thread registers: a mergekit import made by the registration itself,
 #: which the start-up hook reports, must not register again inside it (the outer call
 #: finishes the work)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from checkpoints import closed_form, perturbed, save_checkpoint
-from merging import recipe, run_recipe, safetensors_in
+from merging import recipe, run_recipe, safetensors_in, write_yaml
 from mergekit_metagpt import norm_cache, norm_memo, prepass
 
 MODELS = ["model0", "model1", "model2"]
@@ -361,6 +361,63 @@ def test_a_first_lookup_does_not_overwrite_what_another_thread_stored(monkeypatc
     lookup.join(10)
     monkeypatch.setattr(norm_cache, "load", lambda *a, **k: pytest.fail("the memo holds this entry"))
     assert norm_memo.known("base-key", "model-key") == {"stored": 1.0}
+
+
+def test_what_another_process_added_to_the_cache_is_used_though_the_memo_holds_the_pair(
+        llama_family, merge_options, tmp_path):
+    """A long-lived process (a notebook, a pipeline's driver) merged a slice of the models, so
+    its memo held those pairs' entries; a worker process then merged the whole models, adding
+    the other tensors' norms to the same entries on disk. The driver's merge of the whole
+    models read every tensor again (0 hits), where a new process read none."""
+    from collections import OrderedDict
+
+    from merging import slices_recipe
+
+    paths, sds = llama_family
+    fresh_process_state()
+    run_recipe(slices_recipe(paths), str(tmp_path / "slices"), merge_options)
+    driver_memo = OrderedDict((k, dict(v)) for k, v in norm_memo._MEMO.items())
+    fresh_process_state()  # the worker: a process of its own
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "worker"), merge_options)
+    norm_memo._MEMO.clear()  # back in the driver
+    norm_memo._MEMO.update(driver_memo)
+    runs, hits = prepass.STATS.runs, prepass.STATS.cache_hits
+    merged = run_recipe(recipe(paths, MODELS), str(tmp_path / "driver"), merge_options)
+    assert prepass.STATS.runs == runs and prepass.STATS.cache_hits == hits + 3
+    _, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5
+
+
+def test_inner_products_another_process_added_are_used_though_the_memo_holds_the_triple(
+        llama_family, merge_options, tmp_path, monkeypatch):
+    """The same for inner products: the driver's merge had them off (COSINES=0), a worker's
+    `inspect` stored them; the driver's `inspect` (which wants every pair's) read every
+    tensor again."""
+    from collections import OrderedDict
+
+    from mergekit_metagpt.cli import main as cli_main
+
+    paths, _ = llama_family
+    path = write_yaml(recipe(paths, MODELS), str(tmp_path / "r.yml"))
+    fresh_process_state()
+    monkeypatch.setenv("MERGEKIT_METAGPT_COSINES", "0")
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "driver"), merge_options)
+    monkeypatch.delenv("MERGEKIT_METAGPT_COSINES")
+    memos = [OrderedDict((k, dict(v)) for k, v in memo.items()) for memo in (norm_memo._MEMO, norm_memo._PRODUCTS_MEMO)]
+    assert not any(memos[1].values())  # looked up, none known
+    fresh_process_state()  # the worker: a process of its own, whose inspect reads the products
+    assert cli_main(["inspect", path, str(tmp_path / "worker"), "--no-pictures"]) == 0
+    assert len(entries("products")) == 3
+    for memo, kept in zip((norm_memo._MEMO, norm_memo._PRODUCTS_MEMO), memos):  # back in the driver
+        memo.clear()
+        memo.update(kept)
+    runs = prepass.STATS.runs
+    assert cli_main(["inspect", path, str(tmp_path / "inspect"), "--no-pictures"]) == 0
+    assert prepass.STATS.runs == runs
+    with open(tmp_path / "inspect" / "metagpt-inspect.json") as f:
+        (entry,) = json.load(f)["merges"]
+    assert all(v is not None for row in entry["cosine"] for v in row)
 
 
 def test_the_memo_keeps_its_latest_entries_and_reads_a_dropped_one_from_disk_again(monkeypatch):

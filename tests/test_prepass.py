@@ -1,6 +1,7 @@
 """The streaming pre-pass: once per merge, never stale, thread-safe, shape checks."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -73,7 +74,6 @@ def test_an_unchanged_checkpoint_keeps_its_loader_and_a_merge_meanwhile_always_f
     (a new loader of a hub model asks the hub again), and in one assignment: another
     merge of the process, in another thread and of any method, looking the loader up
     meanwhile, always finds one (a pop, then a new loader, left a gap: KeyError)."""
-    import os
     import time
 
     from mergekit.config import MergeConfiguration
@@ -121,7 +121,6 @@ def test_an_unchanged_checkpoint_keeps_its_loader_and_a_merge_meanwhile_always_f
 def test_a_loader_is_replaced_when_only_its_index_or_its_options_changed(tmp_path):
     """The index rewritten alone (same shards: it may map lm_head elsewhere), or another
     merge option of mergekit's loaders (--lazy-unpickle …): a new loader."""
-    import os
 
     from mergekit.config import MergeConfiguration
     from mergekit.io.tasks import LoaderCache
@@ -290,7 +289,6 @@ def test_resized_vocabulary_without_alignment_is_refused_before_any_weight(metho
     (`mergekit-metagpt coefficients`), the pre-pass refuses, naming the model, the tensor
     and how to align them, instead of printing λ. With tokenizer_source the same models
     merge (their norms: tests/test_plan_reads.py)."""
-    import os
 
     from merging import write_yaml
     from mergekit_metagpt.cli import main
@@ -459,7 +457,6 @@ def test_a_read_that_fails_mid_pre_pass_leaves_no_shard_mapped(llama_family, tmp
 def test_norms_of_a_merge_on_a_device_without_float64_are_summed_on_the_cpu(monkeypatch):
     """``--device mps`` (Apple's GPUs have no float64): the pre-pass's float64 sums there
     raised a TypeError; they are taken on the CPU. Other devices keep their own."""
-    import threading
     from types import SimpleNamespace
 
     from mergekit_metagpt.norms import norms_device
@@ -478,8 +475,6 @@ def test_a_torch_without_autocast_for_the_device_still_merges(monkeypatch):
     device_type" where the merge turns autocast off: nothing is cast there to turn off."""
     from mergekit.merge_methods import merge_state_dicts
 
-    from checkpoints import closed_form, perturbed, random_state_dict
-
     base = random_state_dict(seed=3)
     sds = {"base": base, **{f"m{i}": perturbed(base, scale, seed=i) for i, scale in enumerate((0.01, 0.03))}}
 
@@ -491,3 +486,60 @@ def test_a_torch_without_autocast_for_the_device_still_merges(monkeypatch):
     _, reference = closed_form(base, [sds["m0"], sds["m1"]])
     for name, ref in reference.items():
         assert (merged[name].double() - ref).abs().max().item() < 1e-5
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork")
+def test_a_child_forked_while_another_thread_holds_the_plugins_locks_takes_them():
+    """A fork while another thread of the parent held a lock of the plugin's (the memo's, the
+    plan registry's, the registration's …: a pipeline's worker pool forked mid-merge) left the
+    child waiting on it for ever; and mergekit's loaders, each with a lock held while a tensor
+    is read, are forgotten so that the child's merge replaces them."""
+    from mergekit_metagpt import integration, merge_plan, norm_cache, norm_memo, planning, progress, registration
+
+    locks = {"memo": (norm_memo, "_MEMO_LOCK"), "registry": (merge_plan, "_REGISTRY_LOCK"),
+             "attach": (integration, "_LOCK"), "registration": (registration, "_LOCK"),
+             "progress": (progress, "_SWAP_LOCK"), "cache warnings": (norm_cache, "_WARNED_LOCK")}
+
+    class Loader:  # stands for a mergekit loader the plugin opened
+        pass
+
+    opened = Loader()
+    planning._OPENED_AT[opened] = "key"
+    holding, release = threading.Event(), threading.Event()
+
+    def hold():
+        held = [getattr(module, name) for module, name in locks.values()]
+        for lock in held:
+            lock.acquire()
+        holding.set()
+        release.wait(60)
+        for lock in held:
+            lock.release()
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    assert holding.wait(30)
+    said, tell = os.pipe()
+    try:
+        child = os.fork()
+        if child == 0:
+            try:
+                free = [what for what, (module, name) in locks.items() if getattr(module, name).acquire(timeout=2)]
+                forgotten = len(planning._OPENED_AT) == 0
+                os.write(tell, (",".join(free) + "|" + str(forgotten)).encode())
+            finally:
+                os._exit(0)
+        os.close(tell)
+        answer = b""
+        while True:
+            part = os.read(said, 1024)
+            if not part:
+                break
+            answer += part
+        os.waitpid(child, 0)
+    finally:
+        release.set()
+        holder.join(30)
+    free, forgotten = answer.decode().split("|")
+    assert free.split(",") == list(locks) and forgotten == "True", answer
+    assert planning._OPENED_AT.get(opened) == "key"  # the parent's own are as they were
