@@ -9,7 +9,14 @@ __version__ = "0.1.0"
 #: The paper (Zhou et al., 2024), linked from the method spec, the record and the card.
 PAPER_URL = "https://arxiv.org/abs/2406.11385"
 
+import logging as _logging
+
+from mergekit_metagpt.errors import PrintableRecords as _PrintableRecords
 from mergekit_metagpt.registration import MergekitUnusable, register_all
+
+_LOG = _logging.getLogger("mergekit_metagpt")
+if not any(type(f).__name__ == "PrintableRecords" for f in _LOG.filters):  # (once, reloads too)
+    _LOG.addFilter(_PrintableRecords())
 
 #: Why mergekit fails to import in this Python (a version of it, or of its dependencies, that
 #: does not load), or None; ``mergekit-metagpt --version`` says it, where any other use of

@@ -33,7 +33,9 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
         path = os.path.realpath(path)
     folder = os.path.dirname(path) or "."
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = _new_file(folder, os.path.splitext(path)[1])
+    # a file replaced: its mode from the start (a reader that opened a 0644 temporary file
+    # before the fchmod below would read on, whatever the mode then)
+    fd, tmp = _new_file(folder, os.path.splitext(path)[1], 0o666 if mode is None else stat.S_IMODE(mode))
     try:
         # closes fd whatever follows
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
@@ -53,15 +55,15 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
                 pass
 
 
-def _new_file(folder: str, suffix: str):
+def _new_file(folder: str, suffix: str, mode: int = 0o666):
     """(descriptor, path) of a new file of a random name in `folder`, made as open() makes
-    one (mode 0666 less the umask, which the system applies as it is at this moment: read
+    one (`mode` less the umask, which the system applies as it is at this moment: read
     once at import, a later ``os.umask`` in the process was missed; mkstemp makes 0600)."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     for _ in range(100):
         path = os.path.join(folder, f".tmp-{secrets.token_hex(6)}{suffix}")
         try:
-            return os.open(path, flags, 0o666), path
+            return os.open(path, flags, mode), path
         except FileExistsError:
             continue
     raise FileExistsError(f"no free temporary name in {folder}")

@@ -121,8 +121,8 @@ def text_table(header, rows) -> str:
     (a CJK character or an emoji takes two columns)."""
     from mergekit_metagpt.errors import printable
 
-    rows = [[printable(" ".join(str(c).splitlines())) for c in row] for row in rows]
-    table = [list(map(str, header))] + rows
+    rows = [[printable(" ".join(str(c).splitlines())) for c in row] for row in [header, *rows]]
+    table, rows = rows, rows[1:]
     widths = [max(_columns(r[i]) for r in table) for i in range(len(header))]
 
     def line(cells):

@@ -47,7 +47,8 @@ def printable(text: str) -> str:
     """`text` with control characters (ESC of a terminal's escape sequences, BEL, NUL, C1's
     CSI …) and bidirectional controls written as escapes (``\\x1b``, ``\\u202e``): a recipe's
     strings (a parameter's name, a model's path) printed as they were could retitle or clear
-    the terminal, or set its clipboard. Line breaks and tabs are left to the caller."""
+    the terminal, or set its clipboard. ``\\n`` and tabs are left as they are (a caller wanting one
+    line joins its lines)."""
     import unicodedata
 
     if text.isprintable():
@@ -57,6 +58,22 @@ def printable(text: str) -> str:
         else ascii(ch)[1:-1]
         for ch in text
     )
+
+
+class PrintableRecords:
+    """A logging filter: the plugin's log records, formatted, with control characters as
+    escapes (`printable`): its messages name models and tensors as a recipe spells them."""
+
+    def filter(self, record) -> bool:
+        try:
+            message = record.getMessage()
+        except Exception:  # as logging would: its handler reports a bad format
+            return True
+        if not message.isprintable():  # (a table's line breaks too: kept)
+            shown = printable(message)
+            if shown != message:
+                record.msg, record.args = shown, None
+        return True
 
 
 def one_line(error: BaseException) -> str:

@@ -421,7 +421,7 @@ def _one_line_errors(module, check_arguments=None) -> None:
     `check_arguments`: called with the command's keyword arguments before it runs."""
     import click
 
-    from mergekit_metagpt.errors import MetaGPTError, printable
+    from mergekit_metagpt.errors import MetaGPTError, one_line
 
     command = _need(module, "main", module.__name__)
     original = _unwrapped(_need(command, "callback", f"{module.__name__}.main"))
@@ -446,7 +446,7 @@ def _one_line_errors(module, check_arguments=None) -> None:
         except MetaGPTError as error:
             if switched_on(DEBUG_SWITCH) or isinstance(error, click.ClickException):
                 raise
-            raise Refusal(printable(str(error))) from error
+            raise Refusal(one_line(error)) from error
         finally:
             RAW_OPTIONS.reset(token)
 

@@ -252,10 +252,19 @@ def same_folder(a: str, b: str) -> bool:
     """Whether two paths name one existing folder or file: by device and inode, not by their
     resolved strings (on a case-insensitive disk, macOS's or Windows', ``./Tiny/Math`` and
     ``./tiny/math`` are one folder that resolves to two strings)."""
+    found = _file_id(a)
+    return found is not None and found == _file_id(b)
+
+
+def _file_id(path: str):
+    """(device, inode) of an existing path, or its resolved string where the file system
+    gives no inode (0: some network and virtual drives on Windows, where every file would be
+    one); None where it cannot be read."""
     try:
-        return os.path.samefile(a, b)
+        st = os.stat(path)
     except OSError:
-        return False
+        return None
+    return (st.st_dev, st.st_ino) if st.st_ino else os.path.normcase(os.path.realpath(path))
 
 
 def _identity(key):
@@ -263,11 +272,8 @@ def _identity(key):
     def one(where):
         if where is None or not os.path.isabs(where[0]):  # a hub id
             return where
-        try:
-            st = os.stat(where[0])
-        except OSError:
-            return where
-        return (st.st_dev, st.st_ino), where[1]
+        found = _file_id(where[0])
+        return where if found is None else (found, where[1])
 
     return None if key is None else tuple(one(where) for where in key)
 

@@ -171,9 +171,16 @@ def _read(path: str, quiet: bool = False):
     and kind of error)."""
     try:
         fd = os.open(path, _READ_FLAGS)
-        with open(fd, encoding="utf-8") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a named pipe, a folder
                 raise ValueError("not a file")
+            if hasattr(os, "set_blocking"):
+                os.set_blocking(fd, True)  # a file: read as any other
+            f = open(fd, encoding="utf-8")
+        except BaseException:
+            os.close(fd)
+            raise
+        with f:
             return json.load(f)
     except FileNotFoundError:
         return None

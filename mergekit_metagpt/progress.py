@@ -139,8 +139,10 @@ def say(text: str, quiet: bool = False) -> None:
     """One line on stderr where progress is shown (not quiet), beside the bars as the
     pre-pass's summary is; never an error of its own."""
     if progress_enabled(quiet):
+        from mergekit_metagpt.errors import printable
+
         try:
-            _write_line(sys.stderr, text)
+            _write_line(sys.stderr, printable(text))
         except (OSError, ValueError, AttributeError):  # stderr closed or replaced
             pass
 

@@ -1292,6 +1292,49 @@ def test_one_folder_under_two_names_that_resolve_apart_is_one_input(family, tmp_
         assert not safetensors_in(out)
 
 
+def test_one_folder_under_names_that_resolve_apart_is_compared_by_inode_or_by_path_without_one(
+        tmp_path, monkeypatch):
+    """The same without root: a symlink whose realpath is not followed (as macOS keeps the
+    case typed) is the folder it names; on a file system that gives no inode (0: some
+    network drives on Windows) every folder would be one, so paths are compared there."""
+    from types import SimpleNamespace
+
+    from mergekit_metagpt import merge_plan
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.planning import refuse_output_into_an_input
+
+    class System:  # the plugin's view of `os`: spellings resolve to themselves, inodes as given
+        def __init__(self, inodes=True):
+            self.inodes = inodes
+            self.path = SimpleNamespace(**{name: getattr(os.path, name) for name in dir(os.path)
+                                           if not name.startswith("_")})
+            self.path.realpath = os.path.abspath
+
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def stat(self, path):
+            st = os.stat(path)
+            return st if self.inodes else SimpleNamespace(st_dev=st.st_dev, st_ino=0, st_mode=st.st_mode)
+
+    own, other = tmp_path / "good", tmp_path / "else"
+    own.mkdir()
+    other.mkdir()
+    os.symlink(own, tmp_path / "Good")
+    monkeypatch.setattr(merge_plan, "os", System())
+    assert merge_plan.same_folder(str(own), str(tmp_path / "Good"))
+    assert not merge_plan.same_folder(str(own), str(other))
+    assert not merge_plan.same_folder(str(own), str(tmp_path / "gone"))
+    model = SimpleNamespace(model=SimpleNamespace(path=str(own), revision=None), lora=None)
+    monkeypatch.setattr("mergekit_metagpt.planning.models_in_order", lambda config: [model])
+    with pytest.raises(MetaGPTError, match="is model .*'s own folder"):
+        refuse_output_into_an_input(None, str(tmp_path / "Good"))
+    refuse_output_into_an_input(None, str(other))
+    monkeypatch.setattr(merge_plan, "os", System(inodes=False))
+    assert not merge_plan.same_folder(str(own), str(other))
+    assert merge_plan.same_folder(str(own), str(own) + "/.")
+
+
 def test_a_bin_shard_is_unpickled_once_for_the_file_checks(family, tmp_path, monkeypatch, capfd):
     """The damage, names and dtype checks of a .bin shard share one unpickling (onto meta;
     a legacy pre-zip file is read whole by it)."""

@@ -591,6 +591,15 @@ def test_a_named_pipe_or_an_entry_nested_too_deeply_is_a_miss(caplog):
         f.write("[" * 200_000)
     assert norm_cache.load("b", "deep") is None
     assert any("nested too deeply" in r.getMessage() for r in caplog.records)
+    folder = norm_cache.entry_path("b", "folder")  # a folder at an entry's name: named, no descriptor kept
+    os.makedirs(folder)
+    open_before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    for _ in range(5):
+        assert norm_cache.load("b", "folder") is None
+    if open_before is not None:
+        assert len(os.listdir("/proc/self/fd")) == open_before
+    assert any(r.getMessage() == f"MetaGPT: ignoring unreadable norm cache entry {folder} (not a file); recomputing"
+               for r in caplog.records)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")

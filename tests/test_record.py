@@ -5,6 +5,7 @@ memo, so nothing here leans on norms an earlier test computed.
 """
 
 import json
+import logging
 import os
 import statistics
 import threading
@@ -929,7 +930,7 @@ def test_files_written_whole_take_the_umask_set_later_in_the_process(tmp_path):
 
 
 def test_control_characters_and_line_breaks_of_a_recipe_are_escaped_where_shown(llama_family, merge_options,
-                                                                                 tmp_path, capfd):
+                                                                                 tmp_path, capfd, caplog):
     """A recipe's strings reached the terminal and the card as written: an unknown parameter's
     name with a terminal's escape sequences (retitle, clear) was printed raw by the error line,
     before any model was read; a folder whose name holds a line break and '## …' made a
@@ -939,6 +940,7 @@ def test_control_characters_and_line_breaks_of_a_recipe_are_escaped_where_shown(
     from mergekit_metagpt.cli import main as cli_main
 
     paths, _ = llama_family
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
     evil = "lamda\x1b]0;TITLE\x07\x1b[2J\u202e"
     path = write_yaml({**recipe(paths, ["model0", "model1"]), "parameters": {evil: 0.5}}, str(tmp_path / "r.yml"))
     capfd.readouterr()
@@ -961,3 +963,20 @@ def test_control_characters_and_line_breaks_of_a_recipe_are_escaped_where_shown(
     section = card[card.index("MetaGPT coefficients"):]
     assert "\x1b" not in section and "\\x1b[31mred" in section
     assert not any(l.startswith("##Injected") for l in section.splitlines()), section
+    # the log's lines (the summary, "norms … from the norm cache", the verdict), stock
+    # mergekit-yaml's one-line summary, and a refusal that names the folder: one Error: line
+    assert not [r.getMessage() for r in caplog.records if "\x1b" in r.getMessage()]
+    assert any("\\x1b[31mred" in r.getMessage() for r in caplog.records)
+    import subprocess
+    import sys
+
+    merged = subprocess.run(  # not --quiet: its one-line summary
+        [os.path.join(os.path.dirname(sys.executable), "mergekit-yaml"),
+         write_yaml(recipe(paths, ["model0", "odd"]), str(tmp_path / "y.yml")), str(tmp_path / "yaml-out"),
+         "--no-copy-tokenizer"], capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, MERGEKIT_METAGPT_PROGRESS="1"))
+    assert merged.returncode == 0 and "MetaGPT λ: " in merged.stderr and "\x1b" not in merged.stderr, merged.stderr
+    twice = {**recipe(paths, ["model0"]), "models": [{"model": odd}, {"model": odd + "/./"}]}
+    refused = run_mergekit_yaml(write_yaml(twice, str(tmp_path / "t.yml")), str(tmp_path / "t-out"))
+    last = refused.stderr.strip().splitlines()[-1]
+    assert refused.returncode == 1 and last.startswith("Error: MetaGPT: models ") and "are one checkpoint" in last
