@@ -10,8 +10,8 @@ temporary file that is renamed into place, so an interrupted merge never leaves 
 half-written entry; a corrupt or unwritable cache only warns and falls back to computing.
 A write reads the entry again and merges it with what it adds, holding the folder's lock
 file (``.lock``, ``flock``) so that no other process writes in between.
-An entry is read and replaced as a file of its own: a symlink or named pipe at its name is
-ignored (never followed), and a folder the cache makes is private (0700).
+An entry is read and replaced as a file of its own: a symlink, folder or named pipe at its
+name is ignored (a symlink never followed), and a folder the cache makes is private (0700).
 Corrupt includes values that no pre-pass writes: a number that is not finite (or does not fit
 a float), and a negative squared norm. An entry of an older format is a miss.
 """
