@@ -382,11 +382,10 @@ def test_what_another_process_added_to_the_cache_is_used_though_the_memo_holds_t
     norm_memo._MEMO.clear()  # back in the driver
     norm_memo._MEMO.update(driver_memo)
     runs, hits = prepass.STATS.runs, prepass.STATS.cache_hits
-    merged = run_recipe(recipe(paths, MODELS), str(tmp_path / "driver"), merge_options)
-    assert prepass.STATS.runs == runs and prepass.STATS.cache_hits == hits + 3
-    _, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
-    for name, ref in reference.items():
-        assert (merged[name].double() - ref).abs().max().item() < 1e-5
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "driver"), merge_options)
+    assert (prepass.STATS.runs, prepass.STATS.cache_hits) == (runs, hits + 3)
+    lams, _ = closed_form(sds["base"], [sds[m] for m in MODELS])
+    assert _recorded_lambdas(tmp_path / "driver") == pytest.approx(lams, rel=1e-7)
 
 
 def test_inner_products_another_process_added_are_used_though_the_memo_holds_the_triple(
