@@ -33,27 +33,28 @@ def clear_memo() -> None:
         _PRODUCTS_MEMO.clear()
 
 
-def known(base_key: str, model_key: str, refresh: bool = False) -> Dict[str, Optional[float]]:
+def known(base_key: str, model_key: str, want: Optional[str] = None) -> Dict[str, Optional[float]]:
     """{read key: squared norm} known for a (base, model) pair, from the memo or the cache;
-    `refresh`: the cache read again where the memo holds the pair (see `_known`)."""
+    `want`: a read key the caller looks for, the cache read again where the memo lacks it
+    (see `_known`)."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
         return {}
-    return _known(_MEMO, (base_key, model_key), lambda: norm_cache.load(base_key, model_key), refresh)
+    return _known(_MEMO, (base_key, model_key), lambda: norm_cache.load(base_key, model_key), want)
 
 
-def _known(memo, key, load, refresh: bool = False) -> Dict[str, Optional[float]]:
+def _known(memo, key, load, want: Optional[str] = None) -> Dict[str, Optional[float]]:
     """What `memo` holds under `key`, loaded from the cache (outside the lock) at its first
-    use, or again with `refresh` (another process sharing the cache folder may have added
-    reads to the entry since this one loaded it: a driver process merging after its workers
-    ran the pre-pass again); what the memo holds wins over the load (a value another thread
-    stored meanwhile is kept, not overwritten)."""
+    use, or again where it lacks the read key `want` (another process sharing the cache
+    folder may have added reads to the entry since this one loaded it: a driver process
+    merging after its workers ran the pre-pass again); what the memo holds wins over the
+    load (a value another thread stored meanwhile is kept, not overwritten)."""
     with _MEMO_LOCK:
         hit = memo.get(key)
         if hit is not None:
             memo.move_to_end(key)
-    if hit is None or refresh:
+    if hit is None or (want is not None and want not in hit):
         loaded = load() or {}
         with _MEMO_LOCK:
             hit = {**loaded, **memo.get(key, {})}
@@ -93,13 +94,13 @@ def _merge_and_store(memo, key, values, load, store) -> None:
 _PRODUCTS_MEMO: "OrderedDict[Tuple[str, str, str], Dict[str, Optional[float]]]" = OrderedDict()
 
 
-def known_products(base_key: str, a_key: str, b_key: str, refresh: bool = False) -> Dict[str, Optional[float]]:
+def known_products(base_key: str, a_key: str, b_key: str, want: Optional[str] = None) -> Dict[str, Optional[float]]:
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
         return {}
     triple = (base_key, a_key, b_key)
-    return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple), refresh)
+    return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple), want)
 
 
 def remember_products(fingerprints, products, labels) -> None:

@@ -326,18 +326,18 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     todo: List[Tuple[_Planned, List[Hashable], List[Tuple[Hashable, Hashable]]]] = []
     wanted, pending = set(), set()  # (base, model) pairs read by some task / still to read
     reread = set()  # (base, model) pairs whose norms are known, read for inner products
-    # pairs and triples whose cache entry was read again for a key the memo lacked (another
-    # process may have stored it since this one first loaded the entry): once per merge
+    # pairs and triples whose cache entry was read for a key the memo lacked, and lacked it
+    # too: not read again this merge (the entry is read again where the memo lacks a key,
+    # as another process may have stored it since this one first loaded the entry)
     refreshed = set()
     for item in planned:
         task, need = item.task, set()
         for model, key in item.keys.items():
             pair = (task.base_model, model)
-            if pair not in known:
-                known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model))
-            if key not in known[pair] and pair not in refreshed:
-                refreshed.add(pair)
-                known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model), refresh=True)
+            if pair not in known or (key not in known[pair] and pair not in refreshed):
+                known[pair] = norm_memo.known(checkpoint_of(pair[0]), checkpoint_of(model), want=key)
+                if key not in known[pair]:  # the cache was read for it: not again this merge
+                    refreshed.add(pair)
             wanted.add(pair)
             if key in known[pair] and known[pair][key] is None and _holds(item.reads[model]):
                 # "lacks it" (what the pre-pass records of an optional tensor a model lacks)
@@ -351,16 +351,17 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         pairs = []
         for (a, b), pair_key in item.pair_keys.items():
             triple = (task.base_model, a, b)
-            if triple not in known_products:
-                known_products[triple] = norm_memo.known_products(*(checkpoint_of(m) for m in triple))
             # a merge ("when read") takes the products of a model it reads anyway with each
             # other model, reading that one's tensor too where its norm is known (a cached
             # model merged with a new one); "always" also reads models whose norms are all
             # known, for their products
             wanted_product = products == "always" or (products == "when read" and (a in need or b in need))
-            if wanted_product and pair_key not in known_products[triple] and triple not in refreshed:
-                refreshed.add(triple)
-                known_products[triple] = norm_memo.known_products(*(checkpoint_of(m) for m in triple), refresh=True)
+            if triple not in known_products or (
+                    wanted_product and pair_key not in known_products[triple] and triple not in refreshed):
+                known_products[triple] = norm_memo.known_products(
+                    *(checkpoint_of(m) for m in triple), want=pair_key if wanted_product else None)
+                if wanted_product and pair_key not in known_products[triple]:
+                    refreshed.add(triple)
             if wanted_product and pair_key not in known_products[triple]:
                 pairs.append((a, b))
         read = need | {m for pair in pairs for m in pair}

@@ -388,6 +388,41 @@ def test_what_another_process_added_to_the_cache_is_used_though_the_memo_holds_t
     assert _recorded_lambdas(tmp_path / "driver") == pytest.approx(lams, rel=1e-7)
 
 
+def test_a_merge_looks_each_cache_entry_up_once(llama_family, merge_options, tmp_path, monkeypatch):
+    """Each pair's and triple's entry is looked up once per merge, whether it is missing (a
+    first merge), partial (a slice merged before) or whole: the lookup for a key the memo
+    lacks is the one that reads it again (a first merge read each missing entry twice)."""
+    from collections import Counter
+
+    from merging import slices_recipe
+
+    paths, _ = llama_family
+    lookups = Counter()
+    for name in ("load", "load_products"):
+        real = getattr(norm_cache, name)
+
+        def counted(*keys, quiet=False, _real=real, _name=name):
+            if not quiet:  # a lookup's own read, not a write's
+                lookups[_name] += 1
+                lookups[keys] += 1
+            return _real(*keys, quiet=quiet)
+
+        monkeypatch.setattr(norm_cache, name, counted)
+    for out in ("cold", "warm"):
+        fresh_process_state()
+        lookups.clear()
+        run_recipe(recipe(paths, MODELS), str(tmp_path / out), merge_options)
+        assert (lookups["load"], lookups["load_products"]) == (3, 3), out
+        assert all(n == 1 for keys, n in lookups.items() if isinstance(keys, tuple)), out
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE_DIR", str(tmp_path / "another-cache"))
+    fresh_process_state()
+    run_recipe(slices_recipe(paths), str(tmp_path / "slices"), merge_options)
+    lookups.clear()  # the memo holds partial entries: read again, once each, where they lack a key
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "whole"), merge_options)
+    assert lookups["load"] >= 1
+    assert all(n == 1 for keys, n in lookups.items() if isinstance(keys, tuple))
+
+
 def test_inner_products_another_process_added_are_used_though_the_memo_holds_the_triple(
         llama_family, merge_options, tmp_path, monkeypatch):
     """The same for inner products: the driver's merge had them off (COSINES=0), a worker's
