@@ -172,6 +172,8 @@ def _coefficients(args) -> int:
 
 def _check_writable(path: str, folder: bool, recipe: str) -> None:
     """Refuse, before the pre-pass reads anything, an output the command could not write."""
+    from mergekit_metagpt.merge_plan import same_folder
+
     parent = os.path.dirname(os.path.abspath(path))  # as written (a quoted ~ is a folder named ~)
     if folder:
         if os.path.exists(path) and not os.path.isdir(path):
@@ -181,7 +183,7 @@ def _check_writable(path: str, folder: bool, recipe: str) -> None:
         raise MetaGPTError(f"{path} is a folder; give the file to write")
     if not os.path.isdir(parent):
         raise MetaGPTError(f"cannot write {path}: no folder {parent}")
-    if os.path.exists(path) and os.path.exists(recipe) and os.path.samefile(path, recipe):
+    if same_folder(path, recipe):
         raise MetaGPTError(f"{path} is the recipe itself; give another file to write")
     try:  # a file the folder takes (permissions, a read-only or special file system)
         if os.path.exists(path):  # a file you may not write is not replaced either
@@ -356,19 +358,14 @@ def _script_python(script: str) -> Optional[str]:
     return python
 
 
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
 def _mergekit_yaml_line() -> str:
     """Which ``mergekit-yaml`` this shell finds, and whether it runs this Python or, if not,
     a Python that has this plugin too (a merge run by another environment's mergekit-yaml
     says "Unimplemented merge method metagpt", while this command, here, says all is well)."""
     import shutil
     import subprocess
+
+    from mergekit_metagpt.merge_plan import same_folder
 
     found = shutil.which("mergekit-yaml")
     own = os.path.join(os.path.dirname(sys.executable), "mergekit-yaml")
@@ -381,7 +378,7 @@ def _mergekit_yaml_line() -> str:
     python = _script_python(found)
     if python is None:
         return f"mergekit-yaml: {found}"
-    if _same_file(python, sys.executable) and \
+    if same_folder(python, sys.executable) and \
             os.path.realpath(os.path.dirname(python)) == os.path.realpath(os.path.dirname(sys.executable)):
         return f"mergekit-yaml: {found} (this Python's)"  # (two venvs' pythons link to one binary)
     # run in an empty folder of its own: `python -c` imports from the folder it runs in

@@ -140,17 +140,17 @@ _HELD: set = set()
 _HELD_LOCK = threading.Lock()
 
 
+renew_after_fork(__name__, "_ONE_THREAD", "_HELD_LOCK")  # a thread of the parent may have held one
+
+
 def _close_held_in_child() -> None:
-    """After a fork, in the child: close the parent's lock descriptors, and start with
-    fresh thread locks (a thread of the parent may have held one at the fork)."""
-    global _ONE_THREAD, _HELD_LOCK
+    """After a fork, in the child: close the parent's lock descriptors."""
     for handle in list(_HELD):
         try:
             os.close(handle)
         except OSError:
             pass
     _HELD.clear()
-    _ONE_THREAD, _HELD_LOCK = threading.Lock(), threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):
