@@ -64,14 +64,12 @@ def norms_text() -> str:
     from mergekit_metagpt.scratch import CHUNK, CPU_CHUNK
 
     return (
-        f"float32 sums (float64 for float64 tensors) within a block, chunk or tensor, added in "
-        f"float64 across them; chunks of "
-        f"{CPU_CHUNK} elements ({_mib(CPU_CHUNK)} of float32) on CPU, {CHUNK} ({_mib(CHUNK)}) on a GPU; on CPU, "
-        f"where two or more dense task vectors are read together (norms and inner products) and "
-        f"float32 matrix products are exact, float32 sums per block of {GRAM_BLOCK} elements "
-        f"(each block's Gram matrix, norms on its diagonal); otherwise float32 pairwise sums per "
-        f"chunk (inner products by elementwise products); sparsified task vectors "
-        f"(lambda_from: sparse): one float32 pairwise sum per tensor"
+        f"float32 sums (float64 for float64 tensors) per block of {GRAM_BLOCK} elements, added in "
+        f"float64 per chunk and across chunks in order; chunks of "
+        f"{CPU_CHUNK} elements ({_mib(CPU_CHUNK)} of float32) on CPU, {CHUNK} ({_mib(CHUNK)}) on a GPU; "
+        f"norms: every task vector's summed alike, dense or sparsified, alone or read beside others; "
+        f"inner products: on CPU, where float32 matrix products are exact, from each block's Gram "
+        f"matrix, otherwise elementwise products summed per chunk"
     )
 
 

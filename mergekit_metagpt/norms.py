@@ -40,11 +40,9 @@ def squared_delta(
     model: Hashable = None,
     scratch: Optional[Scratch] = None,
 ) -> torch.Tensor:
-    """‖tensor − base‖² as a 0-d tensor on the tensors' device (no host sync): float32,
-    or float64 when summed chunk by chunk.
+    """‖tensor − base‖² as a 0-d float64 tensor on the tensors' device (no host sync).
 
-    Summed pairwise (torch's reduction), not with a float32 dot: over tens of millions
-    of elements a dot's running sum loses about 1e-4 relative, the pairwise sum 1e-8.
+    Summed by `canonical_squared_sum`, as every norm: the same bits however it is read.
 
     With a scratch, the difference is formed chunk by chunk in a reused buffer, so the
     float32 work memory is a chunk, not a tensor. Sparsification needs whole tensors.
@@ -54,7 +52,7 @@ def squared_delta(
         delta = tensor.to(work) - base.to(work)
         if sparsifier is not None:
             delta = sparsifier(model, delta)
-        return delta.square_().sum()
+        return canonical_squared_sum(delta.reshape(-1))
     return squared_deltas([tensor], base, scratch)[0]
 
 
@@ -70,10 +68,36 @@ def squared_deltas(tensors: Sequence[torch.Tensor], base: torch.Tensor, scratch:
     return task_vector_sums(tensors, base, scratch)[0]
 
 
-#: Elements per block of the Gram products: float32 sums over 1024 elements, then
-#: added in float64 (norms within 5e-8 relative of float64 over 16M elements; fewer,
-#: larger blocks cost less per batched product: 1024 was the fastest of 256-4096).
+#: Elements per block of the norms' and the Gram products' float32 sums, then added in
+#: float64 (norms within 5e-8 relative of float64 over 16M elements; fewer, larger
+#: blocks cost less per batched product: 1024 was the fastest of 256-4096).
 GRAM_BLOCK = 1024
+
+
+def canonical_squared_sum(values: torch.Tensor) -> torch.Tensor:
+    """Σ values² of a 1-d tensor (squared in place), a 0-d float64 tensor: per chunk
+    (`chunks`), float32 sums (float64 for float64 values) over blocks of ``GRAM_BLOCK``
+    elements, each one row of a row-wise sum, the chunk's block sums added in float64, the
+    chunks' in order.
+
+    The one reduction of every task vector's norm, so that a norm has the same bits
+    whichever way it is read: alone or beside other models (the Gram matrix's diagonal
+    changes in its last bits with the number of rows stacked), a chunk at a time or the
+    whole tensor at once (`merge_state_dicts`, sparsified vectors), on any number of
+    threads (a row is never split between threads, where torch's sum of a whole vector
+    is). The norm cache keeps one value per (base, model), so λ would otherwise depend on
+    which recipe filled it, and on the thread count.
+    """
+    values = values.contiguous()
+    result = torch.zeros((), dtype=torch.float64, device=values.device)
+    for start, end in chunks(values.numel(), values.device):
+        part = values[start:end].square_()
+        whole = (end - start) // GRAM_BLOCK * GRAM_BLOCK
+        chunk_sum = part[:whole].view(-1, GRAM_BLOCK).sum(1).sum(dtype=torch.float64)
+        if whole < end - start:
+            chunk_sum = chunk_sum + part[whole:].sum().to(torch.float64)
+        result.add_(chunk_sum)  # one addition per chunk, as `task_vector_sums` adds each chunk's
+    return result
 
 
 def task_vector_sums(
@@ -90,16 +114,16 @@ def task_vector_sums(
 
     Each chunk of the base is turned into float32 (`work_dtype`: float64 where a tensor is
     float64) once for all tensors (on CPU, that conversion is
-    the costliest step). Without pairs, each delta is squared and summed
-    with torch's pairwise float32 sum (1e-8 relative over tens of millions of elements,
-    where one float32 dot is off by 1e-4); with pairs, the chunk's deltas are stacked
-    and their Gram matrix (norms on the diagonal, inner products off it) is taken, on
-    CPU by blocks of ``GRAM_BLOCK`` elements, one batched matrix product read once, the
-    blocks' float32 sums added in float64 (the same precision, measured), where the CPU's
-    float32 matrix products are exact (`exact_cpu_matmul`); elsewhere by elementwise
-    products and pairwise sums. Sums over
-    chunks are float64. The base's sum is finite exactly when it holds no NaN or Inf
-    (short of float32 overflow).
+    the costliest step). Each norm is `canonical_squared_sum`'s (float32 sums over blocks
+    of ``GRAM_BLOCK`` elements, added in float64: 1e-8 relative over tens of millions of
+    elements, where one float32 dot is off by 1e-4), the same bits with or without pairs.
+    With pairs, the chunk's deltas are stacked and the inner products taken from their
+    Gram matrix, on CPU by blocks of ``GRAM_BLOCK`` elements, one batched matrix product
+    read once, the blocks' float32 sums added in float64 (the same precision, measured),
+    where the CPU's float32 matrix products are exact (`exact_cpu_matmul`); elsewhere by
+    elementwise products and pairwise sums (an inner product's last bits may thus depend
+    on the models read beside it; λ do not use them). Sums over chunks are float64. The
+    base's sum is finite exactly when it holds no NaN or Inf (short of float32 overflow).
     """
     b = base.reshape(-1)
     xs = [t.reshape(-1) for t in tensors]
@@ -120,7 +144,7 @@ def task_vector_sums(
         if gram is None:  # one delta buffer, squared in place
             delta = scratch.flat("delta", size, device, work)
             for x, result in zip(xs, norms):
-                result.add_(delta.copy_(x[start:end]).sub_(b_chunk).square_().sum())
+                result.add_(canonical_squared_sum(delta.copy_(x[start:end]).sub_(b_chunk)))
             continue
         stacked = scratch.flat("deltas", len(xs) * size, device, work).view(len(xs), size)
         for row, x in zip(stacked, xs):
@@ -129,8 +153,8 @@ def task_vector_sums(
             gram.add_(_block_gram(stacked))
         else:
             gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device, work)))
-    if gram is not None:
-        norms = [gram[i, i] for i in range(len(xs))]
+        for row, result in zip(stacked, norms):  # the norms as without pairs, to the bit
+            result.add_(canonical_squared_sum(row))
     products = [gram[i, j] for i, j in pairs] if pairs else []
     return norms, products, base_sum
 
@@ -185,7 +209,7 @@ def exact_cpu_matmul() -> bool:
 def _block_gram(stacked: torch.Tensor) -> torch.Tensor:
     """Σ over blocks of GRAM_BLOCK columns of the rows' Gram matrix (float32, or float64 for
     float64 rows), in float64. Under a caller's autocast too: it would take the products
-    in bfloat16 (relative errors of 1e-5 in the norms)."""
+    in bfloat16 (relative errors of 1e-5 in the inner products)."""
     rows, size = stacked.shape
     blocks = size // GRAM_BLOCK
     result = torch.zeros((rows, rows), dtype=torch.float64, device=stacked.device)
@@ -204,7 +228,7 @@ def _pairwise_gram(stacked: torch.Tensor, product: torch.Tensor) -> torch.Tensor
     rows = stacked.shape[0]
     result = torch.zeros((rows, rows), dtype=torch.float64, device=stacked.device)
     for i in range(rows):
-        for j in range(i, rows):
+        for j in range(i + 1, rows):  # no diagonal: the norms are `canonical_squared_sum`'s
             result[i, j] = result[j, i] = torch.mul(stacked[i], stacked[j], out=product).sum()
     return result
 
