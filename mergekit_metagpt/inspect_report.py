@@ -64,10 +64,12 @@ def norms_text() -> str:
     from mergekit_metagpt.scratch import CHUNK, CPU_CHUNK
 
     return (
-        f"float32 sums (float64 for float64 tensors) per block of {GRAM_BLOCK} elements, added in "
+        f"float32 sums (float64 where the model's or the base's tensor is float64) per block of "
+        f"{GRAM_BLOCK} elements, added in "
         f"float64 per chunk and across chunks in order; chunks of "
         f"{CPU_CHUNK} elements ({_mib(CPU_CHUNK)} of float32) on CPU, {CHUNK} ({_mib(CHUNK)}) on a GPU; "
-        f"norms: every task vector's summed alike, dense or sparsified, alone or read beside others; "
+        f"norms: every task vector's summed alike on a device, dense or sparsified, alone or read "
+        f"beside others; "
         f"inner products: on CPU, where float32 matrix products are exact, from each block's Gram "
         f"matrix, otherwise elementwise products summed per chunk"
     )

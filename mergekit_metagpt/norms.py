@@ -42,7 +42,7 @@ def squared_delta(
 ) -> torch.Tensor:
     """‖tensor − base‖² as a 0-d float64 tensor on the tensors' device (no host sync).
 
-    Summed by `canonical_squared_sum`, as every norm: the same bits however it is read.
+    Summed by `canonical_squared_sum`, as every norm: the same bits on a device however it is read.
 
     With a scratch, the difference is formed chunk by chunk in a reused buffer, so the
     float32 work memory is a chunk, not a tensor. Sparsification needs whole tensors.
@@ -80,13 +80,14 @@ def canonical_squared_sum(values: torch.Tensor) -> torch.Tensor:
     elements, each one row of a row-wise sum, the chunk's block sums added in float64, the
     chunks' in order.
 
-    The one reduction of every task vector's norm, so that a norm has the same bits
-    whichever way it is read: alone or beside other models (the Gram matrix's diagonal
-    changes in its last bits with the number of rows stacked), a chunk at a time or the
-    whole tensor at once (`merge_state_dicts`, sparsified vectors), on any number of
-    threads (a row is never split between threads, where torch's sum of a whole vector
-    is). The norm cache keeps one value per (base, model), so λ would otherwise depend on
-    which recipe filled it, and on the thread count.
+    The one reduction of every task vector's norm, so that a norm has the same bits on a
+    device whichever way it is read: alone or beside other models (the Gram matrix's
+    diagonal changes in its last bits with the number of rows stacked; `task_vector_sums`
+    sums each model in its own precision), a chunk at a time or the whole tensor at once
+    (sparsified vectors), on any number of threads (a row is never split between threads,
+    where torch's sum of a whole vector is). The norm cache keeps one value per (base,
+    model), so λ would otherwise depend on which recipe filled it, and on the thread count.
+    A GPU's chunks and kernels are its own: its bits may differ from the CPU's.
     """
     values = values.contiguous()
     result = torch.zeros((), dtype=torch.float64, device=values.device)
@@ -135,6 +136,10 @@ def task_vector_sums(
     # float32 matmul precision, they may round through TF32 or bf16); asked only where
     # there are pairs
     work = work_dtype(base, *tensors)
+    # each norm in its own model's precision, as read alone: a float64 model read beside
+    # float32 ones makes the shared work float64; their differences, rounded back to
+    # float32, are the float32 differences to the bit (53 ≥ 2·24 + 2 bits)
+    own = [work_dtype(base, t) for t in tensors]
     fast_gram = gram is not None and device.type == "cpu" and exact_cpu_matmul()
     for start, end in chunks(b.numel(), device):
         size = end - start
@@ -143,8 +148,8 @@ def task_vector_sums(
             base_sum.add_(b_chunk.sum())
         if gram is None:  # one delta buffer, squared in place
             delta = scratch.flat("delta", size, device, work)
-            for x, result in zip(xs, norms):
-                result.add_(canonical_squared_sum(delta.copy_(x[start:end]).sub_(b_chunk)))
+            for x, result, dtype in zip(xs, norms, own):
+                result.add_(canonical_squared_sum(delta.copy_(x[start:end]).sub_(b_chunk).to(dtype)))
             continue
         stacked = scratch.flat("deltas", len(xs) * size, device, work).view(len(xs), size)
         for row, x in zip(stacked, xs):
@@ -153,8 +158,8 @@ def task_vector_sums(
             gram.add_(_block_gram(stacked))
         else:
             gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device, work)))
-        for row, result in zip(stacked, norms):  # the norms as without pairs, to the bit
-            result.add_(canonical_squared_sum(row))
+        for row, result, dtype in zip(stacked, norms, own):  # the norms as without pairs, to the bit
+            result.add_(canonical_squared_sum(row.to(dtype)))
     products = [gram[i, j] for i, j in pairs] if pairs else []
     return norms, products, base_sum
 

@@ -16,8 +16,18 @@ from mergekit_metagpt import prepass
 from mergekit_metagpt.norms import squared_delta, task_vector_sums
 from mergekit_metagpt.scratch import CPU_CHUNK, Scratch
 
-# two chunks, a part of a third, and a part of a block at the end
-SIZE = 2 * CPU_CHUNK + 5 * 1024 + 333
+#: tensor sizes: part of a block, one block, one chunk, and two chunks with part of a
+#: third and part of a block at its end
+SIZES = (333, 1024, CPU_CHUNK, 2 * CPU_CHUNK + 5 * 1024 + 333)
+#: the models' dtypes (the base's is the first's); "mixed": a float32 base and models of
+#: four dtypes, one float64 (whose work makes the stack float64)
+DTYPES = {
+    "bfloat16": [torch.bfloat16] * 4,
+    "float16": [torch.float16] * 4,
+    "float32": [torch.float32] * 4,
+    "float64": [torch.float64] * 4,
+    "mixed": [torch.float32, torch.bfloat16, torch.float64, torch.float16],
+}
 
 
 @pytest.fixture
@@ -27,24 +37,29 @@ def threads_restored():
     torch.set_num_threads(before)
 
 
-def _tensors(dtype):
+def _tensors(size, dtypes):
     gen = torch.Generator().manual_seed(7)
-    base = torch.randn(SIZE, generator=gen) * 0.05
+    base = torch.randn(size, generator=gen) * 0.05
     # different scales, and a shared component so that inner products are far from zero
-    shared = torch.randn(SIZE, generator=gen)
-    models = [(base + (shared + torch.randn(SIZE, generator=gen)) * s).to(dtype) for s in (0.01, 0.03, 0.1, 0.3)]
-    return base.to(dtype), models
+    shared = torch.randn(size, generator=gen)
+    models = [(base + (shared + torch.randn(size, generator=gen)) * s).to(dtype)
+              for s, dtype in zip((0.01, 0.03, 0.1, 0.3), dtypes)]
+    return base.to(dtypes[0]), models
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_a_norm_has_the_same_bits_however_it_is_summed(dtype, threads_restored):
-    base, models = _tensors(dtype)
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("dtypes", sorted(DTYPES))
+def test_a_norm_has_the_same_bits_however_it_is_summed(size, dtypes, threads_restored):
+    """Whole or chunk by chunk (`squared_delta` with or without a scratch: sparsified
+    vectors, `merge_state_dicts`), alone or beside every subset of the others in any order,
+    with or without inner products, on 1, 2 or 4 threads."""
+    base, models = _tensors(size, DTYPES[dtypes])
     seen = {i: set() for i in range(len(models))}
     for threads in (1, 2, 4):
         torch.set_num_threads(threads)
         for i, model in enumerate(models):
-            seen[i].add(float(squared_delta(model, base)).hex())  # whole (sparsified vectors' path)
-            seen[i].add(float(squared_delta(model, base, scratch=Scratch())).hex())  # merge_state_dicts'
+            seen[i].add(float(squared_delta(model, base)).hex())
+            seen[i].add(float(squared_delta(model, base, scratch=Scratch())).hex())
         for count in range(1, len(models) + 1):
             for chosen in itertools.permutations(range(len(models)), count):
                 tensors = [models[i] for i in chosen]
@@ -57,7 +72,8 @@ def test_a_norm_has_the_same_bits_however_it_is_summed(dtype, threads_restored):
     assert all(len(values) == 1 for values in seen.values()), seen
     for i, model in enumerate(models):  # and it is the norm
         exact = float((model.double() - base.double()).pow(2).sum())
-        assert float.fromhex(seen[i].pop()) == pytest.approx(exact, rel=1e-6 if dtype != torch.float64 else 1e-12)
+        float64 = torch.float64 in (model.dtype, base.dtype)
+        assert float.fromhex(seen[i].pop()) == pytest.approx(exact, rel=1e-12 if float64 else 1e-6)
 
 
 def _lambdas(out):
@@ -67,13 +83,25 @@ def _lambdas(out):
 
 
 def test_lambdas_and_weights_do_not_depend_on_what_filled_the_cache(llama_family, merge_options, tmp_path,
-                                                                      monkeypatch, threads_restored):
+                                                                      monkeypatch):
     """Two models' merge, cold (their norms read beside each other, with inner products),
-    equals, to the bit, the same merge after a cache filled by a three-model recipe, by a
-    run without inner products, and on one thread. (`merge_state_dicts`' norms are
-    `squared_delta`'s, in the test above.)"""
-    paths, _ = llama_family
-    two = recipe(paths, ["model0", "model1"])
+    equals, to the bit, the same merge after a cache filled by a run without inner products
+    (each norm read alone), and by a recipe that read both models beside a float64
+    checkpoint (no `dtype:`, so the float64 model's tensors are read as they are). Thread
+    counts and the number of models stacked are the test above's: this fixture's tensors
+    are too small to tell them apart."""
+    from checkpoints import save_checkpoint
+
+    paths, sds = llama_family
+    paths = dict(paths, float64=save_checkpoint(str(tmp_path / "model2-float64"),
+                                                {k: v.double() for k, v in sds["model2"].items()}))
+
+    def no_dtype(models):
+        config = recipe(paths, models)
+        del config["dtype"]
+        return config
+
+    two = no_dtype(["model0", "model1"])
 
     def run(config, name, cache, **env):
         for key, value in env.items():
@@ -87,18 +115,13 @@ def test_lambdas_and_weights_do_not_depend_on_what_filled_the_cache(llama_family
             monkeypatch.delenv(key)
         return _lambdas(out), weights
 
-    threads = max(2, torch.get_num_threads())
-    torch.set_num_threads(threads)
     cold, cold_weights = run(two, "cold", "cold-cache")
-    run(recipe(paths, ["model0", "model1", "model2"]), "fill-3", "three-cache")
     run(two, "fill-no-products", "no-products-cache", MERGEKIT_METAGPT_COSINES="0")
-    torch.set_num_threads(1)
-    run(two, "fill-one-thread", "one-thread-cache")
-    torch.set_num_threads(threads)
-    for cache in ("three-cache", "no-products-cache", "one-thread-cache"):
+    run(no_dtype(["model0", "model1", "float64"]), "fill-float64", "float64-cache")
+    for cache in ("no-products-cache", "float64-cache"):
         runs = prepass.STATS.runs
         warm, weights = run(two, f"warm-{cache}", cache)
-        assert prepass.STATS.runs == runs  # from the cache, not read again
+        assert prepass.STATS.runs == runs  # all from the cache
         assert warm == cold, cache
         for name in cold_weights:
             assert torch.equal(weights[name], cold_weights[name]), (cache, name)
