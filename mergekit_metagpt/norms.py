@@ -92,13 +92,18 @@ def canonical_squared_sum(values: torch.Tensor) -> torch.Tensor:
     values = values.contiguous()
     result = torch.zeros((), dtype=torch.float64, device=values.device)
     for start, end in chunks(values.numel(), values.device):
-        part = values[start:end].square_()
-        whole = (end - start) // GRAM_BLOCK * GRAM_BLOCK
-        chunk_sum = part[:whole].view(-1, GRAM_BLOCK).sum(1).sum(dtype=torch.float64)
-        if whole < end - start:
-            chunk_sum = chunk_sum + part[whole:].sum().to(torch.float64)
-        result.add_(chunk_sum)  # one addition per chunk, as `task_vector_sums` adds each chunk's
+        result.add_(_chunk_squared_sum(values[start:end]))  # one addition per chunk, as `task_vector_sums`'
     return result
+
+
+def _chunk_squared_sum(part: torch.Tensor) -> torch.Tensor:
+    """`canonical_squared_sum` of one chunk (1-d, contiguous, squared in place), not yet
+    added to anything: 0-d float64."""
+    whole = part.numel() // GRAM_BLOCK * GRAM_BLOCK
+    total = part.square_()[:whole].view(-1, GRAM_BLOCK).sum(1).sum(dtype=torch.float64)
+    if whole < part.numel():
+        total = total + part[whole:].sum().to(torch.float64)
+    return total
 
 
 def task_vector_sums(
@@ -149,7 +154,7 @@ def task_vector_sums(
         if gram is None:  # one delta buffer, squared in place
             delta = scratch.flat("delta", size, device, work)
             for x, result, dtype in zip(xs, norms, own):
-                result.add_(canonical_squared_sum(delta.copy_(x[start:end]).sub_(b_chunk).to(dtype)))
+                result.add_(_chunk_squared_sum(delta.copy_(x[start:end]).sub_(b_chunk).to(dtype)))
             continue
         stacked = scratch.flat("deltas", len(xs) * size, device, work).view(len(xs), size)
         for row, x in zip(stacked, xs):
@@ -159,7 +164,7 @@ def task_vector_sums(
         else:
             gram.add_(_pairwise_gram(stacked, scratch.flat("product", size, device, work)))
         for row, result, dtype in zip(stacked, norms, own):  # the norms as without pairs, to the bit
-            result.add_(canonical_squared_sum(row.to(dtype)))
+            result.add_(_chunk_squared_sum(row.to(dtype)))
     products = [gram[i, j] for i, j in pairs] if pairs else []
     return norms, products, base_sum
 
