@@ -36,7 +36,8 @@ from mergekit_metagpt.fork_safety import renew_after_fork
 
 LOG = logging.getLogger("mergekit_metagpt")
 # 5: every norm summed one way (`norms.canonical_squared_sum`; 4's norms had last bits that
-#    depended on how many models were read beside it and on the thread count);
+#    depended on the models read beside it, their number or a float64 one among them, and on
+#    the thread count);
 # 4: float64 checkpoints' norms in float64 (3 summed their differences in float32);
 # 3: no notes (2 held the leading-rows notes of resized vocabularies, a rule now gone)
 FORMAT = 5
