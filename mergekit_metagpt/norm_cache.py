@@ -239,13 +239,16 @@ def _load_entry(path: str, field: str, nonnegative: bool, identity: dict, quiet:
     return values
 
 
-def _write_entry(path: str, payload: dict) -> None:
-    """Written as a file of its own: a symlink at the entry's name is replaced, not followed."""
+def _write_entry(path: str, payload: dict) -> bool:
+    """Written as a file of its own: a symlink at the entry's name is replaced, not followed.
+    False where it could not be written (warned)."""
     try:
         make_folder()
         write_json(path, payload, fsync=True, follow_links=False)
     except OSError as error:
         _write_failed(path, error)
+        return False
+    return True
 
 
 def load(base_fingerprint: str, model_fingerprint: str, quiet: bool = False) -> Optional[Dict[str, Optional[float]]]:
@@ -262,11 +265,12 @@ def store(
     model_fingerprint: str,
     norms: Dict[str, Optional[float]],
     labels=("", ""),
-) -> None:
-    """Write the entry (callers pass everything known for the pair, old and new)."""
+) -> bool:
+    """Write the entry (callers pass everything known for the pair, old and new); False
+    where it could not be written."""
     if not enabled():
-        return
-    _write_entry(entry_path(base_fingerprint, model_fingerprint), {
+        return False
+    return _write_entry(entry_path(base_fingerprint, model_fingerprint), {
         "format": FORMAT,
         "base": base_fingerprint,
         "model": model_fingerprint,
@@ -329,11 +333,12 @@ def load_products(base_fingerprint: str, a_fingerprint: str, b_fingerprint: str,
 def store_products(
     base_fingerprint: str, a_fingerprint: str, b_fingerprint: str,
     products: Dict[str, Optional[float]], labels=("", "", ""),
-) -> None:
-    """Write the entry (callers pass everything known for the triple, old and new)."""
+) -> bool:
+    """Write the entry (callers pass everything known for the triple, old and new); False
+    where it could not be written."""
     if not enabled():
-        return
-    _write_entry(products_path(base_fingerprint, a_fingerprint, b_fingerprint), {
+        return False
+    return _write_entry(products_path(base_fingerprint, a_fingerprint, b_fingerprint), {
         "format": PRODUCTS_FORMAT,
         "checkpoints": [base_fingerprint, a_fingerprint, b_fingerprint],
         "models": [str(label) for label in labels],

@@ -62,10 +62,16 @@ def _known(memo, key, load, want: Optional[str] = None) -> Dict[str, Optional[fl
     return dict(hit)
 
 
-def remember(base_key, model_key, norms, labels) -> None:
+def remember(base_key, model_key, norms, labels, write: bool = True) -> None:
+    """Keep the pair's norms in the memo and write them to its cache entry (not with
+    ``write=False``: in the memo only)."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
+        return
+    if not write:
+        with _MEMO_LOCK:
+            _keep(_MEMO, (base_key, model_key), {**_MEMO.get((base_key, model_key), {}), **norms})
         return
     # merged with what another pair of the same checkpoints stored (their keys differ by
     # token map), and with what is on disk
@@ -76,11 +82,11 @@ def remember(base_key, model_key, norms, labels) -> None:
     )
 
 
-def _merge_and_store(memo, key, values, load, store) -> None:
+def _merge_and_store(memo, key, values, load, store) -> bool:
     """Write one cache entry: what it holds on disk now (another process may have added
     reads since this one looked), what this process knows, and the new values; one writer
     at a time, in this process and in all processes sharing the cache folder
-    (``norm_cache.folder_lock``)."""
+    (``norm_cache.folder_lock``). False where it could not be written."""
     from mergekit_metagpt import norm_cache
 
     with norm_cache.folder_lock():
@@ -88,7 +94,7 @@ def _merge_and_store(memo, key, values, load, store) -> None:
         with _MEMO_LOCK:
             merged = {**on_disk, **memo.get(key, {}), **values}
             _keep(memo, key, merged)
-        store(merged)
+        return store(merged)
 
 
 _PRODUCTS_MEMO: "OrderedDict[Tuple[str, str, str], Dict[str, Optional[float]]]" = OrderedDict()
@@ -103,12 +109,14 @@ def known_products(base_key: str, a_key: str, b_key: str, want: Optional[str] = 
     return _known(_PRODUCTS_MEMO, triple, lambda: norm_cache.load_products(*triple), want)
 
 
-def remember_products(fingerprints, products, labels) -> None:
+def remember_products(fingerprints, products, labels) -> bool:
+    """Keep and write the triple's inner products; False where the entry could not be
+    written (or the cache is off)."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
-        return
-    _merge_and_store(
+        return False
+    return _merge_and_store(
         _PRODUCTS_MEMO, tuple(fingerprints), products,
         load=lambda: norm_cache.load_products(*fingerprints, quiet=True),
         store=lambda merged: norm_cache.store_products(*fingerprints, merged, labels=labels),

@@ -380,13 +380,22 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
     found = _Found()
     if todo:
         _stream(run, device, todo, found)
+        # the inner products written first, and the norms only where all of them were: a
+        # later merge that finds a model's norms cached does not read it again, so it could
+        # not compute a product whose entry is missing (a full disk between the two writes)
+        products_written = True
+        for triple, values in found.products.items():
+            known_products[triple].update(values)
+            products_written &= norm_memo.remember_products(
+                [checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
+        if not products_written:
+            LOG.debug("MetaGPT: norms not written to the norm cache, as some inner products could "
+                      "not be: a later merge reads these models again and computes both")
         for pair, values in found.dense.items():
             norms = known[pair]
             norms.update(values)
-            norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
-        for triple, values in found.products.items():
-            known_products[triple].update(values)
-            norm_memo.remember_products([checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
+            norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair,
+                               write=products_written)
 
     sets = []
     index = {id(item.task): item for item in planned}

@@ -569,3 +569,51 @@ def test_pictures_leave_the_callers_matplotlib_as_it_was(tmp_path):
     finally:
         matplotlib.use(backend)
         matplotlib.rcParams["font.size"] = size
+
+
+def test_norms_are_not_cached_without_the_inner_products_of_their_merge(aligned_family, merge_options,
+                                                                         tmp_path, caplog, monkeypatch):
+    """The disk fills between the two kinds of entry: the products cannot be written. Had
+    the norms been written, the next merge would find every norm cached, read nothing and
+    leave model0·model1 (≈ 0.5) uncomputed and unwarned; it must read the models again,
+    compute the products and warn."""
+    import errno
+    import logging
+
+    from mergekit_metagpt import norm_cache
+
+    paths, sds = aligned_family
+    _, cos, *_ = reference(sds)
+    config = recipe(paths, MODELS)
+    write_json = norm_cache.write_json
+
+    def full_for_products(path, payload, **kwargs):
+        if "products" in payload:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return write_json(path, payload, **kwargs)
+
+    monkeypatch.setattr(norm_cache, "write_json", full_for_products)
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    run_recipe(config, str(tmp_path / "disk-full"), merge_options)
+    assert any("could not write the norm cache" in r.getMessage() for r in caplog.records)
+    assert close(_cosine_entry(str(tmp_path / "disk-full"))["matrix"][0][1], cos[("model0", "model1")])
+    monkeypatch.setattr(norm_cache, "write_json", write_json)
+
+    prepass.clear_memo()
+    caplog.clear()
+    read = prepass.STATS.tensors_read
+    run_recipe(config, str(tmp_path / "after"), merge_options)
+    assert prepass.STATS.tensors_read - read == 4 * len(sds["base"])  # the base and the three models
+    after = _cosine_entry(str(tmp_path / "after"))
+    for (a, b), value in cos.items():
+        assert close(after["matrix"][MODELS.index(a)][MODELS.index(b)], value), (a, b)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("model0 and model1 task vectors have cosine" in w for w in warnings)
+    assert not any("not computed" in r.getMessage() for r in caplog.records)
+
+    # and now both are cached: a third merge reads nothing and has every cosine
+    prepass.clear_memo()
+    read = prepass.STATS.tensors_read
+    run_recipe(config, str(tmp_path / "warm"), merge_options)
+    assert prepass.STATS.tensors_read == read
+    assert _cosine_entry(str(tmp_path / "warm"))["matrix"] == after["matrix"]
