@@ -135,6 +135,10 @@ class MergeRun:
         self.result = None  # set_norms.RunNorms, once computed
         self.error: Optional[BaseException] = None  # why the pre-pass failed, if it did
         self.record_written = False  # whether its record is in the output folder
+        #: whether mergekit executes this plan (a merge: each task's inputs, vocabulary
+        #: adapters included, run again after the pre-pass ran them); not for the plugin's
+        #: commands, which only plan
+        self.merge_executes_plan = True
         #: model -> (its checkpoint's index, its fingerprint) when the pre-pass read it
         self.input_keys: Dict[Hashable, tuple] = {}
         #: mergekit's FinalizeModel tasks, after which the plugin's wrapper writes the

@@ -13,9 +13,12 @@ merge sees.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import logging
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Hashable, Optional
 
@@ -144,9 +147,37 @@ class VocabularyAdapter:
         return {f for f in type(self.task).model_fields
                 if any(getattr(self.task, f) is task for task in self.inputs.values())}
 
-    def apply(self, tensors: Dict[Hashable, torch.Tensor], values: Dict[str, Any]) -> Dict[Hashable, torch.Tensor]:
-        """The adapter's output for `tensors`, its other arguments' `values` given."""
-        return self.task.execute(**{self.tensors_argument: tensors}, **values)
+    def apply(self, tensors: Dict[Hashable, torch.Tensor], values: Dict[str, Any],
+              merge_logs_it: bool = False) -> Dict[Hashable, torch.Tensor]:
+        """The adapter's output for `tensors`, its other arguments' `values` given.
+        `merge_logs_it`: the merge executes this task too, and logs what it logs
+        (mergekit's adapters log on the root logger: an UNSAFE truncation, a token no
+        model has, once per tensor), so what it logs here is dropped: once, not twice."""
+        if not merge_logs_it:
+            return self.task.execute(**{self.tensors_argument: tensors}, **values)
+        with _root_records_of_this_thread_dropped():
+            return self.task.execute(**{self.tensors_argument: tensors}, **values)
+
+
+class _OtherThreadsOnly(logging.Filter):
+    def __init__(self):
+        super().__init__()
+        self.thread = threading.get_ident()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.thread != self.thread
+
+
+@contextlib.contextmanager
+def _root_records_of_this_thread_dropped():
+    """What this thread logs on the root logger is dropped (other threads' records, e.g. a
+    concurrent merge task's, and other loggers' are not)."""
+    root, only = logging.getLogger(), _OtherThreadsOnly()
+    root.addFilter(only)
+    try:
+        yield
+    finally:
+        root.removeFilter(only)
 
 
 def vocabulary_adapter(task) -> Optional[VocabularyAdapter]:

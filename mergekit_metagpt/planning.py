@@ -362,5 +362,6 @@ def plan_recipe(config, options):
     run = merge_plan.MergeRun(
         config.merge_method, mine, RunContext(out_path=None, config=config, options=options)
     )
+    run.merge_executes_plan = False  # planned for a command: its pre-pass alone reads the inputs
     run.check()
     return run

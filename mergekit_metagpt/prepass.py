@@ -528,7 +528,8 @@ def _stream(run, device, todo, found: _Found) -> None:
     )
     with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
         try:
-            _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar)
+            _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar,
+                          merge_logs_inputs=run.merge_executes_plan)
         finally:
             end_moves()
             releaser.close()
@@ -547,7 +548,8 @@ def _stream(run, device, todo, found: _Found) -> None:
     STATS.seconds += time.perf_counter() - started
 
 
-def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar) -> None:
+def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar,
+                  merge_logs_inputs: bool = False) -> None:
     done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
     for item, to_read, pairs in todo:
         task, sparsifier = item.task, item.sparsifier
@@ -564,7 +566,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
         base_read = item.base_read
         releaser.track(item)
         if item.adapter is not None:
-            aligned = _load_aligned(item, bar, releaser)
+            aligned = _load_aligned(item, bar, releaser, merge_logs_inputs)
 
             def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
@@ -607,7 +609,7 @@ def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Te
     return tensor
 
 
-def _load_aligned(item: _Planned, bar, releaser) -> Dict[Hashable, torch.Tensor]:
+def _load_aligned(item: _Planned, bar, releaser, merge_logs_inputs: bool = False) -> Dict[Hashable, torch.Tensor]:
     """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
     a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
     blamed on its own model before the adapter copies it), then aligned by the plan's
@@ -630,7 +632,7 @@ def _load_aligned(item: _Planned, bar, releaser) -> Dict[Hashable, torch.Tensor]
         loaded[model] = tensor
     bar.update(1)
     try:
-        aligned = item.adapter.apply(loaded, item.adapter_values)
+        aligned = item.adapter.apply(loaded, item.adapter_values, merge_logs_it=merge_logs_inputs)
     except MetaGPTError:
         raise
     except Exception as error:

@@ -13,6 +13,7 @@ resized vocabulary shares with the base).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -695,10 +696,12 @@ def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(value, dtype, 
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
-def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys):
+def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys, caplog, monkeypatch):
     """--unsafe-truncate-embeddings keeps the smallest vocabulary of the whole group
     (base 68 rows, a 64, b 66: 64 rows for everyone); b's norm counts those 64 rows,
-    not the 66 it shares with the base."""
+    not the 66 it shares with the base. mergekit's UNSAFE warning comes once per tensor, as
+    for its own methods, though the pre-pass runs the truncation before the merge does;
+    and from the CLI, which only plans, too."""
     gen = torch.Generator().manual_seed(7)
     base = random_state_dict(41)
     for name in (EMBED, HEAD):  # the base has 4 rows more than the others' first 64
@@ -715,14 +718,22 @@ def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_p
     lams = closed_lambdas(base, group, [(n, n) for n in base], rows=64)
     config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
               "models": [{"model": paths[m]} for m in ("a", "b")]}
-    out = mergekit_yaml(config, tmp_path, "out", "--unsafe-truncate-embeddings")
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(write_yaml(config, str(tmp_path / "out.yml")), out, "--unsafe-truncate-embeddings")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warned = [line for line in result.stderr.splitlines() if "UNSAFE vocabulary truncation for" in line]
+    assert sorted(line.split(" for ")[1].split(":")[0] for line in warned) == sorted([EMBED, HEAD]), warned
     (got,) = record_sets(out, _names(paths))
     assert_lambdas(got, lams)
     # the CLI takes the same option; without it the vocabularies differ, which a merge
     # refuses: so does the CLI, naming the tensor and both ways to align them
     from mergekit_metagpt.cli import main
 
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # its own pre-pass, not the merge's norms
     assert main(["coefficients", str(tmp_path / "out.yml"), "--json", "--unsafe-truncate-embeddings"]) == 0
+    warned = [r.getMessage() for r in caplog.records if "UNSAFE vocabulary truncation for" in r.getMessage()]
+    assert sorted(line.split(" for ")[1].split(":")[0] for line in warned) == sorted([EMBED, HEAD]), warned
     (entry,) = json.loads(capsys.readouterr().out)["merges"]
     assert_lambdas({_names(paths)[row["model"]]: row["lambda"] for row in entry["models"]}, lams)
     assert main(["coefficients", str(tmp_path / "out.yml"), "--json"]) == 1
