@@ -139,6 +139,12 @@ class MergeRun:
         #: adapters included, run again after the pre-pass ran them); not for the plugin's
         #: commands, which only plan
         self.merge_executes_plan = True
+        #: (id of a task, a record) for what mergekit's vocabulary adapter logged while the
+        #: pre-pass ran it in a merge (`plan_inputs.root_records_held`): logged if the
+        #: pre-pass fails, for the tasks whose inputs mergekit had not run yet
+        self.held_records: list = []
+        #: ids of the tasks that asked for the norms: mergekit has run their inputs
+        self.inputs_run: set = set()
         #: model -> (its checkpoint's index, its fingerprint) when the pre-pass read it
         self.input_keys: Dict[Hashable, tuple] = {}
         #: mergekit's FinalizeModel tasks, after which the plugin's wrapper writes the

@@ -62,16 +62,11 @@ def _known(memo, key, load, want: Optional[str] = None) -> Dict[str, Optional[fl
     return dict(hit)
 
 
-def remember(base_key, model_key, norms, labels, write: bool = True) -> None:
-    """Keep the pair's norms in the memo and write them to its cache entry (not with
-    ``write=False``: in the memo only)."""
+def remember(base_key, model_key, norms, labels) -> None:
+    """Keep the pair's norms in the memo and write them to its cache entry."""
     from mergekit_metagpt import norm_cache
 
     if not norm_cache.enabled():
-        return
-    if not write:
-        with _MEMO_LOCK:
-            _keep(_MEMO, (base_key, model_key), {**_MEMO.get((base_key, model_key), {}), **norms})
         return
     # merged with what another pair of the same checkpoints stored (their keys differ by
     # token map), and with what is on disk

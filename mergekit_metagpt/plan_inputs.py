@@ -148,36 +148,57 @@ class VocabularyAdapter:
                 if any(getattr(self.task, f) is task for task in self.inputs.values())}
 
     def apply(self, tensors: Dict[Hashable, torch.Tensor], values: Dict[str, Any],
-              merge_logs_it: bool = False) -> Dict[Hashable, torch.Tensor]:
+              held: Optional[list] = None) -> Dict[Hashable, torch.Tensor]:
         """The adapter's output for `tensors`, its other arguments' `values` given.
-        `merge_logs_it`: the merge executes this task too, and logs what it logs
-        (mergekit's adapters log on the root logger: an UNSAFE truncation, a token no
-        model has, once per tensor), so what it logs here is dropped: once, not twice."""
-        if not merge_logs_it:
+        `held`: in a merge, which runs this task too (for the first tensor before the
+        pre-pass, for the others after it) and logs what it logs (mergekit's adapters log
+        on the root logger: an UNSAFE truncation, a token no model has, once per tensor),
+        what it logs here is held in that list, not logged: once, not twice (see
+        `replay_root_records` where the merge stops before it runs them)."""
+        if held is None:
             return self.task.execute(**{self.tensors_argument: tensors}, **values)
-        with _root_records_of_this_thread_dropped():
+        with root_records_held(held):
             return self.task.execute(**{self.tensors_argument: tensors}, **values)
 
 
-class _OtherThreadsOnly(logging.Filter):
+class _HeldRecords(logging.Filter):
+    """On the root logger: holds the records a thread logs there while it has a list to
+    hold them in (`root_records_held`); passes every other record. Added at the first use
+    and never removed: removing a filter while another thread logs may skip the next."""
+
     def __init__(self):
         super().__init__()
-        self.thread = threading.get_ident()
+        self.local = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.thread != self.thread
+        held = getattr(self.local, "held", None)
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+
+_HELD = _HeldRecords()
 
 
 @contextlib.contextmanager
-def _root_records_of_this_thread_dropped():
-    """What this thread logs on the root logger is dropped (other threads' records, e.g. a
-    concurrent merge task's, and other loggers' are not)."""
-    root, only = logging.getLogger(), _OtherThreadsOnly()
-    root.addFilter(only)
+def root_records_held(into: list):
+    """What this thread logs on the root logger meanwhile goes to `into`, not to the
+    handlers (other threads' records and other loggers' are not held)."""
+    logging.getLogger().addFilter(_HELD)  # not added again where it is (or was put back)
+    previous = getattr(_HELD.local, "held", None)
+    _HELD.local.held = into
     try:
         yield
     finally:
-        root.removeFilter(only)
+        _HELD.local.held = previous
+
+
+def replay_root_records(records: list) -> None:
+    """Log held records after all (a merge that stops before it runs those tasks again)."""
+    root = logging.getLogger()
+    for record in records:
+        root.handle(record)
 
 
 def vocabulary_adapter(task) -> Optional[VocabularyAdapter]:

@@ -49,7 +49,7 @@ from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benc
 from mergekit_metagpt.norms import (BASE, NormAccumulator, Sparsifier, non_finite, norms_device, squared_delta,
                                     task_vector_sums)
 from mergekit_metagpt.plan_inputs import (
-    InputDigest, TensorRead, VocabularyAdapter, input_digest, vocabulary_adapter,
+    InputDigest, TensorRead, VocabularyAdapter, input_digest, replay_root_records, vocabulary_adapter,
 )
 from mergekit_metagpt.scratch import thread_scratch
 from mergekit_metagpt.set_norms import MISSING, RunNorms, SetNorms
@@ -172,10 +172,13 @@ def merge_products() -> str:
     return "never" if switched_off("MERGEKIT_METAGPT_COSINES") else "when read"
 
 
-def run_norms(run, device: torch.device, method=None, products: Optional[str] = None) -> RunNorms:
+def run_norms(run, device: torch.device, method=None, products: Optional[str] = None, task=None) -> RunNorms:
     """The run's norms, computed by the first caller (others wait), then reused. A
     pre-pass that failed is not retried: every later caller (e.g. the other threads of
-    ``--multi-gpu``) gets the same error at once. `products`: see `compute`."""
+    ``--multi-gpu``) gets the same error at once. `products`: see `compute`; `task`: the
+    merge task that asks, whose inputs mergekit has run."""
+    if task is not None:
+        run.inputs_run.add(id(task))
     with run.lock:
         if run.error is not None:
             raise run.error
@@ -188,9 +191,13 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
                                          products or merge_products())
                     _announce(run)
                 except BaseException as error:
-                    # no λ without their log and record: the other callers get the error
+                    # no λ without their log and record: the other callers get the error;
+                    # the merge stops, and will not run the adapters whose records were held
+                    replay_root_records([r for t, r in run.held_records if t not in run.inputs_run])
                     run.result, run.error = None, error
                     raise
+                finally:
+                    run.held_records.clear()
         return run.result
 
 
@@ -382,20 +389,22 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         _stream(run, device, todo, found)
         # the inner products written first, and the norms only where all of them were: a
         # later merge that finds a model's norms cached does not read it again, so it could
-        # not compute a product whose entry is missing (a full disk between the two writes)
+        # not compute a product whose entry is missing (a full disk between the two writes).
+        # Norms not written are not kept in the memo either (a later write of the same
+        # entry, for other reads, would write them from there).
         products_written = True
         for triple, values in found.products.items():
             known_products[triple].update(values)
             products_written &= norm_memo.remember_products(
                 [checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
-        if not products_written:
+        if caching and not products_written:
             LOG.debug("MetaGPT: norms not written to the norm cache, as some inner products could "
                       "not be: a later merge reads these models again and computes both")
         for pair, values in found.dense.items():
             norms = known[pair]
             norms.update(values)
-            norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair,
-                               write=products_written)
+            if products_written:
+                norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
 
     sets = []
     index = {id(item.task): item for item in planned}
@@ -529,7 +538,7 @@ def _stream(run, device, todo, found: _Found) -> None:
     with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
         try:
             _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar,
-                          merge_logs_inputs=run.merge_executes_plan)
+                          held=run.held_records if run.merge_executes_plan else None)
         finally:
             end_moves()
             releaser.close()
@@ -549,7 +558,9 @@ def _stream(run, device, todo, found: _Found) -> None:
 
 
 def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar,
-                  merge_logs_inputs: bool = False) -> None:
+                  held: Optional[list] = None) -> None:
+    """`held`: in a merge, where the records mergekit's vocabulary adapters log are held,
+    as (id of the task, record) (see `plan_inputs.root_records_held`); None: logged."""
     done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
     for item, to_read, pairs in todo:
         task, sparsifier = item.task, item.sparsifier
@@ -566,7 +577,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
         base_read = item.base_read
         releaser.track(item)
         if item.adapter is not None:
-            aligned = _load_aligned(item, bar, releaser, merge_logs_inputs)
+            aligned = _load_aligned(item, bar, releaser, held)
 
             def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
@@ -609,7 +620,7 @@ def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Te
     return tensor
 
 
-def _load_aligned(item: _Planned, bar, releaser, merge_logs_inputs: bool = False) -> Dict[Hashable, torch.Tensor]:
+def _load_aligned(item: _Planned, bar, releaser, held: Optional[list] = None) -> Dict[Hashable, torch.Tensor]:
     """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
     a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
     blamed on its own model before the adapter copies it), then aligned by the plan's
@@ -632,7 +643,12 @@ def _load_aligned(item: _Planned, bar, releaser, merge_logs_inputs: bool = False
         loaded[model] = tensor
     bar.update(1)
     try:
-        aligned = item.adapter.apply(loaded, item.adapter_values, merge_logs_it=merge_logs_inputs)
+        records = None if held is None else []
+        try:
+            aligned = item.adapter.apply(loaded, item.adapter_values, held=records)
+        finally:
+            if records:
+                held.extend((id(task), record) for record in records)
     except MetaGPTError:
         raise
     except Exception as error:

@@ -696,12 +696,8 @@ def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(value, dtype, 
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 
-def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys, caplog, monkeypatch):
-    """--unsafe-truncate-embeddings keeps the smallest vocabulary of the whole group
-    (base 68 rows, a 64, b 66: 64 rows for everyone); b's norm counts those 64 rows,
-    not the 66 it shares with the base. mergekit's UNSAFE warning comes once per tensor, as
-    for its own methods, though the pre-pass runs the truncation before the merge does;
-    and from the CLI, which only plans, too."""
+def _truncation_family(tmp_path):
+    """base 68 vocabulary rows, a 64, b 66 (rows beyond 64 far off)."""
     gen = torch.Generator().manual_seed(7)
     base = random_state_dict(41)
     for name in (EMBED, HEAD):  # the base has 4 rows more than the others' first 64
@@ -714,15 +710,30 @@ def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_p
             sd[name][64:] += tail
         sds[model] = sd
     paths = {n: save_checkpoint(str(tmp_path / n), sd, vocab_size=sd[EMBED].shape[0]) for n, sd in sds.items()}
-    group = {m: sds[m] for m in ("a", "b")}
-    lams = closed_lambdas(base, group, [(n, n) for n in base], rows=64)
     config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
               "models": [{"model": paths[m]} for m in ("a", "b")]}
+    return base, sds, paths, config
+
+
+def _truncated(lines) -> list:
+    """The tensors named by mergekit's UNSAFE truncation warnings among `lines`."""
+    return sorted(line.split("UNSAFE vocabulary truncation for ")[1].split(":")[0]
+                  for line in lines if "UNSAFE vocabulary truncation for" in line)
+
+
+def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_path, capsys, caplog, monkeypatch):
+    """--unsafe-truncate-embeddings keeps the smallest vocabulary of the whole group
+    (base 68 rows, a 64, b 66: 64 rows for everyone); b's norm counts those 64 rows,
+    not the 66 it shares with the base. mergekit's UNSAFE warning comes once per tensor, as
+    for its own methods, though the pre-pass runs the truncation too; and from the CLI,
+    which only plans."""
+    base, sds, paths, config = _truncation_family(tmp_path)
+    group = {m: sds[m] for m in ("a", "b")}
+    lams = closed_lambdas(base, group, [(n, n) for n in base], rows=64)
     out = str(tmp_path / "out")
     result = run_mergekit_yaml(write_yaml(config, str(tmp_path / "out.yml")), out, "--unsafe-truncate-embeddings")
     assert result.returncode == 0, result.stderr[-3000:]
-    warned = [line for line in result.stderr.splitlines() if "UNSAFE vocabulary truncation for" in line]
-    assert sorted(line.split(" for ")[1].split(":")[0] for line in warned) == sorted([EMBED, HEAD]), warned
+    assert _truncated(result.stderr.splitlines()) == sorted([EMBED, HEAD]), result.stderr[-3000:]
     (got,) = record_sets(out, _names(paths))
     assert_lambdas(got, lams)
     # the CLI takes the same option; without it the vocabularies differ, which a merge
@@ -732,8 +743,7 @@ def test_unsafe_truncated_vocabulary_counts_the_rows_the_whole_group_keeps(tmp_p
     caplog.set_level(logging.WARNING)
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # its own pre-pass, not the merge's norms
     assert main(["coefficients", str(tmp_path / "out.yml"), "--json", "--unsafe-truncate-embeddings"]) == 0
-    warned = [r.getMessage() for r in caplog.records if "UNSAFE vocabulary truncation for" in r.getMessage()]
-    assert sorted(line.split(" for ")[1].split(":")[0] for line in warned) == sorted([EMBED, HEAD]), warned
+    assert _truncated(r.getMessage() for r in caplog.records) == sorted([EMBED, HEAD])
     (entry,) = json.loads(capsys.readouterr().out)["merges"]
     assert_lambdas({_names(paths)[row["model"]]: row["lambda"] for row in entry["models"]}, lams)
     assert main(["coefficients", str(tmp_path / "out.yml"), "--json"]) == 1
@@ -756,6 +766,22 @@ def tied_state_dict(sd: StateDict) -> StateDict:
     out = {k: v for k, v in sd.items() if k != HEAD}
     out[HEAD] = out[EMBED]
     return out
+
+
+def test_a_merge_stopped_by_its_pre_pass_still_shows_mergekits_truncation_warnings(tmp_path):
+    """The pre-pass holds back the UNSAFE warnings of the tensors it truncates, as the merge
+    truncates them again; where it stops the merge (a NaN in a tensor it reads after the
+    embeddings), the merge never does, and the held warnings are logged before the error."""
+    _, sds, paths, config = _truncation_family(tmp_path)
+    sd = dict(sds["b"])
+    sd["model.norm.weight"] = sd["model.norm.weight"].clone()
+    sd["model.norm.weight"][0] = float("nan")
+    save_checkpoint(paths["b"], sd, vocab_size=sd[EMBED].shape[0])
+    result = run_mergekit_yaml(write_yaml(config, str(tmp_path / "out.yml")), str(tmp_path / "out"),
+                               "--unsafe-truncate-embeddings")
+    assert result.returncode != 0
+    assert "non-finite values" in result.stderr and "'model.norm.weight'" in result.stderr, result.stderr[-3000:]
+    assert _truncated(result.stderr.splitlines()) == sorted([EMBED, HEAD]), result.stderr[-3000:]
 
 
 def fitted_lambdas(merged: StateDict, base: StateDict, models: Dict[str, StateDict], names) -> Dict[str, float]:

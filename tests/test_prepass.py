@@ -466,7 +466,7 @@ def test_norms_of_a_merge_on_a_device_without_float64_are_summed_on_the_cpu(monk
     seen = []
     monkeypatch.setattr(prepass, "compute", lambda run, device, method, products: seen.append(device) or "norms")
     monkeypatch.setattr(prepass, "_announce", lambda run: None)
-    run = SimpleNamespace(lock=threading.Lock(), error=None, result=None)
+    run = SimpleNamespace(lock=threading.Lock(), error=None, result=None, held_records=[], inputs_run=set())
     assert prepass.run_norms(run, torch.device("mps")) == "norms" and seen == [torch.device("cpu")]
 
 

@@ -574,9 +574,9 @@ def test_pictures_leave_the_callers_matplotlib_as_it_was(tmp_path):
 def test_norms_are_not_cached_without_the_inner_products_of_their_merge(aligned_family, merge_options,
                                                                          tmp_path, caplog, monkeypatch):
     """The disk fills between the two kinds of entry: the products cannot be written. Had
-    the norms been written, the next merge would find every norm cached, read nothing and
-    leave model0·model1 (≈ 0.5) uncomputed and unwarned; it must read the models again,
-    compute the products and warn."""
+    the norms been written (then, or later from the memo with another entry's write), the
+    next merge would find every norm cached, read nothing and leave model0·model1 (≈ 0.5)
+    uncomputed and unwarned; it must read the models again, compute the products and warn."""
     import errno
     import logging
 
@@ -598,6 +598,9 @@ def test_norms_are_not_cached_without_the_inner_products_of_their_merge(aligned_
     assert any("could not write the norm cache" in r.getMessage() for r in caplog.records)
     assert close(_cosine_entry(str(tmp_path / "disk-full"))["matrix"][0][1], cos[("model0", "model1")])
     monkeypatch.setattr(norm_cache, "write_json", write_json)
+    # the same process merges them again, read as bfloat16 (other keys): their entries are
+    # written now, with what the memo holds, which must not be the float32 norms above
+    run_recipe(recipe(paths, MODELS, dtype="bfloat16"), str(tmp_path / "bfloat16"), merge_options)
 
     prepass.clear_memo()
     caplog.clear()
