@@ -193,8 +193,11 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
                 except BaseException as error:
                     # no λ without their log and record: the other callers get the error;
                     # the merge stops, and will not run the adapters whose records were held
-                    replay_root_records([r for t, r in run.held_records if t not in run.inputs_run])
                     run.result, run.error = None, error
+                    try:
+                        replay_root_records([r for t, r in run.held_records if t not in run.inputs_run])
+                    except Exception:  # a handler or filter of the user's: the pre-pass's error first
+                        LOG.debug("MetaGPT: could not log mergekit's held messages", exc_info=True)
                     raise
                 finally:
                     run.held_records.clear()
