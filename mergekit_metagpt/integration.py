@@ -20,6 +20,8 @@ the plugin wraps, without changing what they do:
   earlier run's goes when the pre-pass ends); where that wrapper is missing, the record
   is written when the pre-pass ends, and the ``run_merge`` wrapper removes it if the merge
   then fails.
+- ``mergekit.tokenizer.build.BuildTokenizer.execute`` (``tokenizer_source``): the
+  merge and the pre-pass share one tokenizer build (``plan_inputs.SharedInputs``).
 - ``mergekit.merge.run_merge``: checks a MetaGPT recipe before anything is read (its
   keys where it is given the recipe's text, its parameters, dtypes and module names,
   and that each model's folder, config and mergekit loader open, naming the model that
@@ -199,6 +201,29 @@ def _attach_io_tasks(module) -> None:
             else:
                 write_record(run)
         return result
+
+    execute._mergekit_metagpt_wrapper = True
+    task_cls.execute = execute
+
+
+def _attach_tokenizer_build(module) -> None:
+    """``BuildTokenizer.execute`` (``tokenizer_source``: mergekit loads every model's
+    tokenizer and builds the merged vocabulary and token maps), which the pre-pass needs
+    too, for the token-aligned tensors: in a merge, computed once for both (see
+    ``plan_inputs.SharedInputs``)."""
+    task_cls = _need(module, "BuildTokenizer", module.__name__)
+    original = _unwrapped(_need(task_cls, "execute", "BuildTokenizer"))
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def execute(self, *args, **kwargs):
+        from mergekit_metagpt.merge_plan import run_for_task
+
+        run = run_for_task(self)
+        if run is None or not run.merge_executes_plan:
+            return original(self, *args, **kwargs)
+        return run.shared_inputs.value(self, "merge", lambda: original(self, *args, **kwargs))
 
     execute._mergekit_metagpt_wrapper = True
     task_cls.execute = execute
@@ -559,6 +584,7 @@ _ATTACHERS = {
     "mergekit.plan": _attach_plan,
     "mergekit.scripts.multimerge": _attach_multimerge,
     "mergekit.io.tasks": _attach_io_tasks,
+    "mergekit.tokenizer.build": _attach_tokenizer_build,
     "mergekit.scripts.run_yaml": _one_line_errors,
     "mergekit.scripts.merge_raw_pytorch": _attach_raw_pytorch,
     "mergekit.scripts.legacy": _attach_legacy,
@@ -577,6 +603,8 @@ WITHOUT_WRAPPER = {
     "mergekit.scripts.multimerge": "Merges run; mergekit-multi checks each recipe only when it merges it.",
     "mergekit.io.tasks": "Merges run; the record is written when the pre-pass ends, before the "
                          "weights (a merge killed midway leaves it).",
+    "mergekit.tokenizer.build": "Merges run; with tokenizer_source, a merge loads the tokenizers and builds "
+                                "the token maps twice (for the pre-pass and for the merge).",
     "mergekit.scripts.run_yaml": "Merges run; mergekit-yaml shows the plugin's refusals after a traceback.",
     "mergekit.scripts.legacy": "Merges run; mergekit-legacy shows the plugin's refusals after a "
                                "traceback.",

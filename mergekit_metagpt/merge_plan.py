@@ -145,6 +145,13 @@ class MergeRun:
         self.held_records: list = []
         #: ids of the tasks that asked for the norms: mergekit has run their inputs
         self.inputs_run: set = set()
+        #: the vocabulary adapters' other inputs (the tokenizer build), computed once for
+        #: the pre-pass and the merge (see `plan_inputs.SharedInputs`), and the plan's
+        #: tasks of them, which mergekit's executor runs (`register_universe`)
+        from mergekit_metagpt.plan_inputs import SharedInputs
+
+        self.shared_inputs = SharedInputs()
+        self.shared_input_tasks: list = []
         #: model -> (its checkpoint's index, its fingerprint) when the pre-pass read it
         self.input_keys: Dict[Hashable, tuple] = {}
         #: mergekit's FinalizeModel tasks, after which the plugin's wrapper writes the
@@ -410,9 +417,30 @@ def register_universe(universe, context=None) -> Optional[MergeRun]:
     # mergekit's FinalizeModel tasks whose class has the plugin's wrapper (re-imported: none)
     run.finalizers = [t for t in tasks if type(t).__name__ == "FinalizeModel"
                       and getattr(type(t).execute, "_mergekit_metagpt_wrapper", False)]
+    run.shared_input_tasks = _adapter_inputs_in(tasks, mine)
     universe._mergekit_metagpt_run = run  # the universe keeps the run alive
     register(run)
     return run
+
+
+def _adapter_inputs_in(tasks, mine) -> List[object]:
+    """The tasks among `tasks` (the universe's, which mergekit's executor runs) that are
+    other inputs of the vocabulary adapters of `mine` (the tokenizer build), where their
+    class has the plugin's wrapper (which shares their value with the pre-pass)."""
+    from mergekit_metagpt.plan_inputs import vocabulary_adapter
+
+    inputs = []
+    for task in mine:
+        try:
+            adapter = vocabulary_adapter(task)
+        except MetaGPTError:  # the pre-pass says so
+            continue
+        for value in (adapter.inputs.values() if adapter is not None else ()):
+            if value not in inputs:
+                inputs.append(value)
+    kinds = {type(value) for value in inputs
+             if getattr(type(value).execute, "_mergekit_metagpt_wrapper", False)}
+    return [t for t in tasks if type(t) in kinds and t in inputs]
 
 
 def _writer_paths(tasks) -> List[str]:
@@ -457,7 +485,8 @@ def register(run: MergeRun) -> None:
         for merge_set in run.sets.values():
             for task in merge_set.tasks:
                 _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
-        for task in [*getattr(run, "repeats", ()), *getattr(run, "finalizers", ())]:
+        for task in [*getattr(run, "repeats", ()), *getattr(run, "finalizers", ()),
+                     *getattr(run, "shared_input_tasks", ())]:
             _REGISTRY[id(task)] = (weakref.ref(task), run_ref)
 
 

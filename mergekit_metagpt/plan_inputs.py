@@ -161,6 +161,57 @@ class VocabularyAdapter:
             return self.task.execute(**{self.tensors_argument: tensors}, **values)
 
 
+def executed_as_planned(task) -> Any:
+    """`task`'s value, computed here by mergekit's own ``execute`` (under the plugin's
+    wrapper, if it has one: see `SharedInputs`). For argument-less tasks."""
+    execute = type(task).execute
+    while getattr(execute, "_mergekit_metagpt_wrapper", False):
+        execute = execute.__wrapped__
+    return execute(task)
+
+
+class SharedInputs:
+    """The values of the vocabulary adapters' other inputs (mergekit's tokenizer build:
+    loading every model's tokenizer, building the merged vocabulary and the token maps)
+    in a merge, which both the pre-pass (for the token maps) and mergekit's executor
+    (for the merge) need: computed once, by whichever asks first (the other waits), and
+    let go once both have had it. Keyed by task equality: the executor's task and the
+    one the pre-pass finds in the plan may be two equal objects."""
+
+    TAKERS = frozenset({"pre-pass", "merge"})
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._entries: Dict[Any, "_SharedEntry"] = {}
+
+    def value(self, task, taker: str, compute) -> Any:
+        with self._lock:
+            entry = self._entries.setdefault(task, _SharedEntry())
+        with entry.lock:
+            if not entry.done:  # first, or the first computation raised: compute it here
+                entry.value, entry.done = compute(), True
+            value = entry.value
+            entry.taken.add(taker)
+            if entry.taken >= self.TAKERS:  # both have it: a later ask computes it again
+                entry.value = None
+                with self._lock:
+                    if self._entries.get(task) is entry:
+                        del self._entries[task]
+        return value
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._entries)
+
+
+class _SharedEntry:
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.done = False
+        self.value: Any = None
+        self.taken: set = set()
+
+
 class _HeldRecords(logging.Filter):
     """On the root logger: holds the records a thread logs there while it has a list to
     hold them in (`root_records_held`); passes every other record. Added at the first use

@@ -49,7 +49,8 @@ from mergekit_metagpt.norm_memo import clear_memo  # noqa: F401  (tests and benc
 from mergekit_metagpt.norms import (BASE, NormAccumulator, Sparsifier, non_finite, norms_device, squared_delta,
                                     task_vector_sums)
 from mergekit_metagpt.plan_inputs import (
-    InputDigest, TensorRead, VocabularyAdapter, input_digest, replay_root_records, vocabulary_adapter,
+    InputDigest, SharedInputs, TensorRead, VocabularyAdapter, executed_as_planned, input_digest,
+    replay_root_records, vocabulary_adapter,
 )
 from mergekit_metagpt.scratch import thread_scratch
 from mergekit_metagpt.set_norms import MISSING, RunNorms, SetNorms
@@ -117,17 +118,22 @@ class _Planned:
 
 class _AdapterInputs:
     """The values of the vocabulary adapters' other inputs (mergekit's tokenizer build),
-    each computed once per pre-pass, and their digests for the cache keys."""
+    each computed once per pre-pass, and their digests for the cache keys. In a merge,
+    shared with mergekit's executor (`SharedInputs`): the tokenizers load once."""
 
-    def __init__(self, checkpoint_of):
+    def __init__(self, checkpoint_of, shared: Optional[SharedInputs] = None):
         self.checkpoint_of = checkpoint_of
+        self.shared = shared
         self._done: List[Tuple[object, object, InputDigest]] = []  # (task, value, digests)
 
     def get(self, task) -> Tuple[object, InputDigest]:
         for known, value, digest in self._done:
             if known == task:
                 return value, digest
-        value = task.execute()
+        if self.shared is None:
+            value = executed_as_planned(task)
+        else:
+            value = self.shared.value(task, "pre-pass", lambda: executed_as_planned(task))
         digest = input_digest(value, lambda model: self.checkpoint_of(model) or str(model))
         self._done.append((task, value, digest))
         return value, digest
@@ -311,7 +317,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         return ckpt_keys.get(model, "")
 
     planned: List[_Planned] = []
-    adapter_inputs = _AdapterInputs(checkpoint_of)
+    adapter_inputs = _AdapterInputs(checkpoint_of, run.shared_inputs if run.merge_executes_plan else None)
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = run.reads_of(task)

@@ -14,6 +14,8 @@ It imports only ``sys`` (never torch, never mergekit). It installs a finder on
   its file before the first merge;
 - ``mergekit.io.tasks``: a merge planned without ``run_merge`` (``mergekit-pytorch``)
   writes its record once mergekit has written the model;
+- ``mergekit.tokenizer.build``: a merge with ``tokenizer_source`` loads the tokenizers
+  once, for the pre-pass and the merge;
 - ``mergekit.scripts.run_yaml``, ``mergekit.scripts.merge_raw_pytorch``,
   ``mergekit.scripts.legacy`` (and ``multimerge``): the plugin's refusals end
   ``mergekit-yaml``, ``mergekit-pytorch``, ``mergekit-legacy`` and ``mergekit-multi`` as
@@ -34,6 +36,7 @@ WATCHED = (
     "mergekit.plan",
     "mergekit.scripts.multimerge",
     "mergekit.io.tasks",
+    "mergekit.tokenizer.build",
     "mergekit.scripts.run_yaml",
     "mergekit.scripts.merge_raw_pytorch",
     "mergekit.scripts.legacy",

@@ -549,6 +549,86 @@ def test_resized_vocabulary_norms_over_the_aligned_tensors_and_cached(
         assert "over mergekit's token-aligned tensors (PermutedVocabulary)" in stderr
 
 
+def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_family, tmp_path, merge_options,
+                                                                           monkeypatch, caplog):
+    """tokenizer_source: mergekit's tokenizer build (every model's tokenizer loaded, the
+    merged vocabulary, the token maps) serves both the pre-pass and the merge: it runs
+    once, and says "Loading tokenizers" once, in a merge with the norms to read (cold) and
+    in one with every norm from the cache (warm: the token maps still key them); the
+    merge stays exact. A second merge builds it again (a tokenizer may have changed)."""
+    import mergekit.tokenizer.build as build
+    from merging import run_recipe
+
+    paths, sds = vocab_family
+    builds = []
+    original = build.build_tokenizer
+    monkeypatch.setattr(build, "build_tokenizer", lambda *a, **k: builds.append(1) or original(*a, **k))
+    base, group = sds["base"], {m: sds[m] for m in ("a", "r", "b")}
+    lams = closed_lambdas(base, group, [(n, n) for n in base], rows=VOCAB)
+    for run in ("cold", "warm"):
+        builds.clear()
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            merged = run_recipe(_vocab_recipe(paths, "union"), str(tmp_path / run), merge_options)
+        assert len(builds) == 1, run
+        assert [r.getMessage() for r in caplog.records].count("Loading tokenizers") == 1, run
+        assert ("from the norm cache" in caplog.text) == (run == "warm")
+        (got,) = record_sets(str(tmp_path / run), _names(paths))
+        assert_lambdas(got, lams)
+        expected = base[EMBED].double() + sum(
+            lams[m] * (sd[EMBED][:VOCAB].double() - base[EMBED].double()) for m, sd in group.items())
+        assert (merged[EMBED][:VOCAB].double() - expected).abs().max().item() < 1e-5, run
+        assert sorted(merged[EMBED][VOCAB:].tolist()) == sorted(sds["r"][EMBED][VOCAB:].tolist())
+
+
+def test_shared_inputs_are_computed_once_whoever_asks_first_and_let_go_once_both_have_them():
+    """`SharedInputs` (the tokenizer build a merge's pre-pass and executor share): the
+    first to ask computes, in either order; a failed computation is not kept (the next
+    asker computes); threads asking at once wait for one computation; once both the
+    pre-pass and the merge have the value it is let go (a later ask computes again)."""
+    import threading
+    import time
+
+    from mergekit_metagpt.plan_inputs import SharedInputs
+
+    for order in (("merge", "pre-pass"), ("pre-pass", "merge")):
+        shared, calls = SharedInputs(), []
+        compute = lambda: calls.append(1) or object()  # noqa: E731
+        first = shared.value(("task",), order[0], compute)
+        assert len(shared) == 1
+        assert shared.value(("task",), order[1], compute) is first
+        assert len(calls) == 1 and len(shared) == 0, order
+        assert shared.value(("task",), "merge", compute) is not first and len(calls) == 2
+
+    shared = SharedInputs()
+
+    def failing():
+        raise OSError("tokenizer.json unreadable")
+
+    with pytest.raises(OSError):
+        shared.value("t", "merge", failing)
+    assert shared.value("t", "pre-pass", lambda: "built") == "built"
+
+    shared, calls, values = SharedInputs(), [], []
+    start = threading.Barrier(6)
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.05)
+        return object()
+
+    def ask():
+        start.wait()
+        values.append(shared.value("t", "merge", slow))
+
+    threads = [threading.Thread(target=ask) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(calls) == 1 and len(values) == 6 and all(v is values[0] for v in values)
+
+
 def _word_tokenizer(path: str, words: List[str]) -> None:
     """A word-level tokenizer whose token i is words[i]."""
     from tokenizers import Tokenizer, models, pre_tokenizers
