@@ -219,8 +219,9 @@ def _attach_tokenizer_build(module) -> None:
     @functools.wraps(original)
     def execute(self, *args, **kwargs):
         from mergekit_metagpt.merge_plan import run_for_task
+        from mergekit_metagpt.plan_inputs import computing_alone
 
-        run = run_for_task(self)
+        run = None if computing_alone() else run_for_task(self)
         if run is None or not run.merge_executes_plan:
             return original(self, *args, **kwargs)
         return run.shared_inputs.value(self, "merge", lambda: original(self, *args, **kwargs))

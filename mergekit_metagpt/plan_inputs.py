@@ -14,6 +14,7 @@ merge sees.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import hashlib
 import json
@@ -161,22 +162,36 @@ class VocabularyAdapter:
             return self.task.execute(**{self.tensors_argument: tensors}, **values)
 
 
+#: set while the pre-pass computes an adapter input itself (`executed_as_planned`): the
+#: plugin's wrapper on the task's ``execute`` then runs it as it is, without sharing
+_COMPUTING_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mergekit_metagpt_computing_alone", default=False)
+
+
 def executed_as_planned(task) -> Any:
-    """`task`'s value, computed here by mergekit's own ``execute`` (under the plugin's
-    wrapper, if it has one: see `SharedInputs`). For argument-less tasks."""
-    execute = type(task).execute
-    while getattr(execute, "_mergekit_metagpt_wrapper", False):
-        execute = execute.__wrapped__
-    return execute(task)
+    """`task`'s value, computed here by its ``execute`` (any wrapper of another's
+    included; the plugin's own shares nothing meanwhile: see `SharedInputs`). For
+    argument-less tasks."""
+    token = _COMPUTING_ALONE.set(True)
+    try:
+        return task.execute()
+    finally:
+        _COMPUTING_ALONE.reset(token)
+
+
+def computing_alone() -> bool:
+    """Whether this thread is in `executed_as_planned` (the pre-pass computing alone)."""
+    return _COMPUTING_ALONE.get()
 
 
 class SharedInputs:
     """The values of the vocabulary adapters' other inputs (mergekit's tokenizer build:
     loading every model's tokenizer, building the merged vocabulary and the token maps)
     in a merge, which both the pre-pass (for the token maps) and mergekit's executor
-    (for the merge) need: computed once, by whichever asks first (the other waits), and
-    let go once both have had it. Keyed by task equality: the executor's task and the
-    one the pre-pass finds in the plan may be two equal objects."""
+    (for the merge) need: computed once, by whichever asks first (the others wait), and
+    let go once both have had it (a later ask computes it again). A computation that
+    raised raises the same error for the later askers. Keyed by task equality: the
+    executor's task and the one the pre-pass finds in the plan may be two equal objects."""
 
     TAKERS = frozenset({"pre-pass", "merge"})
 
@@ -185,19 +200,28 @@ class SharedInputs:
         self._entries: Dict[Any, "_SharedEntry"] = {}
 
     def value(self, task, taker: str, compute) -> Any:
-        with self._lock:
-            entry = self._entries.setdefault(task, _SharedEntry())
-        with entry.lock:
-            if not entry.done:  # first, or the first computation raised: compute it here
-                entry.value, entry.done = compute(), True
-            value = entry.value
-            entry.taken.add(taker)
-            if entry.taken >= self.TAKERS:  # both have it: a later ask computes it again
-                entry.value = None
-                with self._lock:
-                    if self._entries.get(task) is entry:
+        while True:
+            with self._lock:
+                entry = self._entries.setdefault(task, _SharedEntry())
+            with entry.lock:
+                if entry.released:  # let go between our lookup and our turn: a fresh entry
+                    continue
+                if entry.error is not None:
+                    raise entry.error
+                if not entry.done:
+                    try:
+                        entry.value = compute()
+                    except Exception as error:  # (an interrupt is not kept)
+                        entry.error = error
+                        raise
+                    entry.done = True
+                value = entry.value
+                entry.taken.add(taker)
+                if entry.taken >= self.TAKERS:  # both have it
+                    entry.value, entry.released = None, True
+                    with self._lock:
                         del self._entries[task]
-        return value
+                return value
 
     def __len__(self) -> int:
         with self._lock:
@@ -208,6 +232,8 @@ class _SharedEntry:
     def __init__(self):
         self.lock = threading.Lock()
         self.done = False
+        self.released = False
+        self.error: Optional[BaseException] = None
         self.value: Any = None
         self.taken: set = set()
 

@@ -121,16 +121,19 @@ class _AdapterInputs:
     each computed once per pre-pass, and their digests for the cache keys. In a merge,
     shared with mergekit's executor (`SharedInputs`): the tokenizers load once."""
 
-    def __init__(self, checkpoint_of, shared: Optional[SharedInputs] = None):
+    def __init__(self, checkpoint_of, run=None):
         self.checkpoint_of = checkpoint_of
-        self.shared = shared
+        # in a merge, the tasks mergekit's executor runs under the plugin's wrapper (whose
+        # share it takes: another, computed here alone, goes when the pre-pass ends)
+        self.shared: Optional[SharedInputs] = run.shared_inputs if run is not None else None
+        self.shared_tasks = list(run.shared_input_tasks) if run is not None else []
         self._done: List[Tuple[object, object, InputDigest]] = []  # (task, value, digests)
 
     def get(self, task) -> Tuple[object, InputDigest]:
         for known, value, digest in self._done:
             if known == task:
                 return value, digest
-        if self.shared is None:
+        if self.shared is None or not any(task == shared for shared in self.shared_tasks):
             value = executed_as_planned(task)
         else:
             value = self.shared.value(task, "pre-pass", lambda: executed_as_planned(task))
@@ -317,7 +320,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
         return ckpt_keys.get(model, "")
 
     planned: List[_Planned] = []
-    adapter_inputs = _AdapterInputs(checkpoint_of, run.shared_inputs if run.merge_executes_plan else None)
+    adapter_inputs = _AdapterInputs(checkpoint_of, run if run.merge_executes_plan else None)
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = run.reads_of(task)

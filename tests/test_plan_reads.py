@@ -555,22 +555,30 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
     merged vocabulary, the token maps) serves both the pre-pass and the merge: it runs
     once, and says "Loading tokenizers" once, in a merge with the norms to read (cold) and
     in one with every norm from the cache (warm: the token maps still key them); the
-    merge stays exact. A second merge builds it again (a tokenizer may have changed)."""
+    merge stays exact; the merge keeps none of it once both have had it. A second merge
+    builds it again (a tokenizer may have changed)."""
     import mergekit.tokenizer.build as build
     from merging import run_recipe
+
+    from mergekit_metagpt.plan_inputs import SharedInputs
 
     paths, sds = vocab_family
     builds = []
     original = build.build_tokenizer
     monkeypatch.setattr(build, "build_tokenizer", lambda *a, **k: builds.append(1) or original(*a, **k))
+    stores = []  # each merge's: empty once it ends (the build let go once both had it)
+    store_init = SharedInputs.__init__
+    monkeypatch.setattr(SharedInputs, "__init__", lambda self: (store_init(self), stores.append(self))[0])
     base, group = sds["base"], {m: sds[m] for m in ("a", "r", "b")}
     lams = closed_lambdas(base, group, [(n, n) for n in base], rows=VOCAB)
     for run in ("cold", "warm"):
         builds.clear()
+        stores.clear()
         caplog.clear()
         with caplog.at_level(logging.INFO):
             merged = run_recipe(_vocab_recipe(paths, "union"), str(tmp_path / run), merge_options)
         assert len(builds) == 1, run
+        assert [len(store) for store in stores] == [0], run
         assert [r.getMessage() for r in caplog.records].count("Loading tokenizers") == 1, run
         assert ("from the norm cache" in caplog.text) == (run == "warm")
         (got,) = record_sets(str(tmp_path / run), _names(paths))
@@ -579,13 +587,23 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
             lams[m] * (sd[EMBED][:VOCAB].double() - base[EMBED].double()) for m, sd in group.items())
         assert (merged[EMBED][:VOCAB].double() - expected).abs().max().item() < 1e-5, run
         assert sorted(merged[EMBED][VOCAB:].tolist()) == sorted(sds["r"][EMBED][VOCAB:].tolist())
+    # without the plugin's wrapper (a mergekit of another shape): built twice, as before,
+    # and the pre-pass's copy not kept in the merge's store
+    monkeypatch.setattr(build.BuildTokenizer, "execute", build.BuildTokenizer.execute.__wrapped__)
+    builds.clear()
+    stores.clear()
+    run_recipe(_vocab_recipe(paths, "union"), str(tmp_path / "unwrapped"), merge_options)
+    assert len(builds) == 2
+    assert [len(store) for store in stores] == [0]
 
 
 def test_shared_inputs_are_computed_once_whoever_asks_first_and_let_go_once_both_have_them():
     """`SharedInputs` (the tokenizer build a merge's pre-pass and executor share): the
-    first to ask computes, in either order; a failed computation is not kept (the next
-    asker computes); threads asking at once wait for one computation; once both the
-    pre-pass and the merge have the value it is let go (a later ask computes again)."""
+    first to ask computes, in either order; threads asking at once wait for one
+    computation; once both the pre-pass and the merge have the value it is let go, and
+    a later ask computes it again, also one that looked the entry up just before (a
+    third asker: an executor that runs the build once per GPU); a failed computation
+    raises its error for the later askers without computing again."""
     import threading
     import time
 
@@ -600,14 +618,42 @@ def test_shared_inputs_are_computed_once_whoever_asks_first_and_let_go_once_both
         assert len(calls) == 1 and len(shared) == 0, order
         assert shared.value(("task",), "merge", compute) is not first and len(calls) == 2
 
-    shared = SharedInputs()
+    class _LookupThenPause:
+        """The store's lock, after which the thread named "late" pauses: it has looked the
+        entry up and waits for its turn while the others take the value and let it go."""
+
+        def __init__(self):
+            self.lock = threading.Lock()
+
+        def __enter__(self):
+            self.lock.acquire()
+
+        def __exit__(self, *exc):
+            self.lock.release()
+            if threading.current_thread().name == "late":
+                time.sleep(0.3)
+
+    shared, calls, got = SharedInputs(), [], []
+    shared._lock = _LookupThenPause()
+    compute = lambda: calls.append(1) or f"value {len(calls)}"  # noqa: E731
+    assert shared.value("t", "merge", compute) == "value 1"
+    late = threading.Thread(name="late", target=lambda: got.append(shared.value("t", "merge", compute)))
+    late.start()
+    time.sleep(0.1)
+    assert shared.value("t", "pre-pass", compute) == "value 1"  # both have it: let go
+    late.join()
+    assert got == ["value 2"]
+
+    shared, calls = SharedInputs(), []
 
     def failing():
+        calls.append(1)
         raise OSError("tokenizer.json unreadable")
 
-    with pytest.raises(OSError):
-        shared.value("t", "merge", failing)
-    assert shared.value("t", "pre-pass", lambda: "built") == "built"
+    for taker in ("merge", "pre-pass", "merge"):
+        with pytest.raises(OSError, match="unreadable"):
+            shared.value("t", taker, failing)
+    assert len(calls) == 1
 
     shared, calls, values = SharedInputs(), [], []
     start = threading.Barrier(6)
