@@ -555,8 +555,9 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
     merged vocabulary, the token maps) serves both the pre-pass and the merge: it runs
     once, and says "Loading tokenizers" once, in a merge with the norms to read (cold) and
     in one with every norm from the cache (warm: the token maps still key them); the
-    merge stays exact; the merge keeps none of it once both have had it. A second merge
-    builds it again (a tokenizer may have changed)."""
+    merge stays exact; the merge keeps none of it once both have had it; the same where
+    the pre-pass needs it before mergekit runs it. A second merge builds it again (a
+    tokenizer may have changed)."""
     import mergekit.tokenizer.build as build
     from merging import run_recipe
 
@@ -569,18 +570,27 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
     stores = []  # each merge's: empty once it ends (the build let go once both had it)
     store_init = SharedInputs.__init__
     monkeypatch.setattr(SharedInputs, "__init__", lambda self: (store_init(self), stores.append(self))[0])
+    takers = []  # who asked the store, in order
+    store_value = SharedInputs.value
+    monkeypatch.setattr(SharedInputs, "value", lambda self, task, taker, compute: (
+        takers.append(taker), store_value(self, task, taker, compute))[1])
     base, group = sds["base"], {m: sds[m] for m in ("a", "r", "b")}
     lams = closed_lambdas(base, group, [(n, n) for n in base], rows=VOCAB)
-    for run in ("cold", "warm"):
+    for run in ("cold", "warm", "pre-pass first"):
+        if run == "pre-pass first":  # mergekit schedules the build after the layers' merges:
+            # the first merge task's pre-pass builds it, the executor takes it from the store
+            monkeypatch.setattr(build.BuildTokenizer, "group_label", lambda self: "~after the layers")
         builds.clear()
         stores.clear()
+        takers.clear()
         caplog.clear()
         with caplog.at_level(logging.INFO):
             merged = run_recipe(_vocab_recipe(paths, "union"), str(tmp_path / run), merge_options)
         assert len(builds) == 1, run
+        assert takers == (["pre-pass", "merge"] if run == "pre-pass first" else ["merge", "pre-pass"]), run
         assert [len(store) for store in stores] == [0], run
         assert [r.getMessage() for r in caplog.records].count("Loading tokenizers") == 1, run
-        assert ("from the norm cache" in caplog.text) == (run == "warm")
+        assert ("from the norm cache" in caplog.text) == (run != "cold")
         (got,) = record_sets(str(tmp_path / run), _names(paths))
         assert_lambdas(got, lams)
         expected = base[EMBED].double() + sum(
