@@ -296,7 +296,8 @@ class MetaGPTMerge(GroupMergeMethod):
             )
         if group.base is None:
             raise MetaGPTError(f"MetaGPT: the base model has no tensor {group.metadata.name!r}")
-        norms = prepass.run_norms(run, group.base.tensor.device, self, task=task).of(run.set_of(task))
+        inputs = {entry.id: entry.tensor for entry in group.entries}
+        norms = prepass.run_norms(run, group.base.tensor.device, self, task=task, tensors=inputs).of(run.set_of(task))
         if params.get("granularity") == "per_tensor":
             return norms.task_lambdas(run.index_in_set(task))
         return norms.coefficients.lambdas

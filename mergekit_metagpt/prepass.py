@@ -181,11 +181,13 @@ def merge_products() -> str:
     return "never" if switched_off("MERGEKIT_METAGPT_COSINES") else "when read"
 
 
-def run_norms(run, device: torch.device, method=None, products: Optional[str] = None, task=None) -> RunNorms:
+def run_norms(run, device: torch.device, method=None, products: Optional[str] = None, task=None,
+              tensors: Optional[Dict[Hashable, torch.Tensor]] = None) -> RunNorms:
     """The run's norms, computed by the first caller (others wait), then reused. A
     pre-pass that failed is not retried: every later caller (e.g. the other threads of
     ``--multi-gpu``) gets the same error at once. `products`: see `compute`; `task`: the
-    merge task that asks, whose inputs mergekit has run."""
+    merge task that asks, whose inputs mergekit has run; `tensors`: those inputs, as
+    mergekit gave them to the method (see `compute`'s `given`)."""
     if task is not None:
         run.inputs_run.add(id(task))
     with run.lock:
@@ -196,8 +198,9 @@ def run_norms(run, device: torch.device, method=None, products: Optional[str] = 
 
             with logs_above_bars():  # mergekit's "Executing graph" bar is on screen
                 try:
+                    given = {id(task): tensors} if task is not None and tensors else None
                     run.result = compute(run, norms_device(torch.device(device)), method,
-                                         products or merge_products())
+                                         products or merge_products(), given=given)
                     _announce(run)
                 except BaseException as error:
                     # no λ without their log and record: the other callers get the error;
@@ -302,13 +305,18 @@ def _say_lambdas(run) -> None:
             quiet=bool(getattr(run.options, "quiet", False)))
 
 
-def compute(run, device: torch.device, method=None, products: str = "when read") -> RunNorms:
+def compute(run, device: torch.device, method=None, products: str = "when read",
+            given: Optional[Dict[int, Dict[Hashable, torch.Tensor]]] = None) -> RunNorms:
     """Norms of every merge set of `run` (see the module docstring), and the inner
     products of each pair of dense task vectors: with ``products="when read"`` (merges),
     of the pairs of which the pre-pass reads at least one tensor anyway for its norm (the
     other model's tensor is then read too), the others from the cache where an earlier run
     put them (never a read where no norm needs one); with ``"always"`` (``inspect``), all
-    of them; with ``"never"``, none but the cached."""
+    of them; with ``"never"``, none but the cached. `given`: id of a task -> its inputs as
+    mergekit's executor gave them to the method (the merge task that runs the pre-pass):
+    for a task with a vocabulary adapter, its token-aligned tensors are taken from there,
+    not aligned again (mergekit aligns row by row: seconds per tensor for a large
+    vocabulary)."""
     from mergekit_metagpt import norm_cache
     from mergekit_metagpt.fingerprint import checkpoint_key
 
@@ -398,7 +406,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read")
 
     found = _Found()
     if todo:
-        _stream(run, device, todo, found)
+        _stream(run, device, todo, found, given or {})
         # the inner products written first, and the norms only where all of them were: a
         # later merge that finds a model's norms cached does not read it again, so it could
         # not compute a product whose entry is missing (a full disk between the two writes).
@@ -529,7 +537,7 @@ def _mover(device):
     return (lambda tensor: tensor.to(device)), (lambda: None)
 
 
-def _stream(run, device, todo, found: _Found) -> None:
+def _stream(run, device, todo, found: _Found, given: Dict[int, Dict[Hashable, torch.Tensor]]) -> None:
     from mergekit_metagpt.progress import progress_bar
 
     scratch = thread_scratch()
@@ -550,7 +558,7 @@ def _stream(run, device, todo, found: _Found) -> None:
     with progress_bar(total=len(todo), desc="MetaGPT norm pre-pass", quiet=quiet) as bar:
         try:
             _stream_tasks(todo, move, scratch, accumulator, found, releaser, bar,
-                          held=run.held_records if run.merge_executes_plan else None)
+                          held=run.held_records if run.merge_executes_plan else None, given=given)
         finally:
             end_moves()
             releaser.close()
@@ -570,9 +578,10 @@ def _stream(run, device, todo, found: _Found) -> None:
 
 
 def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar,
-                  held: Optional[list] = None) -> None:
+                  held: Optional[list] = None, given: Optional[Dict[int, Dict[Hashable, torch.Tensor]]] = None) -> None:
     """`held`: in a merge, where the records mergekit's vocabulary adapters log are held,
-    as (id of the task, record) (see `plan_inputs.root_records_held`); None: logged."""
+    as (id of the task, record) (see `plan_inputs.root_records_held`); None: logged.
+    `given`: see `compute`."""
     done = set()  # (pair or triple, key) computed: a layer merged twice counts twice, is read once
     for item, to_read, pairs in todo:
         task, sparsifier = item.task, item.sparsifier
@@ -589,7 +598,9 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
         base_read = item.base_read
         releaser.track(item)
         if item.adapter is not None:
-            aligned = _load_aligned(item, bar, releaser, held)
+            aligned = _given_aligned(item, (given or {}).get(id(task)), bar)
+            if aligned is None:
+                aligned = _load_aligned(item, bar, releaser, held)
 
             def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
@@ -630,6 +641,22 @@ def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Te
     STATS.bytes_read += tensor.nbytes
     bar.update(step, nbytes=tensor.nbytes)
     return tensor
+
+
+def _given_aligned(item: _Planned, tensors: Optional[Dict[Hashable, torch.Tensor]],
+                   bar) -> Optional[Dict[Hashable, torch.Tensor]]:
+    """The token-aligned tensors of a task with a vocabulary adapter as mergekit's executor
+    aligned them for the merge task that runs the pre-pass (the same adapter on the same
+    reads: the same values), or None to align them here: none given, other models than
+    the plan's, or a NaN/Inf (`_load_aligned` then blames the model whose own row holds
+    it). Read only: the merge uses them next."""
+    if not tensors or item.task.base_model not in tensors or not set(tensors) <= set(item.reads):
+        return None
+    for tensor in tensors.values():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return None
+    bar.update(1)
+    return dict(tensors)
 
 
 def _load_aligned(item: _Planned, bar, releaser, held: Optional[list] = None) -> Dict[Hashable, torch.Tensor]:

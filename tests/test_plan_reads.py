@@ -607,6 +607,45 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
     assert [len(store) for store in stores] == [0]
 
 
+@pytest.mark.parametrize("tokenizer_source", ["union", "base"])
+def test_the_pre_pass_takes_the_aligned_tensors_of_the_task_that_runs_it(tokenizer_source, vocab_family, tmp_path,
+                                                                          merge_options, monkeypatch):
+    """The merge task that runs the pre-pass (here a vocabulary tensor: mergekit runs
+    lm_head first) hands it the token-aligned tensors mergekit's executor made for it: the
+    pre-pass aligns only the other vocabulary tensor (3 alignments in the merge, not 4;
+    mergekit aligns row by row, seconds per tensor for a large vocabulary). The λ have the
+    same bits as where the pre-pass aligns both itself, and the weights are the same (a
+    union's added tokens' rows in mergekit's order, which changes from run to run)."""
+    from mergekit.tokenizer.embed import PermutedVocabulary
+    from merging import run_recipe
+
+    from mergekit_metagpt import prepass
+
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # each run reads every tensor
+    paths, sds = vocab_family
+    aligned = []
+    original = PermutedVocabulary.execute
+    monkeypatch.setattr(PermutedVocabulary, "execute",
+                        lambda self, *a, **k: aligned.append(1) or original(self, *a, **k))
+    base, group = sds["base"], {m: sds[m] for m in ("a", "r", "b")}
+    lams = closed_lambdas(base, group, [(n, n) for n in base], rows=VOCAB)
+    bits, weights = {}, {}
+    for run in ("given", "aligned again"):
+        if run == "aligned again":
+            monkeypatch.setattr(prepass, "_given_aligned", lambda *a: None)
+        aligned.clear()
+        weights[run] = run_recipe(_vocab_recipe(paths, tokenizer_source), str(tmp_path / run), merge_options)
+        assert len(aligned) == (3 if run == "given" else 4), run
+        (got,) = record_sets(str(tmp_path / run), _names(paths))
+        assert_lambdas(got, lams)
+        bits[run] = {m: float(v).hex() for m, v in got.items()}
+    assert bits["given"] == bits["aligned again"]
+    for name, tensor in weights["given"].items():  # a union's added rows in any order (mergekit's)
+        other = weights["aligned again"][name]
+        assert torch.equal(tensor[:VOCAB], other[:VOCAB]), name
+        assert sorted(tensor[VOCAB:].tolist()) == sorted(other[VOCAB:].tolist()), name
+
+
 def test_shared_inputs_are_computed_once_whoever_asks_first_and_let_go_once_both_have_them():
     """`SharedInputs` (the tokenizer build a merge's pre-pass and executor share): the
     first to ask computes, in either order; threads asking at once wait for one
@@ -813,12 +852,14 @@ def test_same_weight_files_with_other_tokenizers_keep_their_own_norms_when_cache
     (1e5, "float16", "NaN or Inf; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` cast "
                      "of larger values gives Inf)"),
 ])
-def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(value, dtype, what, token_family, tmp_path):
+@pytest.mark.parametrize("name", [EMBED, HEAD])
+def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(name, value, dtype, what, token_family, tmp_path):
     """With "union", the base takes the average of a's and b's rows for "extra": a NaN in
-    b's row is b's, named as such before anything is written, not the base's."""
+    b's row is b's, named as such before anything is written, not the base's; also in
+    lm_head, whose merge task (mergekit's first) gives the pre-pass its aligned tensors."""
     paths, sds = token_family
     b = {n: t.clone() for n, t in sds["b"].items()}
-    b[EMBED][VOCAB, 3] = value
+    b[name][VOCAB, 3] = value
     paths = dict(paths, b=save_checkpoint(str(tmp_path / "b"), b, vocab_size=VOCAB + 1))
     _word_tokenizer(paths["b"], [f"w{i}" for i in range(VOCAB)] + ["extra"])
     config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": dtype,
@@ -828,7 +869,7 @@ def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(value, dtype, 
     result = run_mergekit_yaml(config, out)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
-    assert f"non-finite values ({what}) in tensor {EMBED!r} of model {paths['b']}" in last, last
+    assert f"non-finite values ({what}) in tensor {name!r} of model {paths['b']}" in last, last
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
 
 

@@ -464,7 +464,7 @@ def test_norms_of_a_merge_on_a_device_without_float64_are_summed_on_the_cpu(monk
     assert norms_device(torch.device("mps")) == torch.device("cpu")
     assert norms_device(torch.device("cuda", 1)) == torch.device("cuda", 1)
     seen = []
-    monkeypatch.setattr(prepass, "compute", lambda run, device, method, products: seen.append(device) or "norms")
+    monkeypatch.setattr(prepass, "compute", lambda run, device, method, products, given=None: seen.append(device) or "norms")
     monkeypatch.setattr(prepass, "_announce", lambda run: None)
     run = SimpleNamespace(lock=threading.Lock(), error=None, result=None, held_records=[], inputs_run=set())
     assert prepass.run_norms(run, torch.device("mps")) == "norms" and seen == [torch.device("cpu")]
