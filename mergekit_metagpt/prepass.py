@@ -598,9 +598,7 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
         base_read = item.base_read
         releaser.track(item)
         if item.adapter is not None:
-            aligned = _given_aligned(item, (given or {}).get(id(task)), bar)
-            if aligned is None:
-                aligned = _load_aligned(item, bar, releaser, held)
+            aligned = _load_aligned(item, bar, releaser, held, (given or {}).get(id(task)))
 
             def fetch(model, aligned=aligned):  # each tensor moved when taken, once
                 tensor = aligned.pop(model, None)
@@ -643,28 +641,17 @@ def _load(read: TensorRead, move, bar, step: int, releaser) -> Optional[torch.Te
     return tensor
 
 
-def _given_aligned(item: _Planned, tensors: Optional[Dict[Hashable, torch.Tensor]],
-                   bar) -> Optional[Dict[Hashable, torch.Tensor]]:
-    """The token-aligned tensors of a task with a vocabulary adapter as mergekit's executor
-    aligned them for the merge task that runs the pre-pass (the same adapter on the same
-    reads: the same values), or None to align them here: none given, other models than
-    the plan's, or a NaN/Inf (`_load_aligned` then blames the model whose own row holds
-    it). Read only: the merge uses them next."""
-    if not tensors or item.task.base_model not in tensors or not set(tensors) <= set(item.reads):
-        return None
-    for tensor in tensors.values():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return None
-    bar.update(1)
-    return dict(tensors)
-
-
-def _load_aligned(item: _Planned, bar, releaser, held: Optional[list] = None) -> Dict[Hashable, torch.Tensor]:
+def _load_aligned(item: _Planned, bar, releaser, held: Optional[list] = None,
+                  given: Optional[Dict[Hashable, torch.Tensor]] = None) -> Dict[Hashable, torch.Tensor]:
     """Every input of a task with a vocabulary adapter (the adapter needs them all: a row
     a model lacks may take another model's), checked for NaN/Inf (so that a bad row is
-    blamed on its own model before the adapter copies it), then aligned by the plan's
-    adapter where they were loaded, as the merge aligns them (the caller moves to the
-    device only the tensors it takes)."""
+    blamed on its own model before the adapter copies it; also rows the alignment drops),
+    then aligned by the plan's adapter where they were loaded, as the merge aligns them
+    (the caller moves to the device only the tensors it takes). `given`: the aligned
+    tensors mergekit's executor made of the same inputs for the merge task that runs the
+    pre-pass (see `compute`), taken as they are (read only: the merge uses them next)
+    instead of aligning again (mergekit aligns row by row: seconds per tensor for a large
+    vocabulary), where they are those of the same models."""
     task = item.task
     loaded = {}
     for model, read in item.reads.items():  # in the plan's order, as GatherTensors gives them
@@ -681,6 +668,8 @@ def _load_aligned(item: _Planned, bar, releaser, held: Optional[list] = None) ->
             raise MetaGPTError(f"MetaGPT: non-finite values ({what}) in tensor {read.name!r} of {who}")
         loaded[model] = tensor
     bar.update(1)
+    if given and set(given) == set(loaded):
+        return dict(given)
     try:
         records = None if held is None else []
         try:

@@ -607,34 +607,42 @@ def test_a_merge_builds_its_tokenizer_once_for_the_pre_pass_and_the_merge(vocab_
     assert [len(store) for store in stores] == [0]
 
 
-@pytest.mark.parametrize("tokenizer_source", ["union", "base"])
-def test_the_pre_pass_takes_the_aligned_tensors_of_the_task_that_runs_it(tokenizer_source, vocab_family, tmp_path,
-                                                                          merge_options, monkeypatch):
+@pytest.mark.parametrize("vocabulary", ["union", "base", "truncated"])
+def test_the_pre_pass_takes_the_aligned_tensors_of_the_task_that_runs_it(vocabulary, vocab_family, tmp_path,
+                                                                          monkeypatch):
     """The merge task that runs the pre-pass (here a vocabulary tensor: mergekit runs
     lm_head first) hands it the token-aligned tensors mergekit's executor made for it: the
     pre-pass aligns only the other vocabulary tensor (3 alignments in the merge, not 4;
-    mergekit aligns row by row, seconds per tensor for a large vocabulary). The λ have the
-    same bits as where the pre-pass aligns both itself, and the weights are the same (a
-    union's added tokens' rows in mergekit's order, which changes from run to run)."""
+    mergekit aligns row by row, seconds per tensor for a large vocabulary), for
+    `tokenizer_source` as for `--unsafe-truncate-embeddings`. The λ have the same bits as
+    where the pre-pass aligns both itself, and the weights are the same (a union's added
+    tokens' rows in mergekit's order, which changes from run to run)."""
+    from mergekit.options import MergeOptions
     from mergekit.tokenizer.embed import PermutedVocabulary
+    from mergekit.tokenizer.truncate import TruncatedVocabulary
     from merging import run_recipe
 
     from mergekit_metagpt import prepass
 
     monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")  # each run reads every tensor
     paths, sds = vocab_family
+    adapter = TruncatedVocabulary if vocabulary == "truncated" else PermutedVocabulary
     aligned = []
-    original = PermutedVocabulary.execute
-    monkeypatch.setattr(PermutedVocabulary, "execute",
-                        lambda self, *a, **k: aligned.append(1) or original(self, *a, **k))
+    original = adapter.execute
+    monkeypatch.setattr(adapter, "execute", lambda self, *a, **k: aligned.append(1) or original(self, *a, **k))
+    config = _vocab_recipe(paths, vocabulary)
+    if vocabulary == "truncated":
+        del config["tokenizer_source"]
+    options = MergeOptions(copy_tokenizer=False, quiet=True, unsafe_truncate_embeddings=vocabulary == "truncated")
     base, group = sds["base"], {m: sds[m] for m in ("a", "r", "b")}
     lams = closed_lambdas(base, group, [(n, n) for n in base], rows=VOCAB)
     bits, weights = {}, {}
+    compute = prepass.compute
     for run in ("given", "aligned again"):
         if run == "aligned again":
-            monkeypatch.setattr(prepass, "_given_aligned", lambda *a: None)
+            monkeypatch.setattr(prepass, "compute", lambda *a, given=None, **k: compute(*a, **k))
         aligned.clear()
-        weights[run] = run_recipe(_vocab_recipe(paths, tokenizer_source), str(tmp_path / run), merge_options)
+        weights[run] = run_recipe(config, str(tmp_path / run), options)
         assert len(aligned) == (3 if run == "given" else 4), run
         (got,) = record_sets(str(tmp_path / run), _names(paths))
         assert_lambdas(got, lams)
@@ -852,18 +860,22 @@ def test_same_weight_files_with_other_tokenizers_keep_their_own_norms_when_cache
     (1e5, "float16", "NaN or Inf; read as float16, which holds nothing beyond ±65504 (a `dtype: float16` cast "
                      "of larger values gives Inf)"),
 ])
+@pytest.mark.parametrize("source", ["union", "base"])
 @pytest.mark.parametrize("name", [EMBED, HEAD])
-def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(name, value, dtype, what, token_family, tmp_path):
+def test_a_nan_row_another_model_takes_is_blamed_on_its_own_model(name, source, value, dtype, what, token_family,
+                                                                   tmp_path):
     """With "union", the base takes the average of a's and b's rows for "extra": a NaN in
-    b's row is b's, named as such before anything is written, not the base's; also in
-    lm_head, whose merge task (mergekit's first) gives the pre-pass its aligned tensors."""
+    b's row is b's, named as such before anything is written, not the base's. With "base"
+    the alignment drops b's row for "extra": a NaN there is refused all the same, as in
+    any weight of any input. Also in lm_head, whose merge task (mergekit's first) gives
+    the pre-pass its aligned tensors, which hold no dropped row."""
     paths, sds = token_family
     b = {n: t.clone() for n, t in sds["b"].items()}
     b[name][VOCAB, 3] = value
     paths = dict(paths, b=save_checkpoint(str(tmp_path / "b"), b, vocab_size=VOCAB + 1))
     _word_tokenizer(paths["b"], [f"w{i}" for i in range(VOCAB)] + ["extra"])
     config = write_yaml({"merge_method": "metagpt", "base_model": paths["base"], "dtype": dtype,
-                         "tokenizer_source": "union", "models": [{"model": paths[m]} for m in "abc"]},
+                         "tokenizer_source": source, "models": [{"model": paths[m]} for m in "abc"]},
                         str(tmp_path / "r.yml"))
     out = str(tmp_path / "out")
     result = run_mergekit_yaml(config, out)
