@@ -358,42 +358,43 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
     """Squared norms over every group passed to one in-memory merge call, per model
     {group index: ‖δ‖²}.
 
-    A tensor pair (model's, base's) that shares its memory with a pair already counted
-    (tied ``lm_head`` / ``embed_tokens`` of ``nn.Module`` inputs) is the same task
-    vector and counts once. `sparsifier_of(group_index)` gives the sparsifier, if any;
+    A group whose every tensor, the base's and each model's, shares its memory with the
+    same model's tensor of a group already counted (tied ``lm_head`` / ``embed_tokens`` of
+    ``nn.Module`` inputs, every input tied) merges to the same tensor, which a tied model
+    holds once: it counts once, as in the checkpoint on disk. Where only some inputs share
+    (a tied model beside an untied one), the two merged tensors differ and each applies
+    the shared task vector: it counts for each, as a merge of the checkpoints counts it.
+    `sparsifier_of(group_index)` gives the sparsifier, if any;
     `dtype_of(group_index)` the dtype the merge casts that group's tensors to (its
     ``input_dtypes``: the norms are those of the cast tensors, one tensor at a time), or
     None for none (mergekit then promotes, which changes no value).
     """
     accumulator = NormAccumulator([BASE], {BASE: "the base model"})
     scratch = thread_scratch()
-    seen = set()
+    counted = set()  # the memory each counted group reads, with the dtype it is cast to
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
             continue
         name = group.metadata.name or f"group {index}"
         dtype = dtype_of(index) if dtype_of else None
+        base_tensor = base.tensor.detach()
+        tensors = [(entry.id, entry.tensor.detach()) for entry in group.non_base]
+        reads = (dtype, storage_view(base_tensor), frozenset((i, storage_view(t)) for i, t in tensors))
+        if reads in counted:
+            continue
+        counted.add(reads)
 
         def cast(tensor, dtype=dtype):
             return on_float64_device(tensor if dtype is None else tensor.to(dtype=dtype))
 
-        base_tensor = base.tensor.detach()
-        base_view = storage_view(base_tensor)
         base_tensor = cast(base_tensor)
-        if (BASE, base_view) not in seen:
-            seen.add((BASE, base_view))
-            accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
+        accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
         sparsifier = sparsifier_of(index) if sparsifier_of else None
-        for entry in group.non_base:
-            tensor = entry.tensor.detach()
-            pair = (entry.id, storage_view(tensor), base_view)
-            if pair in seen:
-                continue
-            seen.add(pair)
+        for model, tensor in tensors:
             tensor = cast(tensor)
             accumulator.add(  # keyed by position: two groups may share a name
-                entry.id, index, squared_delta(tensor, base_tensor, sparsifier, entry.id, scratch),
+                model, index, squared_delta(tensor, base_tensor, sparsifier, model, scratch),
                 name=name, dtype=tensor.dtype,
             )
     norms = accumulator.finish()

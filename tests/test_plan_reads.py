@@ -1092,6 +1092,39 @@ def test_a_tied_model_beside_an_untied_one_counts_its_embeddings_for_lm_head_too
     assert_close(merged, closed_merge({**base, HEAD: base[EMBED]}, models, lams, reads))
 
 
+def test_in_memory_a_tied_module_beside_an_untied_one_counts_its_embeddings_twice(tied_family):
+    """merge_state_dicts with a tied base and tied model beside an untied one: the merged
+    lm_head and embed_tokens differ (the untied model's lm_head), and each applies the tied
+    model's embedding change, so it counts twice, as in the merge of the same checkpoints
+    above; counted once only where every input is tied (the test before)."""
+    from transformers import LlamaForCausalLM
+
+    from checkpoints import llama_config
+    from mergekit.merge_methods import merge_state_dicts
+
+    _, sds = tied_family
+    base = sds["base"]
+    untied = noisy(base, by_part(embed=0.01, layers=(0.01, 0.01), norm=0.01, head=0.05), 45)
+    untied[HEAD] = untied[HEAD].clone()
+    modules = {}
+    for name, sd, tied in (("base", base, True), ("a", sds["a"], True), ("c", untied, False)):
+        module = LlamaForCausalLM(llama_config(tie_word_embeddings=tied))
+        module.load_state_dict({k: v for k, v in sd.items() if not (tied and k == HEAD)}, strict=False)
+        shared = module.lm_head.weight.data_ptr() == module.model.embed_tokens.weight.data_ptr()
+        assert shared == tied
+        modules[name] = module
+    with torch.no_grad():
+        merged = merge_state_dicts(modules, "metagpt", base="base")
+    models = {"a": sds["a"], "c": untied}
+    reads = [(n, n) for n in base]
+    lams = closed_lambdas(base, models, reads, base_name=lambda n: EMBED if n == HEAD else n)
+    once = closed_lambdas(base, models, [(n, n) for n in base if n != HEAD])
+    assert abs(lams["a"] - once["a"]) > 0.05  # the fixture tells the two apart
+    heads = {"a": {**sds["a"], HEAD: sds["a"][EMBED]}, "c": untied}
+    assert_lambdas(fitted_lambdas(merged, {**base, HEAD: base[EMBED]}, heads, [n for n, _ in reads]), lams, tol=1e-5)
+    assert_close(merged, closed_merge({**base, HEAD: base[EMBED]}, heads, lams, reads))
+
+
 # =====================================================================================
 # 5. mergekit-pytorch: raw safetensors files
 # =====================================================================================
