@@ -35,7 +35,7 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
     os.makedirs(folder, exist_ok=True)
     # a file replaced: its mode from the start (a reader that opened a 0644 temporary file
     # before the fchmod below would read on, whatever the mode then)
-    fd, tmp = _new_file(folder, os.path.splitext(path)[1], 0o666 if mode is None else stat.S_IMODE(mode))
+    fd, tmp = new_file(folder, os.path.splitext(path)[1], 0o666 if mode is None else stat.S_IMODE(mode))
     try:
         # closes fd whatever follows
         with (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")) as f:
@@ -55,7 +55,7 @@ def write_atomically(path: str, write: Callable[[IO], None], binary: bool = Fals
                 pass
 
 
-def _new_file(folder: str, suffix: str, mode: int = 0o666):
+def new_file(folder: str, suffix: str, mode: int = 0o666):
     """(descriptor, path) of a new file of a random name in `folder`, made as open() makes
     one (`mode` less the umask, which the system applies as it is at this moment: read
     once at import, a later ``os.umask`` in the process was missed; mkstemp makes 0600)."""

@@ -88,16 +88,23 @@ class Coefficients:
 
 
 
-def scale_note(value, ascii: bool = False) -> str:
-    """The recipe's ``lambda`` (one value, or the values a set's tensors take), where it is
-    not 1: the λ listed are shares, which it scales. Empty where it is 1."""
+def scale_given(value) -> str:
+    """The recipe's ``lambda`` (one value, or the values a set's tensors take) as said in
+    a line ("0.5", "0.2, 1 by tensor", "from 0.2 to 1 by tensor"); empty where it is 1."""
     values = value if isinstance(value, list) else [value]
     if all(float(v) == 1.0 for v in values):
         return ""
     if len(values) > 4:  # a gradient: its range
-        given = f"from {min(float(v) for v in values):g} to {max(float(v) for v in values):g} by tensor"
-    else:
-        given = ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
+        return f"from {min(float(v) for v in values):g} to {max(float(v) for v in values):g} by tensor"
+    return ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
+
+
+def scale_note(value, ascii: bool = False) -> str:
+    """The recipe's ``lambda`` (one value, or the values a set's tensors take), where it is
+    not 1: the λ listed are shares, which it scales. Empty where it is 1."""
+    given = scale_given(value)
+    if not given:
+        return ""
     if ascii:
         return f"lambda: {given} (the recipe's scale): the merge adds lambda x lambda_t x delta_t"
     return f"`lambda: {given}` (the recipe's scale): the merge adds lambda · λ_t · δ_t, not λ_t · δ_t"

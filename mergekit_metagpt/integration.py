@@ -262,10 +262,13 @@ def _attach_merge(module) -> None:
         if getattr(config, "modules", None):
             _check_module_names(config, options)
         if options is not None:  # mergekit's run_merge needs them (and says so)
-            from mergekit_metagpt.planning import check_models_open, refuse_output_into_an_input
+            from mergekit_metagpt.planning import (
+                check_models_open, check_output_writable, refuse_output_into_an_input,
+            )
 
             check_models_open(config, options)
             refuse_output_into_an_input(config, bound.arguments.get("out_path"))
+            check_output_writable(bound.arguments.get("out_path"))
         # an earlier run's record stays until the pre-pass ends (before the first merged
         # tensor), so a merge that fails before leaves the folder as it was
         context = RunContext(

@@ -285,6 +285,25 @@ def refuse_output_into_an_input(config, out_path) -> None:
                 )
 
 
+def check_output_writable(out_path) -> None:
+    """The output folder can take files: made (as mergekit's writer makes it) and a file
+    made in it and removed, before the pre-pass reads every model (a read-only mount, an
+    immutable folder or a file in its way: mergekit fails at its first shard, with a
+    traceback)."""
+    if not isinstance(out_path, (str, os.PathLike)):
+        return
+    from mergekit_metagpt.atomic_files import new_file
+
+    try:
+        os.makedirs(out_path, exist_ok=True)
+        fd, probe = new_file(os.fspath(out_path), ".probe")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as error:
+        raise MetaGPTError(f"cannot write into the output folder {out_path}: "
+                           f"{error.strerror or error}; give a folder this user can write") from None
+
+
 def check_models_open(config, options) -> None:
     """Each model of the recipe is there, its config loads and its loader opens, or one
     line naming the model, before anything is read for the merge."""
@@ -318,13 +337,21 @@ def _check_card_can_name_models(config, options) -> None:
                 raise MetaGPTError(
                     f"model {model}: the local folder {path} is written as a hub id would be, and "
                     f"mergekit's model card step asks the hub about it after the weights are written, "
-                    f"which fails with HF_HUB_OFFLINE=1; write it as ./{path} (or pass --no-write-model-card)"
+                    f"which fails with HF_HUB_OFFLINE=1; {_write_it_as(path)}"
                 )
             LOG.warning(
                 "MetaGPT: model %s: the local folder %s is written as a hub id would be; mergekit's model card "
                 "step asks the hub about it after the weights are written, which fails without network (and a "
-                "hub model of that name would be the one the card names); write it as ./%s (or pass "
-                "--no-write-model-card)", model, path, path)
+                "hub model of that name would be the one the card names); %s", model, path, _write_it_as(path))
+
+
+def _write_it_as(path: str) -> str:
+    """What to do about a local folder written as a hub id: mergekit-multi writes its
+    intermediate merges' folders as ``-I``'s folder joined with their names, which the
+    user never wrote: ``-I inter`` gives ``inter/first``."""
+    folder = os.path.dirname(path)
+    multi = f", or, for an intermediate merge of mergekit-multi, pass -I ./{folder}" if folder else ""
+    return f"write it as ./{path}{multi} (or pass --no-write-model-card)"
 
 
 def plan_recipe(config, options):

@@ -251,9 +251,13 @@ def _announce(run) -> None:
     for number, set_norms in enumerate(run.result.merging, 1):
         which = f", model set {number} of {count}" if count > 1 else ""
         set_norms.coefficients.log(f"{run.method_name}, base {set_norms.merge_set.base}{which}")
-        scaled = scale_note(set_parameters(set_norms)["lambda"], ascii=True)
+        scale = set_parameters(set_norms)["lambda"]
+        scaled = scale_note(scale, ascii=True)
         if scaled:
             LOG.info("MetaGPT%s: %s", which, scaled)
+        if all(float(v) == 0.0 for v in (scale if isinstance(scale, list) else [scale])):
+            LOG.warning("MetaGPT%s: lambda: 0 (the recipe's scale) adds no task vector: the merge writes "
+                        "the base model's weights", which)
         _log_similarity(set_norms.stats, which)
     if count == 1 and len(run.result.merging[0].coefficients.squared_norms) == 1:
         from mergekit_metagpt.method import VARIANTS
@@ -287,6 +291,7 @@ def _as_written(path) -> str:
 def _say_lambdas(run) -> None:
     """A merge's λ in one line per model set where its log does not show the table
     (mergekit's default verbosity), with the progress lines: what MetaGPT chose, without -v."""
+    from mergekit_metagpt.coefficients import scale_given
     from mergekit_metagpt.progress import say
     from mergekit_metagpt.record import RECORD_NAME, set_parameters
     from mergekit_metagpt.similarity import short_names
@@ -300,8 +305,9 @@ def _say_lambdas(run) -> None:
         which = f" (model set {number} of {count})" if count > 1 else ""
         if set_parameters(set_norms)["granularity"] != "global":  # its tensors take their own
             which += " (global shares; granularity per_tensor merges each tensor with its own)"
+        scaled = scale_given(set_parameters(set_norms)["lambda"])
         say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
-            + f" (-v logs the table; the record: {os.path.join(_as_written(run.out_path), RECORD_NAME)})",
+            + (f", each times lambda {scaled}" if scaled else "") + f" (-v logs the table; the record: {os.path.join(_as_written(run.out_path), RECORD_NAME)})",
             quiet=bool(getattr(run.options, "quiet", False)))
 
 

@@ -264,19 +264,24 @@ def check_config(config) -> None:
             f"merge (one value for every model), but are given for a single model ({', '.join(models)}); "
             f"move them to the top-level (or slice-level) `parameters:`"
         )
-    if problems:
-        raise MetaGPTError(". Also: ".join(problems))
-    # a per-model value given for the base, of a parameter mergekit resolves for the other
-    # models only (density), is never read: not checked
+    # values, of the parameters the method takes; a per-model value given for the base, of
+    # a parameter mergekit resolves for the other models only (density), is never read: not
+    # checked
     bases = {str(b) for b in _bases(config)}
+    values = []
     for name, setting, model, where in settings:
-        if model in bases and specs[name].scope == ParameterScope.NON_BASE:
+        if name not in specs or (model in bases and specs[name].scope == ParameterScope.NON_BASE):
             continue
         for value, condition in _scalars(setting):
             problem = _value_problem(specs[name], value)
             if problem is not None:
-                raise MetaGPTError(f"MetaGPT: parameter {name}{_place(model, where + condition)} {problem} "
-                                   f"(got {shown(value)})")
+                values.append((model is not None, f"parameter {name}{_place(model, where + condition)} "
+                                                  f"{problem} (got {shown(value)})"))
+    values = list(dict.fromkeys(text for _, text in sorted(values, key=lambda v: v[0])))  # the merge's first
+    problems += values
+    if problems:
+        message = ". Also: ".join(problems)
+        raise MetaGPTError(f"MetaGPT: {message}" if problems[0] in values else message)
 
 
 def shown(value: Any) -> str:

@@ -210,7 +210,8 @@ def remove_stale_record(out_path, whose: str = "the earlier run's", stopped: Opt
     except FileNotFoundError:
         pass
     except OSError as error:
-        LOG.warning("MetaGPT: could not remove %s %s: %s", whose, path, error)
+        if os.path.lexists(path):  # not: none there, in a folder that takes no change (EROFS)
+            LOG.warning("MetaGPT: could not remove %s %s: %s", whose, path, error)
     if stopped is not None:
         again = ("run the same command again (the norms are cached)" if isinstance(stopped, KeyboardInterrupt)
                  else "run it again once the error below is mended (the norms are cached)")

@@ -546,6 +546,43 @@ models:
         check_config(config)
 
 
+def test_every_bad_value_of_a_recipe_comes_in_one_message_after_the_unknown_names():
+    """Bad values of several parameters, and of one parameter for several models, are
+    refused together (with an unknown name before them), not one per run."""
+    import yaml
+
+    import mergekit_metagpt  # noqa: F401
+    from mergekit.config import MergeConfiguration
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.recipe_checks import check_config
+
+    config = MergeConfiguration.model_validate(yaml.safe_load("""
+merge_method: metagpt_ties
+base_model: ./base
+parameters: {lambda: -1, lambda_from: sprase, int8_mask: maybe}
+models:
+  - {model: ./a, parameters: {density: -0.2}}
+  - {model: ./b, parameters: {density: "x"}}
+  - {model: ./c, parameters: {density: "x"}}
+"""))
+    with pytest.raises(MetaGPTError) as error:
+        check_config(config)
+    assert str(error.value) == (
+        "MetaGPT: parameter lambda must be a number in [0, 3.4e38] (got -1). "
+        "Also: parameter lambda_from should be 'dense' or 'sparse' (got 'sprase'). "
+        "Also: parameter int8_mask should be a valid boolean, unable to interpret input (got 'maybe'). "
+        "Also: parameter density for model ./a must be a number in (0, 1] (got -0.2). "
+        "Also: parameter density for model ./b must be a number in (0, 1] (got 'x'). "
+        "Also: parameter density for model ./c must be a number in (0, 1] (got 'x')")
+    config.parameters = {"lamda": 2, "lambda": -1}
+    config.models = config.models[:1]
+    with pytest.raises(MetaGPTError) as error:
+        check_config(config)
+    assert str(error.value).startswith("Unknown parameter(s) for metagpt_ties: lamda (did you mean lambda?)")
+    assert str(error.value).endswith(". Also: parameter lambda must be a number in [0, 3.4e38] (got -1). "
+                                     "Also: parameter density for model ./a must be a number in (0, 1] (got -0.2)")
+
+
 def test_a_caller_of_mergekits_command_still_gets_a_metagpt_error(family, tmp_path):
     """The one-line refusal is click's: a program that calls mergekit-yaml's command with
     standalone_mode=False (click then raises rather than exits) still gets the
@@ -1047,7 +1084,10 @@ def test_a_local_folder_written_as_a_hub_id_is_warned_of_when_online(offline, ca
             _check_card_can_name_models(config, MergeOptions(write_model_card=card))
         warned = [r.getMessage() for r in caplog.records if "written as a hub id would be" in r.getMessage()]
         if card and spelling == "fam/good":
-            assert len(warned) == 1 and "fails without network" in warned[0] and "write it as ./fam/good" in warned[0]
+            assert len(warned) == 1 and "fails without network" in warned[0], warned
+            # mergekit-multi writes `-I fam`'s intermediate merge `good` as fam/good: the user never wrote it
+            assert warned[0].endswith("write it as ./fam/good, or, for an intermediate merge of mergekit-multi, "
+                                      "pass -I ./fam (or pass --no-write-model-card)"), warned
         else:
             assert warned == []
 
@@ -1252,6 +1292,34 @@ def test_an_output_folder_that_is_an_input_s_own_is_refused_before_writing(famil
     assert last.endswith(f"the output folder {own}/ is model {own}'s own folder: the merge would overwrite its "
                          f"files; give another output folder"), last
     assert {name: os.path.getmtime(os.path.join(own, name)) for name in os.listdir(own)} == before
+
+
+@pytest.mark.parametrize("kind", ["a file in its way", "a read-only mount"])
+def test_an_output_folder_that_takes_no_file_is_refused_before_the_pre_pass(kind, family, tmp_path):
+    """mergekit finds it at its first shard, after reading every model (a traceback); the
+    plugin before the pre-pass, in one line, and says nothing of an earlier run's record
+    that is not there."""
+    paths, _ = family
+    if kind == "a file in its way":
+        (tmp_path / "file").write_text("")
+        out = str(tmp_path / "file" / "out")
+        reason = "Not a directory"
+    else:
+        out = str(tmp_path / "ro")
+        os.makedirs(out)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", out], capture_output=True).returncode:
+            pytest.skip("a read-only mount needs root and mount(8)")
+        reason = "Read-only file system"
+    try:
+        result = run_mergekit_yaml(write_yaml(recipe(paths, ["good"]), str(tmp_path / "r.yml")), out)
+    finally:
+        if kind == "a read-only mount":
+            subprocess.run(["umount", out], check=True)
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0
+    assert last == f"Error: cannot write into the output folder {out}: {reason}; give a folder this user can write", \
+        result.stderr[-3000:]
+    assert "MetaGPT λ" not in result.stderr and "could not remove" not in result.stderr, result.stderr[-3000:]
 
 
 @contextlib.contextmanager

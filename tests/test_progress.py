@@ -334,3 +334,37 @@ def test_the_lambda_line_names_the_record_where_mergekit_writes_it():
 
     assert prepass._as_written("~/out") == os.path.join(".", "~/out")
     assert prepass._as_written("out/x") == "out/x" and prepass._as_written("/abs/out") == "/abs/out"
+
+
+@pytest.mark.parametrize("scale", [0.5, 0])
+def test_the_lambda_line_says_the_recipes_scale_and_a_zero_scale_is_warned_of(scale, llama_family, tmp_path,
+                                                                              monkeypatch, capsys, caplog):
+    """Without -v the one λ line is all the log says of the λ: it adds a `lambda` that is not
+    1 (the shares listed are then not what the merge adds), and `lambda: 0`, whose merge
+    writes the base model, is a warning."""
+    import logging
+
+    import torch
+
+    from checkpoints import closed_form
+    from mergekit.options import MergeOptions
+
+    paths, sds = llama_family
+    lams, _ = closed_form(sds["base"], [sds["model0"], sds["model1"]])
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    monkeypatch.delenv("MERGEKIT_METAGPT_PROGRESS", raising=False)
+    prepass.clear_memo()
+    out = str(tmp_path / "out")
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        merged = run_recipe(recipe(paths, ["model0", "model1"], parameters={"lambda": scale}), out,
+                            MergeOptions(copy_tokenizer=False))
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("MetaGPT λ")]
+    assert said == [f"MetaGPT λ: model0 {lams[0]:.3g}, model1 {lams[1]:.3g}, each times lambda {scale:g} (-v logs "
+                    f"the table; the record: {tmp_path / 'out' / 'metagpt_coefficients.json'})"], said
+    warned = [r.getMessage() for r in caplog.records if "adds no task vector" in r.getMessage()]
+    assert warned == (["MetaGPT: lambda: 0 (the recipe's scale) adds no task vector: the merge writes the base "
+                       "model's weights"] if scale == 0 else []), warned
+    name = "model.layers.0.mlp.up_proj.weight"
+    expected = sds["base"][name].double() + scale * sum(
+        lam * (sds[m][name].double() - sds["base"][name].double()) for lam, m in zip(lams, ["model0", "model1"]))
+    assert torch.allclose(merged[name].double(), expected, atol=1e-6)

@@ -980,3 +980,26 @@ def test_control_characters_and_line_breaks_of_a_recipe_are_escaped_where_shown(
     refused = run_mergekit_yaml(write_yaml(twice, str(tmp_path / "t.yml")), str(tmp_path / "t-out"))
     last = refused.stderr.strip().splitlines()[-1]
     assert refused.returncode == 1 and last.startswith("Error: MetaGPT: models ") and "are one checkpoint" in last
+
+
+def test_a_folder_that_takes_no_change_is_warned_of_only_where_a_record_is_there(tmp_path, monkeypatch, caplog):
+    """On a read-only mount, removing a file fails with EROFS whether or not it is there: a
+    merge of any method into a fresh folder there (stock task_arithmetic's too) says nothing
+    of an earlier run's record that does not exist; one that is there is named."""
+    import errno
+
+    from mergekit_metagpt.record import RECORD_NAME, remove_stale_record
+
+    def read_only(path):
+        raise OSError(errno.EROFS, "Read-only file system", path)
+
+    monkeypatch.setattr(os, "remove", read_only)
+    with caplog.at_level(logging.INFO, logger="mergekit_metagpt"):
+        remove_stale_record(str(tmp_path))
+    assert caplog.records == []
+    (tmp_path / RECORD_NAME).write_text("{}")
+    with caplog.at_level(logging.INFO, logger="mergekit_metagpt"):
+        remove_stale_record(str(tmp_path))
+    assert [r.getMessage() for r in caplog.records] == [
+        f"MetaGPT: could not remove the earlier run's {tmp_path / RECORD_NAME}: [Errno 30] Read-only file system: "
+        f"'{tmp_path / RECORD_NAME}'"]
