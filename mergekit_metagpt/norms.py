@@ -359,11 +359,13 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
     {group index: ‖δ‖²}.
 
     A group whose every tensor, the base's and each model's, shares its memory with the
-    same model's tensor of a group already counted (tied ``lm_head`` / ``embed_tokens`` of
-    ``nn.Module`` inputs, every input tied) merges to the same tensor, which a tied model
-    holds once: it counts once, as in the checkpoint on disk. Where only some inputs share
-    (a tied model beside an untied one), the two merged tensors differ and each applies
-    the shared task vector: it counts for each, as a merge of the checkpoints counts it.
+    same model's tensor of a group already counted, cast to the same dtype and sparsified
+    alike (tied ``lm_head`` / ``embed_tokens`` of ``nn.Module`` inputs, every input tied),
+    merges to the same tensor, which a tied model holds once: it counts once, as in the
+    checkpoint on disk. Where only some inputs share (a tied model beside an untied one),
+    or the groups' parameters differ (a `density` of their own), the two merged tensors
+    differ and each applies the shared task vector: it counts for each, as a merge of the
+    checkpoints counts it.
     `sparsifier_of(group_index)` gives the sparsifier, if any;
     `dtype_of(group_index)` the dtype the merge casts that group's tensors to (its
     ``input_dtypes``: the norms are those of the cast tensors, one tensor at a time), or
@@ -371,7 +373,7 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
     """
     accumulator = NormAccumulator([BASE], {BASE: "the base model"})
     scratch = thread_scratch()
-    counted = set()  # the memory each counted group reads, with the dtype it is cast to
+    counted: dict = {}  # the memory a counted group reads, with its cast dtype -> its sparsifiers
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
@@ -381,16 +383,16 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
         base_tensor = base.tensor.detach()
         tensors = [(entry.id, entry.tensor.detach()) for entry in group.non_base]
         reads = (dtype, storage_view(base_tensor), frozenset((i, storage_view(t)) for i, t in tensors))
-        if reads in counted:
+        sparsifier = sparsifier_of(index) if sparsifier_of else None
+        if sparsifier in counted.get(reads, ()):  # compared by value (its densities: a dict)
             continue
-        counted.add(reads)
+        counted.setdefault(reads, []).append(sparsifier)
 
         def cast(tensor, dtype=dtype):
             return on_float64_device(tensor if dtype is None else tensor.to(dtype=dtype))
 
         base_tensor = cast(base_tensor)
         accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
-        sparsifier = sparsifier_of(index) if sparsifier_of else None
         for model, tensor in tensors:
             tensor = cast(tensor)
             accumulator.add(  # keyed by position: two groups may share a name

@@ -8,6 +8,7 @@ resolves and validates every parameter. The MetaGPT tasks of the plan make the
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import weakref
@@ -286,22 +287,29 @@ def refuse_output_into_an_input(config, out_path) -> None:
 
 
 def check_output_writable(out_path) -> None:
-    """The output folder can take files: made (as mergekit's writer makes it) and a file
-    made in it and removed, before the pre-pass reads every model (a read-only mount, an
-    immutable folder or a file in its way: mergekit fails at its first shard, with a
-    traceback)."""
+    """The output folder can take files, before the pre-pass reads every model (a read-only
+    mount, an immutable folder or a file in its way: mergekit fails at its first shard,
+    with a traceback). A file is made in it, or in the nearest folder above it that exists
+    where it does not (nothing is made for the merge: a merge that fails before mergekit
+    writes leaves no folder), and removed at once."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     from mergekit_metagpt.atomic_files import new_file
 
+    folder = os.path.abspath(out_path)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    probe = None
     try:
-        os.makedirs(out_path, exist_ok=True)
-        fd, probe = new_file(os.fspath(out_path), ".probe")
+        if not os.path.isdir(folder):  # a file (or a broken link) in its way
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+        fd, probe = new_file(folder, ".probe")
         os.close(fd)
         os.unlink(probe)
     except OSError as error:
+        left = f" (its test file {probe} could not be removed)" if probe and os.path.lexists(probe) else ""
         raise MetaGPTError(f"cannot write into the output folder {out_path}: "
-                           f"{error.strerror or error}; give a folder this user can write") from None
+                           f"{error.strerror or error}{left}; give a folder this user can write") from None
 
 
 def check_models_open(config, options) -> None:

@@ -307,7 +307,7 @@ def _say_lambdas(run) -> None:
             which += " (global shares; granularity per_tensor merges each tensor with its own)"
         scaled = scale_given(set_parameters(set_norms)["lambda"])
         say(f"MetaGPT λ{which}: " + ", ".join(f"{name} {lam:.3g}" for name, lam in zip(names, lambdas.values()))
-            + (f", each times lambda {scaled}" if scaled else "") + f" (-v logs the table; the record: {os.path.join(_as_written(run.out_path), RECORD_NAME)})",
+            + (f"; each times lambda {scaled}" if scaled else "") + f" (-v logs the table; the record: {os.path.join(_as_written(run.out_path), RECORD_NAME)})",
             quiet=bool(getattr(run.options, "quiet", False)))
 
 

@@ -1322,6 +1322,23 @@ def test_an_output_folder_that_takes_no_file_is_refused_before_the_pre_pass(kind
     assert "MetaGPT λ" not in result.stderr and "could not remove" not in result.stderr, result.stderr[-3000:]
 
 
+def test_the_output_folder_check_makes_nothing_and_leaves_nothing(tmp_path):
+    """A folder that does not exist yet is checked in the nearest one above it, and not
+    made (a merge that fails before mergekit writes leaves no folder); the test file goes."""
+    from mergekit_metagpt.errors import MetaGPTError
+    from mergekit_metagpt.planning import check_output_writable
+
+    for out in (tmp_path / "a" / "b" / "c", tmp_path):
+        check_output_writable(str(out))
+        assert not os.path.exists(tmp_path / "a") and os.listdir(tmp_path) == []
+    (tmp_path / "file").write_text("")
+    for out in (tmp_path / "file", tmp_path / "file" / "b" / "c"):
+        with pytest.raises(MetaGPTError, match=f"^cannot write into the output folder {re.escape(str(out))}: "
+                                               f"Not a directory; give a folder this user can write$"):
+            check_output_writable(str(out))
+    assert os.listdir(tmp_path) == ["file"]
+
+
 @contextlib.contextmanager
 def _second_name(folder: str, name: str):
     """`folder` reached under a second name that resolves to another string (a bind mount), as

@@ -289,3 +289,44 @@ def test_a_float16_output_that_overflows_is_refused_naming_the_tensor(method, pa
     ok = merge_state_dicts({"base": base, "m": model}, method, base="base",
                            parameters={**parameters, "lambda": 1.0}, out_dtype=out_dtype and torch.float32)
     assert torch.isfinite(ok["w"]).all()
+
+
+@pytest.mark.parametrize("head_density, counted", [(0.2, [0, 2]), (0.05, [0, 1, 2])])
+def test_tied_groups_sparsified_apart_count_apart(head_density, counted):
+    """nn.Module inputs with tied embed/head: the two groups count once where they merge to
+    one tensor, but with a density of their own (lambda_from: sparse) each sparsifies its
+    task vector otherwise, the merged tensors differ, and each counts."""
+    from mergekit.merge_methods.base import PerGroupValues, TensorGroup
+
+    from mergekit_metagpt.method import MetaGPTMerge
+    from mergekit_metagpt.norms import in_memory_norms
+
+    torch.manual_seed(0)
+
+    def module(base=None, scale=0.0):
+        m = torch.nn.Module()
+        m.embed = torch.nn.Embedding(16, 8)
+        m.head = torch.nn.Linear(8, 16, bias=False)
+        m.head.weight = m.embed.weight  # tied
+        m.mlp = torch.nn.Linear(8, 8, bias=False)
+        if base is not None:
+            with torch.no_grad():
+                for p, q in zip(m.parameters(), base.parameters()):
+                    p.copy_(q + scale * torch.randn_like(q))
+        return m
+
+    base = module()
+    modules = {"base": base, "a": module(base, 0.3), "b": module(base, 0.1)}
+    names = list(base.state_dict())
+    assert names == ["embed.weight", "head.weight", "mlp.weight"]
+    density = {"embed.weight": 0.2, "head.weight": head_density, "mlp.weight": 1.0}
+    with torch.no_grad():
+        merged = merge_state_dicts(modules, "metagpt_ties", base="base", parameters={
+            "lambda_from": "sparse", "density": PerGroupValues([density[n] for n in names])})
+    assert torch.equal(merged["embed.weight"], merged["head.weight"]) == (head_density == 0.2)
+    sds = {k: m.state_dict(keep_vars=True) for k, m in modules.items()}
+    groups = [TensorGroup.from_tensors([sds[k][n] for k in sds], ids=list(sds), base_index=0, name=n) for n in names]
+    method = MetaGPTMerge("metagpt_ties")
+    norms = in_memory_norms(groups, lambda i: method.sparsifier(
+        {"lambda_from": "sparse", "density": {m: density[names[i]] for m in "ab"}}))
+    assert {m: sorted(v) for m, v in norms.items()} == {"a": counted, "b": counted}

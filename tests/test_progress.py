@@ -359,7 +359,7 @@ def test_the_lambda_line_says_the_recipes_scale_and_a_zero_scale_is_warned_of(sc
         merged = run_recipe(recipe(paths, ["model0", "model1"], parameters={"lambda": scale}), out,
                             MergeOptions(copy_tokenizer=False))
     said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("MetaGPT λ")]
-    assert said == [f"MetaGPT λ: model0 {lams[0]:.3g}, model1 {lams[1]:.3g}, each times lambda {scale:g} (-v logs "
+    assert said == [f"MetaGPT λ: model0 {lams[0]:.3g}, model1 {lams[1]:.3g}; each times lambda {scale:g} (-v logs "
                     f"the table; the record: {tmp_path / 'out' / 'metagpt_coefficients.json'})"], said
     warned = [r.getMessage() for r in caplog.records if "adds no task vector" in r.getMessage()]
     assert warned == (["MetaGPT: lambda: 0 (the recipe's scale) adds no task vector: the merge writes the base "
