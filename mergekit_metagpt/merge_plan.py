@@ -227,6 +227,7 @@ class MergeRun:
             if merge_set.models:  # a set of the base alone uses no alpha
                 merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
             _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
+        _warn_one_set_spelt_apart(list(self.sets.values()))
         from mergekit_metagpt.checkpoint_files import check_files_open
 
         check_files_open((task.base_model, self.reads_of(task))
@@ -319,6 +320,32 @@ def _refuse_one_checkpoint_twice(models, base=None) -> None:
                 f"list it once (each listing would get its own λ)"
             )
         seen.setdefault(key, model)
+
+
+def _warn_one_set_spelt_apart(sets) -> None:
+    """Two model sets of one base and models, the checkpoints written otherwise in one
+    (``./a/`` in one module or slice, ``./a`` in another): mergekit tells its model sets
+    apart by how the paths are written, so each gets λ of its own, over its own tensors,
+    where one set would get one λ over all of them. A warning: a merge that means it is
+    possible, if unlikely."""
+    def checkpoints(merge_set):
+        keys = [_identity(_checkpoint(m)) for m in (merge_set.base, *merge_set.models)]
+        return None if None in keys else frozenset(keys)
+
+    first: Dict[frozenset, tuple] = {}
+    for number, merge_set in enumerate(sets, 1):
+        key = checkpoints(merge_set)
+        if key is None:
+            continue
+        if key in first:
+            earlier, at = first[key]
+            LOG.warning(
+                "MetaGPT: model sets %d (%s) and %d (%s) are the same checkpoints written otherwise: "
+                "mergekit plans them apart, so each gets λ of its own over its own tensors; write the "
+                "paths alike in every slice and module for one λ over all of them", at, earlier.label,
+                number, merge_set.label)
+        else:
+            first[key] = (merge_set, number)
 
 
 def uniform_alpha(values, where: str) -> float:

@@ -1003,3 +1003,33 @@ def test_a_folder_that_takes_no_change_is_warned_of_only_where_a_record_is_there
     assert [r.getMessage() for r in caplog.records] == [
         f"MetaGPT: could not remove the earlier run's {tmp_path / RECORD_NAME}: [Errno 30] Read-only file system: "
         f"'{tmp_path / RECORD_NAME}'"]
+
+
+@pytest.mark.parametrize("spelling", ["alike", "otherwise"])
+def test_one_model_set_written_otherwise_in_two_slices_is_warned_of(spelling, llama_family, tmp_path, merge_options,
+                                                                    caplog):
+    """mergekit tells model sets apart by how paths are written: the same base and models
+    written ./m in one slice and ./m/ in another make two sets with λ of their own, where
+    written alike they make one: a warning names both sets."""
+    paths, _ = llama_family
+    data = slices_recipe(paths)
+    for source in data["slices"][1]["sources"]:  # the first slice's models in the second too
+        source["model"] = {"base": paths["base"], "model1": paths["model0"], "model2": paths["model1"]}[
+            next(k for k, p in paths.items() if p == source["model"])]
+        if spelling == "otherwise" and source["model"] == paths["model1"]:
+            source["model"] += "/"
+    prepass.clear_memo()
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        run_recipe(data, str(tmp_path / "out"), merge_options)
+    with open(tmp_path / "out" / "metagpt_coefficients.json") as f:
+        record = json.load(f)
+    warned = [r.getMessage() for r in caplog.records if "written otherwise" in r.getMessage()]
+    if spelling == "alike":
+        assert len(record["merges"]) == 1 and warned == [], warned
+    else:
+        assert len(record["merges"]) == 2, record["merges"]
+        assert warned == [
+            f"MetaGPT: model sets 1 (base {paths['base']}, models {paths['model0']}, {paths['model1']}) and 2 (base "
+            f"{paths['base']}, models {paths['model0']}, {paths['model1']}/) are the same checkpoints written "
+            f"otherwise: mergekit plans them apart, so each gets λ of its own over its own tensors; write the paths "
+            f"alike in every slice and module for one λ over all of them"], warned
