@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Dict, Hashable, Mapping, Tuple
+from typing import Dict, Hashable, List, Mapping, Tuple
 
 from mergekit_metagpt.errors import MetaGPTError
 
@@ -88,15 +88,20 @@ class Coefficients:
 
 
 
+def scale_values(value) -> List[float]:
+    """The recipe's ``lambda`` (one value, or the values a set's tensors take) as floats."""
+    return [float(v) for v in (value if isinstance(value, list) else [value])]
+
+
 def scale_given(value) -> str:
     """The recipe's ``lambda`` (one value, or the values a set's tensors take) as said in
     a line ("0.5", "0.2, 1 by tensor", "from 0.2 to 1 by tensor"); empty where it is 1."""
-    values = value if isinstance(value, list) else [value]
-    if all(float(v) == 1.0 for v in values):
+    values = scale_values(value)
+    if all(v == 1.0 for v in values):
         return ""
     if len(values) > 4:  # a gradient: its range
-        return f"from {min(float(v) for v in values):g} to {max(float(v) for v in values):g} by tensor"
-    return ", ".join(f"{float(v):g}" for v in values) + (" by tensor" if len(values) > 1 else "")
+        return f"from {min(values):g} to {max(values):g} by tensor"
+    return ", ".join(f"{v:g}" for v in values) + (" by tensor" if len(values) > 1 else "")
 
 
 def scale_note(value, ascii: bool = False) -> str:

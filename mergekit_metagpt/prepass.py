@@ -242,7 +242,7 @@ def _holds(read) -> bool:
 
 
 def _announce(run) -> None:
-    from mergekit_metagpt.coefficients import scale_note
+    from mergekit_metagpt.coefficients import scale_note, scale_values
     from mergekit_metagpt.record import (
         passed_through_entries, passed_through_text, remove_stale_record, set_parameters, write_record,
     )
@@ -255,7 +255,7 @@ def _announce(run) -> None:
         scaled = scale_note(scale, ascii=True)
         if scaled:
             LOG.info("MetaGPT%s: %s", which, scaled)
-        if all(float(v) == 0.0 for v in (scale if isinstance(scale, list) else [scale])):
+        if all(v == 0.0 for v in scale_values(scale)):
             LOG.warning("MetaGPT%s: lambda: 0 (the recipe's scale) adds no task vector: the merge writes "
                         "the base model's weights", which)
         _log_similarity(set_norms.stats, which)
