@@ -221,10 +221,21 @@ def _attach_tokenizer_build(module) -> None:
         from mergekit_metagpt.merge_plan import run_for_task
         from mergekit_metagpt.plan_inputs import computing_alone
 
-        run = None if computing_alone() else run_for_task(self)
-        if run is None or not run.merge_executes_plan:
+        from mergekit_metagpt.token_maps import check_token_maps
+
+        def built():
+            info = original(self, *args, **kwargs)
+            check_token_maps(info)  # a MetaGPT merge's, or its pre-pass's: named, not a KeyError
+            return info
+
+        if computing_alone():
+            return built()
+        run = run_for_task(self)
+        if run is None:
             return original(self, *args, **kwargs)
-        return run.shared_inputs.value(self, "merge", lambda: original(self, *args, **kwargs))
+        if not run.merge_executes_plan:
+            return built()
+        return run.shared_inputs.value(self, "merge", built)
 
     execute._mergekit_metagpt_wrapper = True
     task_cls.execute = execute

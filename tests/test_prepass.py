@@ -320,6 +320,41 @@ def test_resized_vocabulary_without_alignment_is_refused_before_any_weight(metho
     run_recipe(dict(config, tokenizer_source="base"), str(tmp_path / "aligned"), merge_options)
 
 
+def test_a_tokenizer_past_its_models_vocab_size_is_named_not_a_key_error(tmp_path, merge_options, capsys):
+    """A fine-tune (d) whose tokenizer has a token (w64) at its config's vocab_size (64
+    rows), which another fine-tune (a, 65 rows) has a row for, under `tokenizer_source:
+    union`: mergekit 0.1.5 leaves the token out of d's token map and its alignment fails
+    with a bare `KeyError: 64`. A MetaGPT merge and `coefficients` name the model and the
+    token instead, before any weights are written; another method's merge keeps
+    mergekit's own error (the plugin changes none of it)."""
+    from merging import safetensors_in, write_yaml
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    base = random_state_dict(4)
+    grown = perturbed(random_state_dict(4, vocab_size=65), 0.01, 5)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base),
+        "a": save_checkpoint(str(tmp_path / "a"), grown, vocab_size=65),
+        "d": save_checkpoint(str(tmp_path / "d"), perturbed(base, 0.03, 6)),
+    }
+    for name, vocab in (("base", 64), ("a", 65), ("d", 65)):
+        write_tokenizer(paths[name], vocab)
+    config = recipe(paths, ["a", "d"], tokenizer_source="union")
+    named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) at or past the vocab_size")
+             + r".*'w64' \(id 64 in its tokenizer\).*KeyError: 64")
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=named):
+        run_recipe(config, out, merge_options)
+    assert not safetensors_in(out)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 1
+    assert re.search(named, capsys.readouterr().err)
+    with pytest.raises(KeyError):
+        run_recipe(dict(config, merge_method="task_arithmetic",
+                        models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]),
+                   str(tmp_path / "stock"), merge_options)
+
+
 def test_nan_in_base_rows_no_model_shares_is_named_as_the_base(tmp_path, merge_options):
     """The base has 72 token rows, the fine-tune 64; a NaN in a row only the base has
     (which `tokenizer_source: base` keeps in the output, and gives the fine-tune as its
