@@ -50,6 +50,14 @@ class MergeSet:
         return uniform_alpha([task_parameter(t, "alpha", 1.0) for t in self.tasks],
                              self.label)
 
+    @functools.cached_property
+    def lambda_from(self) -> str:
+        """Which norms give the set's λ (``dense`` or ``sparse``): one value for all its
+        tensors, as its λ are one per model over all of them (read once the plan is
+        complete: ``MergeRun.check``)."""
+        return uniform_lambda_from([task_parameter(t, "lambda_from", "dense") for t in self.tasks],
+                                   self.label)
+
 
 class MergeRun:
     """The MetaGPT tasks of one merge plan, grouped into merge sets."""
@@ -206,8 +214,8 @@ class MergeRun:
 
     def check(self) -> None:
         """Refuse a plan in which a tensor's inputs lack its base, no set merges any model
-        besides its base, a set's tensors are given different ``alpha`` (its λ are one
-        per model), a set lists one checkpoint twice, or a file the plan reads is missing
+        besides its base, a set's tensors are given different ``alpha`` or ``lambda_from``
+        (its λ are one per model), a set lists one checkpoint twice, or a file the plan reads is missing
         or damaged."""
         for (base, read), names in self._baseless.items():
             shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
@@ -226,6 +234,7 @@ class MergeRun:
         for merge_set in self.sets.values():
             if merge_set.models:  # a set of the base alone uses no alpha
                 merge_set.alpha  # noqa: B018  (raises if the set's tensors disagree)
+                merge_set.lambda_from  # noqa: B018  (as alpha)
             _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
         _warn_one_set_spelt_apart(list(self.sets.values()))
         from mergekit_metagpt.checkpoint_files import check_files_open
@@ -363,6 +372,19 @@ def uniform_alpha(values, where: str) -> float:
             f"({where}); got {', '.join(f'{v:g}' for v in distinct)}"
         )
     return distinct[0] if distinct else 1.0
+
+
+def uniform_lambda_from(values, where: str) -> str:
+    """The one ``lambda_from`` of a model set (its λ are one per model, over the norms of
+    all its tensors: all of them dense or all sparsified), or an error naming the values."""
+    distinct = sorted({str(v) for v in values})
+    if len(distinct) > 1:
+        raise MetaGPTError(
+            f"MetaGPT: parameter lambda_from must be one value for all tensors of a model set "
+            f"({where}); got {', '.join(distinct)}: its λ are one per model, from the norms of all "
+            f"its tensors, of the task vectors (dense) or of the sparsified ones (sparse), not a mix"
+        )
+    return distinct[0] if distinct else "dense"
 
 
 def _inputs(merge_set: MergeSet, reads) -> str:

@@ -22,7 +22,7 @@ from mergekit.merge_methods.base import (
 from mergekit_metagpt.coefficients import Coefficients
 from mergekit_metagpt import PAPER_URL
 from mergekit_metagpt.errors import MetaGPTError, base_lacks
-from mergekit_metagpt.merge_plan import uniform_alpha
+from mergekit_metagpt.merge_plan import uniform_alpha, uniform_lambda_from
 from mergekit_metagpt.norms import Sparsifier, in_memory_norms, no_autocast, total, work_dtype
 from mergekit_metagpt.scratch import chunks, thread_scratch
 from mergekit_metagpt.parameters import Alpha, Density, NonNegativeFloat
@@ -256,6 +256,8 @@ class MetaGPTMerge(GroupMergeMethod):
             base = next((g.base.id for g in groups if g.base is not None), None)
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
         alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
+        if self.delegate_name:
+            uniform_lambda_from([p.get("lambda_from", "dense") for p in parameters], "in-memory merge")
         per_tensor = [p.get("granularity", "global") == "per_tensor" for p in parameters]
         dtypes = list(input_dtypes) if input_dtypes is not None else [None] * len(groups)
         shared = None

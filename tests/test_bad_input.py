@@ -290,6 +290,13 @@ CASES = {
     "alpha differs between tensors": (
         lambda p: recipe(p, ["good"], parameters={"alpha": [{"filter": "mlp", "value": 0.5}, {"value": 1.0}]}),
         "alpha must be one value for all tensors of a model set .*got 0.5, 1"),
+    # λ from sparsified norms for some tensors and dense ones for the others, which the
+    # record, card and CLI described as all sparse
+    "lambda_from differs between tensors": (
+        lambda p: recipe(p, ["good"], method="metagpt_ties", parameters={
+            "density": 0.5, "lambda_from": [{"filter": "mlp", "value": "sparse"}, {"value": "dense"}]}),
+        r"lambda_from must be one value for all tensors of a model set .*got dense, sparse: its λ are one "
+        r"per model"),
     # mergekit's own message names no key, and for out_dtype comes after the whole pre-pass
     "unknown out_dtype": (lambda p: {**recipe(p, ["good"]), "out_dtype": "fp16"},
                           r"the recipe's out_dtype 'fp16' is not a floating-point dtype mergekit knows"),

@@ -172,6 +172,20 @@ def test_per_group_alpha_must_still_be_one_value_with_mixed_granularity():
         })
 
 
+def test_per_group_lambda_from_must_be_one_value():
+    """Dense norms for some groups and sparsified ones for the others would give λ of
+    neither; one value (either) merges."""
+    from mergekit.merge_methods.base import PerGroupValues
+
+    base, models = _tiny_models()
+    sds = {"base": base, **models}
+    with pytest.raises(ValueError, match="lambda_from must be one value .*got dense, sparse"):
+        merge_state_dicts(sds, "metagpt_ties", base="base", parameters={
+            "density": 0.5, "lambda_from": PerGroupValues(["sparse", "dense", "sparse"])})
+    merge_state_dicts(sds, "metagpt_ties", base="base", parameters={
+        "density": 0.5, "lambda_from": PerGroupValues(["sparse"] * 3)})
+
+
 @pytest.mark.parametrize("granularity", ["global", "per_tensor"])
 def test_norms_are_those_of_the_tensors_cast_to_the_merge_dtype(granularity):
     """merge_state_dicts(dtype=…) casts every tensor before merging: the norms are those of
