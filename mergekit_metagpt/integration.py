@@ -287,6 +287,9 @@ def _attach_merge(module) -> None:
             config=config,
             options=options,
         )
+        from mergekit_metagpt.leftover_weights import warn_of_leftovers, weight_files
+
+        held_before = weight_files(context.out_path)  # what an earlier run left there
         token = RUN_CONTEXT.set(context)
         try:
             result = original(*args, **kwargs)
@@ -308,6 +311,7 @@ def _attach_merge(module) -> None:
         if not any(run.record_written for run in context.runs):  # no record of this run's
             remove_stale_record(context.out_path)
         add_card_sections(context)
+        warn_of_leftovers(context.out_path, held_before)
         return result
 
     run_merge._mergekit_metagpt_wrapper = True
