@@ -158,6 +158,55 @@ class MetaGPTMerge(GroupMergeMethod):
         finally:
             _IN_MEMORY.reset(token)
 
+    def _bind_group_parameters(self, group, supplied, group_index, group_count):
+        try:
+            return super()._bind_group_parameters(group, supplied, group_index, group_count)
+        except ValueError as error:  # pydantic's: names neither the parameter, nor model or tensor
+            if isinstance(error, MetaGPTError):
+                raise
+            named = self._named_bad_value(group, supplied, group_index, group_count)
+            if named is None:
+                raise
+            raise named from error
+
+    def _named_bad_value(self, group, supplied, group_index, group_count) -> Optional[MetaGPTError]:
+        """The first bad value of an in-memory merge's `supplied` parameters for one tensor
+        group, named with its parameter, tensor and model (mergekit's binding raises
+        pydantic's message alone); None where none is found (mergekit's error stands)."""
+        from mergekit.merge_methods.base import PerGroupValues
+
+        tensor = getattr(getattr(group, "metadata", None), "name", None)
+        where = f"tensor {tensor!r}" if tensor else f"tensor group {group_index + 1} of {group_count}"
+        for spec in self.spec.parameters:
+            if spec.name not in supplied:
+                continue
+            value = supplied[spec.name]
+            if isinstance(value, PerGroupValues):
+                if len(value.values) != group_count:
+                    return None
+                value = value.values[group_index]
+            entries = group.non_base if spec.scope == ParameterScope.NON_BASE else group.entries
+            if spec.scope == ParameterScope.SHARED:
+                given = [(None, value)]
+            elif isinstance(value, Mapping):  # by model
+                given = [(e.id, value[e.id]) for e in entries if e.id in value]
+            elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # in input order
+                given = list(zip([e.id for e in entries], value))
+            else:  # one value for every model
+                given = [(None, value)]
+            for model, raw in given:
+                try:
+                    spec.validate(raw)
+                except ValueError as error:
+                    errors = getattr(error, "errors", None)
+                    message = errors()[0].get("msg", str(error)) if callable(errors) else str(error)
+                    message = message.removeprefix("MetaGPT: ")
+                    of_model = f"model {model}, " if model is not None else ""
+                    if not message.startswith(f"parameter {spec.name}"):
+                        message = f"parameter {spec.name}: {message}"
+                    return MetaGPTError(f"MetaGPT: {message} ({of_model}{where}; got {raw!r})")
+        return None
+
     def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
         # A group of the base alone (a frankenmerge slice that keeps base layers) is
         # passed through, as stock task_arithmetic does; a merge in which no group has

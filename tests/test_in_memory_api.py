@@ -172,6 +172,25 @@ def test_per_group_alpha_must_still_be_one_value_with_mixed_granularity():
         })
 
 
+def test_a_bad_value_in_memory_is_named_with_its_parameter_model_and_tensor():
+    """mergekit's binding of in-memory parameters raises pydantic's message alone (the value,
+    not the parameter of a Literal, nor the model or the tensor group): named."""
+    from mergekit.merge_methods.base import PerGroupValues
+
+    base, models = _tiny_models()
+    sds = {"base": base, **models}
+    cases = [
+        ({"density": {"a": 0.5, "c": 0}}, r"^MetaGPT: parameter density must be a number in \(0, 1\] "
+                                          r"\(model c, tensor 'x'; got 0\)$"),
+        ({"density": [0.5, 1.5]}, r"\(model c, tensor 'x'; got 1\.5\)$"),
+        ({"density": PerGroupValues([0.5, 0.5, 2.0])}, r"must be a number in \(0, 1\] \(tensor 'z'; got 2\.0\)$"),
+        ({"lambda_from": "bogus"}, r"^MetaGPT: parameter lambda_from: .*'dense' or 'sparse' \(tensor 'x'; got 'bogus'\)$"),
+    ]
+    for parameters, expected in cases:
+        with pytest.raises(MetaGPTError, match=expected):
+            merge_state_dicts(sds, "metagpt_ties", base="base", parameters=parameters)
+
+
 def test_per_group_lambda_from_must_be_one_value():
     """Dense norms for some groups and sparsified ones for the others would give λ of
     neither; one value (either) merges."""
