@@ -163,6 +163,11 @@ def _attach_task_adapter(module) -> None:
     def execute(self, *args, **kwargs):
         if not _is_ours(getattr(self, "method_name", None)):
             return original(self, *args, **kwargs)
+        from mergekit_metagpt.buffers import refuse_unequal_buffers
+
+        # before mergekit's own check, which names no model (and may come first, in its order)
+        refuse_unequal_buffers(getattr(getattr(self, "output_weight", None), "name", None),
+                               kwargs.get("tensors", args[0] if args else None), getattr(self, "base_model", None))
         token = CURRENT_TASK.set(self)
         try:
             return original(self, *args, **kwargs)

@@ -42,6 +42,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 
 from mergekit_metagpt.env import switched_off
+from mergekit_metagpt.buffers import refuse_other_buffer
 from mergekit_metagpt.errors import MetaGPTError, base_lacks, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
@@ -621,7 +622,11 @@ def _stream_tasks(todo, move, scratch, accumulator, found: _Found, releaser, bar
             holders = [m for m in to_read if _holds(item.reads[m])] or to_read
             raise base_lacks(task.base_model, base_read.name, holders)
         if not base_tensor.is_floating_point():  # e.g. an integer buffer: not a weight, adds 0
-            # (None is kept for a tensor the model lacks, which the cache's check tells apart)
+            # (None is kept for a tensor the model lacks, which the cache's check tells apart);
+            # mergekit copies one all inputs agree on, and stops at the first that differs
+            # ("Non-floating buffer … differs", naming no model), once λ are out: named here
+            for model in to_read:
+                refuse_other_buffer(item.reads[model].name, model, fetch(model), base_tensor, task.base_model)
             for model in to_read:
                 found.dense.setdefault((task.base_model, model), {})[item.keys[model]] = 0.0
                 done.add(((task.base_model, model), item.keys[model]))

@@ -11,6 +11,7 @@ architectures' names (biases, fused projections, extra norms, MoE experts, tied 
 from __future__ import annotations
 
 import json
+import re
 import os
 
 import pytest
@@ -260,3 +261,40 @@ def test_a_bool_mask_beside_the_weights_is_neither_refused_nor_read_again(tmp_pa
     f16 = {**recipe, "base_model": paths["base_f16mask"], "dtype": "float32"}
     result = run_mergekit_yaml(write_yaml(f16, str(tmp_path / "f16.yml")), str(tmp_path / "f16"))
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("found_by", ["pre-pass", "merge task"])
+def test_a_mask_that_differs_from_the_base_is_named_with_its_model(found_by, tmp_path, merge_options,
+                                                                   monkeypatch, capsys):
+    """A fine-tune's bool mask that differs from the base's: mergekit merges no such tensor
+    and stops at it ('Non-floating buffer … differs', naming no model), in its executor's
+    order, possibly after the λ are out. Named with the model and tensor, before any weights
+    are written: by the pre-pass (and `coefficients`), and by the merge's task where the
+    pre-pass does not read it (here: its check switched off)."""
+    from safetensors.torch import load_file, save_file
+
+    from merging import run_recipe
+    from mergekit_metagpt import prepass
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths = _neox_family(str(tmp_path / "models"))
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    file = os.path.join(paths["ft2"], "model.safetensors")
+    sd = load_file(file)
+    sd["gpt_neox.layers.1.attention.bias"][0, 0, 0, 5] = True  # one more position attended
+    save_file(sd, file, metadata={"format": "pt"})
+    recipe = {"merge_method": "metagpt", "base_model": paths["base"],
+              "models": [{"model": paths["ft1"]}, {"model": paths["ft2"]}]}
+    named = (r"tensor 'gpt_neox\.layers\.1\.attention\.bias' of model .*/ft2 differs from the base's, "
+             r"and the base model .*/base stores it as torch\.bool: mergekit merges no tensor that is not "
+             r"floating point")
+    if found_by == "pre-pass":
+        assert main(["coefficients", write_yaml(recipe, str(tmp_path / "r.yml"))]) == 1
+        assert re.search(named, capsys.readouterr().err)
+    else:
+        monkeypatch.setattr(prepass, "refuse_other_buffer", lambda *args: None)
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=named):
+        run_recipe(recipe, out, merge_options)
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
