@@ -37,7 +37,7 @@ def payload(run, recipe_path: str) -> dict:
     from mergekit_metagpt import __version__
     from mergekit_metagpt.code_digest import code_digest
 
-    from mergekit_metagpt.record import passed_through_entries, set_parameters
+    from mergekit_metagpt.record import passed_through_entries, run_dtypes, set_parameters
 
     merges = []
     for set_norms in run.result.merging:
@@ -45,6 +45,7 @@ def payload(run, recipe_path: str) -> dict:
         entry.update(set_parameters(set_norms))
         entry.update(set_norms.stats.to_json())
         merges.append(entry)
+    dtype, out_dtype = run_dtypes(run)
     return {
         "format": 1,
         "recipe": os.path.basename(recipe_path),  # its folder may be the user's home: written to be shared
@@ -52,6 +53,8 @@ def payload(run, recipe_path: str) -> dict:
         "merge_method": run.method_name,
         "plugin_version": __version__,
         "plugin_code_sha256": code_digest(),
+        "dtype": dtype,  # the recipe's (the norms are of the tensors cast to it)
+        "out_dtype": out_dtype,
         "norms": norms_text(),
         "merges": merges,
         "passed_through": passed_through_entries(run.result),

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import statistics
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from mergekit_metagpt.atomic_files import write_json
 from mergekit_metagpt.merge_plan import task_parameter
@@ -113,10 +113,8 @@ def set_entry(set_norms) -> Dict[str, Any]:
     return entry
 
 
-def record_payload(run) -> Dict[str, Any]:
-    from mergekit_metagpt import __version__
-    from mergekit_metagpt.code_digest import code_digest
-
+def run_dtypes(run) -> Tuple[Optional[str], Optional[str]]:
+    """The recipe's ``dtype`` and ``out_dtype`` (None where it sets none) of a merge or plan."""
     config = run.config
     dtype = getattr(config, "dtype", None)
     out_dtype = getattr(config, "out_dtype", None)
@@ -124,6 +122,14 @@ def record_payload(run) -> Dict[str, Any]:
         first = next(iter(run.sets.values())).tasks[0]
         dtype = getattr(first, "dtype", None) or getattr(first.gather_tensors, "dtype", None)
         out_dtype = getattr(first, "out_dtype", None)
+    return dtype, out_dtype
+
+
+def record_payload(run) -> Dict[str, Any]:
+    from mergekit_metagpt import __version__
+    from mergekit_metagpt.code_digest import code_digest
+
+    dtype, out_dtype = run_dtypes(run)
     sparse = any(s.sparse for s in run.result.sets)
     return {
         "format": RECORD_FORMAT,

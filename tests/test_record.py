@@ -497,6 +497,7 @@ def test_what_is_published_keeps_tables_whole_and_no_recipe_path(llama_family, m
     from mergekit_metagpt.code_digest import code_digest
 
     assert shown["plugin_code_sha256"] == code_digest() == read_record(out)["plugin_code_sha256"]
+    assert shown["dtype"] == read_record(out)["dtype"] == "float32" and shown["out_dtype"] is None
     for text in (read_card(out), (report / "metagpt-report.md").read_text(encoding="utf-8")):
         tables = _markdown_tables(text)
         assert len(tables) >= 2
