@@ -279,9 +279,10 @@ def _attach_merge(module) -> None:
             _check_module_names(config, options)
         if options is not None:  # mergekit's run_merge needs them (and says so)
             from mergekit_metagpt.planning import (
-                check_models_open, check_output_writable, refuse_output_into_an_input,
+                check_device_there, check_models_open, check_output_writable, refuse_output_into_an_input,
             )
 
+            check_device_there(options)
             check_models_open(config, options)
             refuse_output_into_an_input(config, bound.arguments.get("out_path"))
             check_output_writable(bound.arguments.get("out_path"))

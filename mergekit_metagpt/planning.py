@@ -312,6 +312,27 @@ def check_output_writable(out_path) -> None:
                            f"{error.strerror or error}{left}; give a folder this user can write") from None
 
 
+def check_device_there(options) -> None:
+    """A CUDA device asked for (``--cuda``, ``--device cuda…``, ``--multi-gpu``,
+    ``--gpu-rich``) where torch finds none: one line, before anything is read (mergekit's
+    own failures come later: torch's "Torch not compiled with CUDA enabled", or, for
+    ``--multi-gpu``, "'NoneType' object has no attribute 'type'")."""
+    import torch
+
+    device = str(getattr(options, "device", None) or "")
+    if getattr(options, "multi_gpu", False):
+        asked = "--gpu-rich" if getattr(options, "gpu_rich", False) else "--multi-gpu"
+    elif device.startswith("cuda"):
+        asked = "--cuda" if getattr(options, "cuda", False) else f"--device {device}"
+    else:
+        asked = None
+    if asked is None or torch.cuda.is_available():
+        return
+    build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
+    raise MetaGPTError(f"{asked}: torch finds no CUDA device here (torch {torch.__version__}, {build}); "
+                       f"merge without it, on the CPU")
+
+
 def check_models_open(config, options) -> None:
     """Each model of the recipe is there, its config loads and its loader opens, or one
     line naming the model, before anything is read for the merge."""

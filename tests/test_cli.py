@@ -553,6 +553,31 @@ def test_cuda_flag_without_a_gpu_is_refused_at_once(llama_family, tmp_path, capf
     assert prepass.STATS.runs == runs
 
 
+@pytest.mark.parametrize("flags, named", [
+    ({"cuda": True}, "--cuda"),
+    ({"device": "cuda:1"}, "--device cuda:1"),
+    ({"multi_gpu": True}, "--multi-gpu"),
+    ({"gpu_rich": True}, "--gpu-rich"),
+])
+def test_a_cuda_merge_where_torch_finds_no_gpu_is_refused_before_any_read(flags, named, llama_family, tmp_path,
+                                                                          monkeypatch):
+    """mergekit-yaml --cuda (…) where torch finds no GPU: one line naming the flag, before the
+    pre-pass and before mergekit makes the output folder (mergekit's own: torch's
+    AssertionError, or for --multi-gpu "'NoneType' object has no attribute 'type'")."""
+    import torch
+    from mergekit.options import MergeOptions
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs = prepass.STATS.runs
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=f"^{re.escape(named)}: torch finds no CUDA device here "
+                                           r"\(torch .*\); merge without it, on the CPU$"):
+        run_recipe(recipe(llama_family[0], MODELS), out, MergeOptions(copy_tokenizer=False, quiet=True, **flags))
+    assert prepass.STATS.runs == runs and not os.path.exists(out)
+
+
 def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, capfd):
     """A folder demo-models would write that holds someone's checkpoint is refused, its files
     untouched; its own output it rewrites."""
