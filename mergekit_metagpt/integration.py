@@ -296,10 +296,13 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.leftover_weights import warn_of_leftovers, weight_files
 
         held_before = weight_files(context.out_path)  # what an earlier run left there
+        made_below = _nearest_there(context.out_path)  # the folders mergekit will make below it
         token = RUN_CONTEXT.set(context)
         try:
             result = original(*args, **kwargs)
         except BaseException as error:
+            if made_below is not None:  # mergekit makes the folder before the pre-pass: left empty, it goes
+                _remove_if_empty(context.out_path, made_below)
             # a merge that failed or was interrupted after its pre-pass (it may have
             # written weights) leaves no record beside weights it did not write (its own
             # is there only where FinalizeModel's wrapper is missing: written when the
@@ -322,6 +325,30 @@ def _attach_merge(module) -> None:
 
     run_merge._mergekit_metagpt_wrapper = True
     module.run_merge = run_merge
+
+
+def _nearest_there(out_path) -> Optional[str]:
+    """The nearest folder above `out_path` that exists, where `out_path` does not (None
+    where it does, or is no path)."""
+    if not isinstance(out_path, (str, os.PathLike)) or os.path.lexists(out_path):
+        return None
+    folder = os.path.abspath(out_path)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        folder = os.path.dirname(folder)
+    return folder
+
+
+def _remove_if_empty(folder, up_to: str) -> None:
+    """`folder` and the folders above it below `up_to`, each where it is empty (a merge
+    that failed before writing into the folders mergekit made for it); anything in one
+    keeps it."""
+    folder = os.path.abspath(folder)
+    while folder != up_to and os.path.dirname(folder) != folder:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def _refuse_our_method_misspelt(name) -> None:

@@ -1346,6 +1346,27 @@ def test_the_output_folder_check_makes_nothing_and_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == ["file"]
 
 
+def test_a_merge_refused_in_its_pre_pass_leaves_no_folder_it_made(family, tmp_path, merge_options):
+    """mergekit makes the output folder before executing the plan, so a merge refused in
+    its pre-pass (a NaN) left it there, empty: gone, as it was not there before. A folder
+    that was there (empty, or holding a file) stays."""
+    from merging import run_recipe
+    from mergekit_metagpt.errors import MetaGPTError
+
+    config = recipe(family[0], ["good", "nan"])
+    for out, before in ((tmp_path / "new" / "out", None), (tmp_path / "empty", []), (tmp_path / "kept", ["x"])):
+        if before is not None:
+            out.mkdir()
+            for name in before:
+                (out / name).write_text("")
+        with pytest.raises(MetaGPTError, match="NaN or Inf"):
+            run_recipe(config, str(out), merge_options)
+        if before is None:
+            assert not (tmp_path / "new").exists()
+        else:
+            assert sorted(os.listdir(out)) == before
+
+
 @contextlib.contextmanager
 def _second_name(folder: str, name: str):
     """`folder` reached under a second name that resolves to another string (a bind mount), as
