@@ -226,16 +226,19 @@ def _attach_tokenizer_build(module) -> None:
         from mergekit_metagpt.merge_plan import run_for_task
         from mergekit_metagpt.plan_inputs import computing_alone
 
-        from mergekit_metagpt.token_maps import check_token_maps
+        from mergekit_metagpt.plan_inputs import alone_for
+        from mergekit_metagpt.token_maps import aligned_models, check_token_maps
+
+        run = alone_for() if computing_alone() else run_for_task(self)
 
         def built():
             info = original(self, *args, **kwargs)
-            check_token_maps(info)  # a MetaGPT merge's, or its pre-pass's: named, not a KeyError
+            # a MetaGPT merge's, or its pre-pass's: named, not a KeyError
+            check_token_maps(info, aligned_models(run, self))
             return info
 
         if computing_alone():
             return built()
-        run = run_for_task(self)
         if run is None:
             return original(self, *args, **kwargs)
         if not run.merge_executes_plan:

@@ -163,16 +163,17 @@ class VocabularyAdapter:
 
 
 #: set while the pre-pass computes an adapter input itself (`executed_as_planned`): the
-#: plugin's wrapper on the task's ``execute`` then runs it as it is, without sharing
-_COMPUTING_ALONE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+#: plugin's wrapper on the task's ``execute`` then runs it as it is, without sharing; it
+#: holds the MetaGPT plan (``merge_plan.MergeRun``) where one is given, else True
+_COMPUTING_ALONE: contextvars.ContextVar[Any] = contextvars.ContextVar(
     "mergekit_metagpt_computing_alone", default=False)
 
 
-def executed_as_planned(task) -> Any:
+def executed_as_planned(task, run=None) -> Any:
     """`task`'s value, computed here by its ``execute`` (any wrapper of another's
-    included; the plugin's own shares nothing meanwhile: see `SharedInputs`). For
-    argument-less tasks."""
-    token = _COMPUTING_ALONE.set(True)
+    included; the plugin's own shares nothing meanwhile: see `SharedInputs`), for the
+    pre-pass of `run` (the plan, where known: see `alone_for`). For argument-less tasks."""
+    token = _COMPUTING_ALONE.set(run if run is not None else True)
     try:
         return task.execute()
     finally:
@@ -181,7 +182,14 @@ def executed_as_planned(task) -> Any:
 
 def computing_alone() -> bool:
     """Whether this thread is in `executed_as_planned` (the pre-pass computing alone)."""
-    return _COMPUTING_ALONE.get()
+    return _COMPUTING_ALONE.get() is not False
+
+
+def alone_for() -> Any:
+    """The plan whose pre-pass computes alone in this thread (`executed_as_planned`), or
+    None where it gave none."""
+    value = _COMPUTING_ALONE.get()
+    return None if isinstance(value, bool) else value
 
 
 class SharedInputs:

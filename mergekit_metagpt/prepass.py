@@ -122,8 +122,9 @@ class _AdapterInputs:
     each computed once per pre-pass, and their digests for the cache keys. In a merge,
     shared with mergekit's executor (`SharedInputs`): the tokenizers load once."""
 
-    def __init__(self, checkpoint_of, run=None):
+    def __init__(self, checkpoint_of, run=None, plan=None):
         self.checkpoint_of = checkpoint_of
+        self.plan = plan  # the MetaGPT plan (merge_plan.MergeRun), merge or not
         # in a merge, the tasks mergekit's executor runs under the plugin's wrapper (whose
         # share it takes: another, computed here alone, goes when the pre-pass ends)
         self.shared: Optional[SharedInputs] = run.shared_inputs if run is not None else None
@@ -135,9 +136,9 @@ class _AdapterInputs:
             if known == task:
                 return value, digest
         if self.shared is None or not any(task == shared for shared in self.shared_tasks):
-            value = executed_as_planned(task)
+            value = executed_as_planned(task, self.plan)
         else:
-            value = self.shared.value(task, "pre-pass", lambda: executed_as_planned(task))
+            value = self.shared.value(task, "pre-pass", lambda: executed_as_planned(task, self.plan))
         digest = input_digest(value, lambda model: self.checkpoint_of(model) or str(model))
         self._done.append((task, value, digest))
         return value, digest
@@ -335,7 +336,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
         return ckpt_keys.get(model, "")
 
     planned: List[_Planned] = []
-    adapter_inputs = _AdapterInputs(checkpoint_of, run if run.merge_executes_plan else None)
+    adapter_inputs = _AdapterInputs(checkpoint_of, run if run.merge_executes_plan else None, plan=run)
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = run.reads_of(task)

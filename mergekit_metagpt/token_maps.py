@@ -8,16 +8,39 @@ its embeddings have rows) it leaves out of the model's map altogether, after a w
 ``KeyError: 64``. For a MetaGPT merge (and its ``coefficients``, ``inspect``, ``bake``), this
 names the model and its tokens instead, as soon as the maps are built."""
 
+from typing import Hashable, Optional, Set
+
 from mergekit_metagpt.errors import MetaGPTError
 
 #: tokens named in the message (the rest counted)
 SHOWN = 3
 
 
-def check_token_maps(info) -> None:
+def aligned_models(run, tokenizer_task) -> Optional[Set[Hashable]]:
+    """The models whose tensors the vocabulary adapters built on `tokenizer_task` align, in
+    the MetaGPT plan `run` (a slices recipe's embeddings come from its first and last slices'
+    models only); None where that is not known (then every model counts)."""
+    if run is None:
+        return None
+    from mergekit_metagpt.plan_inputs import vocabulary_adapter
+
+    models: Set[Hashable] = set()
+    try:
+        for merge_set in run.sets.values():
+            for task in merge_set.tasks:
+                adapter = vocabulary_adapter(task)
+                if adapter is not None and any(t == tokenizer_task for t in adapter.inputs.values()):
+                    models.update(run.reads_of(task))
+    except Exception:  # a plan the pre-pass cannot read: it says so itself
+        return None
+    return models
+
+
+def check_token_maps(info, models: Optional[Set[Hashable]] = None) -> None:
     """Refuse a tokenizer build (mergekit's ``TokenizerInfo``) whose token map of a model
-    lacks tokens of the merged vocabulary (see the module docstring). Anything not shaped
-    like 0.1.5's ``TokenizerInfo`` passes unchecked (mergekit then reports what it finds)."""
+    (of `models`, where given: those whose tensors are aligned) lacks tokens of the merged
+    vocabulary (see the module docstring). Anything not shaped like 0.1.5's
+    ``TokenizerInfo`` passes unchecked (mergekit then reports what it finds)."""
     permutations = getattr(info, "permutations", None)
     tokenizer = getattr(info, "tokenizer", None)
     if not isinstance(permutations, dict) or not hasattr(tokenizer, "get_vocab"):
@@ -27,6 +50,8 @@ def check_token_maps(info) -> None:
     for model, token_map in permutations.items():
         if not isinstance(token_map, dict):
             return
+        if models is not None and model not in models:
+            continue
         missing = sorted((index, token) for token, index in vocab.items() if index not in token_map)
         if not missing:
             continue

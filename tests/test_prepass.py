@@ -355,6 +355,38 @@ def test_a_tokenizer_past_its_models_vocab_size_is_named_not_a_key_error(tmp_pat
                    str(tmp_path / "stock"), merge_options)
 
 
+def test_a_tokenizer_past_vocab_size_of_a_model_no_embedding_is_aligned_for_is_merged(tmp_path, merge_options,
+                                                                                      capsys):
+    """The same fine-tune d, in a frankenmerge's middle slice only: mergekit aligns the
+    embeddings of the first and last slices' models, so d's token map is never read and
+    the merge runs (as stock methods run it); `coefficients` too."""
+    from merging import write_yaml
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    base = random_state_dict(4, num_hidden_layers=3)
+    grown = perturbed(random_state_dict(4, vocab_size=65, num_hidden_layers=3), 0.01, 5)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base, num_hidden_layers=3),
+        "a": save_checkpoint(str(tmp_path / "a"), grown, vocab_size=65, num_hidden_layers=3),
+        "d": save_checkpoint(str(tmp_path / "d"), perturbed(base, 0.03, 6), num_hidden_layers=3),
+    }
+    for name, vocab in (("base", 64), ("a", 65), ("d", 65)):
+        write_tokenizer(paths[name], vocab)
+
+    def layers(model, first, last):
+        return [{"model": paths["base"], "layer_range": [first, last]},
+                {"model": paths[model], "layer_range": [first, last]}]
+
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "tokenizer_source": "union",
+              "slices": [{"sources": layers("a", 0, 1)}, {"sources": layers("d", 1, 2)},
+                         {"sources": layers("a", 2, 3)}]}
+    merged = run_recipe(config, str(tmp_path / "out"), merge_options)
+    assert merged["model.embed_tokens.weight"].shape == (65, 32)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 0, capsys.readouterr().err
+
+
 def test_nan_in_base_rows_no_model_shares_is_named_as_the_base(tmp_path, merge_options):
     """The base has 72 token rows, the fine-tune 64; a NaN in a row only the base has
     (which `tokenizer_source: base` keeps in the output, and gives the fine-tune as its
