@@ -299,13 +299,12 @@ def _attach_merge(module) -> None:
         from mergekit_metagpt.leftover_weights import warn_of_leftovers, weight_files
 
         held_before = weight_files(context.out_path)  # what an earlier run left there
-        made_below = _nearest_there(context.out_path)  # the folders mergekit will make below it
+        made = _folders_to_make(context.out_path)  # by mergekit, before the pre-pass
         token = RUN_CONTEXT.set(context)
         try:
             result = original(*args, **kwargs)
         except BaseException as error:
-            if made_below is not None:  # mergekit makes the folder before the pre-pass: left empty, it goes
-                _remove_if_empty(context.out_path, made_below)
+            _remove_if_empty(made)  # left empty: they go
             # a merge that failed or was interrupted after its pre-pass (it may have
             # written weights) leaves no record beside weights it did not write (its own
             # is there only where FinalizeModel's wrapper is missing: written when the
@@ -330,28 +329,32 @@ def _attach_merge(module) -> None:
     module.run_merge = run_merge
 
 
-def _nearest_there(out_path) -> Optional[str]:
-    """The nearest folder above `out_path` that exists, where `out_path` does not (None
-    where it does, or is no path)."""
-    if not isinstance(out_path, (str, os.PathLike)) or os.path.lexists(out_path):
-        return None
-    folder = os.path.abspath(out_path)
-    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
-        folder = os.path.dirname(folder)
-    return folder
+def _folders_to_make(out_path) -> List[str]:
+    """The folders `os.makedirs(out_path)` (mergekit's) would make, the deepest first, as
+    written (``a/../b/c`` makes ``a`` too); none where `out_path` exists or is no path."""
+    if not isinstance(out_path, (str, os.PathLike)):
+        return []
+    folder, missing = os.fspath(out_path), []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        parent = os.path.dirname(folder.rstrip(os.sep)) if folder.rstrip(os.sep) else ""
+        if parent == folder:
+            break
+        folder = parent
+    return missing
 
 
-def _remove_if_empty(folder, up_to: str) -> None:
-    """`folder` and the folders above it below `up_to`, each where it is empty (a merge
-    that failed before writing into the folders mergekit made for it); anything in one
-    keeps it."""
-    folder = os.path.abspath(folder)
-    while folder != up_to and os.path.dirname(folder) != folder:
+def _remove_if_empty(folders: List[str]) -> None:
+    """The folders mergekit made for a merge that failed before writing into them
+    (`_folders_to_make`), the deepest first, each where it is empty: anything in one keeps
+    it and those above it."""
+    for folder in folders:
+        if os.path.basename(folder.rstrip(os.sep)) in (".", ".."):
+            continue
         try:
             os.rmdir(folder)
         except OSError:
             return
-        folder = os.path.dirname(folder)
 
 
 def _refuse_our_method_misspelt(name) -> None:

@@ -191,6 +191,8 @@ class MetaGPTMerge(GroupMergeMethod):
             elif isinstance(value, Mapping):  # by model
                 given = [(e.id, value[e.id]) for e in entries if e.id in value]
             elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):  # in input order
+                if len(value) != len(entries):  # mergekit's own message says so
+                    return None
                 given = list(zip([e.id for e in entries], value))
             else:  # one value for every model
                 given = [(None, value)]

@@ -313,24 +313,40 @@ def check_output_writable(out_path) -> None:
 
 
 def check_device_there(options) -> None:
-    """A CUDA device asked for (``--cuda``, ``--device cuda…``, ``--multi-gpu``,
-    ``--gpu-rich``) where torch finds none: one line, before anything is read (mergekit's
-    own failures come later: torch's "Torch not compiled with CUDA enabled", or, for
-    ``--multi-gpu``, "'NoneType' object has no attribute 'type'")."""
+    """A CUDA device asked for (``--cuda``, ``--device cuda…``) where torch finds none, or
+    ``--multi-gpu``/``--gpu-rich`` where torch finds no accelerator at all (mergekit's
+    multi-GPU executor takes any, e.g. ``--device xpu``): one line, before anything is read
+    (mergekit's own failures come later: torch's "Torch not compiled with CUDA enabled", or
+    for ``--multi-gpu`` "'NoneType' object has no attribute 'type'")."""
     import torch
 
     device = str(getattr(options, "device", None) or "")
-    if getattr(options, "multi_gpu", False):
-        asked = "--gpu-rich" if getattr(options, "gpu_rich", False) else "--multi-gpu"
-    elif device.startswith("cuda"):
-        asked = "--cuda" if getattr(options, "cuda", False) else f"--device {device}"
+    multi = bool(getattr(options, "multi_gpu", False))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        asked = ("--gpu-rich" if getattr(options, "gpu_rich", False) else "--multi-gpu" if multi
+                 else "--cuda" if getattr(options, "cuda", False) else f"--device {device}")
+        what = "CUDA device"
+    elif multi and not _accelerator_there(torch):
+        asked, what = ("--gpu-rich" if getattr(options, "gpu_rich", False) else "--multi-gpu"), "GPU"
     else:
-        asked = None
-    if asked is None or torch.cuda.is_available():
         return
-    build = "a CPU build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, no GPU visible"
-    raise MetaGPTError(f"{asked}: torch finds no CUDA device here (torch {torch.__version__}, {build}); "
+    if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+        build = "a CPU build"
+    else:
+        build = f"built for {'ROCm ' + torch.version.hip if getattr(torch.version, 'hip', None) else 'CUDA ' + torch.version.cuda}, no GPU visible"
+    raise MetaGPTError(f"{asked}: torch finds no {what} here (torch {torch.__version__}, {build}); "
                        f"merge without it, on the CPU")
+
+
+def _accelerator_there(torch) -> bool:
+    """Whether torch finds an accelerator of any kind (CUDA, ROCm, XPU …)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None:  # torch < 2.6: mergekit takes torch.cuda then
+        return torch.cuda.is_available()
+    try:
+        return accelerator.current_accelerator() is not None and accelerator.device_count() > 0
+    except Exception:
+        return torch.cuda.is_available()
 
 
 def check_models_open(config, options) -> None:

@@ -1354,15 +1354,16 @@ def test_a_merge_refused_in_its_pre_pass_leaves_no_folder_it_made(family, tmp_pa
     from mergekit_metagpt.errors import MetaGPTError
 
     config = recipe(family[0], ["good", "nan"])
-    for out, before in ((tmp_path / "new" / "out", None), (tmp_path / "empty", []), (tmp_path / "kept", ["x"])):
+    for out, before in ((tmp_path / "new" / "out", None), (tmp_path / "p" / ".." / "q" / "out", None),
+                        (tmp_path / "empty", []), (tmp_path / "kept", ["x"])):
         if before is not None:
             out.mkdir()
             for name in before:
                 (out / name).write_text("")
         with pytest.raises(MetaGPTError, match="NaN or Inf"):
             run_recipe(config, str(out), merge_options)
-        if before is None:
-            assert not (tmp_path / "new").exists()
+        if before is None:  # and the folders above it that mergekit made (p too)
+            assert not {"new", "p", "q"} & set(os.listdir(tmp_path)), os.listdir(tmp_path)
         else:
             assert sorted(os.listdir(out)) == before
 

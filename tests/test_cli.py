@@ -569,13 +569,20 @@ def test_a_cuda_merge_where_torch_finds_no_gpu_is_refused_before_any_read(flags,
 
     from mergekit_metagpt.errors import MetaGPTError
 
+    from mergekit_metagpt.planning import check_device_there
+
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: None)
     runs = prepass.STATS.runs
     out = str(tmp_path / "out")
-    with pytest.raises(MetaGPTError, match=f"^{re.escape(named)}: torch finds no CUDA device here "
+    with pytest.raises(MetaGPTError, match=f"^{re.escape(named)}: torch finds no (CUDA device|GPU) here "
                                            r"\(torch .*\); merge without it, on the CPU$"):
         run_recipe(recipe(llama_family[0], MODELS), out, MergeOptions(copy_tokenizer=False, quiet=True, **flags))
     assert prepass.STATS.runs == runs and not os.path.exists(out)
+    # mergekit's multi-GPU executor takes any accelerator torch finds (Intel's XPU): not refused
+    monkeypatch.setattr(torch.accelerator, "current_accelerator", lambda *a, **k: torch.device("xpu"))
+    monkeypatch.setattr(torch.accelerator, "device_count", lambda *a, **k: 2)
+    check_device_there(MergeOptions(multi_gpu=True, device="xpu"))
 
 
 def test_demo_models_does_not_overwrite_a_checkpoint_it_did_not_write(tmp_path, capfd):

@@ -189,6 +189,10 @@ def test_a_bad_value_in_memory_is_named_with_its_parameter_model_and_tensor():
     for parameters, expected in cases:
         with pytest.raises(MetaGPTError, match=expected):
             merge_state_dicts(sds, "metagpt_ties", base="base", parameters=parameters)
+    # one value per model besides the base: a list of another length is mergekit's to say
+    # (its length), not a value of the wrong model
+    with pytest.raises(ValueError, match="expects 2 values; got 3"):
+        merge_state_dicts(sds, "metagpt_ties", base="base", parameters={"density": [2, 0.5, 0.5]})
 
 
 def test_per_group_lambda_from_must_be_one_value():
