@@ -115,10 +115,10 @@ def set_entry(set_norms) -> Dict[str, Any]:
 
 def run_dtypes(run) -> Tuple[Optional[str], Optional[str]]:
     """The recipe's ``dtype`` and ``out_dtype`` (None where it sets none) of a merge or plan."""
-    config = run.config
+    config = getattr(run, "config", None)
     dtype = getattr(config, "dtype", None)
     out_dtype = getattr(config, "out_dtype", None)
-    if config is None and run.sets:  # planned without run_merge (mergekit-pytorch): the plan's
+    if config is None and getattr(run, "sets", None):  # planned without run_merge (mergekit-pytorch): the plan's
         first = next(iter(run.sets.values())).tasks[0]
         dtype = getattr(first, "dtype", None) or getattr(first.gather_tensors, "dtype", None)
         out_dtype = getattr(first, "out_dtype", None)
