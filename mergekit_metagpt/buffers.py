@@ -44,6 +44,12 @@ def refuse_unequal_buffers(name, tensors: Dict[Hashable, torch.Tensor], base) ->
             continue
         if not base_tensor.is_floating_point():
             refuse_other_buffer(name, model, tensor, base_tensor, base)
-        elif not tensor.is_floating_point():
-            raise MetaGPTError(f"MetaGPT: tensor {name!r} of model {model} is {tensor.dtype}, "
-                               f"but floating point in the base model {base}")
+        else:
+            refuse_not_floating(name, model, tensor, base)
+
+
+def refuse_not_floating(name, model, tensor: torch.Tensor, base) -> None:
+    """A model's copy of a tensor the base stores as floating point, where it is not."""
+    if not tensor.is_floating_point():
+        raise MetaGPTError(f"MetaGPT: tensor {name!r} of model {model} is {tensor.dtype}, "
+                           f"but floating point in the base model {base}")

@@ -42,7 +42,7 @@ from typing import Dict, Hashable, List, Optional, Tuple
 import torch
 
 from mergekit_metagpt.env import switched_off
-from mergekit_metagpt.buffers import refuse_other_buffer
+from mergekit_metagpt.buffers import refuse_not_floating, refuse_other_buffer
 from mergekit_metagpt.errors import MetaGPTError, base_lacks, out_of_memory
 from mergekit_metagpt import norm_memo
 from mergekit_metagpt.merge_plan import task_models
@@ -719,11 +719,7 @@ def _task_norms(item, to_read, pairs, base_tensor, fetch, scratch, accumulator, 
             found.dense.setdefault(pair, {})[key] = None
             done.add((pair, key))
             continue
-        if not tensor.is_floating_point():
-            raise MetaGPTError(
-                f"MetaGPT: tensor {read.name!r} of model {model} is {tensor.dtype}, "
-                f"but floating point in the base model {task.base_model}"
-            )
+        refuse_not_floating(read.name, model, tensor, task.base_model)
         _check_shape(read, base_read, axis, tensor, base_tensor)
         slot = (id(task), model) if sparsifier is not None else (pair, key)
         accumulator.labels.setdefault(model, f"model {model}")

@@ -298,3 +298,39 @@ def test_a_mask_that_differs_from_the_base_is_named_with_its_model(found_by, tmp
     with pytest.raises(MetaGPTError, match=named):
         run_recipe(recipe, out, merge_options)
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
+@pytest.mark.parametrize("found_by", ["pre-pass", "merge task"])
+def test_an_integer_copy_of_a_float_weight_is_named_with_its_model(found_by, tmp_path, merge_options,
+                                                                   monkeypatch, capsys):
+    """A fine-tune that stores as int64 a weight the base stores as floating point (no
+    `dtype:` in the recipe, so mergekit converts nothing): named with model and tensor
+    before any weights are written, by the pre-pass, and by the merge's task where the
+    pre-pass lets it through (here: its check switched off)."""
+    from safetensors.torch import load_file, save_file
+
+    from merging import run_recipe
+    from mergekit_metagpt import prepass
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths = _neox_family(str(tmp_path / "models"))
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    file = os.path.join(paths["ft2"], "model.safetensors")
+    sd = load_file(file)
+    name = "gpt_neox.layers.0.input_layernorm.weight"
+    sd[name] = sd[name].round().to(torch.int64)
+    save_file(sd, file, metadata={"format": "pt"})
+    recipe = {"merge_method": "metagpt", "base_model": paths["base"],
+              "models": [{"model": paths["ft1"]}, {"model": paths["ft2"]}]}
+    named = (r"tensor 'gpt_neox\.layers\.0\.input_layernorm\.weight' of model .*/ft2 is torch\.int64, "
+             r"but floating point in the base model .*/base")
+    if found_by == "pre-pass":
+        assert main(["coefficients", write_yaml(recipe, str(tmp_path / "r.yml"))]) == 1
+        assert re.search(named, capsys.readouterr().err)
+    else:
+        monkeypatch.setattr(prepass, "refuse_not_floating", lambda *args: None)
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=named):
+        run_recipe(recipe, out, merge_options)
+    assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
