@@ -365,26 +365,27 @@ def uniform_alpha(values, where: str) -> float:
     bad = [v for v, n in zip(values, numbers) if n is None]
     if bad:
         raise MetaGPTError(f"{ALPHA_RULE} ({where}); got {bad[0]!r}")
-    distinct = sorted(set(numbers))
-    if len(distinct) > 1:
-        raise MetaGPTError(
-            f"MetaGPT: parameter alpha must be one value for all tensors of a model set "
-            f"({where}); got {', '.join(f'{v:g}' for v in distinct)}"
-        )
-    return distinct[0] if distinct else 1.0
+    return _one_value("alpha", numbers, where, 1.0, show="{:g}".format)
 
 
 def uniform_lambda_from(values, where: str) -> str:
     """The one ``lambda_from`` of a model set (its λ are one per model, over the norms of
     all its tensors: all of them dense or all sparsified), or an error naming the values."""
-    distinct = sorted({str(v) for v in values})
+    return _one_value("lambda_from", [str(v) for v in values], where, "dense", why=(
+        ": its λ are one per model, from the norms of all its tensors, of the task vectors "
+        "(dense) or of the sparsified ones (sparse), not a mix"))
+
+
+def _one_value(name: str, values, where: str, default, show=str, why: str = ""):
+    """The one value a parameter takes over all tensors of a model set (`default` where
+    none is given), or an error naming the distinct values given."""
+    distinct = sorted(set(values))
     if len(distinct) > 1:
         raise MetaGPTError(
-            f"MetaGPT: parameter lambda_from must be one value for all tensors of a model set "
-            f"({where}); got {', '.join(distinct)}: its λ are one per model, from the norms of all "
-            f"its tensors, of the task vectors (dense) or of the sparsified ones (sparse), not a mix"
+            f"MetaGPT: parameter {name} must be one value for all tensors of a model set "
+            f"({where}); got {', '.join(show(v) for v in distinct)}{why}"
         )
-    return distinct[0] if distinct else "dense"
+    return distinct[0] if distinct else default
 
 
 def _inputs(merge_set: MergeSet, reads) -> str:
