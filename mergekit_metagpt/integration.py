@@ -562,6 +562,7 @@ def _attach_raw_pytorch(module) -> None:
     original = _unwrapped(_need(module, "plan_flat_merge", module.__name__))
     if original is None:
         return
+    signature = inspect.signature(original)
 
     @functools.wraps(original)
     def plan_flat_merge(config, *args, **kwargs):
@@ -569,10 +570,17 @@ def _attach_raw_pytorch(module) -> None:
         if holder is not None:  # inside the command: its MergeOptions (an argument with `quiet`)
             holder["options"] = next((a for a in (*args, *kwargs.values()) if hasattr(a, "quiet")), None)
         if _is_ours(getattr(config, "merge_method", None)):
+            from mergekit_metagpt.planning import check_device_there, check_output_writable, check_raw_files
             from mergekit_metagpt.recipe_checks import check_config, check_raw_paths
 
             check_config(config)
             check_raw_paths(config)
+            bound = signature.bind_partial(config, *args, **kwargs).arguments
+            options, out_path = bound.get("options"), bound.get("out_path")
+            if options is not None:
+                check_device_there(options)
+            check_raw_files(module, config, out_path, options)
+            check_output_writable(out_path)
         return original(config, *args, **kwargs)
 
     plan_flat_merge._mergekit_metagpt_wrapper = True

@@ -286,6 +286,50 @@ def refuse_output_into_an_input(config, out_path) -> None:
                 )
 
 
+def check_raw_files(module, config, out_path, options) -> None:
+    """mergekit-pytorch's inputs (files: a ``.safetensors``, or a pickle ``.bin``/``.pt``),
+    each opened by its own loader cache (``SimpleLoaderCache``, which the merge then reuses:
+    nothing is read twice), before anything is planned or read: a damaged or missing file
+    is one line naming the model (mergekit's traceback names no file); a pickle holding
+    its tensors under ``state_dict`` is refused (mergekit 0.1.5 lists the tensors inside
+    it, but its loader looks them up at the file's top level: a ``KeyError`` mid-merge);
+    and an output folder holding an input file, which the merge would write over or
+    beside (its weights are ``model*.safetensors`` / ``pytorch_model*.bin``)."""
+    cache_type = getattr(module, "SimpleLoaderCache", None)
+    paths = [p for p in dict.fromkeys([*(m.model for m in config.models), config.base_model]) if p]
+    if isinstance(out_path, (str, os.PathLike)) and os.path.isdir(out_path):
+        from mergekit_metagpt.merge_plan import same_folder
+
+        for path in paths:
+            if same_folder(os.path.dirname(os.path.abspath(path)) or ".", out_path):
+                raise MetaGPTError(f"the output folder {out_path} holds model {path}: mergekit-pytorch would write "
+                                   f"the merged weights over or beside it; give another output folder")
+    if cache_type is None:  # mergekit changed shape: its own errors then
+        return
+    cache = cache_type()
+    if hasattr(options, "lazy_unpickle"):
+        cache.lazy_unpickle = options.lazy_unpickle  # as plan_flat_merge sets it, next
+    for path in paths:
+        try:
+            loader = cache.get(path)
+        except Exception as error:
+            raise MetaGPTError(f"cannot load model {path}: {one_line(error)}") from None
+        index = getattr(loader, "index", None)
+        if index is None or getattr(index, "is_safetensors", True):
+            continue
+        import torch
+
+        try:
+            top = torch.load(path, map_location="meta")  # as mergekit's index reads it
+        except Exception:  # read by mergekit's index above: not to be said twice
+            continue
+        if isinstance(top, dict) and "state_dict" in top:
+            raise MetaGPTError(
+                f"model {path} holds its tensors under 'state_dict': mergekit-pytorch 0.1.5 lists the tensors "
+                f"inside it but reads them at the file's top level (a KeyError mid-merge, whatever the method); "
+                f"save the state dict itself (torch.save(checkpoint['state_dict'], path))")
+
+
 def check_output_writable(out_path) -> None:
     """The output folder can take files, before the pre-pass reads every model (a read-only
     mount, an immutable folder or a file in its way: mergekit fails at its first shard,

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -1271,6 +1272,62 @@ def test_mergekit_pytorch_refuses_a_path_with_a_space_before_reading(raw_family,
         "Circular reference detected" in line and line.endswith(
             "a path holding a space or '\"'), whatever the method: rename the file"), result.stderr[-2000:]
     assert "MetaGPT norm pre-pass" not in result.stderr and not os.path.exists(out)
+
+
+def _damaged(paths, tmp_path):
+    data = open(paths["b"], "rb").read()
+    cut = str(tmp_path / "b-cut.safetensors")
+    with open(cut, "wb") as f:
+        f.write(data[:-200])
+    return {**paths, "b": cut}, str(tmp_path / "out"), (
+        f"Error: cannot load model {cut}: SafetensorError: Error while deserializing header")
+
+
+def _nested(paths, tmp_path):
+    from safetensors.torch import load_file
+
+    nested = str(tmp_path / "b-nested.pt")
+    torch.save({"state_dict": load_file(paths["b"]), "epoch": 3}, nested)
+    return {**paths, "b": nested}, str(tmp_path / "out"), (
+        f"Error: model {nested} holds its tensors under 'state_dict': mergekit-pytorch 0.1.5 lists")
+
+
+def _into_an_input(paths, tmp_path):
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    inside = os.path.join(out, "model.safetensors")  # the name of mergekit-pytorch's output
+    shutil.copyfile(paths["b"], inside)
+    return {**paths, "b": inside}, out, f"Error: the output folder {out} holds model {inside}: mergekit-pytorch"
+
+
+def _cuda(paths, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine where torch finds no CUDA device")
+    return paths, str(tmp_path / "out"), "Error: --cuda: torch finds no CUDA device here"
+
+
+@pytest.mark.parametrize("case", [_damaged, _nested, _into_an_input, _cuda], ids=lambda f: f.__name__[1:])
+def test_mergekit_pytorch_refuses_bad_inputs_before_reading(case, raw_family, tmp_path):
+    """mergekit-pytorch runs no run_merge: its MetaGPT recipes' inputs and options are
+    checked by the plan_flat_merge wrapper, in one line naming the file, before the
+    pre-pass reads anything. A damaged file (mergekit: a traceback naming no file), a
+    pickle holding its tensors under 'state_dict' (mergekit lists them, then fails
+    mid-merge on a KeyError), an output folder holding an input (mergekit wrote the merge
+    over it, exit 0), --cuda without CUDA (mergekit: "Torch not compiled with CUDA
+    enabled" after planning)."""
+    paths, _ = raw_family
+    paths, out, expected = case(paths, tmp_path)
+    before = {p: open(p, "rb").read() for p in paths.values()}
+    path = write_yaml(_raw_recipe(paths, "metagpt"), str(tmp_path / "r.yml"))
+    flags = ["--cuda"] if case is _cuda else []
+    result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, *flags],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(expected), result.stderr[-3000:]
+    assert "MetaGPT norm pre-pass" not in result.stderr, result.stderr[-3000:]
+    assert {p: open(p, "rb").read() for p in paths.values()} == before
+    written = sorted(os.listdir(out)) if os.path.isdir(out) else []
+    assert written == (["model.safetensors"] if case is _into_an_input else []), written
 
 
 # =====================================================================================
