@@ -355,6 +355,46 @@ def test_a_tokenizer_past_its_models_vocab_size_is_named_not_a_key_error(tmp_pat
                    str(tmp_path / "stock"), merge_options)
 
 
+def test_a_tokenizer_past_its_models_embedding_rows_is_named_not_an_index_error(tmp_path, merge_options, capsys):
+    """The same fine-tune d (64 rows, a tokenizer with w64 at id 64), but a config whose
+    vocab_size (66) mergekit takes as it is, as it takes the tokenizer's size where it
+    reads none (a Qwen2.5-VL config saved by transformers 5): the token stays in d's map,
+    at a row past its embeddings', and the alignment fails with a bare IndexError. Named
+    with the model, token and tensor instead, before any weights are written."""
+    import json
+
+    from merging import safetensors_in, write_yaml
+    from mergekit_metagpt.cli import main
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    base = random_state_dict(4)
+    grown = perturbed(random_state_dict(4, vocab_size=65), 0.01, 5)
+    paths = {
+        "base": save_checkpoint(str(tmp_path / "base"), base),
+        "a": save_checkpoint(str(tmp_path / "a"), grown, vocab_size=65),
+        "d": save_checkpoint(str(tmp_path / "d"), perturbed(base, 0.03, 6)),
+    }
+    for name, vocab in (("base", 64), ("a", 65), ("d", 65)):
+        write_tokenizer(paths[name], vocab)
+    with open(os.path.join(paths["d"], "config.json")) as f:
+        config_json = json.load(f)
+    with open(os.path.join(paths["d"], "config.json"), "w") as f:
+        json.dump({**config_json, "vocab_size": 66}, f)
+    config = recipe(paths, ["a", "d"], tokenizer_source="union")
+    named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) past the 64 rows of its tensor 'model.")
+             + r"(embed_tokens|lm_head)\.weight': 'w64' \(id 64 in its tokenizer\).*IndexError: index 64")
+    out = str(tmp_path / "out")
+    with pytest.raises(MetaGPTError, match=named):
+        run_recipe(config, out, merge_options)
+    assert not safetensors_in(out)
+    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 1
+    assert re.search(named, capsys.readouterr().err)
+    with pytest.raises(IndexError):
+        run_recipe(dict(config, merge_method="task_arithmetic",
+                        models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]),
+                   str(tmp_path / "stock"), merge_options)
+
+
 def test_a_tokenizer_past_vocab_size_of_a_model_no_embedding_is_aligned_for_is_merged(tmp_path, merge_options,
                                                                                       capsys):
     """The same fine-tune d, in a frankenmerge's middle slice only: mergekit aligns the
