@@ -216,7 +216,7 @@ class MergeRun:
         """Refuse a plan in which a tensor's inputs lack its base, no set merges any model
         besides its base, a set's tensors are given different ``alpha`` or ``lambda_from``
         (its λ are one per model), a set lists one checkpoint twice, or a file the plan reads is missing
-        or damaged."""
+        or damaged; and warn of what a merge may not mean (``tied_reads``, a set spelt apart)."""
         for (base, read), names in self._baseless.items():
             shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
             raise MetaGPTError(
@@ -238,9 +238,11 @@ class MergeRun:
             _refuse_one_checkpoint_twice(merge_set.models, merge_set.base)
         _warn_one_set_spelt_apart(list(self.sets.values()))
         from mergekit_metagpt.checkpoint_files import check_files_open
+        from mergekit_metagpt.tied_reads import warn_of_tied_reads
 
         check_files_open((task.base_model, self.reads_of(task))
                          for merge_set in self.sets.values() for task in merge_set.tasks)
+        warn_of_tied_reads(self)
 
 
 def place(path) -> Optional[tuple]:

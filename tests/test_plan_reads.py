@@ -1093,6 +1093,44 @@ def test_a_tied_model_beside_an_untied_one_counts_its_embeddings_for_lm_head_too
     assert_close(merged, closed_merge({**base, HEAD: base[EMBED]}, models, lams, reads))
 
 
+def test_a_tied_model_of_an_untied_base_is_warned_of_and_counted_as_merged(tied_family, tmp_path, caplog):
+    """An untied base (an lm_head of its own) with a fine-tune saved tied (a): mergekit
+    reads a's embed_tokens for lm_head, so a's task vector there is embed − lm_head₀, no
+    fine-tuning change, and it dominates a's λ. Counted as the merge applies it (λ as the
+    closed form of what is read), and a WARNING names a and the tensor; none for the
+    untied model c, nor for a tied base beside an untied fine-tune (the lm_head both read
+    is then the base's own embed_tokens)."""
+    from mergekit_metagpt.cli import main
+
+    paths, sds = tied_family
+    base = {**sds["base"], HEAD: torch.randn(sds["base"][EMBED].shape, generator=torch.Generator().manual_seed(7))
+            * 0.05}
+    untied = noisy(base, uniform(0.02), 46)
+    paths = {**paths, "u": save_checkpoint(str(tmp_path / "u"), base),
+             "c": save_checkpoint(str(tmp_path / "c"), untied)}
+    models = {"a": sds["a"], "c": untied}
+    config = {"merge_method": "metagpt", "base_model": paths["u"], "dtype": "float32",
+              "models": [{"model": paths[m]} for m in models]}
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    out = str(tmp_path / "out")
+    result = run_mergekit_yaml(path, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warned = [line for line in result.stderr.splitlines() if "has tied embeddings where the base model" in line]
+    assert len(warned) == 1 and f"model {paths['a']} has tied embeddings where the base model {paths['u']} " \
+        f"has its own 'lm_head.weight' (read as 'model.embed_tokens.weight')" in warned[0], result.stderr[-3000:]
+    heads = {"a": {**sds["a"], HEAD: sds["a"][EMBED]}, "c": untied}
+    lams = closed_lambdas(base, heads, [(n, n) for n in base])
+    assert lams["a"] > 0.8  # a's lm_head "change" dominates
+    (got,) = record_sets(out, _names(paths))
+    assert_lambdas(got, lams)
+    # the tied base beside the untied fine-tune: no such warning
+    tied_base = dict(config, base_model=paths["base"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        assert main(["coefficients", write_yaml(tied_base, str(tmp_path / "tied.yml"))]) == 0
+    assert "has tied embeddings" not in caplog.text
+
+
 def test_in_memory_a_tied_module_beside_an_untied_one_counts_its_embeddings_twice(tied_family):
     """merge_state_dicts with a tied base and tied model beside an untied one: the merged
     lm_head and embed_tokens differ (the untied model's lm_head), and each applies the tied
