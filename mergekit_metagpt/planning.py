@@ -292,8 +292,9 @@ def check_raw_files(module, config, out_path, options) -> None:
     nothing is read twice), before anything is planned or read: a damaged or missing file
     is one line naming the model (mergekit's traceback names no file); a pickle holding
     its tensors under ``state_dict`` is refused (mergekit 0.1.5 lists the tensors inside
-    it, but its loader looks them up at the file's top level: a ``KeyError`` mid-merge);
-    and an output folder holding an input file, which the merge would write over or
+    it, but its loader looks them up at the file's top level: a ``KeyError`` mid-merge),
+    as is one holding a 0-dimensional tensor under ``--lazy-unpickle`` (which cannot read
+    one: a ``TypeError`` mid-merge); and an output folder holding an input file, which the merge would write over or
     beside (its weights are ``model*.safetensors`` / ``pytorch_model*.bin``)."""
     cache_type = getattr(module, "SimpleLoaderCache", None)
     paths = [p for p in dict.fromkeys([*(m.model for m in config.models), config.base_model]) if p]
@@ -328,6 +329,13 @@ def check_raw_files(module, config, out_path, options) -> None:
                 f"model {path} holds its tensors under 'state_dict': mergekit-pytorch 0.1.5 lists the tensors "
                 f"inside it but reads them at the file's top level (a KeyError mid-merge, whatever the method); "
                 f"save the state dict itself (torch.save(checkpoint['state_dict'], path))")
+        scalar = next((k for k, v in top.items() if isinstance(v, torch.Tensor) and v.dim() == 0), None) \
+            if isinstance(top, dict) and getattr(cache, "lazy_unpickle", False) else None
+        if scalar is not None:
+            raise MetaGPTError(
+                f"model {path} holds a 0-dimensional tensor, {scalar!r}, which mergekit 0.1.5's --lazy-unpickle "
+                f"cannot read (TypeError: reduce() of empty iterable, mid-merge, whatever the method): merge "
+                f"without --lazy-unpickle")
 
 
 def check_output_writable(out_path) -> None:

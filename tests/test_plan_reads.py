@@ -1338,26 +1338,40 @@ def _into_an_input(paths, tmp_path):
     return {**paths, "b": inside}, out, f"Error: the output folder {out} holds model {inside}: mergekit-pytorch"
 
 
+def _scalar_lazily(paths, tmp_path):
+    from safetensors.torch import load_file
+
+    counted = {}
+    for name, path in paths.items():  # every input with the same counter: merged, but not lazily
+        counted[name] = str(tmp_path / f"{name}-counted.bin")
+        torch.save({**load_file(path), "steps": torch.tensor(3)}, counted[name])
+    return counted, str(tmp_path / "out"), (
+        f"Error: model {counted['a']} holds a 0-dimensional tensor, 'steps', which mergekit 0.1.5's "
+        f"--lazy-unpickle cannot read")
+
+
 def _cuda(paths, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("needs a machine where torch finds no CUDA device")
     return paths, str(tmp_path / "out"), "Error: --cuda: torch finds no CUDA device here"
 
 
-@pytest.mark.parametrize("case", [_damaged, _nested, _into_an_input, _cuda], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("case", [_damaged, _nested, _scalar_lazily, _into_an_input, _cuda],
+                         ids=lambda f: f.__name__[1:])
 def test_mergekit_pytorch_refuses_bad_inputs_before_reading(case, raw_family, tmp_path):
     """mergekit-pytorch runs no run_merge: its MetaGPT recipes' inputs and options are
     checked by the plan_flat_merge wrapper, in one line naming the file, before the
     pre-pass reads anything. A damaged file (mergekit: a traceback naming no file), a
     pickle holding its tensors under 'state_dict' (mergekit lists them, then fails
-    mid-merge on a KeyError), an output folder holding an input (mergekit wrote the merge
+    mid-merge on a KeyError), a pickle holding a 0-dimensional tensor under --lazy-unpickle
+    (mergekit's TypeError mid-merge), an output folder holding an input (mergekit wrote the merge
     over it, exit 0), --cuda without CUDA (mergekit: "Torch not compiled with CUDA
     enabled" after planning)."""
     paths, _ = raw_family
     paths, out, expected = case(paths, tmp_path)
     before = {p: open(p, "rb").read() for p in paths.values()}
     path = write_yaml(_raw_recipe(paths, "metagpt"), str(tmp_path / "r.yml"))
-    flags = ["--cuda"] if case is _cuda else []
+    flags = {_cuda: ["--cuda"], _scalar_lazily: ["--lazy-unpickle"]}.get(case, [])
     result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, *flags],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 1, result.stderr[-3000:]
