@@ -293,7 +293,8 @@ class MetaGPTMerge(GroupMergeMethod):
                     f"tasks the plugin wraps (a mergekit version the plugin does not know); "
                     f"their λ need the norms of every tensor of the merge"
                 )
-            return self._in_memory_lambdas(groups, parameters, input_dtypes)
+            with torch.no_grad():  # λ are numbers, not part of a graph (nor the scratch buffers)
+                return self._in_memory_lambdas(groups, parameters, input_dtypes)
         return [self._graph_lambdas(g, p) for g, p in zip(groups, parameters)]
 
     def _in_memory_lambdas(self, groups, parameters, input_dtypes=None) -> List[Dict[Hashable, float]]:
@@ -369,12 +370,25 @@ class MetaGPTMerge(GroupMergeMethod):
         compute = work_dtype(base)  # float32, float64 for float64 (as the norms)
         weights = [(e.tensor.reshape(-1), lambdas[e.id] * scale) for e in group.non_base]
         weights = [(x, w) for x, w in weights if w != 0.0]
+        if torch.is_grad_enabled() and any(e.tensor.requires_grad for e in group.entries):
+            # in memory, a caller differentiating through the merge (nn.Module parameters
+            # outside no_grad): out-of-place, so that no graph reaches the reused buffers
+            base_w = base.to(compute)
+            merged = base_w + sum(w * (x.reshape(base.shape).to(compute) - base_w) for x, w in weights)
+            return merged.to(base.dtype)
         scratch = thread_scratch()
         # a fresh contiguous output, whatever the inputs' strides (reshape copies only
         # a non-contiguous input, and only its flat view is read)
         out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
         flat_base, flat_out = base.reshape(-1), out.view(-1)
         # θ₀ + Σ w_t (θ_t − θ₀) in float32, one chunk at a time into the output tensor
+        with torch.no_grad():
+            self._merge_chunks(flat_base, flat_out, weights, scratch, compute)
+        return out
+
+    @staticmethod
+    def _merge_chunks(flat_base, flat_out, weights, scratch, compute) -> None:
+        base = flat_base
         for start, end in chunks(flat_base.numel(), base.device):
             n = end - start
             base_c = scratch.flat("merge_base", n, base.device, compute).copy_(flat_base[start:end])
@@ -383,7 +397,6 @@ class MetaGPTMerge(GroupMergeMethod):
             for x, weight in weights:
                 merged.add_(delta.copy_(x[start:end]).sub_(base_c), alpha=weight)
             flat_out[start:end].copy_(merged.add_(base_c))
-        return out
 
     def _merge_with_delegate(self, group, lambdas, scale, parameters) -> torch.Tensor:
         delegate = self.delegate()

@@ -41,6 +41,11 @@ class Scratch:
         """An uninitialised 1-d buffer of `numel` elements, reused per slot."""
         key = (slot, device, dtype)
         buffer = self._buffers.get(key)
+        # one made under torch.inference_mode() cannot be written outside it (and one
+        # written with autograd on would carry its graph): made again
+        if buffer is not None and ((buffer.is_inference() and not torch.is_inference_mode_enabled())
+                                   or buffer.requires_grad or buffer.grad_fn is not None):
+            buffer = None
         if buffer is None or buffer.numel() < numel:
             self._buffers.pop(key, None)
             buffer = torch.empty(numel, dtype=dtype, device=device)

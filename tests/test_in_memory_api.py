@@ -367,3 +367,57 @@ def test_tied_groups_sparsified_apart_count_apart(head_density, counted):
     norms = in_memory_norms(groups, lambda i: method.sparsifier(
         {"lambda_from": "sparse", "density": {m: density[names[i]] for m in "ab"}}))
     assert {m: sorted(v) for m, v in norms.items()} == {"a": counted, "b": counted}
+
+
+def _small(seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(1000, generator=gen)
+    return {"base": {"w": base}, **{m: {"w": base + s * torch.randn(1000, generator=gen)}
+                                    for m, s in (("a", 0.01), ("b", 0.03), ("c", 0.002))}}
+
+
+def _closed(sds):
+    base = sds["base"]["w"].double()
+    norms = {m: float((sd["w"].double() - base).pow(2).sum()) for m, sd in sds.items() if m != "base"}
+    lams = {m: v / sum(norms.values()) for m, v in norms.items()}
+    return lams, base + sum(lams[m] * (sds[m]["w"].double() - base) for m in lams)
+
+
+def test_a_merge_in_inference_mode_leaves_the_next_one_outside_it_working():
+    """The per-thread work buffers made under torch.inference_mode() cannot be written
+    outside it: the next merge of the thread, outside, was a RuntimeError ('Inplace update
+    to inference tensor outside InferenceMode'), until the buffers were released."""
+    sds = _small()
+    _, reference = _closed(sds)
+    with torch.inference_mode():
+        first = merge_state_dicts(sds, "metagpt", base="base")["w"]
+    second = merge_state_dicts(sds, "metagpt", base="base")["w"]
+    for merged in (first, second):
+        assert (merged.double() - reference).abs().max().item() < 1e-6
+
+
+def test_a_merge_differentiated_through_leaves_no_graph_to_the_next_merge():
+    """Inputs that require grad, autograd on: the merge is differentiable (each model's
+    gradient is its λ, the base's 1 − Σλ), and the next merge of plain tensors in the
+    thread returns plain tensors (the reused work buffers took the first call's graph: its
+    output required grad, its backward wrote into the first call's inputs, which the
+    buffers kept alive until then)."""
+    sds = _small()
+    lams, reference = _closed(sds)
+    wanting = {m: {"w": sd["w"].clone().requires_grad_(True)} for m, sd in sds.items()}
+    first = merge_state_dicts(wanting, "metagpt", base="base")["w"]
+    assert (first.detach().double() - reference).abs().max().item() < 1e-6
+    first.sum().backward()
+    for m, lam in lams.items():
+        assert torch.allclose(wanting[m]["w"].grad, torch.full((1000,), lam), atol=1e-6), m
+    assert torch.allclose(wanting["base"]["w"].grad, torch.full((1000,), 1 - sum(lams.values())), atol=1e-6)
+    import gc
+    import weakref
+
+    held = [weakref.ref(sd["w"]) for sd in wanting.values()]
+    del first, wanting
+    gc.collect()
+    assert not [ref for ref in held if ref() is not None]  # no graph kept them in the thread's buffers
+    second = merge_state_dicts(sds, "metagpt", base="base")["w"]
+    assert not second.requires_grad and second.grad_fn is None
+    assert (second.double() - reference).abs().max().item() < 1e-6
