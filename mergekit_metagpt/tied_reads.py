@@ -1,5 +1,5 @@
 """A warning for a model whose tensor mergekit reads through a tied name where the base's
-is its own: an untied base (its own ``lm_head``) with a fine-tune saved with tied
+is its own, and differs from the base's tensor of that tied name: an untied base (its own ``lm_head``) with a fine-tune saved with tied
 embeddings (no ``lm_head``), for which mergekit reads the fine-tune's ``embed_tokens``.
 That model's ``lm_head`` task vector is then ``embed_tokens − lm_head₀``, two different
 matrices rather than a fine-tuning change, and its norm, counted as the merge applies it,
@@ -23,13 +23,30 @@ def tied_against_own(run) -> Dict[Tuple[object, object], List[Tuple[str, str]]]:
                 base_read = reads.get(task.base_model)
                 if base_read is None or _resolved_tied(base_read):
                     continue
-                for model, read in reads.items():
-                    if model != task.base_model and _resolved_tied(read):
-                        found.setdefault((task.base_model, model), []).append(
-                            (getattr(read.leaf, "tensor", read.name), read.name))
+                tied = [(model, read) for model, read in reads.items()
+                        if model != task.base_model and _resolved_tied(read)]
+                for model, read in tied:
+                    if _base_holds_them_alike(base_read, read.name):
+                        continue
+                    found.setdefault((task.base_model, model), []).append(
+                        (getattr(read.leaf, "tensor", read.name), read.name))
             except Exception:  # a plan the pre-pass cannot read: it says so itself
                 continue
     return found
+
+
+def _base_holds_them_alike(base_read, tied_name: str) -> bool:
+    """Whether the base's checkpoint holds its tensor under `tied_name` too, equal to the one
+    under its own name: a tied base that stores both (a ``.bin`` save, T5's ``shared`` and
+    ``encoder.embed_tokens``), for which the tied model's task vector is a fine-tuning
+    change. Read only where a model reads a tied name and the base its own (rare)."""
+    loader = base_read.loader
+    own = base_read.checkpoint_name()
+    if own is None or tied_name not in loader.index.tensor_paths:
+        return False
+    import torch
+
+    return torch.equal(loader.get_tensor(own), loader.get_tensor(tied_name))
 
 
 def _resolved_tied(read) -> bool:

@@ -1099,7 +1099,8 @@ def test_a_tied_model_of_an_untied_base_is_warned_of_and_counted_as_merged(tied_
     fine-tuning change, and it dominates a's λ. Counted as the merge applies it (λ as the
     closed form of what is read), and a WARNING names a and the tensor; none for the
     untied model c, nor for a tied base beside an untied fine-tune (the lm_head both read
-    is then the base's own embed_tokens)."""
+    is then the base's own embed_tokens), nor for a base that stores an lm_head equal to
+    its embed_tokens."""
     from mergekit_metagpt.cli import main
 
     paths, sds = tied_family
@@ -1128,6 +1129,13 @@ def test_a_tied_model_of_an_untied_base_is_warned_of_and_counted_as_merged(tied_
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
         assert main(["coefficients", write_yaml(tied_base, str(tmp_path / "tied.yml"))]) == 0
+    assert "has tied embeddings" not in caplog.text
+    # nor for a base that stores its lm_head equal to its embed_tokens (a .bin save, a
+    # converted checkpoint): the tied model's change there is a fine-tuning change
+    stored = save_checkpoint(str(tmp_path / "stored"), {**sds["base"], HEAD: sds["base"][EMBED].clone()})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mergekit_metagpt"):
+        assert main(["coefficients", write_yaml(dict(config, base_model=stored), str(tmp_path / "s.yml"))]) == 0
     assert "has tied embeddings" not in caplog.text
 
 
