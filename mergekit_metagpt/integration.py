@@ -579,7 +579,7 @@ def _attach_raw_pytorch(module) -> None:
             options, out_path = bound.get("options"), bound.get("out_path")
             if options is not None:
                 check_device_there(options)
-            check_raw_files(module, config, out_path, options)
+            check_raw_files(module, config, out_path, options, bool(bound.get("tensor_intersection")))
             check_output_writable(out_path)
         return original(config, *args, **kwargs)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import weakref
 
 from mergekit_metagpt.env import switched_on
@@ -286,42 +287,54 @@ def refuse_output_into_an_input(config, out_path) -> None:
                 )
 
 
-def check_raw_files(module, config, out_path, options) -> None:
+#: The weight files mergekit-pytorch writes (its shards and their index).
+_RAW_OUTPUT_NAME = re.compile(r"^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+
+
+def check_raw_files(module, config, out_path, options, tensor_intersection: bool = False) -> None:
     """mergekit-pytorch's inputs (files: a ``.safetensors``, or a pickle ``.bin``/``.pt``),
-    each opened by its own loader cache (``SimpleLoaderCache``, which the merge then reuses:
-    nothing is read twice), before anything is planned or read: a damaged or missing file
-    is one line naming the model (mergekit's traceback names no file); a pickle holding
-    its tensors under ``state_dict`` is refused (mergekit 0.1.5 lists the tensors inside
-    it, but its loader looks them up at the file's top level: a ``KeyError`` mid-merge),
-    as is one holding a 0-dimensional tensor under ``--lazy-unpickle`` (which cannot read
-    one: a ``TypeError`` mid-merge); and an output folder holding an input file, which the merge would write over or
-    beside (its weights are ``model*.safetensors`` / ``pytorch_model*.bin``)."""
+    each opened by its own loader cache (``SimpleLoaderCache``, which the merge then reuses),
+    before anything is planned or read: a damaged or missing file is one line naming the
+    model (mergekit's traceback names no file); a pickle holding its tensors under
+    ``state_dict`` is refused (mergekit 0.1.5 lists the tensors inside it, but its loader
+    looks them up at the file's top level: a ``KeyError`` mid-merge), as is one holding a
+    0-dimensional tensor the merge reads under ``--lazy-unpickle`` (which cannot read one:
+    a ``TypeError`` mid-merge; the names mergekit plans are those of the ``models:``, all
+    inputs' common ones with ``--tensor-intersection``); and an input file in the output
+    folder under a name the merge writes (``model*.safetensors``, ``pytorch_model*.bin``,
+    their index), which it would write over."""
     cache_type = getattr(module, "SimpleLoaderCache", None)
     paths = [p for p in dict.fromkeys([*(m.model for m in config.models), config.base_model]) if p]
     if isinstance(out_path, (str, os.PathLike)) and os.path.isdir(out_path):
         from mergekit_metagpt.merge_plan import same_folder
 
         for path in paths:
-            if same_folder(os.path.dirname(os.path.abspath(path)) or ".", out_path):
-                raise MetaGPTError(f"the output folder {out_path} holds model {path}: mergekit-pytorch would write "
-                                   f"the merged weights over or beside it; give another output folder")
+            if _RAW_OUTPUT_NAME.match(os.path.basename(path)) and \
+                    same_folder(os.path.dirname(os.path.abspath(path)) or ".", out_path):
+                raise MetaGPTError(f"the output folder {out_path} holds model {path}, under a name mergekit-pytorch "
+                                   f"writes its merged weights to: the merge would overwrite it; give another "
+                                   f"output folder")
     if cache_type is None:  # mergekit changed shape: its own errors then
         return
     cache = cache_type()
     if hasattr(options, "lazy_unpickle"):
         cache.lazy_unpickle = options.lazy_unpickle  # as plan_flat_merge sets it, next
+    names = {}
     for path in paths:
         try:
-            loader = cache.get(path)
+            names[path] = set(cache.get(path).index.tensor_paths)
         except Exception as error:
             raise MetaGPTError(f"cannot load model {path}: {one_line(error)}") from None
-        index = getattr(loader, "index", None)
-        if index is None or getattr(index, "is_safetensors", True):
-            continue
-        import torch
+    planned = set().union(*(names[m.model] for m in config.models))
+    if tensor_intersection:
+        planned = planned.intersection(*names.values())
+    import torch
 
+    for path in paths:
+        if getattr(cache.get(path).index, "is_safetensors", True):
+            continue
         try:
-            top = torch.load(path, map_location="meta")  # as mergekit's index reads it
+            top = torch.load(path, map_location="meta")  # as mergekit's index reads it: no data
         except Exception:  # read by mergekit's index above: not to be said twice
             continue
         if isinstance(top, dict) and "state_dict" in top:
@@ -329,8 +342,8 @@ def check_raw_files(module, config, out_path, options) -> None:
                 f"model {path} holds its tensors under 'state_dict': mergekit-pytorch 0.1.5 lists the tensors "
                 f"inside it but reads them at the file's top level (a KeyError mid-merge, whatever the method); "
                 f"save the state dict itself (torch.save(checkpoint['state_dict'], path))")
-        scalar = next((k for k, v in top.items() if isinstance(v, torch.Tensor) and v.dim() == 0), None) \
-            if isinstance(top, dict) and getattr(cache, "lazy_unpickle", False) else None
+        scalar = next((k for k, v in top.items() if k in planned and isinstance(v, torch.Tensor) and v.dim() == 0),
+                      None) if isinstance(top, dict) and getattr(cache, "lazy_unpickle", False) else None
         if scalar is not None:
             raise MetaGPTError(
                 f"model {path} holds a 0-dimensional tensor, {scalar!r}, which mergekit 0.1.5's --lazy-unpickle "

@@ -1343,7 +1343,7 @@ def _into_an_input(paths, tmp_path):
     os.makedirs(out)
     inside = os.path.join(out, "model.safetensors")  # the name of mergekit-pytorch's output
     shutil.copyfile(paths["b"], inside)
-    return {**paths, "b": inside}, out, f"Error: the output folder {out} holds model {inside}: mergekit-pytorch"
+    return {**paths, "b": inside}, out, f"Error: the output folder {out} holds model {inside}, under a name"
 
 
 def _scalar_lazily(paths, tmp_path):
@@ -1388,6 +1388,30 @@ def test_mergekit_pytorch_refuses_bad_inputs_before_reading(case, raw_family, tm
     assert {p: open(p, "rb").read() for p in paths.values()} == before
     written = sorted(os.listdir(out)) if os.path.isdir(out) else []
     assert written == (["model.safetensors"] if case is _into_an_input else []), written
+
+
+def test_mergekit_pytorch_checks_refuse_nothing_the_merge_would_do_right(raw_family, tmp_path):
+    """The checks above refuse no merge mergekit completes: a 0-dimensional tensor the
+    merge never reads under --lazy-unpickle (the base's alone: mergekit plans the names of
+    the models), and an output folder holding inputs under names mergekit does not write."""
+    from safetensors.torch import load_file
+
+    paths, sds = raw_family
+    out = str(tmp_path / "out")
+    os.makedirs(out)
+    inside = {m: os.path.join(out, f"{m}.safetensors") for m in "abc"}
+    for m in "abc":
+        shutil.copyfile(paths[m], inside[m])
+    counted = str(tmp_path / "base-counted.bin")
+    torch.save({**load_file(paths["base"]), "steps": torch.tensor(3)}, counted)
+    config = _raw_recipe({**inside, "base": counted}, "metagpt")
+    path = write_yaml(config, str(tmp_path / "r.yml"))
+    result = subprocess.run([os.path.join(BIN, "mergekit-pytorch"), path, out, "--quiet", "--lazy-unpickle"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    base = sds["base"]
+    lams = closed_lambdas(base, {m: sds[m] for m in "abc"}, [(n, n) for n in base])
+    assert_close(load_checkpoint(out), closed_merge(base, {m: sds[m] for m in "abc"}, lams, [(n, n) for n in base]))
 
 
 # =====================================================================================
