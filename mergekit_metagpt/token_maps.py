@@ -28,6 +28,19 @@ def aligned_models(run, tokenizer_task) -> Optional[Set[Hashable]]:
     return None if found is None else {model for _, reads in found for model in reads}
 
 
+def forced_tokens(run, tokenizer_task) -> Set[str]:
+    """The tokens the recipe's ``tokenizer: tokens:`` forces (``force: true``) in the
+    alignments built on `tokenizer_task`: mergekit reads no model's own row for them."""
+    forced: Set[str] = set()
+    for task, _ in _aligned_reads(run, tokenizer_task) or []:
+        tokens = getattr(task.gather_tensors, "tokens", None) or {}
+        try:
+            forced.update(token for token, config in dict(tokens.items()).items() if getattr(config, "force", False))
+        except Exception:  # not shaped as 0.1.5's: none taken as forced
+            continue
+    return forced
+
+
 def embedding_rows(run, tokenizer_task) -> Dict[Hashable, Tuple[int, str]]:
     """Each aligned model's fewest rows along the vocabulary axis over the tensors it
     aligns (their names: from the checkpoint files' headers, nothing read), with that
@@ -79,11 +92,12 @@ def _rows(read, axis: int) -> Optional[Tuple[int, str]]:
 
 
 def check_token_maps(info, models: Optional[Set[Hashable]] = None,
-                     rows: Optional[Dict[Hashable, Tuple[int, str]]] = None) -> None:
+                     rows: Optional[Dict[Hashable, Tuple[int, str]]] = None, forced: Set[str] = frozenset()) -> None:
     """Refuse a tokenizer build (mergekit's ``TokenizerInfo``) whose token map of a model
     (of `models`, where given: those whose tensors are aligned) lacks tokens of the merged
     vocabulary, or maps some to a row at or past the rows of the model's aligned tensor
-    (`rows`: ``embedding_rows``), see the module docstring. Anything not shaped like
+    (`rows`: ``embedding_rows``; a token the recipe forces, whose row mergekit does not
+    read, is not checked so), see the module docstring. Anything not shaped like
     0.1.5's ``TokenizerInfo`` passes unchecked (mergekit then reports what it finds)."""
     permutations = getattr(info, "permutations", None)
     tokenizer = getattr(info, "tokenizer", None)
@@ -99,7 +113,7 @@ def check_token_maps(info, models: Optional[Set[Hashable]] = None,
         missing = sorted((index, token) for token, index in vocab.items() if index not in token_map)
         own = originals.get(model) or {}
         if not missing:
-            _check_rows(model, token_map, vocab, own, (rows or {}).get(model))
+            _check_rows(model, token_map, vocab, own, (rows or {}).get(model), forced)
             continue
         listed = ", ".join(
             f"{token!r} (id {own[token]} in its tokenizer)" if token in own else repr(token)
@@ -114,14 +128,14 @@ def check_token_maps(info, models: Optional[Set[Hashable]] = None,
         )
 
 
-def _check_rows(model, token_map, vocab, own, rows: Optional[Tuple[int, str]]) -> None:
+def _check_rows(model, token_map, vocab, own, rows: Optional[Tuple[int, str]], forced=frozenset()) -> None:
     """A model's token map pointing past the rows of its aligned tensor (`rows`: count, name)."""
     if rows is None:
         return
     count, name = rows
     tokens = {index: token for token, index in vocab.items()}
     past = sorted((row, tokens.get(index, index)) for index, row in token_map.items()
-                  if isinstance(row, int) and row >= count)
+                  if isinstance(row, int) and row >= count and tokens.get(index) not in forced)
     if not past:
         return
     listed = ", ".join(f"{token!r} (id {row} in its tokenizer)" for row, token in past[:SHOWN]) + (

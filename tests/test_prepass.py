@@ -393,6 +393,11 @@ def test_a_tokenizer_past_its_models_embedding_rows_is_named_not_an_index_error(
         run_recipe(dict(config, merge_method="task_arithmetic",
                         models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]),
                    str(tmp_path / "stock"), merge_options)
+    # a recipe forcing w64's embedding from a: mergekit reads no row of d's for it, and merges
+    forced = {k: v for k, v in config.items() if k != "tokenizer_source"}
+    forced["tokenizer"] = {"source": "union", "tokens": {"w64": {"source": paths["a"], "force": True}}}
+    run_recipe(forced, str(tmp_path / "forced"), merge_options)
+    assert safetensors_in(str(tmp_path / "forced"))
 
 
 def test_a_tokenizer_past_vocab_size_of_a_model_no_embedding_is_aligned_for_is_merged(tmp_path, merge_options,
