@@ -320,47 +320,20 @@ def test_resized_vocabulary_without_alignment_is_refused_before_any_weight(metho
     run_recipe(dict(config, tokenizer_source="base"), str(tmp_path / "aligned"), merge_options)
 
 
-def test_a_tokenizer_past_its_models_vocab_size_is_named_not_a_key_error(tmp_path, merge_options, capsys):
-    """A fine-tune (d) whose tokenizer has a token (w64) at its config's vocab_size (64
-    rows), which another fine-tune (a, 65 rows) has a row for, under `tokenizer_source:
-    union`: mergekit 0.1.5 leaves the token out of d's token map and its alignment fails
-    with a bare `KeyError: 64`. A MetaGPT merge and `coefficients` name the model and the
-    token instead, before any weights are written; another method's merge keeps
-    mergekit's own error (the plugin changes none of it)."""
-    from merging import safetensors_in, write_yaml
-    from mergekit_metagpt.cli import main
-    from mergekit_metagpt.synthetic import write_tokenizer
-
-    base = random_state_dict(4)
-    grown = perturbed(random_state_dict(4, vocab_size=65), 0.01, 5)
-    paths = {
-        "base": save_checkpoint(str(tmp_path / "base"), base),
-        "a": save_checkpoint(str(tmp_path / "a"), grown, vocab_size=65),
-        "d": save_checkpoint(str(tmp_path / "d"), perturbed(base, 0.03, 6)),
-    }
-    for name, vocab in (("base", 64), ("a", 65), ("d", 65)):
-        write_tokenizer(paths[name], vocab)
-    config = recipe(paths, ["a", "d"], tokenizer_source="union")
-    named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) at or past the vocab_size")
-             + r".*'w64' \(id 64 in its tokenizer\).*KeyError: 64")
-    out = str(tmp_path / "out")
-    with pytest.raises(MetaGPTError, match=named):
-        run_recipe(config, out, merge_options)
-    assert not safetensors_in(out)
-    assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 1
-    assert re.search(named, capsys.readouterr().err)
-    with pytest.raises(KeyError):
-        run_recipe(dict(config, merge_method="task_arithmetic",
-                        models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]),
-                   str(tmp_path / "stock"), merge_options)
-
-
-def test_a_tokenizer_past_its_models_embedding_rows_is_named_not_an_index_error(tmp_path, merge_options, capsys):
-    """The same fine-tune d (64 rows, a tokenizer with w64 at id 64), but a config whose
-    vocab_size (66) mergekit takes as it is, as it takes the tokenizer's size where it
-    reads none (a Qwen2.5-VL config saved by transformers 5): the token stays in d's map,
-    at a row past its embeddings', and the alignment fails with a bare IndexError. Named
-    with the model, token and tensor instead, before any weights are written."""
+@pytest.mark.parametrize("config_vocab", [64, 66], ids=["at its vocab_size", "past its rows"])
+def test_a_tokenizer_past_its_models_rows_is_named_not_a_key_or_index_error(config_vocab, tmp_path, merge_options,
+                                                                             capsys):
+    """A fine-tune (d, 64 rows) whose tokenizer has a token (w64) at id 64, which another
+    fine-tune (a, 65 rows) has a row for, under `tokenizer_source: union`. With d's
+    config's vocab_size 64, mergekit 0.1.5 leaves the token out of d's token map and its
+    alignment fails with a bare `KeyError: 64`; with a vocab_size of 66, which mergekit
+    takes as it is (as it takes the tokenizer's size where it reads none: a Qwen2.5-VL
+    config saved by transformers 5), the token stays in d's map at a row past its
+    embeddings', and the alignment fails with a bare `IndexError`. A MetaGPT merge and
+    `coefficients` name the model and the token (and the tensor) instead, before any
+    weights are written; another method's merge keeps mergekit's own error (the plugin
+    changes none of it). A recipe forcing w64's embedding from a reads no row of d's for
+    it, and merges."""
     import json
 
     from merging import safetensors_in, write_yaml
@@ -379,25 +352,31 @@ def test_a_tokenizer_past_its_models_embedding_rows_is_named_not_an_index_error(
     with open(os.path.join(paths["d"], "config.json")) as f:
         config_json = json.load(f)
     with open(os.path.join(paths["d"], "config.json"), "w") as f:
-        json.dump({**config_json, "vocab_size": 66}, f)
+        json.dump({**config_json, "vocab_size": config_vocab}, f)
+    if config_vocab == 64:
+        stock_error = KeyError
+        named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) at or past the vocab_size")
+                 + r".*'w64' \(id 64 in its tokenizer\).*KeyError: 64")
+    else:
+        stock_error = IndexError
+        named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) past the 64 rows of its tensor 'model.")
+                 + r"(embed_tokens|lm_head)\.weight': 'w64' \(id 64 in its tokenizer\).*IndexError: index 64")
     config = recipe(paths, ["a", "d"], tokenizer_source="union")
-    named = (re.escape(f"model {paths['d']}'s tokenizer has token(s) past the 64 rows of its tensor 'model.")
-             + r"(embed_tokens|lm_head)\.weight': 'w64' \(id 64 in its tokenizer\).*IndexError: index 64")
     out = str(tmp_path / "out")
     with pytest.raises(MetaGPTError, match=named):
         run_recipe(config, out, merge_options)
     assert not safetensors_in(out)
     assert main(["coefficients", write_yaml(config, str(tmp_path / "r.yml"))]) == 1
     assert re.search(named, capsys.readouterr().err)
-    with pytest.raises(IndexError):
+    with pytest.raises(stock_error):
         run_recipe(dict(config, merge_method="task_arithmetic",
                         models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]),
                    str(tmp_path / "stock"), merge_options)
-    # a recipe forcing w64's embedding from a: mergekit reads no row of d's for it, and merges
-    forced = {k: v for k, v in config.items() if k != "tokenizer_source"}
-    forced["tokenizer"] = {"source": "union", "tokens": {"w64": {"source": paths["a"], "force": True}}}
-    run_recipe(forced, str(tmp_path / "forced"), merge_options)
-    assert safetensors_in(str(tmp_path / "forced"))
+    if stock_error is IndexError:
+        forced = {k: v for k, v in config.items() if k != "tokenizer_source"}
+        forced["tokenizer"] = {"source": "union", "tokens": {"w64": {"source": paths["a"], "force": True}}}
+        run_recipe(forced, str(tmp_path / "forced"), merge_options)
+        assert safetensors_in(str(tmp_path / "forced"))
 
 
 def test_a_tokenizer_past_vocab_size_of_a_model_no_embedding_is_aligned_for_is_merged(tmp_path, merge_options,
