@@ -227,14 +227,16 @@ def _attach_tokenizer_build(module) -> None:
         from mergekit_metagpt.plan_inputs import computing_alone
 
         from mergekit_metagpt.plan_inputs import alone_for
-        from mergekit_metagpt.token_maps import aligned_models, check_token_maps, embedding_rows, forced_tokens
+        from mergekit_metagpt.token_maps import (aligned_models, aligned_reads, check_token_maps, embedding_rows,
+                                                 forced_tokens)
 
         run = alone_for() if computing_alone() else run_for_task(self)
 
         def built():
             info = original(self, *args, **kwargs)
             # a MetaGPT merge's, or its pre-pass's: named, not a KeyError or IndexError
-            check_token_maps(info, aligned_models(run, self), embedding_rows(run, self), forced_tokens(run, self))
+            found = aligned_reads(run, self)
+            check_token_maps(info, aligned_models(found), embedding_rows(found), forced_tokens(found))
             return info
 
         if computing_alone():

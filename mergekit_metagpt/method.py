@@ -388,12 +388,12 @@ class MetaGPTMerge(GroupMergeMethod):
 
     @staticmethod
     def _merge_chunks(flat_base, flat_out, weights, scratch, compute) -> None:
-        base = flat_base
-        for start, end in chunks(flat_base.numel(), base.device):
+        device = flat_base.device
+        for start, end in chunks(flat_base.numel(), device):
             n = end - start
-            base_c = scratch.flat("merge_base", n, base.device, compute).copy_(flat_base[start:end])
-            merged = scratch.flat("merge_sum", n, base.device, compute).zero_()
-            delta = scratch.flat("merge_delta", n, base.device, compute)
+            base_c = scratch.flat("merge_base", n, device, compute).copy_(flat_base[start:end])
+            merged = scratch.flat("merge_sum", n, device, compute).zero_()
+            delta = scratch.flat("merge_delta", n, device, compute)
             for x, weight in weights:
                 merged.add_(delta.copy_(x[start:end]).sub_(base_c), alpha=weight)
             flat_out[start:end].copy_(merged.add_(base_c))

@@ -1,6 +1,7 @@
 """A warning for a model whose tensor mergekit reads through a tied name where the base's
-is its own, and differs from the base's tensor of that tied name: an untied base (its own ``lm_head``) with a fine-tune saved with tied
-embeddings (no ``lm_head``), for which mergekit reads the fine-tune's ``embed_tokens``.
+is its own, and differs from the base's tensor of that tied name: an untied base (its own
+``lm_head``) with a fine-tune saved with tied embeddings (no ``lm_head``), for which
+mergekit reads the fine-tune's ``embed_tokens``.
 That model's ``lm_head`` task vector is then ``embed_tokens − lm_head₀``, two different
 matrices rather than a fine-tuning change, and its norm, counted as the merge applies it,
 can dwarf the rest of the model's and take most of the λ."""
@@ -23,10 +24,13 @@ def tied_against_own(run) -> Dict[Tuple[object, object], List[Tuple[str, str]]]:
                 base_read = reads.get(task.base_model)
                 if base_read is None or _resolved_tied(base_read):
                     continue
+                alike: Dict[str, bool] = {}  # tied name -> whether the base holds it alike (read once)
                 tied = [(model, read) for model, read in reads.items()
                         if model != task.base_model and _resolved_tied(read)]
                 for model, read in tied:
-                    if _base_holds_them_alike(base_read, read.name):
+                    if read.name not in alike:
+                        alike[read.name] = _base_holds_them_alike(base_read, read.name)
+                    if alike[read.name]:
                         continue
                     found.setdefault((task.base_model, model), []).append(
                         (getattr(read.leaf, "tensor", read.name), read.name))

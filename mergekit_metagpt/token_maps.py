@@ -20,19 +20,18 @@ from mergekit_metagpt.errors import MetaGPTError
 SHOWN = 3
 
 
-def aligned_models(run, tokenizer_task) -> Optional[Set[Hashable]]:
-    """The models whose tensors the vocabulary adapters built on `tokenizer_task` align, in
-    the MetaGPT plan `run` (a slices recipe's embeddings come from its first and last slices'
-    models only); None where that is not known (then every model counts)."""
-    found = _aligned_reads(run, tokenizer_task)
+def aligned_models(found) -> Optional[Set[Hashable]]:
+    """The models whose tensors the alignments `found` (``aligned_reads``) align (a slices
+    recipe's embeddings come from its first and last slices' models only); None where that
+    is not known (then every model counts)."""
     return None if found is None else {model for _, reads in found for model in reads}
 
 
-def forced_tokens(run, tokenizer_task) -> Set[str]:
+def forced_tokens(found) -> Set[str]:
     """The tokens the recipe's ``tokenizer: tokens:`` forces (``force: true``) in the
-    alignments built on `tokenizer_task`: mergekit reads no model's own row for them."""
+    alignments `found`: mergekit reads no model's own row for them."""
     forced: Set[str] = set()
-    for task, _ in _aligned_reads(run, tokenizer_task) or []:
+    for task, _ in found or []:
         tokens = getattr(task.gather_tensors, "tokens", None) or {}
         try:
             forced.update(token for token, config in dict(tokens.items()).items() if getattr(config, "force", False))
@@ -41,12 +40,12 @@ def forced_tokens(run, tokenizer_task) -> Set[str]:
     return forced
 
 
-def embedding_rows(run, tokenizer_task) -> Dict[Hashable, Tuple[int, str]]:
-    """Each aligned model's fewest rows along the vocabulary axis over the tensors it
-    aligns (their names: from the checkpoint files' headers, nothing read), with that
-    tensor's name; a model whose shapes are not known so is left out."""
+def embedding_rows(found) -> Dict[Hashable, Tuple[int, str]]:
+    """Each aligned model's fewest rows along the vocabulary axis over the tensors the
+    alignments `found` align (their names: from the checkpoint files' headers, nothing
+    read), with that tensor's name; a model whose shapes are not known so is left out."""
     rows: Dict[Hashable, Tuple[int, str]] = {}
-    for task, reads in _aligned_reads(run, tokenizer_task) or []:
+    for task, reads in found or []:
         axis = getattr(task.output_weight, "vocabulary_axis", None)
         for model, read in reads.items():
             found = _rows(read, 0 if axis is None else axis)
@@ -55,9 +54,9 @@ def embedding_rows(run, tokenizer_task) -> Dict[Hashable, Tuple[int, str]]:
     return rows
 
 
-def _aligned_reads(run, tokenizer_task):
-    """(task, its reads by model) of each task of `run` whose vocabulary adapter is built on
-    `tokenizer_task`; None where that is not known."""
+def aligned_reads(run, tokenizer_task):
+    """(task, its reads by model) of each task of the MetaGPT plan `run` whose vocabulary
+    adapter is built on `tokenizer_task`; None where that is not known."""
     if run is None:
         return None
     from mergekit_metagpt.plan_inputs import vocabulary_adapter
