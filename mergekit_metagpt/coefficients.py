@@ -67,7 +67,10 @@ class Coefficients:
         )]
         return text_table(["model", "||delta||^2", "lambda"], rows)
 
-    def log(self, context: str = "") -> None:
+    def log(self, context: str = "", tiny_exact: bool = False) -> None:
+        """The table at INFO, and a WARNING for a model equal to the base, every model equal
+        to it, or (unless `tiny_exact`: such norms were summed again in float64, as in memory)
+        a task vector too small for float32 squares."""
         parts = ([context] if context else []) + ([f"alpha {self.alpha:g}"] if self.alpha != 1.0 else [])
         where = f" ({', '.join(parts)})" if parts else ""
         LOG.info("MetaGPT coefficients%s:\n%s", where, self.table())
@@ -81,7 +84,7 @@ class Coefficients:
                 if value == 0 and self.alpha > 0:  # alpha 0: the plain average, λ 1/T
                     LOG.warning("MetaGPT: model %s equals the base (its task vector is zero): "
                                 "λ 0, it adds nothing to the merge", key)
-                elif 0 < value < TINY_SQUARED_NORM and self.alpha > 0:  # alpha 0: λ 1/T, exact
+                elif 0 < value < TINY_SQUARED_NORM and self.alpha > 0 and not tiny_exact:  # alpha 0: λ 1/T, exact
                     LOG.warning("MetaGPT: model %s's task vector is tiny (||delta||^2 = %.3e): the "
                                 "squares of its elements are summed in float32, which loses them "
                                 "below about 1e-38, so its norm, and the λ, may be inexact", key, value)

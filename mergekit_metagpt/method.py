@@ -307,6 +307,7 @@ class MetaGPTMerge(GroupMergeMethod):
         if groups and not any(g.non_base for g in groups):
             base = next((g.base.id for g in groups if g.base is not None), None)
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
+        _refuse_bases_apart(groups)
         alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
         if self.delegate_name:
             uniform_lambda_from([p.get("lambda_from", "dense") for p in parameters], "in-memory merge")
@@ -316,8 +317,8 @@ class MetaGPTMerge(GroupMergeMethod):
         if not all(per_tensor):
             norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]), dtypes.__getitem__)
             coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
-            if len(groups) > 1:
-                coefficients.log("in-memory merge")
+            coefficients.log("in-memory merge", tiny_exact=True)  # one tensor too: a merge_tensors call
+            self._say_if_one_model(coefficients)
             shared = coefficients.lambdas
         return [
             self._coefficients(
@@ -326,6 +327,13 @@ class MetaGPTMerge(GroupMergeMethod):
             if own else shared
             for g, p, own, d in zip(groups, parameters, per_tensor, dtypes)
         ]
+
+    def _say_if_one_model(self, coefficients: Coefficients) -> None:
+        """As a merge of checkpoints says it (`prepass`): one model is stock task arithmetic."""
+        if len(coefficients.squared_norms) == 1 and coefficients.squared_norms[0][1] > 0:
+            LOG.warning("MetaGPT: only one model besides the base (%s): its λ is 1, so this merge is stock %s "
+                        "with weight 1; MetaGPT weighs two or more models (pass the others beside it)",
+                        coefficients.squared_norms[0][0], VARIANTS.get(self.spec.name) or "task_arithmetic")
 
     @staticmethod
     def _coefficients(norms, alpha: float) -> Coefficients:
@@ -410,6 +418,22 @@ class MetaGPTMerge(GroupMergeMethod):
             "density": PerInputValues([(i, parameters["density"][i]) for i in ids]),
         }
         return delegate.merge_group(group, **kwargs)
+
+
+def _refuse_bases_apart(groups) -> None:
+    """The groups of one in-memory call must share their base: λ compare task vectors from
+    one base (a direct ``method(groups)`` call may hand over any groups)."""
+    first = None
+    for index, group in enumerate(groups):
+        if group.base is None:
+            continue
+        if first is None:
+            first = (group.base.id, group.metadata.name or f"group {index}")
+        elif group.base.id != first[0]:
+            raise MetaGPTError(
+                f"MetaGPT: the tensor groups of one in-memory merge have different base models "
+                f"({first[0]!r} for {first[1]!r}, {group.base.id!r} for {group.metadata.name or f'group {index}'!r}); "
+                f"MetaGPT's λ weigh task vectors from one base: merge each base's groups in a call of its own")
 
 
 def _models_of(groups) -> List[Hashable]:

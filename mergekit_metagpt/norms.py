@@ -256,7 +256,16 @@ def _chunked_sum_of_squares(numel: int, device: torch.device, fill) -> torch.Ten
 # Key under which a value of the base's own is accumulated (the sum of its elements in
 # the pre-pass, its squared norm in memory): finite exactly when the base tensor holds
 # no NaN or Inf, so a bad base is named as such.
-BASE = ("__metagpt_base__",)
+class _BaseKey:
+    """The one key of `BASE`: equal to nothing but itself, so no model's id can be it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<the base model>"
+
+
+BASE = _BaseKey()
 
 
 def base_check(base: torch.Tensor, scratch: Optional[Scratch] = None) -> torch.Tensor:
@@ -304,7 +313,7 @@ class NormAccumulator:
     def finish(self) -> Dict[Hashable, Dict[Hashable, float]]:
         """Per model, {key: squared norm}; raises on NaN or Inf (the base's first)."""
         result = {}
-        order = sorted(self.models, key=lambda m: m != BASE)  # blame the base first
+        order = sorted(self.models, key=lambda m: m is not BASE)  # blame the base first
         for model in order:
             keys = self._keys[model]
             if keys:
@@ -316,7 +325,7 @@ class NormAccumulator:
                     # values are float32 sums (of squares; the pre-pass's base check: of
                     # elements): finite elements of about 1e19 (1e17 over a few million)
                     # overflow them too
-                    what = non_finite("NaN or Inf, or values too large for float32 sums" if model == BASE else
+                    what = non_finite("NaN or Inf, or values too large for float32 sums" if model is BASE else
                                       "NaN or Inf, or a task vector too large for float32 sums of squares",
                                       self._float16[model][bad[0]])
                     raise MetaGPTError(
@@ -354,6 +363,13 @@ def storage_view(tensor: torch.Tensor) -> tuple:
     )
 
 
+#: A model's ‖δ‖² under this, summed in float32 squares, may have lost a part to float32's
+#: underflow (squares of |δ| < 1e-19 lose digits, those of |δ| < 3e-23 vanish): at most
+#: 1.2e-38 per element, 1e-9 of this for a trillion elements. In memory, such a model's norms
+#: are summed again in float64 (`in_memory_norms`).
+EXACT_BELOW = 1e-17
+
+
 def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable, Dict[int, float]]:
     """Squared norms over every group passed to one in-memory merge call, per model
     {group index: ‖δ‖²}.
@@ -370,15 +386,39 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
     `dtype_of(group_index)` the dtype the merge casts that group's tensors to (its
     ``input_dtypes``: the norms are those of the cast tensors, one tensor at a time), or
     None for none (mergekit then promotes, which changes no value).
+    A model whose ‖δ‖² comes out under ``EXACT_BELOW`` (zero included: it equals the base, or
+    its task vector is too small for float32 squares) has its norms summed again in float64.
     """
     accumulator = NormAccumulator([BASE], {BASE: "the base model"})
     scratch = thread_scratch()
+    for index, name, base_tensor, tensors, sparsifier in _counted_groups(groups, sparsifier_of, dtype_of):
+        accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
+        for model, tensor in tensors:
+            accumulator.add(  # keyed by position: two groups may share a name
+                model, index, squared_delta(tensor, base_tensor, sparsifier, model, scratch),
+                name=name, dtype=tensor.dtype,
+            )
+    norms = accumulator.finish()
+    del norms[BASE]
+    again = {model for model, values in norms.items() if total(values) < EXACT_BELOW}
+    if again:  # a second walk, not a list of the first's tensors: cast copies, a group at a time
+        for index, _name, base_tensor, tensors, sparsifier in _counted_groups(groups, sparsifier_of, dtype_of):
+            for model, tensor in tensors:
+                if model in again and work_dtype(tensor, base_tensor) != torch.float64:
+                    wide = squared_delta(tensor.to(torch.float64), base_tensor.to(torch.float64), sparsifier,
+                                         model, scratch)
+                    norms[model][index] = float(wide)
+    return norms
+
+
+def _counted_groups(groups, sparsifier_of, dtype_of):
+    """(index, name, base tensor, [(model, tensor)], sparsifier) of each group that counts
+    (see `in_memory_norms`), the tensors detached and cast to the group's dtype."""
     counted: dict = {}  # the memory a counted group reads, with its cast dtype -> its sparsifiers
     for index, group in enumerate(groups):
         base = group.base
         if base is None:
             continue
-        name = group.metadata.name or f"group {index}"
         dtype = dtype_of(index) if dtype_of else None
         base_tensor = base.tensor.detach()
         tensors = [(entry.id, entry.tensor.detach()) for entry in group.non_base]
@@ -391,17 +431,8 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
         def cast(tensor, dtype=dtype):
             return on_float64_device(tensor if dtype is None else tensor.to(dtype=dtype))
 
-        base_tensor = cast(base_tensor)
-        accumulator.add(BASE, index, base_check(base_tensor, scratch), name=name, dtype=base_tensor.dtype)
-        for model, tensor in tensors:
-            tensor = cast(tensor)
-            accumulator.add(  # keyed by position: two groups may share a name
-                model, index, squared_delta(tensor, base_tensor, sparsifier, model, scratch),
-                name=name, dtype=tensor.dtype,
-            )
-    norms = accumulator.finish()
-    del norms[BASE]
-    return norms
+        yield (index, group.metadata.name or f"group {index}", cast(base_tensor),
+               [(model, cast(tensor)) for model, tensor in tensors], sparsifier)
 
 
 def total(per_tensor: Dict[str, float]) -> float:

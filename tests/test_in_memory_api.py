@@ -254,23 +254,29 @@ def test_an_in_memory_merge_without_a_base_says_metagpt_needs_one():
         merge_state_dicts({"base": base, **models}, "metagpt")
 
 
-def test_task_vectors_too_small_for_float32_squares_are_warned_of(caplog):
-    """|δ| ~ 1e-23: the float32 squares underflow and the λ come out wrong (0.013 where the
-    closed form gives 0.101); the merge must say its λ may be inexact, naming the models."""
-    import logging
-
-    import mergekit_metagpt  # noqa: F401
-    from mergekit.merge_methods import merge_state_dicts
-
-    gen = torch.Generator().manual_seed(0)
+def _tiny_vectors(scale, seed=0):
+    gen = torch.Generator().manual_seed(seed)
     base = {name: torch.randn(64, 64, generator=gen) * 1e-20 for name in ("w", "v")}
-    models = {f"m{i}": {name: t + torch.randn(64, 64, generator=gen) * scale for name, t in base.items()}
-              for i, scale in enumerate([1e-23, 3e-23])}
-    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
-    merge_state_dicts({"base": base, **models}, "metagpt", base="base")
-    said = [r.getMessage() for r in caplog.records if "task vector is tiny" in r.getMessage()]
-    assert len(said) == 2 and "m0" in said[0] and "m1" in said[1], said
-    assert "may be inexact" in said[0]
+    models = {f"m{i}": {name: t + torch.randn(64, 64, generator=gen) * s for name, t in base.items()}
+              for i, s in enumerate([scale, 3 * scale])}
+    return base, models
+
+
+@pytest.mark.parametrize("scale", [1e-23, 1e-30], ids=["squares-subnormal", "squares-vanish"])
+def test_task_vectors_too_small_for_float32_squares_get_their_exact_lambdas_in_memory(scale, caplog):
+    """|δ| ~ 1e-23 (float32 squares subnormal: λ 0.013 where the closed form gives 0.101) or
+    1e-30 (squares 0: "every task vector is zero", the base written): in memory the tensors are
+    at hand, so such norms are summed again in float64: the closed form's λ, and no warning."""
+    base, models = _tiny_vectors(scale)
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    merged = merge_state_dicts({"base": base, **models}, "metagpt", base="base")
+    lams, reference = closed_form(base, list(models.values()))
+    table = next(r.getMessage() for r in caplog.records if "MetaGPT coefficients" in r.getMessage())
+    shown = [float(line.split()[-1]) for line in table.splitlines() if re.match(r"m\d ", line)]
+    assert shown == pytest.approx(lams, abs=2e-6), (shown, lams)
+    for name, ref in reference.items():  # δ of 1e-23 on weights of 1e-20: seen in float32
+        assert torch.allclose(merged[name].double(), ref, rtol=1e-6, atol=0), name
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_groups_of_one_name_each_count_in_a_direct_call():
@@ -421,3 +427,50 @@ def test_a_merge_differentiated_through_leaves_no_graph_to_the_next_merge():
     second = merge_state_dicts(sds, "metagpt", base="base")["w"]
     assert not second.requires_grad and second.grad_fn is None
     assert (second.double() - reference).abs().max().item() < 1e-6
+
+
+def test_a_one_tensor_merge_says_what_a_state_dict_merge_says(caplog):
+    """merge_tensors hands the method one group: a model equal to the base, every model equal
+    to it, or one model alone are said as for a whole state dict, and the λ table logged."""
+    base, a = torch.zeros(4), torch.tensor([1.0, 0, 0, 0])
+    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
+    out = merge_tensors([base, base.clone(), a], "metagpt", ids=["base", "twin", "a"], base_index=0)
+    assert torch.equal(out, a)  # λ_twin 0, λ_a 1
+    assert "MetaGPT: model twin equals the base (its task vector is zero)" in caplog.text
+    assert re.search(r"^twin +0\.000000e\+00 +0\.000000$", caplog.text, re.M), caplog.text
+    caplog.clear()
+    merge_tensors([base, a], "metagpt", ids=["base", "a"], base_index=0)
+    assert "MetaGPT: only one model besides the base (a): its λ is 1, so this merge is stock task_arithmetic" \
+        in caplog.text, caplog.text
+    caplog.clear()
+    merge_tensors([base, a], "metagpt_ties", ids=["base", "a"], base_index=0, parameters={"density": 1.0})
+    assert "so this merge is stock ties with weight 1" in caplog.text, caplog.text
+    caplog.clear()
+    merge_tensors([base, base.clone(), base.clone()], "metagpt", ids=["base", "x", "y"], base_index=0)
+    assert "every task vector is zero" in caplog.text and "only one model" not in caplog.text
+
+
+def test_groups_of_different_bases_in_one_call_are_refused_naming_both():
+    """λ weigh task vectors from one base: a direct call whose groups have different bases
+    would mix them, and is refused before anything is merged."""
+    from mergekit import merge_methods
+    from mergekit.merge_methods.base import TensorGroup
+
+    groups = tuple(
+        TensorGroup.from_tensors([torch.zeros(3), torch.ones(3), 2 * torch.ones(3)], ids=[b, "a", "c"],
+                                 base_index=0, name=name)
+        for b, name in (("base1", "w1"), ("base2", "w2"))
+    )
+    with pytest.raises(MetaGPTError, match=r"different base models \('base1' for 'w1', 'base2' for 'w2'\)"):
+        merge_methods.get("metagpt")(groups)
+
+
+def test_a_model_of_any_id_is_not_taken_for_the_base():
+    """The base's own check values are kept under a key of the plugin's; a model id that looks
+    like it (the tuple it once was) is a model like any other."""
+    sds = _models()
+    odd = ("__metagpt_base__",)
+    merged = merge_state_dicts({"base": sds["base"], odd: sds["a"], "b": sds["b"]}, "metagpt", base="base")
+    _, reference = closed_form(sds["base"], [sds["a"], sds["b"]])
+    for name, ref in reference.items():
+        assert (merged[name].double() - ref).abs().max().item() < 1e-5, name

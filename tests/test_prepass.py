@@ -634,3 +634,20 @@ def test_a_child_forked_while_another_thread_holds_the_plugins_locks_takes_them(
     free, forgotten = answer.decode().split("|")
     assert free.split(",") == list(locks) and forgotten == "True", answer
     assert planning._OPENED_AT.get(opened) == "key"  # the parent's own are as they were
+
+
+def test_a_checkpoint_task_vector_too_small_for_float32_squares_is_warned_of(tmp_path, merge_options, caplog):
+    """Read from checkpoints, the norms are float32 sums of squares (tensors are not kept for
+    a second, float64 pass as in memory): weights of 1e-20 moved by 1e-23 give squares that
+    lose digits, so the merge says its λ may be inexact, naming each model."""
+    import logging
+
+    base = {k: v * 1e-20 for k, v in random_state_dict(3).items()}
+    paths = {"base": save_checkpoint(str(tmp_path / "base"), base)}
+    for i, scale in enumerate([1e-23, 3e-23]):
+        paths[f"m{i}"] = save_checkpoint(str(tmp_path / f"m{i}"), perturbed(base, scale, 10 + i))
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    run_recipe(recipe(paths, ["m0", "m1"]), str(tmp_path / "out"), merge_options)
+    said = [r.getMessage() for r in caplog.records if "task vector is tiny" in r.getMessage()]
+    assert len(said) == 2 and "/m0" in said[0] and "/m1" in said[1], said
+    assert "may be inexact" in said[0]
