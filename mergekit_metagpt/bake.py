@@ -27,10 +27,12 @@ def ours_only(method: str) -> set:
 def check_bakeable_recipe(config, path: str = "recipe") -> None:
     """Before planning (mergekit's planner rewrites the config): a `models:` recipe."""
     if not config.models or config.slices or config.modules:
+        found = "slices:" if config.slices else "modules:" if config.modules else "no models:"
         raise MetaGPTError(
-            f"{path}: bake writes one weight per model, from a `models:` recipe; a slices: or "
-            f"modules: recipe merges each model set with its own λ (see `coefficients`), "
-            f"which bake does not write"
+            f"{path}: bake writes one weight per model, from a `models:` recipe; this one has {found} "
+            f"(a slices: or modules: recipe merges each model set with its own λ, see `coefficients`, "
+            f"which bake does not write; a modules: recipe of one module is its models: list under "
+            f"that module's name: write it as a models: recipe to bake it)"
         )
 
 

@@ -357,8 +357,22 @@ def test_bake_reads_its_recipe_once_so_a_pipe_bakes_as_the_file_does(llama_famil
 def test_bake_refuses_slices_and_says_why(cli_runs):
     rc, _stdout, stderr, wrote = cli_runs[("bake_slices", "bake")]
     line = _one_error_line(rc, stderr)
-    assert "slices:" in line and "its own λ" in line and "coefficients" in line, line
+    assert "this one has slices:" in line and "its own λ" in line and "coefficients" in line, line
     assert not wrote
+
+
+def test_bake_refuses_modules_and_says_how_one_module_bakes(llama_family, tmp_path, capsys):
+    from mergekit_metagpt.cli import main
+
+    paths, _ = llama_family
+    plain = recipe(paths, ["model0", "model1"])
+    modules = {k: v for k, v in plain.items() if k != "models"}
+    modules["modules"] = {"default": {"models": plain["models"]}}
+    out = str(tmp_path / "baked.yml")
+    assert main(["bake", write_yaml(modules, str(tmp_path / "modules.yml")), out]) == 1
+    err = capsys.readouterr().err
+    assert "this one has modules:" in err and "write it as a models: recipe to bake it" in err, err
+    assert not os.path.exists(out)
 
 
 def test_hub_model_offline_fails_at_once_naming_the_model(cli_runs):
