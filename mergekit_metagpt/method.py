@@ -307,7 +307,6 @@ class MetaGPTMerge(GroupMergeMethod):
         if groups and not any(g.non_base for g in groups):
             base = next((g.base.id for g in groups if g.base is not None), None)
             raise MetaGPTError(f"MetaGPT needs at least one model besides the base model {base}")
-        _refuse_bases_apart(groups)
         alpha = uniform_alpha([p.get("alpha", 1.0) for p in parameters], "in-memory merge")
         if self.delegate_name:
             uniform_lambda_from([p.get("lambda_from", "dense") for p in parameters], "in-memory merge")
@@ -315,10 +314,16 @@ class MetaGPTMerge(GroupMergeMethod):
         dtypes = list(input_dtypes) if input_dtypes is not None else [None] * len(groups)
         shared = None
         if not all(per_tensor):
+            _refuse_bases_apart(groups)  # global λ compare every group's task vectors
             norms = in_memory_norms(groups, lambda i: self.sparsifier(parameters[i]), dtypes.__getitem__)
             coefficients = self._coefficients({m: norms.get(m, {}) for m in _models_of(groups)}, alpha)
-            coefficients.log("in-memory merge", tiny_exact=True)  # one tensor too: a merge_tensors call
-            self._say_if_one_model(coefficients)
+            if len(groups) > 1:
+                coefficients.log("in-memory merge", tiny_exact=True)
+                self._say_if_one_model(coefficients)
+            else:  # merge_tensors, perhaps in a loop over a model's tensors: λ of this tensor alone,
+                # whose model equal to the base there, or lone model, is no news worth a warning
+                LOG.debug("MetaGPT coefficients of tensor %r (an in-memory merge of one tensor: λ from its "
+                          "norms alone):\n%s", groups[0].metadata.name, coefficients.table())
             shared = coefficients.lambdas
         return [
             self._coefficients(

@@ -39,8 +39,10 @@ def squared_delta(
     sparsifier: Optional[Sparsifier] = None,
     model: Hashable = None,
     scratch: Optional[Scratch] = None,
+    wide: bool = False,
 ) -> torch.Tensor:
-    """‖tensor − base‖² as a 0-d float64 tensor on the tensors' device (no host sync).
+    """‖tensor − base‖² as a 0-d float64 tensor on the tensors' device (no host sync);
+    with `wide`, in float64 throughout (`in_memory_norms`' second pass).
 
     Summed by `canonical_squared_sum`, as every norm: the same bits on a device however it is read.
 
@@ -48,12 +50,12 @@ def squared_delta(
     float32 work memory is a chunk, not a tensor. Sparsification needs whole tensors.
     """
     if scratch is None or sparsifier is not None:
-        work = work_dtype(tensor, base)
+        work = torch.float64 if wide else work_dtype(tensor, base)
         delta = tensor.to(work) - base.to(work)
         if sparsifier is not None:
             delta = sparsifier(model, delta)
         return canonical_squared_sum(delta.reshape(-1))
-    return squared_deltas([tensor], base, scratch)[0]
+    return task_vector_sums([tensor], base, scratch, wide=wide)[0][0]
 
 
 def work_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -112,6 +114,7 @@ def task_vector_sums(
     scratch: Scratch,
     check_base: bool = False,
     pairs: Sequence[Tuple[int, int]] = (),
+    wide: bool = False,
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor], Optional[torch.Tensor]]:
     """One chunked pass over the base for several tensors x_i of its shape:
     (‖x_i − base‖² for each i, ⟨x_i − base, x_j − base⟩ for each (i, j) of `pairs`,
@@ -140,11 +143,11 @@ def task_vector_sums(
     # matrix products only where they are exact float32 (on a GPU, or with a lowered
     # float32 matmul precision, they may round through TF32 or bf16); asked only where
     # there are pairs
-    work = work_dtype(base, *tensors)
+    work = torch.float64 if wide else work_dtype(base, *tensors)
     # each norm in its own model's precision, as read alone: a float64 model read beside
     # float32 ones makes the shared work float64; their differences, rounded back to
     # float32, are the float32 differences to the bit (53 ≥ 2·24 + 2 bits)
-    own = [work_dtype(base, t) for t in tensors]
+    own = [work if wide else work_dtype(base, t) for t in tensors]
     fast_gram = gram is not None and device.type == "cpu" and exact_cpu_matmul()
     for start, end in chunks(b.numel(), device):
         size = end - start
@@ -401,19 +404,32 @@ def in_memory_norms(groups, sparsifier_of=None, dtype_of=None) -> Dict[Hashable,
     norms = accumulator.finish()
     del norms[BASE]
     again = {model for model, values in norms.items() if total(values) < EXACT_BELOW}
-    if again:  # a second walk, not a list of the first's tensors: cast copies, a group at a time
-        for index, _name, base_tensor, tensors, sparsifier in _counted_groups(groups, sparsifier_of, dtype_of):
-            for model, tensor in tensors:
-                if model in again and work_dtype(tensor, base_tensor) != torch.float64:
-                    wide = squared_delta(tensor.to(torch.float64), base_tensor.to(torch.float64), sparsifier,
-                                         model, scratch)
-                    norms[model][index] = float(wide)
+    if again:
+        _exact_again(norms, again, groups, sparsifier_of, dtype_of, scratch)
     return norms
 
 
-def _counted_groups(groups, sparsifier_of, dtype_of):
+def _exact_again(norms, again, groups, sparsifier_of, dtype_of, scratch) -> None:
+    """The norms of the models `again` summed again in float64, a chunk at a time as the first
+    time (no float64 copy of a tensor, bar a sparsified one's delta, which is whole the first
+    time too), into `norms`. A second walk over the groups, not a list of the first's tensors:
+    cast copies are made a group at a time. mergekit's random sparsification (DARE) draws its
+    masks again here, from a forked generator: the caller's generator moves on as after one
+    walk, so the merge's masks do not depend on whether some model was summed again."""
+    devices = sorted({e.tensor.device.index or 0 for g in groups for e in g.entries if e.tensor.is_cuda})
+    with torch.random.fork_rng(devices=devices):
+        for index, _name, base_tensor, tensors, sparsifier in _counted_groups(groups, sparsifier_of, dtype_of,
+                                                                              only=again):
+            for model, tensor in tensors:
+                if work_dtype(tensor, base_tensor) != torch.float64:  # float64: summed so already
+                    norms[model][index] = float(squared_delta(tensor, base_tensor, sparsifier, model, scratch,
+                                                              wide=True))
+
+
+def _counted_groups(groups, sparsifier_of, dtype_of, only=None):
     """(index, name, base tensor, [(model, tensor)], sparsifier) of each group that counts
-    (see `in_memory_norms`), the tensors detached and cast to the group's dtype."""
+    (see `in_memory_norms`), the tensors detached and cast to the group's dtype; with `only`,
+    the tensors of those models alone (which groups count does not depend on it)."""
     counted: dict = {}  # the memory a counted group reads, with its cast dtype -> its sparsifiers
     for index, group in enumerate(groups):
         base = group.base
@@ -432,7 +448,7 @@ def _counted_groups(groups, sparsifier_of, dtype_of):
             return on_float64_device(tensor if dtype is None else tensor.to(dtype=dtype))
 
         yield (index, group.metadata.name or f"group {index}", cast(base_tensor),
-               [(model, cast(tensor)) for model, tensor in tensors], sparsifier)
+               [(model, cast(tensor)) for model, tensor in tensors if only is None or model in only], sparsifier)
 
 
 def total(per_tensor: Dict[str, float]) -> float:

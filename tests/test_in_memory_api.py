@@ -429,25 +429,33 @@ def test_a_merge_differentiated_through_leaves_no_graph_to_the_next_merge():
     assert (second.double() - reference).abs().max().item() < 1e-6
 
 
-def test_a_one_tensor_merge_says_what_a_state_dict_merge_says(caplog):
-    """merge_tensors hands the method one group: a model equal to the base, every model equal
-    to it, or one model alone are said as for a whole state dict, and the λ table logged."""
-    base, a = torch.zeros(4), torch.tensor([1.0, 0, 0, 0])
-    caplog.set_level(logging.INFO, logger="mergekit_metagpt")
-    out = merge_tensors([base, base.clone(), a], "metagpt", ids=["base", "twin", "a"], base_index=0)
-    assert torch.equal(out, a)  # λ_twin 0, λ_a 1
-    assert "MetaGPT: model twin equals the base (its task vector is zero)" in caplog.text
-    assert re.search(r"^twin +0\.000000e\+00 +0\.000000$", caplog.text, re.M), caplog.text
-    caplog.clear()
-    merge_tensors([base, a], "metagpt", ids=["base", "a"], base_index=0)
+def test_a_lone_model_in_memory_is_warned_of_and_a_one_tensor_merge_logs_at_debug(caplog):
+    """A state dict merge of one model besides the base is stock task arithmetic (ties, for
+    metagpt_ties), said as for a recipe. A merge_tensors call (one group, perhaps one of a
+    loop over a model's tensors) takes λ from that tensor alone: its table is logged at
+    DEBUG, naming the tensor, and a model equal to the base there, or a lone model, is not
+    warned of once per tensor."""
+    sds = _models()
+    caplog.set_level(logging.DEBUG, logger="mergekit_metagpt")
+    merge_state_dicts({"base": sds["base"], "a": sds["a"]}, "metagpt", base="base")
     assert "MetaGPT: only one model besides the base (a): its λ is 1, so this merge is stock task_arithmetic" \
         in caplog.text, caplog.text
     caplog.clear()
-    merge_tensors([base, a], "metagpt_ties", ids=["base", "a"], base_index=0, parameters={"density": 1.0})
+    merge_state_dicts({"base": sds["base"], "a": sds["a"]}, "metagpt_ties", base="base",
+                      parameters={"density": 1.0})
     assert "so this merge is stock ties with weight 1" in caplog.text, caplog.text
     caplog.clear()
-    merge_tensors([base, base.clone(), base.clone()], "metagpt", ids=["base", "x", "y"], base_index=0)
-    assert "every task vector is zero" in caplog.text and "only one model" not in caplog.text
+    merge_state_dicts({k: sds[k] for k in ("base", "a", "b")}, "metagpt", base="base")
+    assert "only one model" not in caplog.text
+    caplog.clear()
+    base, a = torch.zeros(4), torch.tensor([1.0, 0, 0, 0])
+    out = merge_tensors([base, base.clone(), a], "metagpt", ids=["base", "twin", "a"], base_index=0, name="w")
+    assert torch.equal(out, a)  # λ_twin 0, λ_a 1
+    table = [r for r in caplog.records if "MetaGPT coefficients of tensor 'w'" in r.getMessage()]
+    assert len(table) == 1 and table[0].levelno == logging.DEBUG, caplog.text
+    assert re.search(r"^twin +0\.000000e\+00 +0\.000000$", table[0].getMessage(), re.M), caplog.text
+    merge_tensors([base, a], "metagpt", ids=["base", "a"], base_index=0)
+    assert not [r for r in caplog.records if r.levelno > logging.DEBUG], caplog.text
 
 
 def test_groups_of_different_bases_in_one_call_are_refused_naming_both():
@@ -463,6 +471,9 @@ def test_groups_of_different_bases_in_one_call_are_refused_naming_both():
     )
     with pytest.raises(MetaGPTError, match=r"different base models \('base1' for 'w1', 'base2' for 'w2'\)"):
         merge_methods.get("metagpt")(groups)
+    # per_tensor groups take their own tensor's λ: nothing mixes (λ_a 0.2, λ_c 0.8 in each)
+    first, second = merge_methods.get("metagpt")(groups, parameters={"granularity": "per_tensor"})
+    assert torch.allclose(first, torch.full((3,), 1.8)) and torch.allclose(second, torch.full((3,), 1.8))
 
 
 def test_a_model_of_any_id_is_not_taken_for_the_base():
@@ -474,3 +485,30 @@ def test_a_model_of_any_id_is_not_taken_for_the_base():
     _, reference = closed_form(sds["base"], [sds["a"], sds["b"]])
     for name, ref in reference.items():
         assert (merged[name].double() - ref).abs().max().item() < 1e-5, name
+
+
+def test_a_second_float64_pass_leaves_the_generator_as_one_pass_does(monkeypatch):
+    """A model equal to the base (‖δ‖² 0, under EXACT_BELOW) has its norms summed again in
+    float64; with DARE's random sparsification that pass draws masks too. It draws them from a
+    forked generator: the caller's moves on as after one pass, so a seeded merge's own masks
+    do not depend on whether some model was summed again."""
+    from mergekit.merge_methods.base import TensorGroup
+    from mergekit.sparsify import SparsificationMethod
+
+    from mergekit_metagpt import norms
+
+    sds = _models()
+    names = list(sds["base"])[:4]
+    groups = [TensorGroup.from_tensors([sds["base"][n], sds["base"][n].clone(), sds["a"][n]],
+                                       ids=["base", "twin", "a"], base_index=0, name=n) for n in names]
+    sparsifier = norms.Sparsifier(SparsificationMethod.random, True, {"twin": 0.5, "a": 0.5})
+
+    def state_after(exact_below):
+        monkeypatch.setattr(norms, "EXACT_BELOW", exact_below)
+        torch.manual_seed(0)
+        found = norms.in_memory_norms(groups, lambda _i: sparsifier)
+        return found, torch.random.get_rng_state()
+
+    (found, after_two), (_, after_one) = state_after(1e-17), state_after(0.0)
+    assert norms.total(found["twin"]) == 0.0 and norms.total(found["a"]) > 0
+    assert torch.equal(after_two, after_one)
