@@ -324,6 +324,9 @@ def _attach_merge(module) -> None:
         if not any(run.record_written for run in context.runs):  # no record of this run's
             remove_stale_record(context.out_path)
         add_card_sections(context)
+        from mergekit_metagpt.output_config import mend_vocab_sizes
+
+        mend_vocab_sizes(context)
         warn_of_leftovers(context.out_path, held_before)
         return result
 

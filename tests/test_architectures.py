@@ -334,3 +334,70 @@ def test_an_integer_copy_of_a_float_weight_is_named_with_its_model(found_by, tmp
     with pytest.raises(MetaGPTError, match=named):
         run_recipe(recipe, out, merge_options)
     assert not os.path.exists(out) or not [f for f in os.listdir(out) if f.endswith(".safetensors")]
+
+
+def _qwen2_5_vl(path, vocab, seed, scale=0.0, base=None):
+    """A tiny Qwen2.5-VL (transformers 5 keeps its vocab_size in text_config) with a word-level
+    tokenizer of `vocab` tokens: `base` + noise of `scale`, its rows past the base's new."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    config = Qwen2_5_VLConfig(
+        text_config=dict(SMALL, vocab_size=vocab, rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+                         tie_word_embeddings=False),
+        vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                           patch_size=2, spatial_merge_size=1, temporal_patch_size=1, fullatt_block_indexes=[0]),
+        tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items() if base is not None else ():
+            rows = base[name].shape[0]
+            tensor[:rows].copy_(base[name] + scale * torch.randn_like(base[name]))
+    model.save_pretrained(path)
+    write_tokenizer(path, vocab)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_a_grown_vocabulary_of_a_multimodal_config_is_written_where_transformers_reads_it(tmp_path, caplog):
+    """tokenizer_source union over a Qwen2.5-VL whose fine-tune grew the vocabulary (64 -> 66):
+    mergekit 0.1.5 writes 66 to the top-level vocab_size its architecture file names, while
+    transformers 5 reads text_config.vocab_size, left at 64, and re-initialises the merged
+    embeddings as mismatched. A MetaGPT merge sets it to the merged rows, says so, and the
+    model loads with the merged embeddings; stock task_arithmetic's config is mergekit's."""
+    import glob
+    import logging
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+
+    from merging import run_recipe
+
+    base = _qwen2_5_vl(str(tmp_path / "base"), 64, 0)
+    _qwen2_5_vl(str(tmp_path / "a"), 66, 1, 0.01, base)
+    _qwen2_5_vl(str(tmp_path / "c"), 64, 2, 0.03, base)
+    paths = {name: str(tmp_path / name) for name in ("base", "a", "c")}
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32",
+              "tokenizer_source": "union", "models": [{"model": paths["a"]}, {"model": paths["c"]}]}
+    from mergekit.options import MergeOptions
+
+    options = MergeOptions(copy_tokenizer=False, quiet=True)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    out = str(tmp_path / "out")
+    merged = run_recipe(config, out, options)
+    with open(os.path.join(out, "config.json")) as f:
+        written = json.load(f)
+    assert (written["vocab_size"], written["text_config"]["vocab_size"]) == (66, 66)
+    assert "config.json had text_config.vocab_size 64, where its token embeddings have 66 rows" in caplog.text
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert torch.equal(model.get_input_embeddings().weight, merged["model.embed_tokens.weight"])
+    assert torch.equal(model.get_output_embeddings().weight, merged["lm_head.weight"])
+    stock = str(tmp_path / "stock")
+    run_recipe(dict(config, merge_method="task_arithmetic",
+                    models=[dict(m, parameters={"weight": 0.5}) for m in config["models"]]), stock, options)
+    with open(os.path.join(stock, "config.json")) as f:
+        written = json.load(f)
+    assert (written["vocab_size"], written["text_config"]["vocab_size"]) == (66, 64)
+    assert {k: v.shape for f in glob.glob(os.path.join(stock, "*.safetensors")) for k, v in load_file(f).items()
+            if "embed_tokens" in k} == {"model.embed_tokens.weight": (66, 32)}
