@@ -6,9 +6,10 @@ config holds it twice: Qwen2-VL, Qwen2.5-VL and Qwen3-VL's architecture files na
 top-level ``vocab_size``, which transformers 5 keeps in ``text_config``; so after a union
 that grows the vocabulary, ``text_config.vocab_size`` keeps the base's, and transformers
 cannot load the model (the embeddings are re-initialised as mismatched, or refused). Stock
-methods write the same config. For a MetaGPT merge, a vocabulary size of the config that
-differs from the rows of the merged, token-aligned tensors, where another of its sizes
-matches them (the one mergekit set), is set to them, with a WARNING saying so.
+methods write the same config. For a MetaGPT merge, a vocabulary size of the config's language
+model (``TEXT_SECTIONS``, or top-level) that differs from the rows of the merged, token-aligned
+tensors, where another of its sizes matches them (the one mergekit set), is set to them, with a
+WARNING saying so.
 """
 
 from __future__ import annotations
@@ -67,14 +68,21 @@ def mend_vocab_sizes(context) -> None:
                 ", ".join(_dotted(key) for key, value in sizes.items() if value == count), count)
 
 
+#: The sections of a multimodal config that hold its language model's settings (transformers'
+#: ``text_config``; ``language_config``, ``llm_config`` in some remote-code models). Others
+#: (a vision or audio tower's) may have a vocab_size of their own, a codebook's: never touched.
+TEXT_SECTIONS = ("text_config", "language_config", "llm_config")
+
+
 def _vocab_sizes(config: dict) -> Dict[Tuple[Optional[str], str], int]:
-    """The config's vocabulary sizes: its top-level ``vocab_size`` and that of each nested
-    ``*_config`` section (``text_config``), {(section or None, key): value}."""
+    """The config's vocabulary sizes of its language model: the top-level ``vocab_size`` and
+    that of each ``TEXT_SECTIONS`` section, {(section or None, key): value}."""
     sizes = {}
     if isinstance(config.get("vocab_size"), int):
         sizes[(None, "vocab_size")] = config["vocab_size"]
-    for section, value in config.items():
-        if section.endswith("_config") and isinstance(value, dict) and isinstance(value.get("vocab_size"), int):
+    for section in TEXT_SECTIONS:
+        value = config.get(section)
+        if isinstance(value, dict) and isinstance(value.get("vocab_size"), int):
             sizes[(section, "vocab_size")] = value["vocab_size"]
     return sizes
 

@@ -375,6 +375,11 @@ def test_a_grown_vocabulary_of_a_multimodal_config_is_written_where_transformers
     from merging import run_recipe
 
     base = _qwen2_5_vl(str(tmp_path / "base"), 64, 0)
+    with open(tmp_path / "base" / "config.json") as f:
+        base_config = json.load(f)
+    base_config["vision_config"]["vocab_size"] = 8192  # a tower's own (a codebook's): not the text's
+    with open(tmp_path / "base" / "config.json", "w") as f:
+        json.dump(base_config, f)
     _qwen2_5_vl(str(tmp_path / "a"), 66, 1, 0.01, base)
     _qwen2_5_vl(str(tmp_path / "c"), 64, 2, 0.03, base)
     paths = {name: str(tmp_path / name) for name in ("base", "a", "c")}
@@ -389,6 +394,7 @@ def test_a_grown_vocabulary_of_a_multimodal_config_is_written_where_transformers
     with open(os.path.join(out, "config.json")) as f:
         written = json.load(f)
     assert (written["vocab_size"], written["text_config"]["vocab_size"]) == (66, 66)
+    assert written["vision_config"]["vocab_size"] == 8192
     assert "config.json had text_config.vocab_size 64, where its token embeddings have 66 rows" in caplog.text
     model = AutoModelForImageTextToText.from_pretrained(out)
     assert torch.equal(model.get_input_embeddings().weight, merged["model.embed_tokens.weight"])
