@@ -2,7 +2,7 @@
 
 With ``tokenizer_source``/``tokenizer``, mergekit 0.1.5 writes the merged vocabulary's size
 to one key of the output config, the architecture's ``vocab_size_config_key``. A multimodal
-config holds it twice: Qwen2-VL, Qwen2.5-VL and Qwen3-VL's architecture files name the
+config holds it twice: Qwen2-VL, Qwen2.5-VL and Qwen3-VL-MoE's architecture files name the
 top-level ``vocab_size``, which transformers 5 keeps in ``text_config``; so after a union
 that grows the vocabulary, ``text_config.vocab_size`` keeps the base's, and transformers
 cannot load the model (the embeddings are re-initialised as mismatched, or refused). Stock
@@ -14,7 +14,6 @@ WARNING saying so.
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
@@ -32,6 +31,8 @@ def mend_vocab_sizes(context) -> None:
         return
     folder = os.fspath(context.out_path)
     path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):  # none written: nothing to mend
+        return
     try:
         rows = _aligned_rows(context, folder)
         if len(rows) != 1:
@@ -39,7 +40,11 @@ def mend_vocab_sizes(context) -> None:
         (count,) = rows
         with open(path, encoding="utf-8") as f:
             written = json.load(f)
-    except (OSError, ValueError):
+        if not isinstance(written, dict):
+            return
+    except Exception as error:  # a merge written is no merge failed: said, not raised
+        LOG.warning("MetaGPT: the vocabulary sizes of the merged model's config.json were not checked (%s: %s)",
+                    type(error).__name__, error)
         return
     sizes = _vocab_sizes(written)
     if count not in sizes.values():  # mergekit set none to the merged rows: not ours to guess
@@ -57,10 +62,10 @@ def mend_vocab_sizes(context) -> None:
     shown = ", ".join(f"{_dotted(key)} {value}" for key, value in stale.items())
     try:
         write_atomically(path, write)
-    except OSError as error:
-        LOG.warning("MetaGPT: %s of the merged model's config.json differ from the %d rows of its token embeddings "
-                    "(mergekit 0.1.5 sets one vocabulary size of a multimodal config); they could not be set to %d "
-                    "(%s): set them by hand, or transformers cannot load the model", shown, count, count, error)
+    except Exception as error:
+        LOG.warning("MetaGPT: the merged model's config.json has %s, where its token embeddings have %d rows "
+                    "(mergekit 0.1.5 sets one vocabulary size of a multimodal config); it could not be set to %d "
+                    "(%s): set it by hand, or transformers cannot load the model", shown, count, count, error)
         return
     LOG.warning("MetaGPT: the merged model's config.json had %s, where its token embeddings have %d rows (mergekit "
                 "0.1.5 sets only one vocabulary size of a multimodal config, here %s): set to %d, so that transformers "
@@ -78,11 +83,11 @@ def _vocab_sizes(config: dict) -> Dict[Tuple[Optional[str], str], int]:
     """The config's vocabulary sizes of its language model: the top-level ``vocab_size`` and
     that of each ``TEXT_SECTIONS`` section, {(section or None, key): value}."""
     sizes = {}
-    if isinstance(config.get("vocab_size"), int):
+    if type(config.get("vocab_size")) is int:
         sizes[(None, "vocab_size")] = config["vocab_size"]
     for section in TEXT_SECTIONS:
         value = config.get(section)
-        if isinstance(value, dict) and isinstance(value.get("vocab_size"), int):
+        if isinstance(value, dict) and type(value.get("vocab_size")) is int:
             sizes[(section, "vocab_size")] = value["vocab_size"]
     return sizes
 
@@ -109,10 +114,30 @@ def _aligned_rows(context, folder: str) -> Set[int]:
     import safetensors
 
     rows: Set[int] = set()
-    for file in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
-        with safetensors.safe_open(file, framework="pt") as f:
-            for name in set(f.keys()) & set(axes):
+    for file, names in _written_files(folder, axes).items():
+        with safetensors.safe_open(os.path.join(folder, file), framework="pt") as f:
+            for name in names:
                 shape = f.get_slice(name).get_shape()
                 if len(shape) > axes[name]:
                     rows.add(int(shape[axes[name]]))
     return rows
+
+
+def _written_files(folder: str, names) -> Dict[str, Set[str]]:
+    """{file: the `names` in it} over the safetensors files mergekit wrote (its index's, or its
+    one ``model.safetensors``), not whatever else the folder holds; none for a ``.bin`` output."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index, encoding="utf-8") as f:
+            weight_map = json.load(f)["weight_map"]
+        found: Dict[str, Set[str]] = {}
+        for name in names:
+            if name in weight_map:
+                found.setdefault(weight_map[name], set()).add(name)
+        return found
+    if os.path.exists(os.path.join(folder, "model.safetensors")):
+        import safetensors
+
+        with safetensors.safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+            return {"model.safetensors": set(f.keys()) & set(names)}
+    return {}

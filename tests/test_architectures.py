@@ -389,8 +389,12 @@ def test_a_grown_vocabulary_of_a_multimodal_config_is_written_where_transformers
 
     options = MergeOptions(copy_tokenizer=False, quiet=True)
     caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
-    out = str(tmp_path / "out")
-    merged = run_recipe(config, out, options)
+    out = str(tmp_path / "out[1]")  # no glob pattern: the files mergekit wrote, not what else is there
+    os.makedirs(out)
+    with open(os.path.join(out, "notes.safetensors"), "w") as f:
+        f.write("not a checkpoint")
+    run_recipe(config, out, options)
+    merged = load_file(os.path.join(out, "model.safetensors"))
     with open(os.path.join(out, "config.json")) as f:
         written = json.load(f)
     assert (written["vocab_size"], written["text_config"]["vocab_size"]) == (66, 66)
