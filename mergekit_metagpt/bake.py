@@ -30,9 +30,9 @@ def check_bakeable_recipe(config, path: str = "recipe") -> None:
         found = "slices:" if config.slices else "modules:" if config.modules else "no models:"
         raise MetaGPTError(
             f"{path}: bake writes one weight per model, from a `models:` recipe; this one has {found} "
-            f"(a slices: or modules: recipe merges each model set with its own λ, see `coefficients`, "
-            f"which bake does not write; a modules: recipe of one module is its models: list under "
-            f"that module's name: write it as a models: recipe to bake it)"
+            f"(a slices: or modules: recipe merges each model set with its own λ, which bake does not "
+            f"write: see `coefficients`; for an architecture of one module, a modules: recipe is its "
+            f"models: list under that module's name: write it as a models: recipe to bake it)"
         )
 
 

@@ -107,6 +107,14 @@ def _file_keys(path: str) -> frozenset:
     return frozenset(shard) if isinstance(shard, dict) else frozenset()
 
 
+def stored_shape(path: str, name: str) -> List[int]:
+    """A tensor's shape from its safetensors file's header (no data read)."""
+    import safetensors
+
+    with safetensors.safe_open(path, framework="pt") as handle:
+        return list(handle.get_slice(name).get_shape())
+
+
 def _tensor_in(path: str, name: str):
     if path.lower().endswith(".safetensors"):
         import safetensors

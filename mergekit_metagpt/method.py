@@ -322,8 +322,9 @@ class MetaGPTMerge(GroupMergeMethod):
                 self._say_if_one_model(coefficients)
             else:  # merge_tensors, perhaps in a loop over a model's tensors: λ of this tensor alone,
                 # whose model equal to the base there, or lone model, is no news worth a warning
-                LOG.debug("MetaGPT coefficients of tensor %r (an in-memory merge of one tensor: λ from its "
-                          "norms alone):\n%s", groups[0].metadata.name, coefficients.table())
+                if LOG.isEnabledFor(logging.DEBUG):
+                    LOG.debug("MetaGPT coefficients of tensor %r (an in-memory merge of one tensor: λ from its "
+                              "norms alone):\n%s", groups[0].metadata.name or "group 0", coefficients.table())
             shared = coefficients.lambdas
         return [
             self._coefficients(

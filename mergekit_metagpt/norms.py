@@ -122,7 +122,7 @@ def task_vector_sums(
     tensors on the base's device.
 
     Each chunk of the base is turned into float32 (`work_dtype`: float64 where a tensor is
-    float64) once for all tensors (on CPU, that conversion is
+    float64, or with `wide`: `in_memory_norms`' second pass) once for all tensors (on CPU, that conversion is
     the costliest step). Each norm is `canonical_squared_sum`'s (float32 sums over blocks
     of ``GRAM_BLOCK`` elements, added in float64: 1e-8 relative over tens of millions of
     elements, where one float32 dot is off by 1e-4), the same bits with or without pairs.

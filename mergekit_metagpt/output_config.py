@@ -35,9 +35,6 @@ def mend_vocab_sizes(context) -> None:
         return
     try:
         rows = _aligned_rows(context, folder)
-        if len(rows) != 1:
-            return
-        (count,) = rows
         with open(path, encoding="utf-8") as f:
             written = json.load(f)
         if not isinstance(written, dict):
@@ -47,7 +44,13 @@ def mend_vocab_sizes(context) -> None:
                     type(error).__name__, error)
         return
     sizes = _vocab_sizes(written)
+    count = next(iter(rows)) if len(rows) == 1 else None
     if count not in sizes.values():  # mergekit set none to the merged rows: not ours to guess
+        if len(set(sizes.values())) > 1:
+            LOG.warning("MetaGPT: the merged model's config.json has vocabulary sizes that differ (%s; its token "
+                        "embeddings' rows: %s): transformers reads one of them, so check that it is the rows'",
+                        ", ".join(f"{_dotted(key)} {value}" for key, value in sizes.items()),
+                        ", ".join(map(str, sorted(rows))) or "not read (not a safetensors output)")
         return
     stale = {key: value for key, value in sizes.items() if value != count}
     if not stale:
@@ -109,35 +112,21 @@ def _aligned_rows(context, folder: str) -> Set[int]:
                 if vocabulary_adapter(task) is not None:
                     axis = getattr(task.output_weight, "vocabulary_axis", None)
                     axes[task.output_weight.name] = 0 if axis is None else axis
-    if not axes:
-        return set()
-    import safetensors
-
     rows: Set[int] = set()
-    for file, names in _written_files(folder, axes).items():
-        with safetensors.safe_open(os.path.join(folder, file), framework="pt") as f:
-            for name in names:
-                shape = f.get_slice(name).get_shape()
-                if len(shape) > axes[name]:
-                    rows.add(int(shape[axes[name]]))
+    if not axes:
+        return rows
+    # the files mergekit wrote (its index's, or its one model.safetensors), found as its loader
+    # finds a model's, not whatever else the folder holds; none read for a .bin output
+    from mergekit.io.lazy_tensor_loader import ShardedTensorIndex
+
+    from mergekit_metagpt.checkpoint_files import stored_shape
+
+    index = ShardedTensorIndex.from_disk(folder)
+    if not index.is_safetensors:
+        return rows
+    for name, axis in axes.items():
+        if name in index.tensor_paths:
+            shape = stored_shape(os.path.join(folder, index.tensor_paths[name]), name)
+            if len(shape) > axis:
+                rows.add(int(shape[axis]))
     return rows
-
-
-def _written_files(folder: str, names) -> Dict[str, Set[str]]:
-    """{file: the `names` in it} over the safetensors files mergekit wrote (its index's, or its
-    one ``model.safetensors``), not whatever else the folder holds; none for a ``.bin`` output."""
-    index = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index, encoding="utf-8") as f:
-            weight_map = json.load(f)["weight_map"]
-        found: Dict[str, Set[str]] = {}
-        for name in names:
-            if name in weight_map:
-                found.setdefault(weight_map[name], set()).add(name)
-        return found
-    if os.path.exists(os.path.join(folder, "model.safetensors")):
-        import safetensors
-
-        with safetensors.safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
-            return {"model.safetensors": set(f.keys()) & set(names)}
-    return {}

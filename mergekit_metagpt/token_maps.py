@@ -81,10 +81,9 @@ def _rows(read, axis: int) -> Optional[Tuple[int, str]]:
         index = read.loader.index
         if name is None or not index.is_safetensors:
             return None
-        import safetensors
+        from mergekit_metagpt.checkpoint_files import stored_shape
 
-        with safetensors.safe_open(os.path.join(index.base_path, index.tensor_paths[name]), framework="pt") as f:
-            shape = f.get_slice(name).get_shape()
+        shape = stored_shape(os.path.join(index.base_path, index.tensor_paths[name]), name)
         return (int(shape[axis]), name) if len(shape) > axis else None
     except Exception:  # the merge's own reads say what is wrong with the file
         return None

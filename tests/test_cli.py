@@ -362,8 +362,6 @@ def test_bake_refuses_slices_and_says_why(cli_runs):
 
 
 def test_bake_refuses_modules_and_says_how_one_module_bakes(llama_family, tmp_path, capsys):
-    from mergekit_metagpt.cli import main
-
     paths, _ = llama_family
     plain = recipe(paths, ["model0", "model1"])
     modules = {k: v for k, v in plain.items() if k != "models"}

@@ -255,8 +255,10 @@ def test_an_in_memory_merge_without_a_base_says_metagpt_needs_one():
 
 
 def _tiny_vectors(scale, seed=0):
+    """Weights of 1000 × `scale`, so that float32 keeps the task vectors of `scale` (most of
+    them: weights of 1e-20 would round away nearly all of a 1e-30 noise)."""
     gen = torch.Generator().manual_seed(seed)
-    base = {name: torch.randn(64, 64, generator=gen) * 1e-20 for name in ("w", "v")}
+    base = {name: torch.randn(64, 64, generator=gen) * scale * 1e3 for name in ("w", "v")}
     models = {f"m{i}": {name: t + torch.randn(64, 64, generator=gen) * s for name, t in base.items()}
               for i, s in enumerate([scale, 3 * scale])}
     return base, models
@@ -265,9 +267,10 @@ def _tiny_vectors(scale, seed=0):
 @pytest.mark.parametrize("scale", [1e-23, 1e-30], ids=["squares-subnormal", "squares-vanish"])
 def test_task_vectors_too_small_for_float32_squares_get_their_exact_lambdas_in_memory(scale, caplog):
     """|δ| ~ 1e-23 (float32 squares subnormal: λ 0.013 where the closed form gives 0.101) or
-    1e-30 (squares 0: "every task vector is zero", the base written): in memory the tensors are
+    1e-30 (squares 0: "every task vector is zero", the base written; every element differs): in memory the tensors are
     at hand, so such norms are summed again in float64: the closed form's λ, and no warning."""
     base, models = _tiny_vectors(scale)
+    assert all((models[m][n] != base[n]).float().mean() > 0.9 for m in models for n in base)
     caplog.set_level(logging.INFO, logger="mergekit_metagpt")
     merged = merge_state_dicts({"base": base, **models}, "metagpt", base="base")
     lams, reference = closed_form(base, list(models.values()))
