@@ -210,15 +210,17 @@ def _bake(args) -> int:
                           before_norms=lambda r: check_bakeable(r, args.recipe))
     (set_norms,) = run.result.sets
     text = baked_recipe(args.recipe, set_norms.coefficients, recipe_text)
+    stream = os.path.exists(args.output) and not os.path.isfile(args.output)  # a pipe, /dev/fd/1
     try:
-        if os.path.exists(args.output) and not os.path.isfile(args.output):  # a pipe, /dev/stdout: no rename
+        if stream:  # no rename
             with open(args.output, "w", encoding="utf-8") as f:
                 f.write(text)
         else:  # all or nothing: a recipe cut short by a full disk is YAML that merges other weights
             write_text(args.output, text)
     except OSError as error:
         raise MetaGPTError(f"cannot write {args.output}: {error.strerror or error}") from None
-    print(f"wrote {args.output}")
+    if not stream:  # else stdout may be that pipe (bake r.yml /dev/fd/1 | mergekit-yaml /dev/stdin out)
+        print(f"wrote {args.output}")
     return 0
 
 
@@ -499,7 +501,10 @@ def _log_lines() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     _stdout_writes_anything()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)  # --version, --help: printed here
+    except BrokenPipeError:  # `mergekit-metagpt --version | true`
+        return _stdout_gone()
     _log_lines()
     try:
         return args.run(args)
@@ -507,11 +512,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("mergekit-metagpt: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # e.g. `mergekit-metagpt coefficients r.yml --json | head`
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        return 1
+        return _stdout_gone()
     except ModuleNotFoundError as error:
         if error.name != "mergekit":  # a mergekit that lacks a module: as any other error
             return _report(error)
@@ -520,6 +521,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 1
     except Exception as error:  # every error is one line; mergekit's and pydantic's too
         return _report(error)
+
+
+def _stdout_gone() -> int:
+    """Exit status 1 where the reader of stdout went away (a pipe into `head`), with no
+    traceback: Python's flush of stdout at exit would print one, so stdout is pointed at
+    the null device first."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    return 1
 
 
 def _stdout_writes_anything() -> None:

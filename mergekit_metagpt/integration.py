@@ -83,6 +83,9 @@ class RunContext:
     config: object
     options: object
     runs: List[object] = field(default_factory=list)  # merge_plan.MergeRun objects
+    #: model -> (its loader's index, the fingerprint of its files) when run_merge began,
+    #: before mergekit opened any of them (``planning.open_loaders``)
+    input_keys: Dict[object, tuple] = field(default_factory=dict)
 
 
 #: Inside a mergekit command (its click callback) in this thread: a dict that receives the
@@ -200,9 +203,9 @@ def _attach_io_tasks(module) -> None:
             changed = run.changed_inputs()
             if changed:  # no record of λ the weights may not have been merged with
                 LOG.warning(
-                    "MetaGPT: the files of %s changed while the merge read them (after its pre-pass): the "
-                    "merged weights may mix the old files and the new, and the λ are the old files'; no "
-                    "record written: run the merge again", ", ".join(map(str, changed)))
+                    "MetaGPT: the files of %s changed while the merge read them: the merged weights may mix "
+                    "the old files and the new, and the λ may not be those of the files merged; no record "
+                    "written: run the merge again", ", ".join(map(str, changed)))
             else:
                 write_record(run)
         return result
@@ -273,7 +276,6 @@ def _attach_merge(module) -> None:
                 remove_stale_record(bound.arguments.get("out_path"))
             return original(*args, **kwargs)
         from mergekit_metagpt.recipe_checks import check_config, check_recipe_writable
-        from mergekit_metagpt.card import add_card_sections
 
         # the keys first: a misspelt key (base_modle) is what the other checks then miss
         _check_recipe_keys(bound.arguments.get("config_source"))
@@ -282,13 +284,14 @@ def _attach_merge(module) -> None:
         check_recipe_writable(config, bound.arguments.get("config_source"), options)
         if getattr(config, "modules", None):
             _check_module_names(config, options)
+        input_keys = {}
         if options is not None:  # mergekit's run_merge needs them (and says so)
             from mergekit_metagpt.planning import (
                 check_device_there, check_models_open, check_output_writable, refuse_output_into_an_input,
             )
 
             check_device_there(options)
-            check_models_open(config, options)
+            input_keys = check_models_open(config, options)
             refuse_output_into_an_input(config, bound.arguments.get("out_path"))
             check_output_writable(bound.arguments.get("out_path"))
         # an earlier run's record stays until the pre-pass ends (before the first merged
@@ -297,41 +300,56 @@ def _attach_merge(module) -> None:
             out_path=bound.arguments.get("out_path"),
             config=config,
             options=options,
+            input_keys=input_keys,
         )
-        from mergekit_metagpt.leftover_weights import warn_of_leftovers, weight_files
+        from mergekit_metagpt.leftover_weights import weight_files
 
         held_before = weight_files(context.out_path)  # what an earlier run left there
         made = _folders_to_make(context.out_path)  # by mergekit, before the pre-pass
-        token = RUN_CONTEXT.set(context)
-        try:
-            result = original(*args, **kwargs)
-        except BaseException as error:
-            _remove_if_empty(made)  # left empty: they go
-            # a merge that failed or was interrupted after its pre-pass (it may have
-            # written weights) leaves no record beside weights it did not write (its own
-            # is there only where FinalizeModel's wrapper is missing: written when the
-            # pre-pass ended)
-            written = any(run.record_written for run in context.runs)
-            if written or any(run.result is not None for run in context.runs):
-                remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's",
-                                    stopped=error)
-            raise
-        finally:
-            RUN_CONTEXT.reset(token)
-            from mergekit_metagpt.scratch import release_thread_scratch
+        from mergekit_metagpt.output_lock import held
 
-            release_thread_scratch()
-        if not any(run.record_written for run in context.runs):  # no record of this run's
-            remove_stale_record(context.out_path)
-        add_card_sections(context)
-        from mergekit_metagpt.output_config import mend_vocab_sizes
-
-        mend_vocab_sizes(context)
-        warn_of_leftovers(context.out_path, held_before)
-        return result
+        with held(context.out_path):
+            return _run_merge_in(context, made, held_before, original, args, kwargs)
 
     run_merge._mergekit_metagpt_wrapper = True
     module.run_merge = run_merge
+
+
+def _run_merge_in(context, made, held_before, original, args, kwargs):
+    """mergekit's run_merge in `context` (its output folder locked), then what the plugin
+    writes beside its output: the record's removal where none is of this run, the card's
+    sections, the config's mended sizes, the warning of leftover weights."""
+    from mergekit_metagpt.card import add_card_sections
+    from mergekit_metagpt.leftover_weights import warn_of_leftovers
+    from mergekit_metagpt.record import remove_stale_record
+
+    token = RUN_CONTEXT.set(context)
+    try:
+        result = original(*args, **kwargs)
+    except BaseException as error:
+        _remove_if_empty(made)  # left empty: they go
+        # a merge that failed or was interrupted after its pre-pass (it may have
+        # written weights) leaves no record beside weights it did not write (its own
+        # is there only where FinalizeModel's wrapper is missing: written when the
+        # pre-pass ended)
+        written = any(run.record_written for run in context.runs)
+        if written or any(run.result is not None for run in context.runs):
+            remove_stale_record(context.out_path, "the unfinished merge's" if written else "the earlier run's",
+                                stopped=error)
+        raise
+    finally:
+        RUN_CONTEXT.reset(token)
+        from mergekit_metagpt.scratch import release_thread_scratch
+
+        release_thread_scratch()
+    if not any(run.record_written for run in context.runs):  # no record of this run's
+        remove_stale_record(context.out_path)
+    add_card_sections(context)
+    from mergekit_metagpt.output_config import mend_vocab_sizes
+
+    mend_vocab_sizes(context)
+    warn_of_leftovers(context.out_path, held_before)
+    return result
 
 
 def _folders_to_make(out_path) -> List[str]:
@@ -505,7 +523,8 @@ def _one_line_errors(module, check_arguments=None) -> None:
     """mergekit's click command of a script (``main``): a MetaGPTError (a refusal of the
     plugin's: what to fix, in one message) ends it as click's own ``Error: …`` line with
     exit status 1, where Python printed a traceback whose last line said it. Other
-    exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` keeps it for these too.
+    exceptions keep their traceback; ``MERGEKIT_METAGPT_DEBUG=1`` prints it for these too,
+    before their ``Error: …`` line.
     `check_arguments`: called with the command's keyword arguments before it runs."""
     import click
 
@@ -532,8 +551,12 @@ def _one_line_errors(module, check_arguments=None) -> None:
                 check_arguments(kwargs)
             return original(*args, **kwargs)
         except MetaGPTError as error:
-            if switched_on(DEBUG_SWITCH) or isinstance(error, click.ClickException):
+            if isinstance(error, click.ClickException):
                 raise
+            if switched_on(DEBUG_SWITCH):  # the traceback first, then the same one line
+                import traceback
+
+                traceback.print_exc()
             raise Refusal(one_line(error)) from error
         finally:
             RAW_OPTIONS.reset(token)

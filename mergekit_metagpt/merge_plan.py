@@ -167,9 +167,9 @@ class MergeRun:
         self.finalizers: list = []
 
     def changed_inputs(self) -> List[Hashable]:
-        """The models whose checkpoint files changed since the pre-pass fingerprinted them
-        (replaced or rewritten while the merge read them): the merged weights may then mix
-        old and new files, and the λ are the old files'."""
+        """The models whose checkpoint files changed since the merge began (``run_merge``
+        fingerprints them before mergekit opens any; else the pre-pass, before it reads):
+        the merged weights may then mix old and new files, and the λ may be either's."""
         from mergekit_metagpt.fingerprint import checkpoint_key
 
         changed = []

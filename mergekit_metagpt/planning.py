@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import weakref
+from typing import Optional
 
 from mergekit_metagpt.env import switched_on
 from mergekit_metagpt.fork_safety import renew_after_fork
@@ -159,19 +160,24 @@ def _warn_of_a_local_typo(model, path: str) -> None:
                 "network). If you meant a local folder, check its name", model, path, os.getcwd(), first)
 
 
-def open_loaders(config, options) -> None:
+def open_loaders(config, options) -> dict:
     """mergekit's loader of each model of the recipe, opened as mergekit's ``run_merge``
     opens them before planning (a LoRA is merged into ``--lora-merge-cache``, a single
     ``.bin`` file unpickled to list its tensors), and reading the files as they are now
     (``_current_loader``); a failure is one line naming the model (mergekit's names none,
-    and a damaged pickle ends ``mergekit-yaml`` with a bare "Aborted!")."""
+    and a damaged pickle ends ``mergekit-yaml`` with a bare "Aborted!").
+
+    Returns model -> (its loader's index, the fingerprint of its files), taken with no
+    shard open, before mergekit reads any: what the merge reads from then on is these
+    files, unless the check at its end (``MergeRun.changed_inputs``) finds them changed."""
     from mergekit.io.tasks import LoaderCache
 
     cache = LoaderCache()
     cache.setup(options=options)
+    keys = {}
     for model in models_in_order(config):
         try:
-            _current_loader(cache, model)
+            key = _current_loader(cache, model)
         except Exception as error:
             raise MetaGPTError(
                 f"cannot load model {model}: {one_line(error)}{_cached_snapshot_hint(model, options)}"
@@ -180,7 +186,10 @@ def open_loaders(config, options) -> None:
             loader, model_config = cache.get(model), model.config(trust_remote_code=options.trust_remote_code)
         except Exception:  # said by the checks before, in their words
             continue
+        if key is not None:
+            keys[model] = (loader.index, key)
         _refuse_quantized(model, loader, model_config)
+    return keys
 
 
 #: Each loader's files and settings (``_loader_key``) when the plugin opened or replaced it.
@@ -194,9 +203,10 @@ renew_after_fork(__name__, "_OPENED_AT", factory=weakref.WeakKeyDictionary)
 _SETTINGS = ("lora_cache_dir", "hf_cache_dir", "lazy_unpickle", "trust_remote_code", "lora_merge_dtype")
 
 
-def _current_loader(cache, model) -> None:
+def _current_loader(cache, model) -> Optional[str]:
     """Make mergekit's loader of `model` one that reads its files as they are now, with
-    this merge's settings. mergekit 0.1.5 keeps one loader per model for the whole
+    this merge's settings, and return the fingerprint of those files (``checkpoint_key``;
+    None where it cannot be taken). mergekit 0.1.5 keeps one loader per model for the whole
     process (``LoaderCache``), holding the index of its files and its last shard open: a
     checkpoint rewritten since an earlier merge would be read partly as it was (every
     method; a MetaGPT merge would also cache those norms under the new files' key), a
@@ -205,25 +215,41 @@ def _current_loader(cache, model) -> None:
     did not open, or whose files or settings changed since it did, is replaced by a new
     one, in one assignment (a merge running meanwhile in another thread always finds a
     loader, the old or the new); an unchanged one is kept (for a hub model, mergekit
-    asks the hub again for every new loader)."""
+    asks the hub again for every new loader), its open shard closed first: a file replaced
+    by rename since it was opened would still be read through it, whatever the key says."""
     loaders = getattr(cache, "loaders", None)
     existing = loaders.get(model) if isinstance(loaders, dict) else None
     if existing is None:
         loader = cache.get(model)
     else:
+        flush = getattr(existing, "flush", None)
+        if callable(flush):
+            flush()
         try:
-            if _OPENED_AT.get(existing) == _loader_key(cache, existing):
-                return
+            key = _loader_key(cache, existing)
+            if _OPENED_AT.get(existing) == key:
+                return key[0]
         except Exception:  # a file its index names is gone: replaced
             pass
         loader = _new_loader(cache, model)
         if loader is None:  # a mergekit of another shape: its loader as it is
-            return
+            return _files_key(existing)
         loaders[model] = loader
     try:
-        _OPENED_AT[loader] = _loader_key(cache, loader)
+        key = _loader_key(cache, loader)
     except Exception:  # not keyed: replaced at the next merge
-        pass
+        return _files_key(loader)
+    _OPENED_AT[loader] = key
+    return key[0]
+
+
+def _files_key(loader) -> Optional[str]:
+    from mergekit_metagpt.fingerprint import checkpoint_key
+
+    try:
+        return checkpoint_key(loader.index)
+    except Exception:
+        return None
 
 
 def _loader_key(cache, loader) -> tuple:
@@ -414,12 +440,14 @@ def _accelerator_there(torch) -> bool:
         return torch.cuda.is_available()
 
 
-def check_models_open(config, options) -> None:
+def check_models_open(config, options) -> dict:
     """Each model of the recipe is there, its config loads and its loader opens, or one
-    line naming the model, before anything is read for the merge."""
+    line naming the model, before anything is read for the merge; the fingerprints of
+    their files then (``open_loaders``)."""
     _check_models_load(config, options)
-    open_loaders(config, options)
+    keys = open_loaders(config, options)
     _check_card_can_name_models(config, options)
+    return keys
 
 
 def _check_card_can_name_models(config, options) -> None:
@@ -482,7 +510,7 @@ def plan_recipe(config, options):
         raise MetaGPTError(f"this mergekit has no _model_out_config ({error}); cannot plan") from None
     arch_info = get_architecture_info(config, options)
     check_module_names(config, arch_info, options)
-    open_loaders(config, options)
+    input_keys = open_loaders(config, options)
     out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planner = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     # plan_to_disk only builds tasks (nothing is written until they execute);
@@ -497,7 +525,7 @@ def plan_recipe(config, options):
             f"knows the plans of mergekit 0.1.5, this is mergekit {importlib.metadata.version('mergekit')}"
         )
     run = merge_plan.MergeRun(
-        config.merge_method, mine, RunContext(out_path=None, config=config, options=options)
+        config.merge_method, mine, RunContext(out_path=None, config=config, options=options, input_keys=input_keys)
     )
     run.merge_executes_plan = False  # planned for a command: its pre-pass alone reads the inputs
     run.check()

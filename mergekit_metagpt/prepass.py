@@ -243,6 +243,20 @@ def _holds(read) -> bool:
         return False
 
 
+def _warn_of_a_lone_model(run, set_norms, which) -> None:
+    """A model set of one model besides the base (a recipe's, or one slice's): its λ is 1."""
+    from mergekit_metagpt.method import VARIANTS
+
+    if len(set_norms.coefficients.squared_norms) != 1:
+        return
+    (model, norm), = set_norms.coefficients.squared_norms
+    if norm > 0:  # else it equals the base: said as such
+        what = "this merge is" if not which else "its tensors are merged as"
+        LOG.warning("MetaGPT%s: only one model besides the base (%s): its λ is 1, so %s stock %s with weight 1; "
+                    "MetaGPT weighs two or more models (list the others beside it)",
+                    which, model, what, VARIANTS.get(run.method_name) or "task_arithmetic")
+
+
 def _announce(run) -> None:
     from mergekit_metagpt.coefficients import scale_note, scale_values
     from mergekit_metagpt.record import (
@@ -261,14 +275,7 @@ def _announce(run) -> None:
             LOG.warning("MetaGPT%s: lambda: 0 (the recipe's scale) adds no task vector: the merge writes "
                         "the base model's weights", which)
         _log_similarity(set_norms.stats, which)
-    if count == 1 and len(run.result.merging[0].coefficients.squared_norms) == 1:
-        from mergekit_metagpt.method import VARIANTS
-
-        (model, norm), = run.result.merging[0].coefficients.squared_norms
-        if norm > 0:  # else it equals the base: said as such
-            LOG.warning("MetaGPT: only one model besides the base (%s): its λ is 1, so this merge is stock %s "
-                        "with weight 1; MetaGPT weighs two or more models (list the others beside it)",
-                        model, VARIANTS.get(run.method_name) or "task_arithmetic")
+        _warn_of_a_lone_model(run, set_norms, which)
     passed = passed_through_text(passed_through_entries(run.result))
     if passed:
         LOG.info("MetaGPT: %s", passed)
@@ -313,6 +320,40 @@ def _say_lambdas(run) -> None:
             quiet=bool(getattr(run.options, "quiet", False)))
 
 
+def _files_now(loader, started: Optional[tuple]) -> str:
+    """The fingerprint of a loader's files as its next reads find them. Its open shard (the
+    one mergekit or an earlier merge read last) is of these files where they are as they
+    were when ``run_merge`` began (`started`, taken with no shard open): else it is closed
+    first, as a file replaced by rename since it was opened would still be read through it
+    (kept where the key is not known and the address space is limited: a shard closed
+    while mergekit holds tensors of it would be mapped twice, see `_Releaser`)."""
+    from mergekit_metagpt.fingerprint import checkpoint_key
+
+    key = checkpoint_key(loader.index)
+    if (started is not None and started[1] == key) or (started is None and address_space_limited()):
+        return key
+    flush = getattr(loader, "flush", None)
+    if not callable(flush):
+        return key
+    flush()
+    return checkpoint_key(loader.index)
+
+
+def _moved(read_keys) -> set:
+    """The models whose files' fingerprint is not the one the pre-pass took before reading."""
+    from mergekit_metagpt.fingerprint import checkpoint_key
+
+    moved = set()
+    for model, (index, key) in read_keys.items():
+        try:
+            now = checkpoint_key(index)
+        except OSError:
+            now = None
+        if now != key:
+            moved.add(model)
+    return moved
+
+
 def compute(run, device: torch.device, method=None, products: str = "when read",
             given: Optional[Dict[int, Dict[Hashable, torch.Tensor]]] = None) -> RunNorms:
     """Norms of every merge set of `run` (see the module docstring), and the inner
@@ -326,7 +367,6 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
     not aligned again (mergekit aligns row by row: seconds per tensor for a large
     vocabulary)."""
     from mergekit_metagpt import norm_cache
-    from mergekit_metagpt.fingerprint import checkpoint_key
 
     caching = norm_cache.enabled()
     ckpt_keys: Dict[Hashable, str] = {}
@@ -337,15 +377,20 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
 
     planned: List[_Planned] = []
     adapter_inputs = _AdapterInputs(checkpoint_of, run if run.merge_executes_plan else None, plan=run)
+    # model -> (its index, the fingerprint of its files as the pre-pass reads them); and as
+    # they were when run_merge began (before mergekit opened them), which the check at the
+    # merge's end compares with (`MergeRun.changed_inputs`)
+    read_keys: Dict[Hashable, tuple] = {}
+    started = getattr(run.context, "input_keys", None) or {} if run.context is not None else {}
     for merge_set in run.sets.values():
         for task in merge_set.tasks:
             reads = run.reads_of(task)
             for model, read in reads.items():
-                if model not in run.input_keys:  # also checked once the model is written
-                    index = read.loader.index
-                    run.input_keys[model] = (index, checkpoint_key(index))
+                if model not in run.input_keys:
+                    read_keys[model] = (read.loader.index, _files_now(read.loader, started.get(model)))
+                    run.input_keys[model] = started.get(model) or read_keys[model]
                     if caching:
-                        ckpt_keys[model] = run.input_keys[model][1]
+                        ckpt_keys[model] = read_keys[model][1]
             planned.append(_plan(task, reads, method, checkpoint_of, adapter_inputs))
 
     aligned = sorted({(item.adapter.name, item.base_read.name) for item in planned if item.adapter})
@@ -415,6 +460,10 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
     found = _Found()
     if todo:
         _stream(run, device, todo, found, given or {})
+        moved = _moved(read_keys)
+        if moved:  # what was read may mix their old files and the new: kept for this run only
+            LOG.warning("MetaGPT: the files of %s changed while the pre-pass read them: their norms are not "
+                        "written to the norm cache", ", ".join(map(str, moved)))
         # the inner products written first, and the norms only where all of them were: a
         # later merge that finds a model's norms cached does not read it again, so it could
         # not compute a product whose entry is missing (a full disk between the two writes).
@@ -423,6 +472,8 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
         products_written = True
         for triple, values in found.products.items():
             known_products[triple].update(values)
+            if moved.intersection(triple):
+                continue
             products_written &= norm_memo.remember_products(
                 [checkpoint_of(m) for m in triple], known_products[triple], labels=triple)
         if caching and not products_written:
@@ -431,7 +482,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
         for pair, values in found.dense.items():
             norms = known[pair]
             norms.update(values)
-            if products_written:
+            if products_written and not moved.intersection(pair):
                 norm_memo.remember(checkpoint_of(pair[0]), checkpoint_of(pair[1]), norms, labels=pair)
 
     sets = []

@@ -462,6 +462,32 @@ def test_one_model_besides_the_base_is_warned_of(family, tmp_path):
     assert rc == 0 and "one model besides the base" not in log and "every task vector is zero" in log, log
 
 
+def test_a_slice_of_one_model_besides_the_base_is_warned_of(llama_family, tmp_path, caplog):
+    """A recipe's model set of one model (here the second slice's): its tensors take λ 1,
+    said with the set's number; not said of the set of two."""
+    import logging
+
+    from mergekit.options import MergeOptions
+    from merging import run_recipe
+
+    paths, _ = llama_family
+
+    def source(name, layers):
+        return {"model": paths[name], "layer_range": layers}
+
+    config = {"merge_method": "metagpt", "base_model": paths["base"], "dtype": "float32", "slices": [
+        {"sources": [source("base", [0, 1]), source("model0", [0, 1]), source("model1", [0, 1])]},
+        {"sources": [source("base", [1, 2]), source("model2", [1, 2])]},
+    ]}
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    run_recipe(config, str(tmp_path / "out"), MergeOptions(copy_tokenizer=False, quiet=True))
+    lone = [r.getMessage() for r in caplog.records if "only one model besides the base" in r.getMessage()]
+    assert len(lone) == 1, lone
+    assert re.fullmatch(r"MetaGPT, model set \d of \d: only one model besides the base \(\S*/model2\): its λ is 1, "
+                        r"so its tensors are merged as stock task_arithmetic with weight 1; MetaGPT weighs two or more "
+                        r"models \(list the others beside it\)", lone[0]), lone
+
+
 def test_a_model_equal_to_the_base_is_warned_of(family, tmp_path):
     """λ 0 for a copy of the base: said, not only in the -v table."""
     paths, _ = family
@@ -814,7 +840,7 @@ def test_mergekit_multi_refuses_a_bad_later_recipe_before_the_first_merge(fault,
 def test_a_refusal_ends_mergekits_commands_as_one_error_line(command, family, tmp_path):
     """The plugin's refusal (a misspelt parameter here) ends mergekit's commands as click's
     one `Error:` line, where Python printed ~25 lines of traceback before it; with
-    MERGEKIT_METAGPT_DEBUG=1 the traceback stays. mergekit-pytorch, which runs no
+    MERGEKIT_METAGPT_DEBUG=1 the traceback comes first, then the same line. mergekit-pytorch, which runs no
     run_merge, checked no parameter at all: the misspelt one was ignored and it merged."""
     import subprocess
     import sys
@@ -842,8 +868,9 @@ def test_a_refusal_ends_mergekits_commands_as_one_error_line(command, family, tm
     message = "Unknown parameter(s) for metagpt: lamda (did you mean lambda?) (it takes: alpha, granularity, lambda)"
     if command == "mergekit-multi":
         message = "MetaGPT: the final merge of the mergekit-multi file: " + message
-    if command == "debug":
-        assert "Traceback" in result.stderr and last.endswith("MetaGPTError: " + message), result.stderr[-3000:]
+    if command == "debug":  # the traceback, then the same line
+        assert "Traceback" in result.stderr and "MetaGPTError: " + message in result.stderr, result.stderr[-3000:]
+        assert last == "Error: " + message, result.stderr[-3000:]
     else:
         assert "Traceback" not in result.stderr and last == "Error: " + message, result.stderr[-3000:]
 

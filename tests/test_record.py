@@ -243,9 +243,164 @@ def test_a_model_rewritten_while_it_is_merged_leaves_no_record(llama_family, mer
     assert not os.path.exists(os.path.join(out, RECORD))
     assert CARD_MARK not in open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
-        f"MetaGPT: the files of {paths['model1']} changed while the merge read them (after its pre-pass): the "
-        f"merged weights may mix the old files and the new, and the λ are the old files'; no record written: run "
-        f"the merge again"]
+        f"MetaGPT: the files of {paths['model1']} changed while the merge read them: the merged weights may mix "
+        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
+        f"merge again"]
+
+
+def _replace_by_rename(folder, state_dict, **kwargs):
+    """Every file of the checkpoint in `folder` replaced by rename (as rsync, git or a hub
+    download do): new files, new inodes, the old ones still open where they were."""
+    import shutil
+
+    from checkpoints import save_checkpoint
+
+    staging = save_checkpoint(folder + ".staging", state_dict, **kwargs)
+    for name in os.listdir(staging):
+        os.replace(os.path.join(staging, name), os.path.join(folder, name))
+    shutil.rmtree(staging)
+
+
+def _scaled_task_vector(sds, name, factor):
+    base = sds["base"]
+    return {k: base[k] + (v - base[k]) * factor for k, v in sds[name].items()}
+
+
+@pytest.mark.parametrize("earlier_merge", [False, True], ids=["fresh-process", "loaders-kept-open"])
+def test_a_model_replaced_before_its_pre_pass_caches_no_norms_of_it(llama_family, merge_options, tmp_path,
+                                                                     monkeypatch, caplog, earlier_merge):
+    """A model's files replaced by rename after the merge began (mergekit's loader holds
+    its first shard, or an earlier merge's last one, open) and before the pre-pass reads
+    them: the pre-pass would read part of the old files through the open shard and cache
+    those norms under the new files' key, which every later merge would trust. The merge
+    warns and writes no record, and caches nothing of the replaced model: the next merge of
+    the new files is exact."""
+    import shutil
+
+    from checkpoints import save_checkpoint
+
+    paths, sds = llama_family
+    paths = dict(paths)
+    for name in MODELS:
+        paths[name] = shutil.copytree(paths[name], str(tmp_path / name))
+    # in one file: the shard mergekit opened for the merge's first tensor holds every other
+    paths["model1"] = save_checkpoint(str(tmp_path / "model1-whole"), sds["model1"], shard_size=None)
+    if earlier_merge:  # mergekit keeps each model's loader, its last shard open
+        run_recipe(recipe(paths, MODELS), str(tmp_path / "earlier"), merge_options)
+    new = _scaled_task_vector(sds, "model1", 1.7)
+    real_compute, replaced = prepass.compute, []
+
+    def replace_first(run, *args, **kwargs):
+        if not replaced:
+            _replace_by_rename(paths["model1"], new, shard_size=None)
+            replaced.append(True)
+        return real_compute(run, *args, **kwargs)
+
+    monkeypatch.setattr(prepass, "compute", replace_first)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert replaced
+    assert not os.path.exists(os.path.join(out, RECORD))
+    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
+        f"MetaGPT: the files of {paths['model1']} changed while the merge read them: the merged weights may mix "
+        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
+        f"merge again"]
+    # the next merge, files unchanged, in this process (the memo) and in a new one (the disk cache)
+    lams, merged = closed_form(sds["base"], [sds["model0"], new, sds["model2"]])
+    for fresh_process in (False, True):
+        if fresh_process:
+            prepass.clear_memo()
+        again = str(tmp_path / f"again-{fresh_process}")
+        result = run_recipe(recipe(paths, MODELS), again, merge_options)
+        assert [row["lambda"] for row in read_record(again)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
+        for key, value in merged.items():
+            torch.testing.assert_close(result[key].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_switched_to_another_cached_version_mid_merge_leaves_no_record(llama_family, merge_options,
+                                                                                tmp_path, monkeypatch, caplog):
+    """A model folder that is a symlink, switched between two versions whose norms are both
+    cached after the merge began: mergekit read the first tensors from the old version, the
+    pre-pass would find the new one's norms in the cache. No record of those λ; a warning."""
+    paths, sds = llama_family
+    paths = dict(paths)
+    versions = {"v1": paths["model1"], "v2": save_checkpoint_of(_scaled_task_vector(sds, "model1", 1.7),
+                                                                str(tmp_path / "v2"))}
+    link = str(tmp_path / "model1")
+    paths["model1"] = link
+
+    def point_to(version):
+        os.symlink(versions[version], link + ".new")
+        os.replace(link + ".new", link)
+
+    for version in ("v2", "v1"):  # both cached; the loader of v1 kept, its last shard open
+        point_to(version)
+        run_recipe(recipe(paths, MODELS), str(tmp_path / f"out-{version}"), merge_options)
+    real_compute = prepass.compute
+
+    def switch_first(run, *args, **kwargs):
+        point_to("v2")
+        return real_compute(run, *args, **kwargs)
+
+    monkeypatch.setattr(prepass, "compute", switch_first)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    out = str(tmp_path / "out")
+    run_recipe(recipe(paths, MODELS), out, merge_options)
+    assert not os.path.exists(os.path.join(out, RECORD))
+    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
+        f"MetaGPT: the files of {link} changed while the merge read them: the merged weights may mix "
+        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
+        f"merge again"]
+
+
+def test_a_model_switched_while_its_pre_pass_reads_it_caches_no_norms_of_either_version(
+        llama_family, merge_options, tmp_path, monkeypatch, caplog):
+    """A model folder that is a symlink, switched to another version once the pre-pass has
+    fingerprinted it and before it reads it: what it read is the new version's, which must
+    not be cached under the old version's key (a later merge of the old version would take
+    the new one's λ). A warning; the next merge of the old version is exact."""
+    paths, sds = llama_family
+    paths = dict(paths)
+    v2 = _scaled_task_vector(sds, "model1", 1.7)
+    versions = {"v1": paths["model1"], "v2": save_checkpoint_of(v2, str(tmp_path / "v2"))}
+    link = str(tmp_path / "model1")
+    paths["model1"] = link
+
+    def point_to(version):
+        os.symlink(versions[version], link + ".new")
+        os.replace(link + ".new", link)
+
+    point_to("v1")
+    real_stream = prepass._stream
+
+    def switch_first(*args, **kwargs):
+        point_to("v2")
+        return real_stream(*args, **kwargs)
+
+    monkeypatch.setattr(prepass, "_stream", switch_first)
+    caplog.set_level(logging.WARNING, logger="mergekit_metagpt")
+    run_recipe(recipe(paths, MODELS), str(tmp_path / "switched"), merge_options)
+    assert [r.getMessage() for r in caplog.records if "while the pre-pass read them" in r.getMessage()] == [
+        f"MetaGPT: the files of {link} changed while the pre-pass read them: their norms are not written to "
+        f"the norm cache"]
+    monkeypatch.setattr(prepass, "_stream", real_stream)
+    point_to("v1")
+    lams, merged = closed_form(sds["base"], [sds[m] for m in MODELS])
+    for fresh_process in (False, True):
+        if fresh_process:
+            prepass.clear_memo()
+        again = str(tmp_path / f"again-{fresh_process}")
+        result = run_recipe(recipe(paths, MODELS), again, merge_options)
+        assert [row["lambda"] for row in read_record(again)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
+        for key, value in merged.items():
+            torch.testing.assert_close(result[key].double(), value, rtol=1e-5, atol=1e-6)
+
+
+def save_checkpoint_of(state_dict, folder):
+    from checkpoints import save_checkpoint
+
+    return save_checkpoint(folder, state_dict)
 
 
 def test_a_record_that_could_not_be_written_leaves_no_earlier_one(llama_family, merge_options, tmp_path,
@@ -658,6 +813,43 @@ def test_two_concurrent_merges_each_write_their_own_record(llama_family, merge_o
         assert card.count(CARD_MARK) == 1
         for model in models:
             assert len(card_rows(card, paths[model])) == 1, (name, model)
+
+
+def test_a_second_merge_into_a_folder_being_written_is_refused(llama_family, merge_options, tmp_path, monkeypatch):
+    """Two merges into one folder at once would leave a mix of both runs' shards beside the
+    record of whichever ended last: the second is refused at once, naming the folder, and
+    writes nothing; the first merges to the closed form; once it ended, the folder is free."""
+    import fcntl
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, sds = llama_family
+    out = str(tmp_path / "out")
+    original, second = prepass.compute, []
+
+    def compute(*args, **kwargs):
+        if not second:  # the first merge is in its pre-pass: the second starts now
+            thread, errors = _in_thread(run_recipe, recipe(paths, ["model1", "model2"]), out, merge_options)
+            second.append(errors)
+            thread.start()
+            thread.join(timeout=300)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(prepass, "compute", compute)
+    merged = run_recipe(recipe(paths, MODELS), out, merge_options)
+    (errors,) = second
+    assert len(errors) == 1 and isinstance(errors[0], MetaGPTError), errors
+    assert str(errors[0]) == (f"another MetaGPT merge is writing into {out} now (in this process or another): its "
+                              f"weights and yours would mix; wait for it to end, or merge into another folder")
+    lams, reference = closed_form(sds["base"], [sds[m] for m in MODELS])
+    assert [row["lambda"] for row in read_record(out)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
+    for key, value in reference.items():
+        torch.testing.assert_close(merged[key].double(), value, rtol=1e-5, atol=1e-6)
+    handle = os.open(out, os.O_RDONLY)  # released
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(handle)
 
 
 # -- per_tensor --------------------------------------------------------------------------
