@@ -284,31 +284,30 @@ def _attach_merge(module) -> None:
         check_recipe_writable(config, bound.arguments.get("config_source"), options)
         if getattr(config, "modules", None):
             _check_module_names(config, options)
-        input_keys = {}
-        if options is not None:  # mergekit's run_merge needs them (and says so)
-            from mergekit_metagpt.planning import (
-                check_device_there, check_models_open, check_output_writable, refuse_output_into_an_input,
-            )
-
-            check_device_there(options)
-            input_keys = check_models_open(config, options)
-            refuse_output_into_an_input(config, bound.arguments.get("out_path"))
-            check_output_writable(bound.arguments.get("out_path"))
-        # an earlier run's record stays until the pre-pass ends (before the first merged
-        # tensor), so a merge that fails before leaves the folder as it was
-        context = RunContext(
-            out_path=bound.arguments.get("out_path"),
-            config=config,
-            options=options,
-            input_keys=input_keys,
-        )
         from mergekit_metagpt.leftover_weights import weight_files
-
-        held_before = weight_files(context.out_path)  # what an earlier run left there
-        made = _folders_to_make(context.out_path)  # by mergekit, before the pre-pass
         from mergekit_metagpt.output_lock import held
 
-        with held(context.out_path):
+        out_path = bound.arguments.get("out_path")
+        held_before = weight_files(out_path)  # what an earlier run left there
+        made = _folders_to_make(out_path)  # by mergekit (or the lock), before the pre-pass
+        with held(out_path):  # before the checks: a second merge into the folder is refused at once
+            input_keys = {}
+            try:
+                if options is not None:  # mergekit's run_merge needs them (and says so)
+                    from mergekit_metagpt.planning import (
+                        check_device_there, check_models_open, check_output_writable, refuse_output_into_an_input,
+                    )
+
+                    check_device_there(options)
+                    input_keys = check_models_open(config, options)
+                    refuse_output_into_an_input(config, out_path)
+                    check_output_writable(out_path)
+            except BaseException:
+                _remove_if_empty(made)  # made for the lock: they go
+                raise
+            # an earlier run's record stays until the pre-pass ends (before the first merged
+            # tensor), so a merge that fails before leaves the folder as it was
+            context = RunContext(out_path=out_path, config=config, options=options, input_keys=input_keys)
             return _run_merge_in(context, made, held_before, original, args, kwargs)
 
     run_merge._mergekit_metagpt_wrapper = True

@@ -5,10 +5,13 @@ of a pipeline) leave a mix of both runs' shards, and the record and card of whic
 last beside them. A MetaGPT ``run_merge`` holds an exclusive ``flock`` on the output folder
 itself (no file is added to it) from before mergekit makes or writes anything there until
 its record, card and config are written; a second one finds it held and is refused at once,
-naming the folder, before it reads or writes anything. Released when the merge ends, or its
-process does (killed included). Where no lock can be had (no ``fcntl``: Windows; a file
-system without ``flock``), the merge goes on unguarded, as stock mergekit's do. Merges by
-other methods, and ``mergekit-pytorch`` (no ``run_merge``), take no lock.
+naming the folder, before it reads or writes anything (its checks, which may merge a LoRA,
+come after). Released when the merge ends, or its process does (killed included); a child
+forked meanwhile (a multiprocessing pool) closes its copy, so that it does not keep the
+lock held after the merge. Where no lock can be had (no ``fcntl``: Windows; a file system
+without ``flock``, as some network file systems are), the merge goes on unguarded, as stock
+mergekit's do, with an INFO line. Merges by other methods, and ``mergekit-pytorch`` (no
+``run_merge``), take no lock.
 """
 
 from __future__ import annotations
@@ -20,6 +23,24 @@ import os
 from mergekit_metagpt.errors import MetaGPTError
 
 LOG = logging.getLogger(__name__)
+
+#: the descriptors of the folders this process holds locked
+_HELD: set = set()
+
+
+def _close_in_child() -> None:
+    """In a forked child: its copies of the locked folders' descriptors closed (a flock
+    lasts while any copy is open), the parent's lock untouched."""
+    for handle in list(_HELD):
+        try:
+            os.close(handle)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_in_child)
 
 
 @contextlib.contextmanager
@@ -40,6 +61,7 @@ def held(out_path):
         LOG.debug("MetaGPT: no lock on the output folder %s (%s)", folder, error)
         yield
         return
+    _HELD.add(handle)
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -49,7 +71,10 @@ def held(out_path):
                 f"weights and yours would mix; wait for it to end, or merge into another folder"
             ) from None
         except OSError as error:  # no flock on this file system: unguarded
-            LOG.debug("MetaGPT: no lock on the output folder %s (%s)", folder, error)
+            LOG.info("MetaGPT: no lock on the output folder %s (%s): a second merge into it at the same "
+                     "time would not be refused", folder, error.strerror or error)
         yield
     finally:
-        os.close(handle)
+        if handle in _HELD:  # else closed in a forked child, whose number may be another file's now
+            _HELD.discard(handle)
+            os.close(handle)

@@ -464,6 +464,11 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
         if moved:  # what was read may mix their old files and the new: kept for this run only
             LOG.warning("MetaGPT: the files of %s changed while the pre-pass read them: their norms are not "
                         "written to the norm cache", ", ".join(map(str, moved)))
+        if run.merge_executes_plan:  # files changed since run_merge began (said at the merge's end):
+            # mergekit read the first task's inputs, which the pre-pass takes as they are
+            # (`given`: the token-aligned tensors), from the files as they were then
+            moved |= {model for model, (_, key) in read_keys.items()
+                      if model in started and started[model][1] != key}
         # the inner products written first, and the norms only where all of them were: a
         # later merge that finds a model's norms cached does not read it again, so it could
         # not compute a product whose entry is missing (a full disk between the two writes).

@@ -507,6 +507,47 @@ def _vocab_recipe(paths, tokenizer_source):
     }
 
 
+def test_a_model_replaced_before_the_pre_pass_of_a_vocabulary_merge_caches_no_norms_of_it(
+        tmp_path, merge_options, monkeypatch):
+    """With a vocabulary adapter the pre-pass takes the first task's token-aligned tensors as
+    mergekit read them (`given`), from the files as they were when the merge began: a model
+    replaced by rename before the pre-pass must not have those norms cached under its new
+    files' key. The next merge, from the cache, takes the λ a merge without the cache takes."""
+    from merging import run_recipe
+    from mergekit_metagpt import prepass
+    from mergekit_metagpt.synthetic import write_tokenizer
+
+    paths, sds = make_vocab_family(tmp_path / "family")
+    base = sds["base"]
+    new = {k: base[k] + (v - base[k]) * 3.0 for k, v in sds["a"].items()}
+    real_compute, given = prepass.compute, []
+
+    def replace_first(run, *args, **kwargs):
+        if not given:
+            staging = save_checkpoint(paths["a"] + ".staging", new, vocab_size=VOCAB)
+            write_tokenizer(staging, VOCAB)
+            for name in os.listdir(staging):
+                os.replace(os.path.join(staging, name), os.path.join(paths["a"], name))
+            shutil.rmtree(staging)
+            given.append(bool(kwargs.get("given")))
+        return real_compute(run, *args, **kwargs)
+
+    def lambdas(out):
+        with open(os.path.join(out, "metagpt_coefficients.json")) as f:
+            return [row["lambda"] for row in json.load(f)["merges"][0]["models"]]
+
+    monkeypatch.setattr(prepass, "compute", replace_first)
+    run_recipe(_vocab_recipe(paths, "base"), str(tmp_path / "replaced"), merge_options)
+    assert given == [True]  # the case: aligned tensors handed over by mergekit
+    monkeypatch.setattr(prepass, "compute", real_compute)
+    prepass.clear_memo()
+    run_recipe(_vocab_recipe(paths, "base"), str(tmp_path / "cached"), merge_options)
+    monkeypatch.setenv("MERGEKIT_METAGPT_CACHE", "0")
+    prepass.clear_memo()
+    run_recipe(_vocab_recipe(paths, "base"), str(tmp_path / "uncached"), merge_options)
+    assert lambdas(str(tmp_path / "cached")) == pytest.approx(lambdas(str(tmp_path / "uncached")), rel=1e-7)
+
+
 @pytest.mark.parametrize("tokenizer_source", ["union", "base"])
 def test_resized_vocabulary_norms_over_the_aligned_tensors_and_cached(
     tokenizer_source, vocab_family, tmp_path

@@ -818,8 +818,11 @@ def test_two_concurrent_merges_each_write_their_own_record(llama_family, merge_o
 def test_a_second_merge_into_a_folder_being_written_is_refused(llama_family, merge_options, tmp_path, monkeypatch):
     """Two merges into one folder at once would leave a mix of both runs' shards beside the
     record of whichever ended last: the second is refused at once, naming the folder, and
-    writes nothing; the first merges to the closed form; once it ended, the folder is free."""
+    writes nothing; the first merges to the closed form; once it ended, the folder is free,
+    even while a child process forked during the merge lives on."""
     import fcntl
+    import multiprocessing
+    import time
 
     from mergekit_metagpt.errors import MetaGPTError
 
@@ -827,16 +830,42 @@ def test_a_second_merge_into_a_folder_being_written_is_refused(llama_family, mer
     out = str(tmp_path / "out")
     original, second = prepass.compute, []
 
+    seen, children = [], []
+
     def compute(*args, **kwargs):
         if not second:  # the first merge is in its pre-pass: the second starts now
             thread, errors = _in_thread(run_recipe, recipe(paths, ["model1", "model2"]), out, merge_options)
             second.append(errors)
             thread.start()
             thread.join(timeout=300)
+            seen.append(sorted(os.listdir(out)))
+            # a child forked now (a multiprocessing pool) outlives the merge: it must not keep the lock
+            child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(120,), daemon=True)
+            child.start()
+            children.append(child)
         return original(*args, **kwargs)
 
+    from mergekit_metagpt import planning
+
+    checked, check_models_open = [], planning.check_models_open
+
+    def counted_check(*args, **kwargs):  # opens every loader, may merge a LoRA: not for a refused merge
+        checked.append(threading.current_thread().name)
+        return check_models_open(*args, **kwargs)
+
+    monkeypatch.setattr(planning, "check_models_open", counted_check)
     monkeypatch.setattr(prepass, "compute", compute)
-    merged = run_recipe(recipe(paths, MODELS), out, merge_options)
+    try:
+        merged = run_recipe(recipe(paths, MODELS), out, merge_options)
+        monkeypatch.setattr(prepass, "compute", original)
+        assert children[0].is_alive()
+        run_recipe(recipe(paths, MODELS), str(tmp_path / "out"), merge_options)  # the folder is free
+    finally:
+        for child in children:
+            child.kill()
+            child.join(30)
+    assert seen == [[]]  # the second merge wrote nothing there (the first had not yet either)
+    assert checked == [threading.current_thread().name] * 2  # the refused one checked nothing first
     (errors,) = second
     assert len(errors) == 1 and isinstance(errors[0], MetaGPTError), errors
     assert str(errors[0]) == (f"another MetaGPT merge is writing into {out} now (in this process or another): its "
