@@ -24,3 +24,22 @@ def renew_after_fork(module_name: str, *names: str, factory: Callable[[], object
                 setattr(module, name, factory())
 
     os.register_at_fork(after_in_child=renew)
+
+
+def close_after_fork(handles: set) -> None:
+    """After a fork, in the child: each file descriptor in `handles` (a set its module keeps
+    and never replaces: the descriptors of the ``flock`` locks it holds) closed and the set
+    emptied. A flock lasts while any copy of its descriptor is open: a child that kept its
+    copies would keep the parent's lock held after the parent released it."""
+    if not hasattr(os, "register_at_fork"):  # not POSIX: no fork
+        return
+
+    def close() -> None:
+        for handle in list(handles):
+            try:
+                os.close(handle)
+            except OSError:
+                pass
+        handles.clear()
+
+    os.register_at_fork(after_in_child=close)

@@ -32,7 +32,7 @@ from typing import Dict, Optional
 
 from mergekit_metagpt.atomic_files import write_json
 from mergekit_metagpt.env import switched_off
-from mergekit_metagpt.fork_safety import renew_after_fork
+from mergekit_metagpt.fork_safety import close_after_fork, renew_after_fork
 
 LOG = logging.getLogger("mergekit_metagpt")
 # 5: every norm summed one way (`norms.canonical_squared_sum`; 4's norms had last bits that
@@ -145,19 +145,7 @@ _HELD_LOCK = threading.Lock()
 
 renew_after_fork(__name__, "_ONE_THREAD", "_HELD_LOCK")  # a thread of the parent may have held one
 
-
-def _close_held_in_child() -> None:
-    """After a fork, in the child: close the parent's lock descriptors."""
-    for handle in list(_HELD):
-        try:
-            os.close(handle)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_held_in_child)
+close_after_fork(_HELD)  # the child's copies of the parent's lock descriptors
 
 
 #: Opening an entry: a symlink is not followed (entries are files the plugin writes; one

@@ -21,26 +21,13 @@ import logging
 import os
 
 from mergekit_metagpt.errors import MetaGPTError
+from mergekit_metagpt.fork_safety import close_after_fork
 
 LOG = logging.getLogger(__name__)
 
 #: the descriptors of the folders this process holds locked
 _HELD: set = set()
-
-
-def _close_in_child() -> None:
-    """In a forked child: its copies of the locked folders' descriptors closed (a flock
-    lasts while any copy is open), the parent's lock untouched."""
-    for handle in list(_HELD):
-        try:
-            os.close(handle)
-        except OSError:
-            pass
-    _HELD.clear()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_in_child)
+close_after_fork(_HELD)  # a forked child does not keep the lock held after the merge
 
 
 @contextlib.contextmanager

@@ -210,6 +210,15 @@ def test_a_merge_stopped_after_its_prepass_leaves_no_record(stop, record_fails, 
                        f"weights, not a usable model: {again}"]
 
 
+#: the WARNING of a merge whose model's files changed while it read them
+CHANGED = ("MetaGPT: the files of {} changed while the merge read them: the merged weights may mix the old files "
+           "and the new, and the λ may not be those of the files merged; no record written: run the merge again")
+
+
+def _changed_warnings(caplog):
+    return [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()]
+
+
 def test_a_model_rewritten_while_it_is_merged_leaves_no_record(llama_family, merge_options, tmp_path,
                                                                 monkeypatch, caplog):
     """A shard replaced after the pre-pass read it (before the merge reads it): the weights
@@ -242,10 +251,7 @@ def test_a_model_rewritten_while_it_is_merged_leaves_no_record(llama_family, mer
     run_recipe(recipe(paths, MODELS), out, merge_options)
     assert not os.path.exists(os.path.join(out, RECORD))
     assert CARD_MARK not in open(os.path.join(out, "README.md"), encoding="utf-8").read()
-    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
-        f"MetaGPT: the files of {paths['model1']} changed while the merge read them: the merged weights may mix "
-        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
-        f"merge again"]
+    assert _changed_warnings(caplog) == [CHANGED.format(paths['model1'])]
 
 
 def _replace_by_rename(folder, state_dict, **kwargs):
@@ -259,6 +265,19 @@ def _replace_by_rename(folder, state_dict, **kwargs):
     for name in os.listdir(staging):
         os.replace(os.path.join(staging, name), os.path.join(folder, name))
     shutil.rmtree(staging)
+
+
+def _next_merges_are_exact(paths, lams, merged, tmp_path, merge_options):
+    """The next merge of MODELS, in this process (the memo) and in a new one (the disk
+    cache), gives the closed form's λ and weights."""
+    for fresh_process in (False, True):
+        if fresh_process:
+            prepass.clear_memo()
+        again = str(tmp_path / f"again-{fresh_process}")
+        result = run_recipe(recipe(paths, MODELS), again, merge_options)
+        assert [row["lambda"] for row in read_record(again)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
+        for key, value in merged.items():
+            torch.testing.assert_close(result[key].double(), value, rtol=1e-5, atol=1e-6)
 
 
 def _scaled_task_vector(sds, name, factor):
@@ -302,20 +321,10 @@ def test_a_model_replaced_before_its_pre_pass_caches_no_norms_of_it(llama_family
     run_recipe(recipe(paths, MODELS), out, merge_options)
     assert replaced
     assert not os.path.exists(os.path.join(out, RECORD))
-    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
-        f"MetaGPT: the files of {paths['model1']} changed while the merge read them: the merged weights may mix "
-        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
-        f"merge again"]
+    assert _changed_warnings(caplog) == [CHANGED.format(paths['model1'])]
     # the next merge, files unchanged, in this process (the memo) and in a new one (the disk cache)
     lams, merged = closed_form(sds["base"], [sds["model0"], new, sds["model2"]])
-    for fresh_process in (False, True):
-        if fresh_process:
-            prepass.clear_memo()
-        again = str(tmp_path / f"again-{fresh_process}")
-        result = run_recipe(recipe(paths, MODELS), again, merge_options)
-        assert [row["lambda"] for row in read_record(again)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
-        for key, value in merged.items():
-            torch.testing.assert_close(result[key].double(), value, rtol=1e-5, atol=1e-6)
+    _next_merges_are_exact(paths, lams, merged, tmp_path, merge_options)
 
 
 def test_a_model_switched_to_another_cached_version_mid_merge_leaves_no_record(llama_family, merge_options,
@@ -348,10 +357,7 @@ def test_a_model_switched_to_another_cached_version_mid_merge_leaves_no_record(l
     out = str(tmp_path / "out")
     run_recipe(recipe(paths, MODELS), out, merge_options)
     assert not os.path.exists(os.path.join(out, RECORD))
-    assert [r.getMessage() for r in caplog.records if "changed while the merge read them" in r.getMessage()] == [
-        f"MetaGPT: the files of {link} changed while the merge read them: the merged weights may mix "
-        f"the old files and the new, and the λ may not be those of the files merged; no record written: run the "
-        f"merge again"]
+    assert _changed_warnings(caplog) == [CHANGED.format(link)]
 
 
 def test_a_model_switched_while_its_pre_pass_reads_it_caches_no_norms_of_either_version(
@@ -387,14 +393,7 @@ def test_a_model_switched_while_its_pre_pass_reads_it_caches_no_norms_of_either_
     monkeypatch.setattr(prepass, "_stream", real_stream)
     point_to("v1")
     lams, merged = closed_form(sds["base"], [sds[m] for m in MODELS])
-    for fresh_process in (False, True):
-        if fresh_process:
-            prepass.clear_memo()
-        again = str(tmp_path / f"again-{fresh_process}")
-        result = run_recipe(recipe(paths, MODELS), again, merge_options)
-        assert [row["lambda"] for row in read_record(again)["merges"][0]["models"]] == pytest.approx(lams, rel=1e-6)
-        for key, value in merged.items():
-            torch.testing.assert_close(result[key].double(), value, rtol=1e-5, atol=1e-6)
+    _next_merges_are_exact(paths, lams, merged, tmp_path, merge_options)
 
 
 def save_checkpoint_of(state_dict, folder):
