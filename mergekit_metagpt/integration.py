@@ -352,8 +352,9 @@ def _run_merge_in(context, made, held_before, original, args, kwargs):
 
 
 def _folders_to_make(out_path) -> List[str]:
-    """The folders `os.makedirs(out_path)` (mergekit's) would make, the deepest first, as
-    written (``a/../b/c`` makes ``a`` too); none where `out_path` exists or is no path."""
+    """The folders `os.makedirs(out_path)` (mergekit's, or the output lock's) would make, the
+    deepest first, as written (``a/../b/c`` makes ``a`` too, and ``b`` where it is missing,
+    never an existing ``b``); none where `out_path` exists or is no path."""
     if not isinstance(out_path, (str, os.PathLike)):
         return []
     folder, missing = os.fspath(out_path), []
@@ -363,7 +364,9 @@ def _folders_to_make(out_path) -> List[str]:
         if parent == folder:
             break
         folder = parent
-    return missing
+    # "a/../b" is missing only while "a" is: a folder that exists once its path is
+    # resolved was not made for this merge
+    return [folder for folder in missing if not os.path.lexists(os.path.abspath(folder))]
 
 
 def _remove_if_empty(folders: List[str]) -> None:

@@ -9,7 +9,7 @@ naming the folder, before it reads or writes anything (its checks, which may mer
 come after). Released when the merge ends, or its process does (killed included); a child
 forked meanwhile (a multiprocessing pool) closes its copy, so that it does not keep the
 lock held after the merge. Where no lock can be had (no ``fcntl``: Windows; a file system
-without ``flock``, as some network file systems are), the merge goes on unguarded, as stock
+where ``flock`` on a folder fails, as on NFS, which emulates it with write locks), the merge goes on unguarded, as stock
 mergekit's do, with an INFO line. Merges by other methods, and ``mergekit-pytorch`` (no
 ``run_merge``), take no lock.
 """

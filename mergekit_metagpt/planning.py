@@ -381,8 +381,8 @@ def check_output_writable(out_path) -> None:
     """The output folder can take files, before the pre-pass reads every model (a read-only
     mount, an immutable folder or a file in its way: mergekit fails at its first shard,
     with a traceback). A file is made in it, or in the nearest folder above it that exists
-    where it does not (nothing is made for the merge: a merge that fails before mergekit
-    writes leaves no folder), and removed at once."""
+    where it does not, and removed at once (the folders the output lock made for the merge
+    go when a check fails: a merge that fails before mergekit writes leaves no folder)."""
     if not isinstance(out_path, (str, os.PathLike)):
         return
     from mergekit_metagpt.atomic_files import new_file

@@ -1498,3 +1498,21 @@ def test_a_bin_shard_is_unpickled_once_for_the_file_checks(family, tmp_path, mon
     assert main(["coefficients", recipe_path]) == 0
     meta = {path: n for (path, device), n in loads.items() if device == "meta"}
     assert len(meta) == 2 and set(meta.values()) == {1}, loads
+
+
+def test_a_refused_merge_removes_only_the_folders_made_for_it(llama_family, tmp_path, monkeypatch):
+    """The output folder is made (for its lock) before the checks; a check that fails removes
+    what was made, and only that: with `a/../b/c`, `a` and `b/c` go, an empty `b` that was
+    there stays (it was missing only as `a/../b`, while `a` was)."""
+    from mergekit.options import MergeOptions
+    from merging import run_recipe
+
+    from mergekit_metagpt.errors import MetaGPTError
+
+    paths, _ = llama_family
+    monkeypatch.chdir(tmp_path)
+    os.mkdir("b")
+    config = recipe({**paths, "gone": str(tmp_path / "no-such-model")}, ["model0", "gone"])
+    with pytest.raises(MetaGPTError, match="no-such-model"):
+        run_recipe(config, os.path.join("a", "..", "b", "c"), MergeOptions(copy_tokenizer=False, quiet=True))
+    assert sorted(os.listdir(tmp_path)) == ["b"] and os.listdir("b") == []
