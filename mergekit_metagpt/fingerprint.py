@@ -92,3 +92,17 @@ def checkpoint_key(index) -> str:
     for name, filename in (getattr(index, "tensor_paths", None) or {}).items():
         digest.update(f"{name}\0{filename}\n".encode())
     return digest.hexdigest()
+
+
+def changed_since(keys) -> list:
+    """The models of `keys` (model -> (its checkpoint's index, its key then)) whose files'
+    key is another now (rewritten, replaced, or gone)."""
+    changed = []
+    for model, (index, key) in keys.items():
+        try:
+            now = checkpoint_key(index)
+        except OSError:  # gone
+            now = None
+        if now != key:
+            changed.append(model)
+    return changed

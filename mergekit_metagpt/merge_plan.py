@@ -170,17 +170,9 @@ class MergeRun:
         """The models whose checkpoint files changed since the merge began (``run_merge``
         fingerprints them before mergekit opens any; else the pre-pass, before it reads):
         the merged weights may then mix old and new files, and the λ may be either's."""
-        from mergekit_metagpt.fingerprint import checkpoint_key
+        from mergekit_metagpt.fingerprint import changed_since
 
-        changed = []
-        for model, (index, key) in self.input_keys.items():
-            try:
-                now = checkpoint_key(index)
-            except OSError:  # gone
-                now = None
-            if now != key:
-                changed.append(model)
-        return changed
+        return changed_since(self.input_keys)
 
     @property
     def record_at_end(self) -> bool:

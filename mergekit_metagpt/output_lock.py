@@ -9,8 +9,8 @@ naming the folder, before it reads or writes anything (its checks, which may mer
 come after). Released when the merge ends, or its process does (killed included); a child
 forked meanwhile (a multiprocessing pool) closes its copy, so that it does not keep the
 lock held after the merge. Where no lock can be had (no ``fcntl``: Windows; a file system
-where ``flock`` on a folder fails, as on NFS, which emulates it with write locks), the merge goes on unguarded, as stock
-mergekit's do, with an INFO line. Merges by other methods, and ``mergekit-pytorch`` (no
+where ``flock`` on a folder fails, as on NFS, which emulates it with write locks), the merge
+goes on unguarded, as stock mergekit's do, with an INFO line. Merges by other methods, and ``mergekit-pytorch`` (no
 ``run_merge``), take no lock.
 """
 
@@ -23,7 +23,7 @@ import os
 from mergekit_metagpt.errors import MetaGPTError
 from mergekit_metagpt.fork_safety import close_after_fork
 
-LOG = logging.getLogger(__name__)
+LOG = logging.getLogger("mergekit_metagpt")
 
 #: the descriptors of the folders this process holds locked
 _HELD: set = set()

@@ -339,21 +339,6 @@ def _files_now(loader, started: Optional[tuple]) -> str:
     return checkpoint_key(loader.index)
 
 
-def _moved(read_keys) -> set:
-    """The models whose files' fingerprint is not the one the pre-pass took before reading."""
-    from mergekit_metagpt.fingerprint import checkpoint_key
-
-    moved = set()
-    for model, (index, key) in read_keys.items():
-        try:
-            now = checkpoint_key(index)
-        except OSError:
-            now = None
-        if now != key:
-            moved.add(model)
-    return moved
-
-
 def compute(run, device: torch.device, method=None, products: str = "when read",
             given: Optional[Dict[int, Dict[Hashable, torch.Tensor]]] = None) -> RunNorms:
     """Norms of every merge set of `run` (see the module docstring), and the inner
@@ -367,6 +352,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
     not aligned again (mergekit aligns row by row: seconds per tensor for a large
     vocabulary)."""
     from mergekit_metagpt import norm_cache
+    from mergekit_metagpt.fingerprint import changed_since
 
     caching = norm_cache.enabled()
     ckpt_keys: Dict[Hashable, str] = {}
@@ -460,7 +446,7 @@ def compute(run, device: torch.device, method=None, products: str = "when read",
     found = _Found()
     if todo:
         _stream(run, device, todo, found, given or {})
-        moved = _moved(read_keys)
+        moved = set(changed_since(read_keys))  # since the pre-pass took their keys
         if moved:  # what was read may mix their old files and the new: kept for this run only
             LOG.warning("MetaGPT: the files of %s changed while the pre-pass read them: their norms are not "
                         "written to the norm cache", ", ".join(map(str, moved)))
